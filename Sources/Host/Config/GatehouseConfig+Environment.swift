@@ -1,0 +1,109 @@
+// Environment-variable and .env layers of the configuration (LlamaGate's names where they exist).
+internal import Foundation
+
+extension GatehouseConfig {
+    /// Applies environment variables (already merged over `.env`); returns the problems found.
+    mutating func apply(environment: [String: String]) -> [ConfigProblem] {
+        var problems: [ConfigProblem] = []
+        func bad(_ name: String, _ message: String) {
+            problems.append(ConfigProblem(file: "environment", key: name, line: nil, message: message))
+        }
+        func value(_ name: String) -> String? {
+            guard let raw = environment[name] else { return nil }
+            let trimmed = raw.trimmingCharacters(in: .whitespaces)
+            return trimmed.isEmpty ? nil : trimmed
+        }
+        func flag(_ name: String) -> Bool? {
+            guard let text = value(name) else { return nil }
+            switch text.lowercased() {
+            case "1", "true", "yes", "on": return true
+            case "0", "false", "no", "off": return false
+            default:
+                bad(name, "must be true or false (got \"\(text)\")")
+                return nil
+            }
+        }
+        func seconds(_ name: String) -> Double? {
+            guard let text = value(name) else { return nil }
+            guard let parsed = parseDuration(text) else {
+                bad(name, "must be a duration like 30, 30s, 5m or 250ms (got \"\(text)\")")
+                return nil
+            }
+            return parsed
+        }
+        func integer(_ name: String, _ range: ClosedRange<Int>) -> Int? {
+            guard let text = value(name) else { return nil }
+            guard let number = Int(text), range.contains(number) else {
+                bad(name, "must be an integer between \(range.lowerBound) and \(range.upperBound) (got \"\(text)\")")
+                return nil
+            }
+            return number
+        }
+
+        if let url = value("OLLAMA_HOST") ?? value("GATEHOUSE_UPSTREAM_URL") {
+            // Ollama's own OLLAMA_HOST may omit the scheme ("127.0.0.1:11434").
+            let withScheme = url.contains("://") ? url : "http://\(url)"
+            if Self.isHTTPURL(withScheme) { upstream.url = withScheme } else { bad("OLLAMA_HOST", "must be a host:port or http(s) URL (got \"\(url)\")") }
+        }
+        if let name = value("GATEHOUSE_BACKEND") {
+            if let backend = Backend(rawValue: name.lowercased()) { upstream.backend = backend } else { bad("GATEHOUSE_BACKEND", "must be ollama or openai (got \"\(name)\")") }
+        }
+        if let key = value("GATEHOUSE_UPSTREAM_API_KEY") { upstream.apiKey = key }
+        if let key = value("API_KEY") { apiKey = key }
+        if let text = value("RATE_LIMIT_RPS") {
+            if let rate = Double(text), rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }
+        }
+        if let port = integer("PORT", 0...65535) { self.port = port }
+        if let host = value("GATEHOUSE_HOST") { self.host = host }
+        if let timeout = seconds("TIMEOUT") { upstream.timeout = timeout }
+        if let enabled = flag("TLS_ENABLED") { tls.enabled = enabled }
+        if let file = value("TLS_CERT_FILE") { tls.certFile = file }
+        if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
+        if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
+        if let file = value("LOG_FILE") { logFile = file }
+        if let debug = flag("DEBUG"), debug { logLevel = "debug" }
+        if let directory = value("GATEHOUSE_PLUGINS_DIR") { pluginsDirectory = directory }
+        if let bytes = integer("GATEHOUSE_MAX_BODY_BYTES", 1...Int(Int32.max)) { maxBodyBytes = bytes }
+        if let enabled = flag("GATEHOUSE_CACHE_ENABLED") { cache.enabled = enabled }
+        return problems
+    }
+
+    /// Checks combinations that no single key can: called after every layer is applied.
+    public func validate() throws {
+        var problems: [ConfigProblem] = []
+        if tls.enabled {
+            for (key, path) in [("tls.cert_file", tls.certFile), ("tls.key_file", tls.keyFile)] {
+                if path.isEmpty {
+                    problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "is required when TLS is enabled"))
+                } else if !FileManager.default.isReadableFile(atPath: path) {
+                    problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "cannot read \(path)"))
+                }
+            }
+        }
+        if !problems.isEmpty { throw ConfigProblems(problems: problems) }
+    }
+}
+
+/// Parses a `.env` file: `KEY=value` lines, `#` comments, optional `export`, optional quotes.
+func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProblem]) {
+    var values: [String: String] = [:]
+    var problems: [ConfigProblem] = []
+    for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        var line = rawLine.trimmingCharacters(in: .whitespaces)
+        if line.isEmpty || line.hasPrefix("#") { continue }
+        if line.hasPrefix("export ") { line = String(line.dropFirst(7)).trimmingCharacters(in: .whitespaces) }
+        guard let equals = line.firstIndex(of: "=") else {
+            problems.append(ConfigProblem(file: file, key: "", line: index + 1, message: "expected KEY=value"))
+            continue
+        }
+        let key = line[..<equals].trimmingCharacters(in: .whitespaces)
+        var value = line[line.index(after: equals)...].trimmingCharacters(in: .whitespaces)
+        if value.count >= 2, let first = value.first, first == "\"" || first == "'", value.last == first {
+            value = String(value.dropFirst().dropLast())
+        } else if let hash = value.range(of: " #") {
+            value = value[..<hash.lowerBound].trimmingCharacters(in: .whitespaces)
+        }
+        values[key] = value
+    }
+    return (values, problems)
+}

@@ -1,0 +1,212 @@
+// Gatehouse configuration: built-in defaults < gatehouse.yaml < .env < environment < CLI flags.
+public import Foundation
+internal import Yams
+
+/// The whole effective configuration of one Gatehouse process.
+public struct GatehouseConfig: Sendable {
+    /// Which kind of upstream server the gateway talks to.
+    public enum Backend: String, Sendable, CaseIterable {
+        /// Ollama's native API (`/api/chat` streaming NDJSON, `/api/tags`, `/api/embed`).
+        case ollama
+        /// Any OpenAI-compatible server (llama.cpp server, vLLM, OpenAI): SSE streaming.
+        case openai
+    }
+
+    public struct TLS: Sendable {
+        public var enabled = false
+        public var certFile = ""
+        public var keyFile = ""
+    }
+
+    public struct RateLimit: Sendable {
+        /// Sustained requests per second, per client and globally (0 disables).
+        public var requestsPerSecond = 50.0
+        /// Bucket size: how many requests may arrive at once. Defaults to the rate.
+        public var burst: Double?
+        /// Global ceiling across all clients, as a multiple of the per-client rate.
+        public var globalRequestsPerSecond: Double?
+    }
+
+    public struct Upstream: Sendable {
+        public var backend = Backend.ollama
+        public var url = "http://127.0.0.1:11434"
+        /// Sent as `Authorization: Bearer` to OpenAI-compatible backends.
+        public var apiKey: String?
+        /// Whole-request timeout for upstream calls, seconds.
+        public var timeout = 300.0
+        public var connectTimeout = 5.0
+    }
+
+    public struct Cache: Sendable {
+        public var enabled = true
+        public var ttl = 300.0
+        public var maxEntries = 1000
+        public var maxBytes = 64 * 1024 * 1024
+    }
+
+    /// Per-plugin settings from the `plugins:` section.
+    public struct PluginSettings: Sendable, Equatable {
+        public var enabled = true
+        /// JSON object text overriding the manifest's `config` defaults.
+        public var configJSON: Data?
+    }
+
+    public var host = "127.0.0.1"
+    public var port = 11435
+    public var pluginsDirectory = "plugins.d"
+    public var maxBodyBytes = 10 * 1024 * 1024
+    public var shutdownTimeout = 30.0
+    public var tls = TLS()
+    /// When set, clients must present it (`X-API-Key` or `Authorization: Bearer`).
+    public var apiKey: String?
+    public var rateLimit = RateLimit()
+    public var upstream = Upstream()
+    public var cache = Cache()
+    public var logLevel = "info"
+    public var logFile: String?
+    public var plugins: [String: PluginSettings] = [:]
+    /// Where the configuration was read from (for messages).
+    public var sources: [String] = ["defaults"]
+
+    public init() {}
+
+    /// Settings for plugin `name` (plugins not mentioned are enabled with no overrides).
+    public func settings(forPlugin name: String) -> PluginSettings {
+        plugins[name] ?? PluginSettings()
+    }
+}
+
+extension GatehouseConfig {
+    /// Loads the layered configuration.
+    /// - Parameters:
+    ///   - file: YAML file; `nil` means `gatehouse.yaml` if it exists.
+    ///   - dotEnvFile: `.env` file read if it exists.
+    ///   - environment: the process environment (overrides `.env`).
+    /// - Throws: `ConfigProblems` naming every bad key.
+    public static func load(
+        file: String?, dotEnvFile: String = ".env", environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws -> GatehouseConfig {
+        var config = GatehouseConfig()
+        var problems: [ConfigProblem] = []
+        let path = file ?? "gatehouse.yaml"
+        if FileManager.default.fileExists(atPath: path) {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw ConfigProblems(problems: [ConfigProblem(file: path, key: "", line: nil, message: "cannot be read as UTF-8 text")])
+            }
+            problems += config.apply(yaml: text, file: path)
+            config.sources.append(path)
+        } else if file != nil {
+            throw ConfigProblems(problems: [ConfigProblem(file: path, key: "", line: nil, message: "no such file")])
+        }
+        var variables: [String: String] = [:]
+        if FileManager.default.fileExists(atPath: dotEnvFile) {
+            let (values, dotEnvProblems) = parseDotEnv((try? String(contentsOfFile: dotEnvFile, encoding: .utf8)) ?? "", file: dotEnvFile)
+            variables = values
+            problems += dotEnvProblems
+            config.sources.append(dotEnvFile)
+        }
+        variables.merge(environment) { _, process in process }
+        problems += config.apply(environment: variables)
+        if !problems.isEmpty { throw ConfigProblems(problems: problems) }
+        return config
+    }
+
+    /// Applies a gatehouse.yaml document; returns the problems found.
+    mutating func apply(yaml text: String, file: String) -> [ConfigProblem] {
+        let reader = YAMLReader(file: file)
+        guard let root = reader.root(of: text) else { return reader.problems }
+        reader.checkKeys(root, at: "", allowed: ["server", "auth", "rate_limit", "upstream", "cache", "logging", "plugins_dir", "plugins"])
+        if let server = reader.mapping(root, "server", at: "") {
+            reader.checkKeys(server, at: "server", allowed: ["host", "port", "max_body_bytes", "shutdown_timeout", "tls"])
+            host = reader.string(server, "host", at: "server") ?? host
+            port = reader.int(server, "port", at: "server", range: 0...65535) ?? port
+            maxBodyBytes = reader.int(server, "max_body_bytes", at: "server", range: 1...Int(Int32.max)) ?? maxBodyBytes
+            shutdownTimeout = reader.duration(server, "shutdown_timeout", at: "server") ?? shutdownTimeout
+            if let tlsNode = reader.mapping(server, "tls", at: "server") {
+                reader.checkKeys(tlsNode, at: "server.tls", allowed: ["enabled", "cert_file", "key_file"])
+                tls.enabled = reader.bool(tlsNode, "enabled", at: "server.tls") ?? tls.enabled
+                tls.certFile = reader.string(tlsNode, "cert_file", at: "server.tls") ?? tls.certFile
+                tls.keyFile = reader.string(tlsNode, "key_file", at: "server.tls") ?? tls.keyFile
+            }
+        }
+        if let auth = reader.mapping(root, "auth", at: "") {
+            reader.checkKeys(auth, at: "auth", allowed: ["api_key"])
+            apiKey = reader.string(auth, "api_key", at: "auth").flatMap { $0.isEmpty ? nil : $0 } ?? apiKey
+        }
+        if let limit = reader.mapping(root, "rate_limit", at: "") {
+            reader.checkKeys(limit, at: "rate_limit", allowed: ["requests_per_second", "burst", "global_requests_per_second"])
+            rateLimit.requestsPerSecond = reader.double(limit, "requests_per_second", at: "rate_limit", minimum: 0) ?? rateLimit.requestsPerSecond
+            rateLimit.burst = reader.double(limit, "burst", at: "rate_limit", minimum: 1) ?? rateLimit.burst
+            rateLimit.globalRequestsPerSecond =
+                reader.double(limit, "global_requests_per_second", at: "rate_limit", minimum: 0) ?? rateLimit.globalRequestsPerSecond
+        }
+        if let upstreamNode = reader.mapping(root, "upstream", at: "") {
+            reader.checkKeys(upstreamNode, at: "upstream", allowed: ["backend", "url", "api_key", "timeout", "connect_timeout"])
+            if let name = reader.string(upstreamNode, "backend", at: "upstream") {
+                if let backend = Backend(rawValue: name) {
+                    upstream.backend = backend
+                } else {
+                    reader.problem("upstream.backend", upstreamNode["backend"], "must be one of ollama, openai (got \"\(name)\")")
+                }
+            }
+            if let url = reader.string(upstreamNode, "url", at: "upstream") {
+                if Self.isHTTPURL(url) {
+                    upstream.url = url
+                } else {
+                    reader.problem("upstream.url", upstreamNode["url"], "must be an http:// or https:// URL (got \"\(url)\")")
+                }
+            }
+            upstream.apiKey = reader.string(upstreamNode, "api_key", at: "upstream") ?? upstream.apiKey
+            upstream.timeout = reader.duration(upstreamNode, "timeout", at: "upstream") ?? upstream.timeout
+            upstream.connectTimeout = reader.duration(upstreamNode, "connect_timeout", at: "upstream") ?? upstream.connectTimeout
+        }
+        if let cacheNode = reader.mapping(root, "cache", at: "") {
+            reader.checkKeys(cacheNode, at: "cache", allowed: ["enabled", "ttl", "max_entries", "max_bytes"])
+            cache.enabled = reader.bool(cacheNode, "enabled", at: "cache") ?? cache.enabled
+            cache.ttl = reader.duration(cacheNode, "ttl", at: "cache") ?? cache.ttl
+            cache.maxEntries = reader.int(cacheNode, "max_entries", at: "cache", range: 1...10_000_000) ?? cache.maxEntries
+            cache.maxBytes = reader.int(cacheNode, "max_bytes", at: "cache", range: 1...Int(Int32.max)) ?? cache.maxBytes
+        }
+        if let logging = reader.mapping(root, "logging", at: "") {
+            reader.checkKeys(logging, at: "logging", allowed: ["level", "file"])
+            if let level = reader.string(logging, "level", at: "logging") {
+                if Self.logLevels.contains(level) {
+                    logLevel = level
+                } else {
+                    reader.problem("logging.level", logging["level"], "must be one of \(Self.logLevels.joined(separator: ", ")) (got \"\(level)\")")
+                }
+            }
+            logFile = reader.string(logging, "file", at: "logging") ?? logFile
+        }
+        pluginsDirectory = reader.string(root, "plugins_dir", at: "") ?? pluginsDirectory
+        if let pluginsNode = reader.mapping(root, "plugins", at: "") {
+            for (key, value) in pluginsNode {
+                guard let name = key.string else { continue }
+                let path = "plugins.\(name)"
+                guard let entry = value.mapping else {
+                    reader.problem(path, value, "must be a mapping with 'enabled' and/or 'config'")
+                    continue
+                }
+                reader.checkKeys(entry, at: path, allowed: ["enabled", "config"])
+                var settings = PluginSettings()
+                settings.enabled = reader.bool(entry, "enabled", at: path) ?? true
+                if let configNode = reader.node(entry, "config") {
+                    if configNode.mapping != nil {
+                        settings.configJSON = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys])
+                    } else {
+                        reader.problem("\(path).config", configNode, "must be a mapping")
+                    }
+                }
+                plugins[name] = settings
+            }
+        }
+        return reader.problems
+    }
+
+    static let logLevels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+
+    static func isHTTPURL(_ text: String) -> Bool {
+        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), url.host != nil else { return false }
+        return scheme == "http" || scheme == "https"
+    }
+}

@@ -1,0 +1,208 @@
+// Strict, problem-collecting reading of YAML files (config and plugin manifests).
+internal import Foundation
+internal import Yams
+
+/// One thing wrong with a YAML file, located by file, key path and line.
+public struct ConfigProblem: Error, Sendable, CustomStringConvertible, Equatable {
+    public let file: String
+    public let key: String
+    public let line: Int?
+    public let message: String
+
+    public var description: String {
+        let location = line.map { "\(file):\($0)" } ?? file
+        return key.isEmpty ? "\(location): \(message)" : "\(location): key '\(key)': \(message)"
+    }
+}
+
+/// Several problems at once, reported together so a user can fix them in one go.
+public struct ConfigProblems: Error, Sendable, CustomStringConvertible {
+    public let problems: [ConfigProblem]
+    public var description: String { problems.map(\.description).joined(separator: "; ") }
+}
+
+/// Walks a YAML document, checking keys and types, and collects every problem it finds.
+final class YAMLReader {
+    let file: String
+    private(set) var problems: [ConfigProblem] = []
+
+    init(file: String) {
+        self.file = file
+    }
+
+    /// Parses `text` into its root mapping (an empty document is an empty mapping).
+    func root(of text: String) -> Node.Mapping? {
+        do {
+            guard let node = try Yams.compose(yaml: text) else { return Node.Mapping([]) }
+            guard let mapping = node.mapping else {
+                problem("", node, "the document must be a mapping of keys to values")
+                return nil
+            }
+            return mapping
+        } catch {
+            problems.append(ConfigProblem(file: file, key: "", line: nil, message: "not valid YAML: \(Self.oneLine(error))"))
+            return nil
+        }
+    }
+
+    func problem(_ key: String, _ node: Node?, _ message: String) {
+        problems.append(ConfigProblem(file: file, key: key, line: node?.mark?.line, message: message))
+    }
+
+    /// Reports every key of `mapping` not in `allowed`.
+    func checkKeys(_ mapping: Node.Mapping, at path: String, allowed: Set<String>) {
+        for (key, _) in mapping {
+            guard let name = key.string else {
+                problem(path, key, "keys must be strings")
+                continue
+            }
+            if !allowed.contains(name) {
+                problem(join(path, name), key, "unknown key (allowed: \(allowed.sorted().joined(separator: ", ")))")
+            }
+        }
+    }
+
+    func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
+
+    func node(_ mapping: Node.Mapping, _ key: String) -> Node? {
+        guard let value = mapping[key] else { return nil }
+        if value.null != nil, value.scalar?.style == .plain { return nil }  // `key:` with no value
+        return value
+    }
+
+    func mapping(_ mapping: Node.Mapping, _ key: String, at path: String) -> Node.Mapping? {
+        guard let value = node(mapping, key) else { return nil }
+        guard let result = value.mapping else {
+            problem(join(path, key), value, "must be a mapping")
+            return nil
+        }
+        return result
+    }
+
+    func string(_ mapping: Node.Mapping, _ key: String, at path: String, required: Bool = false) -> String? {
+        guard let value = node(mapping, key) else {
+            if required { problem(join(path, key), nil, "is required") }
+            return nil
+        }
+        guard let scalar = value.scalar else {
+            problem(join(path, key), value, "must be a string")
+            return nil
+        }
+        if required && scalar.string.isEmpty { problem(join(path, key), value, "must not be empty") }
+        return scalar.string
+    }
+
+    func int(_ mapping: Node.Mapping, _ key: String, at path: String, required: Bool = false, range: ClosedRange<Int>? = nil) -> Int? {
+        guard let value = node(mapping, key) else {
+            if required { problem(join(path, key), nil, "is required") }
+            return nil
+        }
+        guard let number = value.int else {
+            problem(join(path, key), value, "must be an integer (got \(Self.describe(value)))")
+            return nil
+        }
+        if let range, !range.contains(number) {
+            problem(join(path, key), value, "must be between \(range.lowerBound) and \(range.upperBound) (got \(number))")
+            return nil
+        }
+        return number
+    }
+
+    func double(_ mapping: Node.Mapping, _ key: String, at path: String, minimum: Double? = nil) -> Double? {
+        guard let value = node(mapping, key) else { return nil }
+        guard let number = value.float ?? value.int.map(Double.init) else {
+            problem(join(path, key), value, "must be a number (got \(Self.describe(value)))")
+            return nil
+        }
+        if let minimum, number < minimum {
+            problem(join(path, key), value, "must be at least \(minimum) (got \(number))")
+            return nil
+        }
+        return number
+    }
+
+    func bool(_ mapping: Node.Mapping, _ key: String, at path: String) -> Bool? {
+        guard let value = node(mapping, key) else { return nil }
+        guard let flag = value.bool else {
+            problem(join(path, key), value, "must be true or false (got \(Self.describe(value)))")
+            return nil
+        }
+        return flag
+    }
+
+    /// A duration: a number of seconds, or a string like "250ms", "30s", "5m", "1h".
+    func duration(_ mapping: Node.Mapping, _ key: String, at path: String) -> Double? {
+        guard let value = node(mapping, key) else { return nil }
+        guard let text = value.scalar?.string, let seconds = parseDuration(text) else {
+            problem(join(path, key), value, "must be a duration like 30, \"30s\", \"5m\" or \"250ms\" (got \(Self.describe(value)))")
+            return nil
+        }
+        return seconds
+    }
+
+    /// Converts a YAML node to a JSON-compatible Foundation value (for plugin config).
+    func jsonValue(_ node: Node) -> Any {
+        switch node {
+        case .mapping(let mapping):
+            var object: [String: Any] = [:]
+            for (key, value) in mapping { object[key.string ?? ""] = jsonValue(value) }
+            return object
+        case .sequence(let sequence):
+            return sequence.map { jsonValue($0) }
+        case .scalar(let scalar):
+            if scalar.style != .plain { return scalar.string }
+            if node.null != nil { return NSNull() }
+            if let flag = node.bool { return flag }
+            if let number = node.int { return number }
+            if let number = node.float { return number }
+            return scalar.string
+        case .alias:
+            return NSNull()
+        }
+    }
+
+    static func describe(_ node: Node) -> String {
+        if let scalar = node.scalar { return "\"\(scalar.string)\"" }
+        return node.mapping != nil ? "a mapping" : "a list"
+    }
+
+    static func oneLine(_ error: any Error) -> String {
+        String(describing: error).split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+    }
+}
+
+/// Parses "30", "30s", "250ms", "5m", "1h", "1m30s" into seconds.
+func parseDuration(_ text: String) -> Double? {
+    let trimmed = text.trimmingCharacters(in: .whitespaces)
+    if let seconds = Double(trimmed) { return seconds >= 0 ? seconds : nil }
+    var total = 0.0
+    var number = ""
+    var index = trimmed.startIndex
+    var sawUnit = false
+    while index < trimmed.endIndex {
+        let character = trimmed[index]
+        if character.isNumber || character == "." {
+            number.append(character)
+            index = trimmed.index(after: index)
+            continue
+        }
+        var unit = ""
+        while index < trimmed.endIndex, trimmed[index].isLetter {
+            unit.append(trimmed[index])
+            index = trimmed.index(after: index)
+        }
+        guard let value = Double(number) else { return nil }
+        let scale: Double
+        switch unit {
+        case "ms": scale = 0.001
+        case "s": scale = 1
+        case "m": scale = 60
+        case "h": scale = 3600
+        default: return nil
+        }
+        total += value * scale
+        number = ""
+        sawUnit = true
+    }
+    return sawUnit && number.isEmpty ? total : nil
+}

@@ -1,0 +1,171 @@
+// One request handed to a plugin and its answer: the host side of `gh_exchange`.
+internal import Hummingbird
+internal import Logging
+internal import NIOCore
+internal import Synchronization
+
+/// What a plugin answered.
+enum PluginReply: Sendable {
+    case whole(status: UInt16, headers: [(String, String)], body: ByteBuffer)
+    case stream(status: UInt16, headers: [(String, String)], body: AsyncStream<ByteBuffer>)
+    /// The plugin did not answer within its timeout.
+    case timedOut
+}
+
+/// The state machine behind one `gh_exchange*`. The pointer a plugin holds is a token into
+/// `ExchangeTable`, never this object's address, so a buggy plugin that completes twice or
+/// writes after completion gets GH_ERR_STATE instead of a use-after-free.
+final class PluginExchange: Sendable {
+    private enum State {
+        case pending(CheckedContinuation<PluginReply, Never>?)
+        case streaming(AsyncStream<ByteBuffer>.Continuation)
+        /// The host stopped listening (timeout or client gone); the plugin must still complete.
+        case abandoned
+        case completed
+    }
+
+    let instance: PluginInstance
+    let requestID: String
+    private let state = Mutex<State>(.pending(nil))
+    nonisolated(unsafe) private(set) var token: UInt = 0
+
+    init(instance: PluginInstance, requestID: String) {
+        self.instance = instance
+        self.requestID = requestID
+    }
+
+    /// Registers the exchange and returns the opaque pointer handed to the plugin.
+    func register() -> OpaquePointer {
+        token = ExchangeTable.shared.insert(self)
+        return OpaquePointer(bitPattern: token)!
+    }
+
+    func waitForReply(_ continuation: CheckedContinuation<PluginReply, Never>) {
+        state.withLock { state in
+            if case .pending(nil) = state { state = .pending(continuation) } else { continuation.resume(returning: .timedOut) }
+        }
+    }
+
+    func respond(status: UInt16, headers: [(String, String)], body: ByteBuffer) -> Bool {
+        let continuation: CheckedContinuation<PluginReply, Never>?? = state.withLock { state in
+            switch state {
+            case .pending(let continuation):
+                state = .completed
+                return continuation
+            case .abandoned:
+                state = .completed
+                return .some(nil)
+            case .streaming, .completed:
+                return nil
+            }
+        }
+        guard let continuation else { return false }
+        finishExchange()
+        continuation?.resume(returning: .whole(status: status, headers: headers, body: body))
+        return true
+    }
+
+    func start(status: UInt16, headers: [(String, String)]) -> Bool {
+        let (stream, streamContinuation) = AsyncStream<ByteBuffer>.makeStream()
+        let waiting: CheckedContinuation<PluginReply, Never>? = state.withLock { state in
+            guard case .pending(let continuation?) = state else { return nil }
+            state = .streaming(streamContinuation)
+            return continuation
+        }
+        guard let waiting else { return false }
+        streamContinuation.onTermination = { [weak self] reason in
+            if case .cancelled = reason { self?.abandonStream() }
+        }
+        waiting.resume(returning: .stream(status: status, headers: headers, body: stream))
+        return true
+    }
+
+    func write(_ chunk: ByteBuffer) -> Bool {
+        let continuation: AsyncStream<ByteBuffer>.Continuation? = state.withLock { state in
+            if case .streaming(let continuation) = state { return continuation }
+            return nil
+        }
+        guard let continuation else { return false }
+        if case .terminated = continuation.yield(chunk) { return false }
+        return true
+    }
+
+    func finish() -> Bool {
+        let result: (ok: Bool, continuation: AsyncStream<ByteBuffer>.Continuation?) = state.withLock { state in
+            switch state {
+            case .streaming(let continuation):
+                state = .completed
+                return (true, continuation)
+            case .abandoned:
+                state = .completed
+                return (true, nil)
+            case .pending, .completed:
+                return (false, nil)
+            }
+        }
+        guard result.ok else { return false }
+        result.continuation?.finish()
+        finishExchange()
+        return true
+    }
+
+    /// The host gives up waiting (timeout). The plugin's later completion is still accepted.
+    func abandon() {
+        let continuation: CheckedContinuation<PluginReply, Never>? = state.withLock { state in
+            switch state {
+            case .pending(let continuation):
+                state = .abandoned
+                return continuation
+            case .streaming(let stream):
+                stream.finish()
+                state = .abandoned
+                return nil
+            case .abandoned, .completed:
+                return nil
+            }
+        }
+        continuation?.resume(returning: .timedOut)
+    }
+
+    private func abandonStream() {
+        state.withLock { state in
+            if case .streaming = state { state = .abandoned }
+        }
+    }
+
+    private func finishExchange() {
+        ExchangeTable.shared.remove(token)
+        instance.requestFinished()
+    }
+}
+
+/// Live exchanges by token. The token, not an address, is what plugins hold.
+final class ExchangeTable: Sendable {
+    static let shared = ExchangeTable()
+
+    private struct Table {
+        var next: UInt = 1
+        var live: [UInt: PluginExchange] = [:]
+    }
+
+    private let table = Mutex(Table())
+
+    func insert(_ exchange: PluginExchange) -> UInt {
+        table.withLock { table in
+            let token = table.next
+            table.next += 1
+            table.live[token] = exchange
+            return token
+        }
+    }
+
+    func lookup(_ pointer: OpaquePointer?) -> PluginExchange? {
+        guard let pointer else { return nil }
+        let token = UInt(bitPattern: pointer)
+        return table.withLock { $0.live[token] }
+    }
+
+    func remove(_ token: UInt) {
+        _ = table.withLock { $0.live.removeValue(forKey: token) }
+    }
+}

@@ -1,0 +1,169 @@
+// One initialised version of a plugin: its library, state, in-flight count and request hand-off.
+internal import Dispatch
+public import Foundation
+internal import Logging
+internal import NIOCore
+internal import PluginABI
+internal import Synchronization
+
+/// An HTTP request bound for a plugin, owned by the host until the call returns.
+struct PluginCall: Sendable {
+    var method: String
+    /// Path relative to `/v1/plugins/<name>`, starting with "/".
+    var path: String
+    var query: String
+    /// Lower-case names.
+    var headers: [(String, String)]
+    var body: ByteBuffer
+    var requestID: String
+
+    /// Calls `body` with a borrowed C view of this request: one arena for all the strings.
+    func withCRequest<R>(_ body: (UnsafePointer<gh_request>) -> R) -> R {
+        var arena: [UInt8] = []
+        arena.reserveCapacity(64 + headers.reduce(0) { $0 + $1.0.utf8.count + $1.1.utf8.count })
+        func add(_ text: String) -> Range<Int> {
+            let start = arena.count
+            arena.append(contentsOf: text.utf8)
+            return start..<arena.count
+        }
+        let method = add(self.method), path = add(self.path), query = add(self.query), requestID = add(self.requestID)
+        let headerSpans = headers.map { (add($0.0), add($0.1)) }
+        return arena.withUnsafeBufferPointer { arenaBytes in
+            func view(_ range: Range<Int>) -> gh_bytes {
+                gh_bytes(data: arenaBytes.baseAddress.map { $0 + range.lowerBound }, len: range.count)
+            }
+            let cHeaders = headerSpans.map { gh_header(name: view($0.0), value: view($0.1)) }
+            return cHeaders.withUnsafeBufferPointer { headerBuffer in
+                self.body.withUnsafeReadableBytes { bodyBytes in
+                    var request = gh_request(
+                        struct_size: UInt32(MemoryLayout<gh_request>.size),
+                        method: view(method), path: view(path), query: view(query),
+                        headers: headerBuffer.baseAddress, header_count: headerBuffer.count,
+                        body: gh_bytes(data: bodyBytes.baseAddress?.assumingMemoryBound(to: UInt8.self), len: bodyBytes.count),
+                        request_id: view(requestID))
+                    return body(&request)
+                }
+            }
+        }
+    }
+}
+
+/// One loaded and initialised version of a plugin.
+///
+/// Instances are retained for the life of the process (the `gh_plugin*` handed to the plugin
+/// must never dangle, and Swift libraries are never unloaded anyway): about a hundred bytes
+/// per version ever loaded.
+public final class PluginInstance: @unchecked Sendable {
+    public let manifest: PluginManifest
+    public let sha256: String
+    public let loadedAt: Date
+    let library: OpenedLibrary
+    let logger: Logger
+    /// The effective config as NUL-terminated JSON; lives as long as the instance.
+    let configJSON: UnsafeMutableBufferPointer<UInt8>
+    /// Set once by `initialize`, before any request.
+    private var state: UnsafeMutableRawPointer?
+
+    private struct Activity {
+        var inFlight = 0
+        var drainWaiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    private let activity = Mutex(Activity())
+
+    init(manifest: PluginManifest, library: OpenedLibrary, configJSON: Data, logger: Logger) {
+        self.manifest = manifest
+        self.library = library
+        self.sha256 = library.sha256
+        self.loadedAt = Date()
+        self.logger = logger
+        let buffer = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: configJSON.count + 1)
+        _ = buffer.initialize(from: configJSON)
+        buffer[configJSON.count] = 0
+        self.configJSON = UnsafeMutableBufferPointer(rebasing: buffer[0..<configJSON.count])
+    }
+
+    /// The `gh_plugin*` this instance is known by in host calls.
+    var pluginPointer: OpaquePointer { OpaquePointer(Unmanaged.passUnretained(self).toOpaque()) }
+
+    static func from(_ pointer: OpaquePointer?) -> PluginInstance? {
+        guard let pointer else { return nil }
+        return Unmanaged<PluginInstance>.fromOpaque(UnsafeRawPointer(pointer)).takeUnretainedValue()
+    }
+
+    /// Calls the plugin's `init`. On failure the instance must be discarded.
+    func initialize() throws {
+        _ = Unmanaged.passRetained(self)  // see the type's doc: kept for the life of the process
+        var error = [CChar](repeating: 0, count: 512)
+        var newState: UnsafeMutableRawPointer?
+        let status = library.descriptor.pointee.`init`(HostAPI.table, pluginPointer, &newState, &error, error.count)
+        guard status == 0 else {
+            let reason = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            throw PluginLoadError("init failed: \(reason.isEmpty ? "status \(status), no reason given" : reason)")
+        }
+        state = newState
+    }
+
+    /// Counts a request in; called by the registry while it holds its table lock so that a
+    /// version being retired cannot miss it.
+    func requestStarted() {
+        activity.withLock { $0.inFlight += 1 }
+    }
+
+    func requestFinished() {
+        let waiters: [CheckedContinuation<Void, Never>] = activity.withLock { activity in
+            activity.inFlight -= 1
+            guard activity.inFlight == 0 else { return [] }
+            defer { activity.drainWaiters = [] }
+            return activity.drainWaiters
+        }
+        waiters.forEach { $0.resume() }
+    }
+
+    var inFlight: Int { activity.withLock { $0.inFlight } }
+
+    /// Hands `call` to the plugin and waits for its answer (or the timeout). The caller must
+    /// have called `requestStarted`; the exchange's completion calls `requestFinished`.
+    func handle(_ call: PluginCall, timeout: Double) async -> PluginReply {
+        let exchange = PluginExchange(instance: self, requestID: call.requestID)
+        let pointer = exchange.register()
+        let timer = Task {
+            try await Task.sleep(for: .seconds(timeout))
+            exchange.abandon()
+        }
+        defer { timer.cancel() }
+        let handle = library.descriptor.pointee.handle!
+        return await withCheckedContinuation { continuation in
+            exchange.waitForReply(continuation)
+            call.withCRequest { request in handle(state, request, pointer) }
+        }
+    }
+
+    /// Waits until every exchange has completed, then calls the plugin's `shutdown` on a
+    /// thread outside the concurrency pool (a plugin may block there).
+    func shutdown() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready = activity.withLock { activity in
+                if activity.inFlight == 0 { return true }
+                activity.drainWaiters.append(continuation)
+                return false
+            }
+            if ready { continuation.resume() }
+        }
+        let shutdown = library.descriptor.pointee.shutdown!
+        let state = UnsafeSendable(state)
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async {
+                shutdown(state.value)
+                continuation.resume()
+            }
+        }
+        logger.info("plugin shut down", metadata: ["version": .string(manifest.version)])
+    }
+}
+
+/// Carries a non-Sendable value (a C pointer) across a concurrency boundary we control.
+struct UnsafeSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}

@@ -1,0 +1,104 @@
+// The gate before dlopen: file type, ownership, permissions, confinement and sha256 of a plugin library.
+internal import Crypto
+internal import Foundation
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// Why a plugin was not loaded: one line, shown in logs and in `GET /v1/plugins`.
+public struct PluginLoadError: Error, Sendable, CustomStringConvertible {
+    public let reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
+}
+
+/// A library's bytes, read once through a checked file descriptor and hashed.
+struct VerifiedLibrary: Sendable {
+    let sourcePath: String
+    let bytes: Data
+    let sha256: String
+}
+
+/// Checks a plugin library before anything of it runs. Constructors run inside `dlopen`, so
+/// these checks (not anything the library says about itself) are the real gate.
+enum PluginLibraryVerifier {
+    /// Verifies `manifest.library` inside `manifest.directory` and returns its bytes.
+    /// - Parameter pluginsDirectory: the drop-in directory; it must not be group/world-writable either.
+    static func verify(_ manifest: PluginManifest, pluginsDirectory: String?) throws -> VerifiedLibrary {
+        let directory = manifest.directory
+        let path = (directory as NSString).appendingPathComponent(manifest.library)
+        var parents = [directory]
+        if let pluginsDirectory { parents.append(pluginsDirectory) }
+        for parent in parents {
+            var info = stat()
+            guard stat(parent, &info) == 0 else { throw PluginLoadError("cannot stat \(parent): \(errnoText())") }
+            try checkOwnerAndMode(info, what: "directory \(parent)")
+        }
+
+        var linkInfo = stat()
+        guard lstat(path, &linkInfo) == 0 else {
+            if errno == ENOENT { throw PluginLoadError("library \(manifest.library) not found in \(directory)") }
+            throw PluginLoadError("cannot stat library \(path): \(errnoText())")
+        }
+        if (linkInfo.st_mode & S_IFMT) == S_IFLNK {
+            throw PluginLoadError("library \(path) is a symbolic link; plugin libraries must be regular files")
+        }
+        guard let realDirectory = realpath(directory), let realLibrary = realpath(path) else {
+            throw PluginLoadError("cannot resolve \(path): \(errnoText())")
+        }
+        if !realLibrary.hasPrefix(realDirectory + "/") {
+            throw PluginLoadError("library \(manifest.library) resolves to \(realLibrary), outside the plugin directory \(realDirectory)")
+        }
+
+        // Check and read through one descriptor so the file cannot be swapped in between.
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { throw PluginLoadError("cannot open library \(path): \(errnoText())") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw PluginLoadError("cannot stat library \(path): \(errnoText())") }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw PluginLoadError("library \(path) is not a regular file") }
+        try checkOwnerAndMode(info, what: "library \(path)")
+        let bytes = try readAll(fd, size: Int(info.st_size), path: path)
+
+        let digest = SHA256.hash(data: bytes).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
+        if let pinned = manifest.sha256, pinned != digest {
+            throw PluginLoadError("sha256 mismatch for \(manifest.library): manifest pins \(pinned), file has \(digest)")
+        }
+        return VerifiedLibrary(sourcePath: path, bytes: bytes, sha256: digest)
+    }
+
+    private static func checkOwnerAndMode(_ info: stat, what: String) throws {
+        let mode = info.st_mode & 0o7777
+        if info.st_mode & (S_IWGRP | S_IWOTH) != 0 {
+            throw PluginLoadError("\(what) is group- or world-writable (mode \(String(mode, radix: 8))); run chmod go-w on it")
+        }
+        if info.st_uid != 0 && info.st_uid != geteuid() {
+            throw PluginLoadError("\(what) is owned by uid \(info.st_uid), not by root or the service user (uid \(geteuid()))")
+        }
+    }
+
+    private static func readAll(_ fd: Int32, size: Int, path: String) throws -> Data {
+        var data = Data(count: size)
+        var offset = 0
+        try data.withUnsafeMutableBytes { buffer in
+            while offset < size {
+                let count = read(fd, buffer.baseAddress! + offset, size - offset)
+                if count < 0 && errno == EINTR { continue }
+                guard count > 0 else { throw PluginLoadError("cannot read library \(path): \(count == 0 ? "file shrank while reading" : errnoText())") }
+                offset += count
+            }
+        }
+        return data
+    }
+}
+
+func errnoText() -> String { String(cString: strerror(errno)) }
+
+private func realpath(_ path: String) -> String? {
+    guard let resolved = Glibc.realpath(path, nil) else { return nil }
+    defer { free(resolved) }
+    return String(cString: resolved)
+}

@@ -1,0 +1,177 @@
+// Discovery of plugins.d, the state of every plugin, and the runtime dispatch table.
+public import Foundation
+public import Logging
+internal import Synchronization
+
+/// Knows every plugin found in the plugins directory and routes requests to loaded ones.
+///
+/// Dispatch goes through a table guarded by a lock and swapped at runtime (never routes baked
+/// into the HTTP router), so plugins can be loaded, replaced and removed while serving.
+public final class PluginRegistry: Sendable {
+    public enum State: String, Sendable {
+        case loaded, disabled, failed
+    }
+
+    /// What `GET /v1/plugins` reports for one plugin.
+    public struct Status: Sendable {
+        public var name: String
+        public var version: String?
+        public var state: State
+        public var error: String?
+        public var abi: Int?
+        public var sha256: String?
+        public var loadedAt: Date?
+        public var description: String?
+        public var directory: String
+    }
+
+    private struct Slot {
+        var status: Status
+        var instance: PluginInstance?
+    }
+
+    public let pluginsDirectory: String
+    private let loader: PluginLoader
+    private let logger: Logger
+    private let slots = Mutex<[String: Slot]>([:])
+    private let config: Mutex<GatehouseConfig>
+
+    public init(config: GatehouseConfig, logger: Logger) throws {
+        self.pluginsDirectory = config.pluginsDirectory
+        self.config = Mutex(config)
+        self.logger = logger
+        self.loader = try PluginLoader()
+    }
+
+    /// Scans the plugins directory and loads every enabled plugin. A plugin that fails is
+    /// recorded with its reason; the others load regardless.
+    public func loadAll() {
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: pluginsDirectory)
+                .filter { !$0.hasPrefix(".") }
+                .filter { isDirectory((pluginsDirectory as NSString).appendingPathComponent($0)) }
+                .sorted()
+        } catch {
+            logger.error("cannot read plugins directory", metadata: ["directory": .string(pluginsDirectory), "error": .string("\(error)")])
+            return
+        }
+        for name in names { load(name) }
+        let known = Set(names)
+        for name in config.withLock({ $0.plugins.keys }) where !known.contains(name) {
+            logger.warning("config mentions a plugin that is not in the plugins directory", metadata: ["plugin": .string(name)])
+        }
+    }
+
+    /// Loads (or refuses) the plugin in `<plugins dir>/<name>`.
+    public func load(_ name: String) {
+        let directory = (pluginsDirectory as NSString).appendingPathComponent(name)
+        var status = Status(name: name, state: .failed, directory: directory)
+        let settings = config.withLock { $0.settings(forPlugin: name) }
+        let manifest: PluginManifest
+        do {
+            manifest = try PluginManifest.load(directory: directory)
+            status.version = manifest.version
+            status.abi = manifest.abi
+            status.description = manifest.description
+        } catch {
+            status.error = "\(error)"
+            record(status, instance: nil)
+            return
+        }
+        guard settings.enabled else {
+            status.state = .disabled
+            record(status, instance: nil)
+            return
+        }
+        do {
+            let library = try loader.open(manifest, pluginsDirectory: pluginsDirectory)
+            status.sha256 = library.sha256
+            let pluginLogger = logger.with(plugin: name)
+            let instance = PluginInstance(
+                manifest: manifest, library: library,
+                configJSON: try mergedConfig(defaults: manifest.configJSON, overrides: settings.configJSON), logger: pluginLogger)
+            try instance.initialize()
+            status.state = .loaded
+            status.loadedAt = instance.loadedAt
+            record(status, instance: instance)
+        } catch {
+            status.error = "\(error)"
+            record(status, instance: nil)
+        }
+    }
+
+    private func record(_ status: Status, instance: PluginInstance?) {
+        slots.withLock { $0[status.name] = Slot(status: status, instance: instance) }
+        var metadata: Logger.Metadata = ["plugin": .string(status.name), "state": .string(status.state.rawValue)]
+        if let version = status.version { metadata["version"] = .string(version) }
+        if let error = status.error {
+            metadata["reason"] = .string(error)
+            logger.error("plugin refused", metadata: metadata)
+        } else {
+            logger.info("plugin \(status.state.rawValue)", metadata: metadata)
+        }
+    }
+
+    /// Every discovered plugin, sorted by name.
+    public func statuses() -> [Status] {
+        slots.withLock { $0.values.map(\.status) }.sorted { $0.name < $1.name }
+    }
+
+    public func status(of name: String) -> Status? {
+        slots.withLock { $0[name]?.status }
+    }
+
+    /// The loaded instance for `name` with one request counted in, or nil. The caller must
+    /// complete a request through the instance (which counts it out).
+    func acquire(_ name: String) -> PluginInstance? {
+        slots.withLock { slots in
+            guard let instance = slots[name]?.instance else { return nil }
+            instance.requestStarted()
+            return instance
+        }
+    }
+
+    /// Plugin request timeout in seconds.
+    var requestTimeout: Double { config.withLock { $0.upstream.timeout } }
+
+    /// Stops dispatching to every plugin, waits for their requests, and shuts them down.
+    public func shutdownAll() async {
+        let instances = slots.withLock { slots in
+            let live = slots.values.compactMap(\.instance)
+            for key in slots.keys { slots[key]?.instance = nil }
+            return live
+        }
+        await withTaskGroup(of: Void.self) { group in
+            for instance in instances { group.addTask { await instance.shutdown() } }
+        }
+        loader.removePrivateCopies()
+    }
+
+    private func isDirectory(_ path: String) -> Bool {
+        var isDirectory: ObjCBool = false
+        return FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) && isDirectory.boolValue
+    }
+}
+
+/// Deep-merges two JSON objects: `overrides` wins, nested objects merge key by key.
+func mergedConfig(defaults: Data, overrides: Data?) throws -> Data {
+    guard let overrides else { return defaults }
+    func object(_ data: Data) -> [String: Any] { ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any]) ?? [:] }
+    func merge(_ base: [String: Any], _ top: [String: Any]) -> [String: Any] {
+        base.merging(top) { old, new in
+            if let oldObject = old as? [String: Any], let newObject = new as? [String: Any] { return merge(oldObject, newObject) }
+            return new
+        }
+    }
+    return try JSONSerialization.data(withJSONObject: merge(object(defaults), object(overrides)), options: [.sortedKeys])
+}
+
+extension Logger {
+    /// A copy whose every line carries `plugin`.
+    func with(plugin name: String) -> Logger {
+        var copy = self
+        copy[metadataKey: "plugin"] = .string(name)
+        return copy
+    }
+}

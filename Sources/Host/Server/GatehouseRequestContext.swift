@@ -1,0 +1,17 @@
+// Per-request state shared by the gateway's middleware and routes.
+public import Hummingbird
+internal import NIOCore
+
+/// The request context every Gatehouse route and middleware sees.
+public struct GatehouseRequestContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    /// X-Request-ID of this request (the client's, or one we generated).
+    public var requestID = ""
+    /// Remote IP address, for rate limiting when there is no API key.
+    public var remoteAddress: String
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        remoteAddress = source.channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+}

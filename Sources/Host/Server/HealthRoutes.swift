@@ -1,0 +1,14 @@
+// Liveness and readiness endpoints; exempt from authentication.
+internal import Hummingbird
+
+/// `/health`, `/health/live` and `/health/ready`.
+struct HealthRoutes {
+    func register(on router: Router<GatehouseRequestContext>) {
+        router.get("/health") { _, _ in
+            try PluginRoutes.jsonResponse(["status": "ok"])
+        }
+        router.get("/health/live") { _, _ in
+            try PluginRoutes.jsonResponse(["status": "ok"])
+        }
+    }
+}

@@ -1,0 +1,51 @@
+// Errors in OpenAI's JSON shape: {"error":{"message","type","code","request_id"}}.
+internal import Foundation
+public import HTTPTypes
+public import Hummingbird
+
+/// A client-visible error, rendered the way OpenAI's API renders errors.
+public struct OpenAIError: HTTPResponseError, Sendable {
+    public var status: HTTPResponse.Status
+    public var message: String
+    public var type: String
+    public var code: String?
+    /// Extra response headers (e.g. Retry-After).
+    public var headers: HTTPFields = [:]
+
+    public init(_ status: HTTPResponse.Status, _ message: String, type: String? = nil, code: String? = nil) {
+        self.status = status
+        self.message = message
+        self.type = type ?? Self.defaultType(for: status)
+        self.code = code
+    }
+
+    static func defaultType(for status: HTTPResponse.Status) -> String {
+        switch status.code {
+        case 400, 413, 422: "invalid_request_error"
+        case 401: "authentication_error"
+        case 403: "permission_error"
+        case 404: "not_found_error"
+        case 429: "rate_limit_error"
+        case 500..<600: "api_error"
+        default: "invalid_request_error"
+        }
+    }
+
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        response(requestID: (context as? GatehouseRequestContext)?.requestID)
+    }
+
+    /// The JSON body of this error.
+    func body(requestID: String?) -> Data {
+        var error: [String: Any] = ["message": message, "type": type]
+        if let code { error["code"] = code }
+        if let requestID, !requestID.isEmpty { error["request_id"] = requestID }
+        return (try? JSONSerialization.data(withJSONObject: ["error": error], options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
+    }
+
+    func response(requestID: String?) -> Response {
+        var fields = headers
+        fields[.contentType] = "application/json"
+        return Response(status: status, headers: fields, body: .init(byteBuffer: ByteBuffer(data: body(requestID: requestID))))
+    }
+}

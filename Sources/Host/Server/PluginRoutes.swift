@@ -1,0 +1,88 @@
+// HTTP face of the plugin host: the admin listing and dispatch of /v1/plugins/<name>/… to plugins.
+internal import Foundation
+internal import HTTPTypes
+internal import Hummingbird
+internal import NIOCore
+
+/// Registers the plugin routes on the gateway's router.
+struct PluginRoutes {
+    let registry: PluginRegistry
+    let maxBodyBytes: Int
+
+    static let dispatchMethods: [HTTPRequest.Method] = [.get, .post, .put, .patch, .delete, .head, .options]
+    /// Hop-by-hop and framing headers are the server's business, not a plugin's.
+    static let reservedResponseHeaders: Set<String> = ["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"]
+
+    func register(on router: Router<GatehouseRequestContext>) {
+        router.get("/v1/plugins") { _, _ in
+            let list = registry.statuses().map(Self.json)
+            return try Self.jsonResponse(["object": "list", "data": list])
+        }
+        router.get("/v1/plugins/:name") { _, context in
+            let name = try context.parameters.require("name")
+            guard let status = registry.status(of: name) else {
+                throw OpenAIError(.notFound, "no plugin named \(name)", code: "plugin_not_found")
+            }
+            return try Self.jsonResponse(Self.json(status))
+        }
+        for method in Self.dispatchMethods {
+            router.on("/v1/plugins/:name/**", method: method) { request, context in
+                try await dispatch(request, context: context)
+            }
+        }
+    }
+
+    private func dispatch(_ request: Request, context: GatehouseRequestContext) async throws -> Response {
+        let name = try context.parameters.require("name")
+        let prefix = "/v1/plugins/\(name)"
+        let path = request.uri.path.hasPrefix(prefix) ? String(request.uri.path.dropFirst(prefix.count)) : "/"
+        let body = try await request.body.collect(upTo: maxBodyBytes)
+        guard let instance = registry.acquire(name) else {
+            let state = registry.status(of: name)?.state
+            let reason = state.map { "plugin \(name) is \($0.rawValue)" } ?? "no plugin named \(name)"
+            throw OpenAIError(.notFound, reason, code: "plugin_not_found")
+        }
+        var headers: [(String, String)] = []
+        headers.reserveCapacity(request.headers.count)
+        for field in request.headers { headers.append((field.name.canonicalName, field.value)) }
+        let call = PluginCall(
+            method: request.method.rawValue, path: path.isEmpty ? "/" : path, query: request.uri.query ?? "",
+            headers: headers, body: body, requestID: context.requestID)
+        switch await instance.handle(call, timeout: registry.requestTimeout) {
+        case .whole(let status, let replyHeaders, let replyBody):
+            return Response(status: .init(code: Int(status)), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
+        case .stream(let status, let replyHeaders, let chunks):
+            return Response(status: .init(code: Int(status)), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
+        case .timedOut:
+            throw OpenAIError(.gatewayTimeout, "plugin \(name) did not answer within \(Int(registry.requestTimeout)) s", code: "plugin_timeout")
+        }
+    }
+
+    private func fields(_ pairs: [(String, String)], context: GatehouseRequestContext) -> HTTPFields {
+        var fields = HTTPFields()
+        for (name, value) in pairs {
+            guard let fieldName = HTTPField.Name(name), !Self.reservedResponseHeaders.contains(fieldName.canonicalName) else {
+                context.logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name)])
+                continue
+            }
+            fields.append(HTTPField(name: fieldName, value: value))
+        }
+        return fields
+    }
+
+    static func json(_ status: PluginRegistry.Status) -> [String: Any] {
+        var object: [String: Any] = ["name": status.name, "state": status.state.rawValue]
+        object["version"] = status.version ?? NSNull()
+        object["error"] = status.error ?? NSNull()
+        object["abi"] = status.abi ?? NSNull()
+        object["sha256"] = status.sha256 ?? NSNull()
+        object["loaded_at"] = status.loadedAt.map { ISO8601DateFormatter().string(from: $0) } ?? NSNull()
+        object["description"] = status.description ?? NSNull()
+        return object
+    }
+
+    static func jsonResponse(_ object: Any, status: HTTPResponse.Status = .ok) throws -> Response {
+        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
+    }
+}

@@ -1,0 +1,121 @@
+// The gatehouse executable: argument parsing, then the Host library does the work.
+import ArgumentParser
+import Foundation
+import Host
+import Logging
+
+@main
+struct Gatehouse: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gatehouse",
+        abstract: "An OpenAI-compatible LLM gateway with a native plugin host.",
+        subcommands: [Serve.self, Plugins.self],
+        defaultSubcommand: Serve.self)
+}
+
+/// Options shared by every subcommand that reads the configuration.
+struct ConfigOptions: ParsableArguments {
+    @Option(name: .long, help: "YAML configuration file (default: gatehouse.yaml if present).")
+    var config: String?
+
+    @Option(name: .long, help: "Directory of plugins, one sub-directory with a plugin.yaml each (default: plugins.d).")
+    var pluginsDir: String?
+
+    func load() throws -> GatehouseConfig {
+        var loaded = try GatehouseConfig.load(file: config)
+        if let pluginsDir { loaded.pluginsDirectory = pluginsDir }
+        return loaded
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the gateway.")
+
+    @OptionGroup var options: ConfigOptions
+
+    @Option(name: .long, help: "Address to bind (default: 127.0.0.1).")
+    var host: String?
+
+    @Option(name: .long, help: "Port to listen on (default: 11435).")
+    var port: Int?
+
+    func run() async throws {
+        let config: GatehouseConfig
+        do {
+            var loaded = try options.load()
+            if let host { loaded.host = host }
+            if let port { loaded.port = port }
+            config = loaded
+        } catch {
+            throw fail("invalid configuration: \(error)")
+        }
+        let sink: LogSink
+        do {
+            sink = try config.logFile.map(LogSink.file) ?? .standardOutput
+        } catch {
+            throw fail("cannot open log file \(config.logFile ?? ""): \(error.localizedDescription)")
+        }
+        let level = Logger.Level(rawValue: config.logLevel) ?? .info
+        LoggingSystem.bootstrap { label in JSONLogHandler(label: label, level: level, sink: sink) }
+        let logger = Logger(label: "gatehouse")
+        do {
+            try await GatehouseServer(config: config, logger: logger).run()
+        } catch {
+            logger.critical("gatehouse stopped", metadata: ["error": .string("\(error)")])
+            throw fail("\(error)")
+        }
+    }
+}
+
+struct Plugins: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect plugins without serving.", subcommands: [List.self, Validate.self])
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Load every plugin as `serve` would and print its state.")
+
+        @OptionGroup var options: ConfigOptions
+
+        func run() async throws {
+            let config = try options.load()
+            var logger = Logger(label: "gatehouse") { _ in SwiftLogNoOpLogHandler() }
+            logger.logLevel = .critical
+            let registry = try PluginRegistry(config: config, logger: logger)
+            registry.loadAll()
+            let statuses = registry.statuses()
+            if statuses.isEmpty { print("no plugins in \(config.pluginsDirectory)") }
+            for status in statuses {
+                let version = status.version ?? "-"
+                print("\(status.name)\t\(version)\t\(status.state.rawValue)\(status.error.map { "\t\($0)" } ?? "")")
+            }
+            await registry.shutdownAll()
+        }
+    }
+
+    struct Validate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check a plugin directory (or its plugin.yaml): manifest, file safety, hash, ABI and descriptor.",
+            discussion: "The library is opened from a private copy to read its descriptor; its init is not called.")
+
+        @Argument(help: "A plugin directory or its plugin.yaml.")
+        var path: String
+
+        func run() async throws {
+            var directory = path
+            if (path as NSString).lastPathComponent == "plugin.yaml" { directory = (path as NSString).deletingLastPathComponent }
+            if directory.isEmpty { directory = "." }
+            do {
+                let report = try PluginValidator.validate(directory: directory)
+                print("ok: \(report)")
+            } catch {
+                throw fail("invalid: \(error)")
+            }
+        }
+    }
+}
+
+/// Prints `message` to stderr and returns an exit code of 1.
+func fail(_ message: String) -> ExitCode {
+    FileHandle.standardError.write(Data("gatehouse: \(message)\n".utf8))
+    return ExitCode.failure
+}

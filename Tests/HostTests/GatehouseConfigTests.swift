@@ -1,0 +1,102 @@
+// Unit tests for configuration layering, durations, .env parsing and log redaction.
+import Foundation
+import Testing
+
+@testable import Host
+
+@Suite struct GatehouseConfigTests {
+    @Test func yamlOverridesDefaults() {
+        var config = GatehouseConfig()
+        let problems = config.apply(
+            yaml: """
+                server: {host: 0.0.0.0, port: 8080, shutdown_timeout: 5s}
+                upstream: {backend: openai, url: "http://127.0.0.1:8000", timeout: 2m}
+                rate_limit: {requests_per_second: 10}
+                plugins:
+                  echo: {enabled: false}
+                  alexa: {config: {wake_word: gatehouse}}
+                """, file: "g.yaml")
+        #expect(problems.isEmpty)
+        #expect(config.host == "0.0.0.0")
+        #expect(config.port == 8080)
+        #expect(config.shutdownTimeout == 5)
+        #expect(config.upstream.backend == .openai)
+        #expect(config.upstream.timeout == 120)
+        #expect(config.rateLimit.requestsPerSecond == 10)
+        #expect(config.settings(forPlugin: "echo").enabled == false)
+        #expect(config.settings(forPlugin: "alexa").enabled == true)
+        #expect(config.settings(forPlugin: "unmentioned").enabled == true)
+        #expect(String(decoding: config.settings(forPlugin: "alexa").configJSON ?? Data(), as: UTF8.self) == #"{"wake_word":"gatehouse"}"#)
+    }
+
+    @Test func invalidYAMLValuesNameTheirKeys() {
+        var config = GatehouseConfig()
+        let problems = config.apply(yaml: "server: {port: 99999}\nupstream: {backend: mystery}\nbogus: 1\n", file: "g.yaml").map(\.description)
+        #expect(problems.contains { $0.contains("key 'server.port': must be between 0 and 65535") })
+        #expect(problems.contains { $0.contains("key 'upstream.backend': must be one of ollama, openai") })
+        #expect(problems.contains { $0.contains("key 'bogus': unknown key") })
+    }
+
+    @Test func environmentOverridesYAMLWithLlamaGateNames() {
+        var config = GatehouseConfig()
+        _ = config.apply(yaml: "server: {port: 8080}\n", file: "g.yaml")
+        let problems = config.apply(environment: [
+            "PORT": "9090", "OLLAMA_HOST": "10.1.2.3:11434", "API_KEY": "secret", "RATE_LIMIT_RPS": "7.5",
+            "TIMEOUT": "90s", "DEBUG": "true", "SHUTDOWN_TIMEOUT": "3",
+        ])
+        #expect(problems.isEmpty)
+        #expect(config.port == 9090)
+        #expect(config.upstream.url == "http://10.1.2.3:11434")
+        #expect(config.apiKey == "secret")
+        #expect(config.rateLimit.requestsPerSecond == 7.5)
+        #expect(config.upstream.timeout == 90)
+        #expect(config.logLevel == "debug")
+        #expect(config.shutdownTimeout == 3)
+    }
+
+    @Test func invalidEnvironmentValuesNameTheVariable() {
+        var config = GatehouseConfig()
+        let problems = config.apply(environment: ["PORT": "eighty", "TLS_ENABLED": "perhaps", "TIMEOUT": "soon"]).map(\.description)
+        #expect(problems.contains("environment: key 'PORT': must be an integer between 0 and 65535 (got \"eighty\")"))
+        #expect(problems.contains { $0.hasPrefix("environment: key 'TLS_ENABLED': must be true or false") })
+        #expect(problems.contains { $0.hasPrefix("environment: key 'TIMEOUT': must be a duration") })
+    }
+
+    @Test func loadLayersDotEnvUnderTheProcessEnvironment() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-config-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let yaml = directory.appendingPathComponent("gatehouse.yaml").path
+        let dotEnv = directory.appendingPathComponent(".env").path
+        try "server: {port: 1000}\nauth: {api_key: from-yaml}\n".write(toFile: yaml, atomically: true, encoding: .utf8)
+        try "# comment\nexport PORT=2000\nAPI_KEY=\"from-dotenv\"\nRATE_LIMIT_RPS=3 # inline\n".write(toFile: dotEnv, atomically: true, encoding: .utf8)
+        let config = try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: ["PORT": "3000"])
+        #expect(config.port == 3000)
+        #expect(config.apiKey == "from-dotenv")
+        #expect(config.rateLimit.requestsPerSecond == 3)
+    }
+
+    @Test func missingExplicitConfigFileIsAnError() {
+        #expect(throws: ConfigProblems.self) {
+            try GatehouseConfig.load(file: "/nonexistent/gatehouse.yaml", environment: [:])
+        }
+    }
+
+    @Test func durations() {
+        #expect(parseDuration("30") == 30)
+        #expect(parseDuration("250ms") == 0.25)
+        #expect(parseDuration("1m30s") == 90)
+        #expect(parseDuration("2h") == 7200)
+        #expect(parseDuration("soon") == nil)
+        #expect(parseDuration("5x") == nil)
+        #expect(parseDuration("-1") == nil)
+    }
+
+    @Test func redactsSecrets() {
+        #expect(Redactor.redact(key: "api_key", value: "abc") as? String == "[REDACTED]")
+        #expect(Redactor.redact(key: "Authorization", value: "Bearer x") as? String == "[REDACTED]")
+        #expect(Redactor.redact(text: "sent Bearer abc.def-123 upstream") == "sent Bearer [REDACTED] upstream")
+        #expect(Redactor.redact(text: "key sk-proj-abcdef123456 leaked") == "key [REDACTED] leaked")
+        #expect(Redactor.redact(text: "nothing secret") == "nothing secret")
+    }
+}

@@ -1,0 +1,155 @@
+"""Integration-test harness: starts the real gatehouse binary against real plugin libraries."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_DIR = ROOT / os.environ.get("GATEHOUSE_BUILD_DIR", ".build/debug")
+GATEHOUSE = BUILD_DIR / "gatehouse"
+ECHO_SO = BUILD_DIR / "libEchoPlugin.so"
+ABI_INCLUDE = ROOT / "Sources/PluginABI/include"
+EXPORTS_MAP = ROOT / "Plugins/plugin-exports.map"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compile_c_plugin(source: Path, output: Path, *defines: str, export_list: bool = True) -> Path:
+    """Compiles a C plugin with the system C compiler, exactly as a plugin author would."""
+    cmd = ["cc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-pthread", f"-I{ABI_INCLUDE}",
+           *([f"-Wl,--version-script={EXPORTS_MAP}"] if export_list else []),
+           *[f"-D{d}" for d in defines], "-o", str(output), str(source)]
+    subprocess.run(cmd, check=True)
+    return output
+
+
+class PluginsDir:
+    """A temporary plugins.d with helpers to drop plugins into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(mode=0o755, exist_ok=True)
+
+    def add(self, name: str, source: Path | None, manifest: str | None = None, *, library_name: str | None = None,
+            **fields) -> Path:
+        """Creates plugins.d/<name> with a copy of `source` and a manifest (written from `fields` unless given)."""
+        directory = self.path / name
+        directory.mkdir(mode=0o755, exist_ok=True)
+        library_name = library_name or f"lib{name.replace('-', '_')}.so"
+        if source is not None:
+            shutil.copyfile(source, directory / library_name)
+            os.chmod(directory / library_name, 0o755)
+        if manifest is None:
+            values = {"name": name, "version": "1.0.0", "abi": 1, "library": library_name}
+            values.update(fields)
+            manifest = "".join(f"{k}: {v}\n" for k, v in values.items() if v is not None)
+        (directory / "plugin.yaml").write_text(textwrap.dedent(manifest))
+        return directory
+
+
+class Gatehouse:
+    """A running gatehouse process with its log captured to a file."""
+
+    def __init__(self, tmp: Path, plugins: Path, config: str = "", env: dict | None = None, extra_args=()):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"gatehouse-{self.port}.log"
+        config_path = tmp / f"gatehouse-{self.port}.yaml"
+        config_path.write_text(textwrap.dedent(config))
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("API_KEY", "PORT", "OLLAMA_HOST", "RATE_LIMIT_RPS", "DEBUG", "TIMEOUT")}
+        full_env.update(env or {})
+        self.args = [str(GATEHOUSE), "serve", "--config", str(config_path), "--plugins-dir", str(plugins),
+                     "--port", str(self.port), *extra_args]
+        self.log_file = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
+        self.client = httpx.Client(base_url=self.base, timeout=30)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gatehouse exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/health/live").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gatehouse did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text()
+
+    def log_lines(self) -> list[dict]:
+        """The JSON log lines written so far (non-JSON lines are skipped)."""
+        lines = []
+        for raw in self.log().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                pass
+        return lines
+
+    def plugins(self) -> dict:
+        response = self.client.get("/v1/plugins")
+        assert response.status_code == 200, response.text
+        return {p["name"]: p for p in response.json()["data"]}
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.client.close()
+        self.log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def built():
+    assert GATEHOUSE.exists(), f"{GATEHOUSE} missing: run `make build` first"
+    assert ECHO_SO.exists(), f"{ECHO_SO} missing: run `make build` first"
+
+
+@pytest.fixture(scope="session")
+def c_echo_so(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cplugins") / "libecho_c.so"
+    return compile_c_plugin(ROOT / "Plugins/EchoC/echo_c.c", out)
+
+
+@pytest.fixture
+def plugins_dir(tmp_path) -> PluginsDir:
+    return PluginsDir(tmp_path / "plugins.d")
+
+
+@pytest.fixture
+def start(tmp_path, built):
+    """start(plugins_dir, config_yaml="", env=None) -> Gatehouse; stopped after the test."""
+    servers = []
+
+    def _start(plugins: PluginsDir, config: str = "", env: dict | None = None, extra_args=()) -> Gatehouse:
+        server = Gatehouse(tmp_path, plugins.path, config, env, extra_args)
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,108 @@
+/*
+ * A C test plugin whose behaviour is chosen at compile time, to exercise the host's checks:
+ *   -DPLUGIN_NAME='"x"'   name reported by the descriptor (default "variant")
+ *   -DDESCRIPTOR_MAJOR=2  descriptor claims another ABI major
+ *   -DENTRY_V2            export gatehouse_plugin_entry_v2 instead of _v1
+ *   -DFAIL_INIT           init fails with a reason
+ * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
+ *         /config (answers with the plugin's config JSON), /never (never answers).
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gatehouse_plugin.h"
+
+#ifndef PLUGIN_NAME
+#define PLUGIN_NAME "variant"
+#endif
+#ifndef DESCRIPTOR_MAJOR
+#define DESCRIPTOR_MAJOR GATEHOUSE_ABI_MAJOR
+#endif
+
+static const gh_host_api *host;
+static gh_plugin *self_handle;
+
+static gh_bytes text(const char *s) {
+    gh_bytes b = {(const uint8_t *)s, strlen(s)};
+    return b;
+}
+
+static int is(gh_bytes b, const char *s) { return b.len == strlen(s) && memcmp(b.data, s, b.len) == 0; }
+
+static int variant_init(const gh_host_api *api, gh_plugin *self, void **state_out, char *error, size_t cap) {
+    host = api;
+    self_handle = self;
+    *state_out = NULL;
+#ifdef FAIL_INIT
+    snprintf(error, cap, "refusing to start: missing setting 'token'");
+    return 1;
+#else
+    (void)error;
+    (void)cap;
+    return 0;
+#endif
+}
+
+static void *stream_later(void *arg) {
+    gh_exchange *exchange = arg;
+    gh_header header = {text("content-type"), text("text/plain")};
+    host->respond_start(exchange, 200, &header, 1);
+    const char *chunks[] = {"alpha\n", "beta\n", "gamma\n"};
+    for (int i = 0; i < 3; i++) {
+        usleep(20000);
+        host->respond_write(exchange, text(chunks[i]));
+    }
+    host->respond_finish(exchange);
+    return NULL;
+}
+
+static void variant_handle(void *state, const gh_request *request, gh_exchange *exchange) {
+    (void)state;
+    if (is(request->path, "/stream")) {
+        pthread_t thread;
+        pthread_create(&thread, NULL, stream_later, exchange);
+        pthread_detach(thread);
+        return;
+    }
+    if (is(request->path, "/double")) {
+        host->respond(exchange, 200, NULL, 0, text("first"));
+        gh_status second = host->respond(exchange, 200, NULL, 0, text("second"));
+        char line[64];
+        snprintf(line, sizeof line, "second respond returned %d", (int)second);
+        host->log(self_handle, NULL, GH_LOG_WARNING, text(line), NULL, 0);
+        return;
+    }
+    if (is(request->path, "/config")) {
+        host->respond(exchange, 200, NULL, 0, host->config_json(self_handle));
+        return;
+    }
+    if (is(request->path, "/never")) {
+        return; /* the host's timeout answers 504 */
+    }
+    gh_header field = {text("route"), request->path};
+    host->log(self_handle, exchange, GH_LOG_INFO, text("hello from variant"), &field, 1);
+    host->respond(exchange, 200, NULL, 0, text("hello"));
+}
+
+static void variant_shutdown(void *state) { (void)state; }
+
+static const gh_plugin_descriptor descriptor = {
+    .struct_size = sizeof(gh_plugin_descriptor),
+    .abi_major = DESCRIPTOR_MAJOR,
+    .abi_minor = GATEHOUSE_ABI_MINOR,
+    .name = PLUGIN_NAME,
+    .version = "1.0.0",
+    .swift_toolchain = NULL,
+    .init = variant_init,
+    .handle = variant_handle,
+    .shutdown = variant_shutdown,
+};
+
+#ifdef ENTRY_V2
+__attribute__((visibility("default"))) const gh_plugin_descriptor *gatehouse_plugin_entry_v2(void) { return &descriptor; }
+#else
+const gh_plugin_descriptor *GATEHOUSE_PLUGIN_ENTRY(void) { return &descriptor; }
+#endif

@@ -1,0 +1,240 @@
+"""The plugin host against real .so files: Swift and C echo, refusals with reasons, async and streaming C answers."""
+import concurrent.futures
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ECHO_SO, GATEHOUSE, ROOT, compile_c_plugin
+
+VARIANT_C = Path(__file__).parent / "plugins" / "variant.c"
+SWIFT_ECHO_MANIFEST = {"toolchain": "swift-6.3.1"}
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory):
+    """Compiled variants of the C test plugin, by name."""
+    out = tmp_path_factory.mktemp("variants")
+    build = lambda name, *defines, **kw: compile_c_plugin(VARIANT_C, out / f"{name}.so", *defines, **kw)
+    return {
+        "ok": build("ok"),
+        "descriptor_v2": build("descriptor_v2", "DESCRIPTOR_MAJOR=2"),
+        "entry_v2": build("entry_v2", "ENTRY_V2", export_list=False),
+        "fail_init": build("fail_init", "FAIL_INIT", 'PLUGIN_NAME="init-fails"'),
+        "misnamed": build("misnamed", 'PLUGIN_NAME="someone-else"'),
+    }
+
+
+def post_echo(server, name, body: bytes, content_type: str):
+    return server.client.post(f"/v1/plugins/{name}/echo", content=body, headers={"content-type": content_type})
+
+
+def test_swift_and_c_echo_answer_with_body_and_content_type(plugins_dir, start, c_echo_so):
+    plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+    server = start(plugins_dir)
+    states = server.plugins()
+    assert states["echo"]["state"] == "loaded", states["echo"]
+    assert states["echo-c"]["state"] == "loaded", states["echo-c"]
+    assert states["echo"]["sha256"] == hashlib.sha256(ECHO_SO.read_bytes()).hexdigest()
+    assert states["echo"]["abi"] == 1 and states["echo"]["loaded_at"]
+
+    binary = bytes(range(256)) * 400  # 100 KiB with every byte value, NULs included
+    for name in ("echo", "echo-c"):
+        response = post_echo(server, name, binary, "application/x-test")
+        assert response.status_code == 200, response.text
+        assert response.content == binary
+        assert response.headers["content-type"] == "application/x-test"
+        assert response.headers["x-echo-plugin-version"] == "1.0.0"
+        assert response.headers["x-request-id"]
+
+        text = post_echo(server, name, "grüße".encode(), "text/plain; charset=utf-8")
+        assert text.text == "grüße" and text.headers["content-type"] == "text/plain; charset=utf-8"
+
+        empty = post_echo(server, name, b"", "application/json")
+        assert empty.status_code == 200 and empty.content == b""
+
+        wrong_method = server.client.get(f"/v1/plugins/{name}/echo")
+        assert wrong_method.status_code == 405
+        assert "POST" in wrong_method.json()["error"]["message"]
+
+    # Each request's id reaches the plugin's log lines.
+    post_echo(server, "echo-c", b"x", "text/plain")
+    assert '"plugin":"echo"' in server.log() and "echo ready" in server.log()
+
+
+def test_request_id_is_honoured_and_unknown_routes_are_openai_errors(plugins_dir, start, c_echo_so):
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+    server = start(plugins_dir)
+    response = server.client.post("/v1/plugins/echo-c/echo", content=b"hi", headers={"x-request-id": "req-abc-123"})
+    assert response.headers["x-request-id"] == "req-abc-123"
+
+    missing = server.client.get("/v1/nothing-here")
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["type"] == "not_found_error" and "/v1/nothing-here" in error["message"] and error["request_id"]
+
+    unknown_plugin = server.client.post("/v1/plugins/nope/echo", content=b"x")
+    assert unknown_plugin.status_code == 404
+    assert unknown_plugin.json()["error"]["message"] == "no plugin named nope"
+
+
+def test_many_concurrent_requests_to_both_plugins(plugins_dir, start, c_echo_so):
+    plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+    server = start(plugins_dir)
+
+    def one(i):
+        name = "echo" if i % 2 else "echo-c"
+        body = f"request {i}".encode() * (i + 1)
+        response = post_echo(server, name, body, "text/plain")
+        return response.status_code == 200 and response.content == body
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert results.count(True) == 200
+
+
+def test_disabled_plugin_is_never_loaded_and_its_route_is_404(plugins_dir, start, c_echo_so):
+    plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+    server = start(plugins_dir, config="""
+        plugins:
+          echo:
+            enabled: false
+    """)
+    states = server.plugins()
+    assert states["echo"]["state"] == "disabled"
+    assert states["echo"]["sha256"] is None and states["echo"]["loaded_at"] is None
+    response = post_echo(server, "echo", b"x", "text/plain")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "plugin echo is disabled"
+    assert "echo ready" not in server.log()  # its init never ran
+    assert post_echo(server, "echo-c", b"still here", "text/plain").content == b"still here"
+
+
+def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_dir, start, c_echo_so, variants, tmp_path):
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+
+    plugins_dir.add("malformed", None, manifest="name: [unclosed\nversion: 1\n")
+    plugins_dir.add("badkeys", None, manifest="name: badkeys\nversion: 1.0.0\nabi: one\nlibrary: lib.so\ncolour: blue\n")
+    plugins_dir.add("missing-lib", None)
+    plugins_dir.add("wrong-abi-manifest", variants["ok"], abi=2)
+    plugins_dir.add("wrong-abi-symbol", variants["entry_v2"])
+    plugins_dir.add("wrong-abi-descriptor", variants["descriptor_v2"])
+    plugins_dir.add("hash-mismatch", variants["ok"], sha256="0" * 64)
+    world = plugins_dir.add("world-writable", variants["ok"])
+    os.chmod(world / "libworld_writable.so", 0o666)
+    plugins_dir.add("escape", None, library="../echo-c/libecho_c.so")
+    link = plugins_dir.add("symlinked", None, library="lib.so")
+    os.symlink(variants["ok"], link / "lib.so")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    compile_c_plugin(VARIANT_C, outside / "lib.so", 'PLUGIN_NAME="dir-escape"')
+    dir_escape = plugins_dir.add("dir-escape", None, library="sub/lib.so")
+    os.symlink(outside, dir_escape / "sub")
+    plugins_dir.add("init-fails", variants["fail_init"])
+    plugins_dir.add("misnamed", variants["misnamed"])
+    plugins_dir.add("old-toolchain", ECHO_SO, toolchain="swift-5.9.2")
+    pinned = plugins_dir.add("variant", variants["ok"], sha256=hashlib.sha256(variants["ok"].read_bytes()).hexdigest())
+    assert pinned.exists()
+
+    server = start(plugins_dir)
+    states = server.plugins()
+    expected = {
+        "malformed": "not valid YAML",
+        "badkeys": "key 'abi': must be an integer",
+        "missing-lib": "library libmissing_lib.so not found",
+        "wrong-abi-manifest": "manifest declares abi 2; this host speaks ABI 1",
+        "wrong-abi-symbol": "exports gatehouse_plugin_entry_v2 (ABI 2)",
+        "wrong-abi-descriptor": "descriptor declares ABI 2",
+        "hash-mismatch": "sha256 mismatch",
+        "world-writable": "group- or world-writable (mode 666)",
+        "escape": "must stay inside the plugin directory",
+        "symlinked": "is a symbolic link",
+        "dir-escape": "outside the plugin directory",
+        "init-fails": "init failed: refusing to start: missing setting 'token'",
+        "misnamed": 'library calls itself "someone-else"',
+        "old-toolchain": "built with swift-5.9.2 but this host runs swift-6.3.1",
+    }
+    for name, reason in expected.items():
+        assert states[name]["state"] == "failed", (name, states[name])
+        assert reason in states[name]["error"], (name, states[name]["error"])
+        assert "\n" not in states[name]["error"]
+        assert post_echo(server, name, b"x", "text/plain").status_code == 404
+    assert "key 'colour': unknown key" in states["badkeys"]["error"]
+    assert "plugin.yaml" in states["badkeys"]["error"]
+    # Every refusal is also a log line with its reason.
+    refusals = {line["plugin"]: line["reason"] for line in server.log_lines() if line.get("msg") == "plugin refused"}
+    for name, reason in expected.items():
+        assert reason in refusals[name], (name, refusals.get(name))
+
+    assert states["variant"]["state"] == "loaded"  # pinned with the right hash
+    assert states["echo-c"]["state"] == "loaded"
+    assert post_echo(server, "echo-c", b"alive", "text/plain").content == b"alive"
+
+
+def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir, config="""
+        upstream:
+          timeout: 1s
+        plugins:
+          variant:
+            config: {greeting: hi, nested: {a: 1}}
+    """)
+    with server.client.stream("GET", "/v1/plugins/variant/stream") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/plain"
+        chunks = list(response.iter_text())
+    assert "".join(chunks) == "alpha\nbeta\ngamma\n"
+
+    double = server.client.get("/v1/plugins/variant/double")
+    assert double.text == "first"
+    assert "second respond returned 2" in server.log()  # GH_ERR_STATE, not a crash
+
+    assert server.client.get("/v1/plugins/variant/config").json() == {"greeting": "hi", "nested": {"a": 1}}
+
+    never = server.client.get("/v1/plugins/variant/never")
+    assert never.status_code == 504
+    assert never.json()["error"]["code"] == "plugin_timeout"
+
+    hello = server.client.get("/v1/plugins/variant/hello", headers={"x-request-id": "trace-me-42"})
+    assert hello.text == "hello"
+    line = next(l for l in server.log_lines() if l.get("msg") == "hello from variant")
+    assert line["request_id"] == "trace-me-42" and line["plugin"] == "variant" and line["route"] == "/hello"
+
+
+def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):
+    good = plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
+    swift = plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
+    bad = plugins_dir.add("hash-mismatch", variants["ok"], sha256="f" * 64)
+
+    ok = subprocess.run([GATEHOUSE, "plugins", "validate", good], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: echo-c 1.0.0, ABI 1.0, C")
+    ok_swift = subprocess.run([GATEHOUSE, "plugins", "validate", swift / "plugin.yaml"], capture_output=True, text=True)
+    assert ok_swift.returncode == 0 and "swift-6.3.1" in ok_swift.stdout, ok_swift.stderr
+
+    refused = subprocess.run([GATEHOUSE, "plugins", "validate", bad], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "sha256 mismatch" in refused.stderr
+
+    listing = subprocess.run([GATEHOUSE, "plugins", "list", "--plugins-dir", plugins_dir.path],
+                             capture_output=True, text=True, cwd=plugins_dir.path)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split("\t")[0]: line.split("\t") for line in listing.stdout.splitlines()}
+    assert rows["echo"][2] == "loaded" and rows["echo-c"][2] == "loaded"
+    assert rows["hash-mismatch"][2] == "failed" and "sha256 mismatch" in rows["hash-mismatch"][3]
+
+
+def test_repository_plugins_dir_validates_as_installed_by_make():
+    """`make test` runs `make plugins` first: the shipped plugins.d must validate as a user gets it."""
+    names = sorted(p.parent.name for p in (ROOT / "plugins.d").glob("*/plugin.yaml"))
+    assert names == ["echo", "echo-c"]
+    for name in names:
+        result = subprocess.run([GATEHOUSE, "plugins", "validate", ROOT / "plugins.d" / name], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"ok: {name} 1.0.0, ABI 1")
