@@ -88,7 +88,7 @@ struct Plugins: AsyncParsableCommand {
                 let version = status.version ?? "-"
                 print("\(status.name)\t\(version)\t\(status.state.rawValue)\(status.error.map { "\t\($0)" } ?? "")")
             }
-            await registry.shutdownAll()
+            await registry.shutdownAll(drainTimeout: 0)
         }
     }
 

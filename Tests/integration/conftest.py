@@ -92,7 +92,8 @@ class Gatehouse:
         raise RuntimeError(f"gatehouse did not become ready:\n{self.log()}")
 
     def log(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text()
 
     def log_lines(self) -> list[dict]:

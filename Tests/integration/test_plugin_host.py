@@ -3,6 +3,7 @@ import concurrent.futures
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,8 @@ def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_d
 def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(plugins_dir, start, variants):
     plugins_dir.add("variant", variants["ok"])
     server = start(plugins_dir, config="""
+        server:
+          shutdown_timeout: 1s
         upstream:
           timeout: 1s
         plugins:
@@ -205,6 +208,12 @@ def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(
     assert hello.text == "hello"
     line = next(l for l in server.log_lines() if l.get("msg") == "hello from variant")
     assert line["request_id"] == "trace-me-42" and line["plugin"] == "variant" and line["route"] == "/hello"
+
+    # The never-completed exchange must not hold shutdown hostage past the drain deadline.
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10
+    assert any("unfinished requests at the drain deadline" in l.get("msg", "") for l in server.log_lines())
 
 
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):

@@ -64,12 +64,7 @@ public final class PluginInstance: @unchecked Sendable {
     /// Set once by `initialize`, before any request.
     private var state: UnsafeMutableRawPointer?
 
-    private struct Activity {
-        var inFlight = 0
-        var drainWaiters: [CheckedContinuation<Void, Never>] = []
-    }
-
-    private let activity = Mutex(Activity())
+    private let inFlightCount = Atomic<Int>(0)
 
     init(manifest: PluginManifest, library: OpenedLibrary, configJSON: Data, logger: Logger) {
         self.manifest = manifest
@@ -107,20 +102,14 @@ public final class PluginInstance: @unchecked Sendable {
     /// Counts a request in; called by the registry while it holds its table lock so that a
     /// version being retired cannot miss it.
     func requestStarted() {
-        activity.withLock { $0.inFlight += 1 }
+        inFlightCount.add(1, ordering: .relaxed)
     }
 
     func requestFinished() {
-        let waiters: [CheckedContinuation<Void, Never>] = activity.withLock { activity in
-            activity.inFlight -= 1
-            guard activity.inFlight == 0 else { return [] }
-            defer { activity.drainWaiters = [] }
-            return activity.drainWaiters
-        }
-        waiters.forEach { $0.resume() }
+        inFlightCount.subtract(1, ordering: .releasing)
     }
 
-    var inFlight: Int { activity.withLock { $0.inFlight } }
+    var inFlight: Int { inFlightCount.load(ordering: .acquiring) }
 
     /// Hands `call` to the plugin and waits for its answer (or the timeout). The caller must
     /// have called `requestStarted`; the exchange's completion calls `requestFinished`.
@@ -139,16 +128,20 @@ public final class PluginInstance: @unchecked Sendable {
         }
     }
 
-    /// Waits until every exchange has completed, then calls the plugin's `shutdown` on a
-    /// thread outside the concurrency pool (a plugin may block there).
-    func shutdown() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let ready = activity.withLock { activity in
-                if activity.inFlight == 0 { return true }
-                activity.drainWaiters.append(continuation)
-                return false
+    /// Waits (up to `drainTimeout` seconds) until every exchange has completed, then calls the
+    /// plugin's `shutdown` on a thread outside the concurrency pool (a plugin may block there).
+    /// If exchanges are still open at the deadline, `shutdown` is not called: the ABI promises
+    /// plugins it never runs while an exchange is live.
+    func shutdown(drainTimeout: Double) async {
+        let deadline = ContinuousClock.now + .seconds(drainTimeout)
+        while inFlight > 0 {
+            guard ContinuousClock.now < deadline else {
+                logger.warning(
+                    "plugin still has unfinished requests at the drain deadline; not calling its shutdown",
+                    metadata: ["in_flight": .stringConvertible(inFlight), "version": .string(manifest.version)])
+                return
             }
-            if ready { continuation.resume() }
+            try? await Task.sleep(for: .milliseconds(10))
         }
         let shutdown = library.descriptor.pointee.shutdown!
         let state = UnsafeSendable(state)

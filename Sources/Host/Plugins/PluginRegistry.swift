@@ -135,15 +135,16 @@ public final class PluginRegistry: Sendable {
     /// Plugin request timeout in seconds.
     var requestTimeout: Double { config.withLock { $0.upstream.timeout } }
 
-    /// Stops dispatching to every plugin, waits for their requests, and shuts them down.
-    public func shutdownAll() async {
+    /// Stops dispatching to every plugin, waits (up to `drainTimeout` seconds) for their
+    /// requests, and shuts them down.
+    public func shutdownAll(drainTimeout: Double) async {
         let instances = slots.withLock { slots in
             let live = slots.values.compactMap(\.instance)
             for key in slots.keys { slots[key]?.instance = nil }
             return live
         }
         await withTaskGroup(of: Void.self) { group in
-            for instance in instances { group.addTask { await instance.shutdown() } }
+            for instance in instances { group.addTask { await instance.shutdown(drainTimeout: drainTimeout) } }
         }
         loader.removePrivateCopies()
     }

@@ -48,11 +48,11 @@ public struct GatehouseServer: Sendable {
         do {
             try await serviceGroup.run()
         } catch {
-            await registry.shutdownAll()
+            await registry.shutdownAll(drainTimeout: config.shutdownTimeout)
             throw Self.explain(error, address: address)
         }
         logger.info("stopped accepting; shutting plugins down")
-        await registry.shutdownAll()
+        await registry.shutdownAll(drainTimeout: config.shutdownTimeout)
         logger.info("shutdown complete")
     }
 
