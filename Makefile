@@ -9,11 +9,17 @@ VENV := .venv
 PLUGIN_CFLAGS := -shared -fPIC -O2 -Wall -Wextra -Werror -I Sources/PluginABI/include \
 	-Wl,--version-script=Plugins/plugin-exports.map -Wl,-Bsymbolic
 
-.PHONY: all build plugins run test unit integration venv check-exports clean
+.PHONY: all deps test-deps build plugins run test unit integration venv check-exports clean
 
 all: build plugins
 
-build:
+deps:
+	scripts/install-deps.sh run
+
+test-deps:
+	scripts/install-deps.sh test
+
+build: deps
 	$(SWIFT) build -c $(CONFIG)
 
 # Install built libraries into plugins.d: copy to a temporary name, then rename, so a
@@ -28,7 +34,7 @@ run: plugins
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: Tests/integration/requirements.txt
+$(VENV)/.installed: Tests/integration/requirements.txt | test-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r Tests/integration/requirements.txt
 	touch $@
@@ -46,7 +52,7 @@ unit: build
 integration: plugins venv
 	GATEHOUSE_BUILD_DIR=$(BIN) $(VENV)/bin/pytest -q Tests/integration
 
-test: check-exports unit integration
+test: test-deps check-exports unit integration
 
 clean:
 	rm -rf .build $(VENV) plugins.d/*/*.so
