@@ -9,6 +9,8 @@ public struct GatehouseRequestContext: RequestContext {
     public var requestID = ""
     /// Remote IP address, for rate limiting when there is no API key.
     public var remoteAddress: String
+    /// The client's identity for rate limiting: a digest of its API key, when it sent one.
+    public var clientID: String?
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)

@@ -1,9 +1,12 @@
 // The Gatehouse server: wires configuration, plugin host, middleware and routes into one HTTP app.
 internal import Foundation
 internal import Hummingbird
+internal import HummingbirdCore
+internal import HummingbirdTLS
 public import Logging
 internal import NIOCore
 internal import NIOPosix
+internal import NIOSSL
 internal import ServiceLifecycle
 
 /// The whole gateway process. Build it with a configuration, then `run()` until a signal.
@@ -16,44 +19,83 @@ public struct GatehouseServer: Sendable {
         self.logger = logger
     }
 
-    /// Loads plugins, binds the listener and serves until SIGINT/SIGTERM, then drains
-    /// in-flight requests (up to `shutdownTimeout`) and shuts the plugins down.
+    /// Loads plugins, binds the listener and serves until SIGINT/SIGTERM; then stops accepting,
+    /// lets in-flight requests (streams too) finish for up to `shutdownTimeout`, and shuts the
+    /// plugins down.
     public func run() async throws {
         try config.validate()
+        let server = try makeServerBuilder()
+        let upstream = UpstreamClient(config: config.upstream)
+        let chat = ChatService(config: config, client: upstream)
         let registry = try PluginRegistry(config: config, logger: logger)
         registry.loadAll()
 
         let router = Router(context: GatehouseRequestContext.self)
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: ErrorMiddleware())
+        router.add(middleware: AuthMiddleware(apiKey: config.apiKey))
+        if config.rateLimit.requestsPerSecond > 0 {
+            let limiter = RateLimiter(
+                rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst,
+                globalRate: config.rateLimit.globalRequestsPerSecond)
+            router.add(middleware: RateLimitMiddleware(limiter: limiter))
+        }
         HealthRoutes().register(on: router)
+        GatewayRoutes(chat: chat, maxBodyBytes: config.maxBodyBytes).register(on: router)
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
 
         let address = "\(config.host):\(config.port)"
         let app = Application(
             router: router,
+            server: server,
             configuration: .init(address: .hostname(config.host, port: config.port), serverName: "Gatehouse"),
-            onServerRunning: { [logger] channel in
+            onServerRunning: { [logger, config] channel in
                 let bound = channel.localAddress.map { "\($0.ipAddress ?? config.host):\($0.port ?? config.port)" } ?? address
-                logger.info("listening", metadata: ["address": .string(bound), "plugins_dir": .string(config.pluginsDirectory)])
+                logger.info(
+                    "listening",
+                    metadata: [
+                        "address": .string(bound), "tls": .stringConvertible(config.tls.enabled),
+                        "backend": .string(config.upstream.backend.rawValue), "upstream": .string(config.upstream.url),
+                        "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
+                    ])
             },
             logger: logger
         )
-        let serviceGroup = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: app)],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                cancellationSignals: [],
-                logger: logger))
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: [.init(service: app)], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+        groupConfiguration.maximumGracefulShutdownDuration = Duration.milliseconds(Int64(config.shutdownTimeout * 1000))
+        let serviceGroup = ServiceGroup(configuration: groupConfiguration)
         do {
             try await serviceGroup.run()
         } catch {
-            await registry.shutdownAll(drainTimeout: config.shutdownTimeout)
+            await registry.shutdownAll(drainTimeout: 0)
+            await upstream.shutdown()
             throw Self.explain(error, address: address)
         }
         logger.info("stopped accepting; shutting plugins down")
         await registry.shutdownAll(drainTimeout: config.shutdownTimeout)
+        await upstream.shutdown()
         logger.info("shutdown complete")
+    }
+
+    /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key.
+    private func makeServerBuilder() throws -> HTTPServerBuilder {
+        guard config.tls.enabled else { return .http1() }
+        let chain: [NIOSSLCertificateSource]
+        let key: NIOSSLPrivateKey
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(config.tls.certFile).map { .certificate($0) }
+        } catch {
+            throw StartupError("cannot load TLS certificate \(config.tls.certFile): \(error)")
+        }
+        do {
+            key = try NIOSSLPrivateKey(file: config.tls.keyFile, format: .pem)
+        } catch {
+            throw StartupError("cannot load TLS private key \(config.tls.keyFile): \(error)")
+        }
+        guard !chain.isEmpty else { throw StartupError("TLS certificate file \(config.tls.certFile) holds no certificate") }
+        let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+        return try .tls(.http1(), tlsConfiguration: tls)
     }
 
     /// Turns a bind failure into the one-line message a user needs.

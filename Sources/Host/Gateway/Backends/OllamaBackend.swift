@@ -1,0 +1,293 @@
+// Ollama's native API (/api/chat NDJSON streaming, /api/tags, /api/embed) translated to and from OpenAI's.
+internal import AsyncHTTPClient
+internal import Foundation
+internal import NIOCore
+internal import NIOHTTP1
+
+/// Talks to Ollama natively. Ollama streams NDJSON (one JSON object per line), not SSE; each line
+/// becomes one OpenAI `chat.completion.chunk`. Token counts come from `prompt_eval_count` and
+/// `eval_count`.
+struct OllamaBackend: ChatBackend {
+    let client: UpstreamClient
+    var name: String { "ollama" }
+
+    func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
+        let response = try await client.send(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID)
+        let body = try await client.collect(response, path: "/api/chat")
+        guard response.status == .ok else {
+            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
+        }
+        guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
+            throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
+        }
+        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        let message = reply["message"] as? [String: Any] ?? [:]
+        let text = message["content"] as? String ?? ""
+        let toolCalls = Self.openAIToolCalls(message["tool_calls"])
+        let prompt = (reply["prompt_eval_count"]).flatMap(JSONNumbers.int) ?? 0
+        let completion = (reply["eval_count"]).flatMap(JSONNumbers.int) ?? 0
+        var assistant: [String: Any] = ["role": "assistant", "content": text]
+        if !toolCalls.isEmpty { assistant["tool_calls"] = toolCalls }
+        let json = OpenAIShapes.data([
+            "id": OpenAIShapes.completionID(), "object": "chat.completion", "created": OpenAIShapes.now(),
+            "model": reply["model"] as? String ?? request.model,
+            "choices": [["index": 0, "message": assistant, "finish_reason": Self.finishReason(reply, hasToolCalls: !toolCalls.isEmpty)]],
+            "usage": OpenAIShapes.usage(prompt: prompt, completion: completion),
+        ])
+        return ChatCompletion(json: json, text: text, promptTokens: prompt, completionTokens: completion)
+    }
+
+    func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+        let response = try await client.send(.POST, "/api/chat", json: Self.translate(request, stream: true), requestID: requestID)
+        guard response.status == .ok else {
+            let body = try await client.collect(response, path: "/api/chat")
+            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
+        }
+        let id = OpenAIShapes.completionID()
+        let created = OpenAIShapes.now()
+        let client = self.client
+        return AsyncThrowingStream { continuation in
+            let task = Task {
+                var translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
+                do {
+                    for try await line in NDJSONLines(response.body) {
+                        guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
+                            throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
+                        }
+                        if let error = object["error"] as? String {
+                            throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error")
+                        }
+                        for event in translator.events(for: object) { continuation.yield(event) }
+                        if JSONNumbers.bool(object["done"] ?? false) == true { break }
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: client.map(error, path: "/api/chat"))
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    func models(requestID: String) async throws -> Data {
+        let response = try await client.send(.GET, "/api/tags", requestID: requestID, timeout: min(client.timeout, 30))
+        let body = try await client.collect(response, path: "/api/tags")
+        guard response.status == .ok else {
+            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
+        }
+        let tags = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any]) ?? [:]
+        let models = (tags["models"] as? [[String: Any]] ?? []).map { model -> [String: Any] in
+            let id = model["name"] as? String ?? model["model"] as? String ?? "unknown"
+            let created = (model["modified_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) }.map { Int($0.timeIntervalSince1970) }
+            return ["id": id, "object": "model", "created": created ?? 0, "owned_by": "ollama"]
+        }
+        return OpenAIShapes.data(["object": "list", "data": models])
+    }
+
+    func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
+        guard let model = body["model"] as? String, let input = body["input"] else {
+            throw OpenAIError(.badRequest, "embeddings need 'model' and 'input'", code: "invalid_request")
+        }
+        let ollamaBody = OpenAIShapes.data(["model": model, "input": input])
+        let response = try await client.send(.POST, "/api/embed", json: ollamaBody, requestID: requestID)
+        let reply = try await client.collect(response, path: "/api/embed")
+        guard response.status == .ok else {
+            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: reply, backend: name)
+        }
+        let object = (try? JSONSerialization.jsonObject(with: Data(reply.readableBytesView)) as? [String: Any]) ?? [:]
+        let vectors = object["embeddings"] as? [Any] ?? []
+        let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
+        return OpenAIShapes.data([
+            "object": "list", "model": model,
+            "data": vectors.enumerated().map { ["object": "embedding", "index": $0.offset, "embedding": $0.element] },
+            "usage": ["prompt_tokens": prompt, "total_tokens": prompt],
+        ])
+    }
+
+    func checkReady(requestID: String) async throws {
+        let response = try await client.send(.GET, "/api/version", requestID: requestID, timeout: 3)
+        _ = try await client.collect(response, path: "/api/version")
+        guard response.status == .ok else { throw OpenAIError(.serviceUnavailable, "ollama answered HTTP \(response.status.code) to /api/version") }
+    }
+
+    // MARK: OpenAI -> Ollama
+
+    /// The `/api/chat` body for an OpenAI request: messages converted, sampling parameters
+    /// moved into `options` (`max_tokens` becomes `num_predict`; `temperature: 0` is kept).
+    static func translate(_ request: ChatRequest, stream: Bool) -> Data {
+        var out: [String: Any] = ["model": request.model, "stream": stream]
+        var toolNames: [String: String] = [:]
+        out["messages"] = request.messages.map { convert($0, toolNames: &toolNames) }
+        var options: [String: Any] = [:]
+        for (openAI, ollama) in [
+            ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+            ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"), ("min_p", "min_p"),
+            ("repeat_penalty", "repeat_penalty"),
+        ] {
+            if let value = request.body[openAI], !(value is NSNull) { options[ollama] = value }
+        }
+        if let maxTokens = request.maxTokens { options["num_predict"] = maxTokens }
+        if let stop = request.body["stop"] {
+            if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
+        }
+        if !options.isEmpty { out["options"] = options }
+        let toolChoice = request.body["tool_choice"] as? String
+        if let tools = request.body["tools"] as? [Any], !tools.isEmpty, toolChoice != "none" { out["tools"] = tools }
+        if let format = request.body["response_format"] as? [String: Any] {
+            switch format["type"] as? String {
+            case "json_object": out["format"] = "json"
+            case "json_schema": out["format"] = (format["json_schema"] as? [String: Any])?["schema"] ?? "json"
+            default: break
+            }
+        }
+        if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
+        return OpenAIShapes.data(out)
+    }
+
+    /// One OpenAI message as Ollama expects it: string content, base64 `images`, tool-call
+    /// arguments as objects, tool results named.
+    static func convert(_ message: [String: Any], toolNames: inout [String: String]) -> [String: Any] {
+        var out: [String: Any] = ["role": message["role"] as? String ?? "user"]
+        var images: [String] = []
+        switch message["content"] {
+        case let text as String:
+            out["content"] = text
+        case let parts as [[String: Any]]:
+            var texts: [String] = []
+            for part in parts {
+                if let text = part["text"] as? String { texts.append(text) }
+                let url = (part["image_url"] as? [String: Any])?["url"] as? String ?? part["image_url"] as? String
+                if let url, url.hasPrefix("data:"), let comma = url.firstIndex(of: ",") { images.append(String(url[url.index(after: comma)...])) }
+            }
+            out["content"] = texts.joined(separator: "\n")
+        default:
+            out["content"] = ""
+        }
+        if !images.isEmpty { out["images"] = images }
+        if let calls = message["tool_calls"] as? [[String: Any]] {
+            out["tool_calls"] = calls.map { call -> [String: Any] in
+                let function = call["function"] as? [String: Any] ?? [:]
+                let name = function["name"] as? String ?? ""
+                if let id = call["id"] as? String { toolNames[id] = name }
+                var arguments: Any = [String: Any]()
+                if let text = function["arguments"] as? String, let parsed = try? JSONSerialization.jsonObject(with: Data(text.utf8)) {
+                    arguments = parsed
+                } else if let object = function["arguments"] as? [String: Any] {
+                    arguments = object
+                }
+                return ["function": ["name": name, "arguments": arguments]]
+            }
+        }
+        if let id = message["tool_call_id"] as? String, let name = toolNames[id] { out["tool_name"] = name }
+        return out
+    }
+
+    // MARK: Ollama -> OpenAI
+
+    static func openAIToolCalls(_ value: Any?) -> [[String: Any]] {
+        guard let calls = value as? [[String: Any]] else { return [] }
+        return calls.enumerated().map { index, call in
+            let function = call["function"] as? [String: Any] ?? [:]
+            let arguments = function["arguments"].flatMap { try? JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]) }
+            return [
+                "id": "call_\(UUID().uuidString.prefix(8).lowercased())_\(index)", "type": "function",
+                "function": ["name": function["name"] as? String ?? "", "arguments": arguments.map { String(decoding: $0, as: UTF8.self) } ?? "{}"],
+            ]
+        }
+    }
+
+    static func finishReason(_ reply: [String: Any], hasToolCalls: Bool) -> String {
+        if hasToolCalls { return "tool_calls" }
+        return (reply["done_reason"] as? String) == "length" ? "length" : "stop"
+    }
+
+    /// Turns Ollama stream lines into OpenAI chunks, remembering what was already sent.
+    struct StreamTranslator {
+        let id: String
+        let created: Int
+        let model: String
+        /// The client asked for a final usage chunk (`stream_options.include_usage`).
+        let includeUsage: Bool
+        var sentRole = false
+        var sawToolCalls = false
+        var toolIndex = 0
+
+        mutating func events(for line: [String: Any]) -> [ChatStreamEvent] {
+            var events: [ChatStreamEvent] = []
+            let message = line["message"] as? [String: Any] ?? [:]
+            var delta: [String: Any] = [:]
+            if let content = message["content"] as? String, !content.isEmpty { delta["content"] = content }
+            var calls = OllamaBackend.openAIToolCalls(message["tool_calls"])
+            if !calls.isEmpty {
+                sawToolCalls = true
+                for index in calls.indices {
+                    calls[index]["index"] = toolIndex
+                    toolIndex += 1
+                }
+                delta["tool_calls"] = calls
+            }
+            let done = JSONNumbers.bool(line["done"] ?? false) == true
+            // The first chunk carries the role, as OpenAI's do.
+            if !sentRole && (!delta.isEmpty || !done) {
+                delta["role"] = "assistant"
+                if delta["content"] == nil && delta["tool_calls"] == nil { delta["content"] = "" }
+                sentRole = true
+            }
+            if !delta.isEmpty { events.append(.chunk(chunk(delta: delta, finishReason: nil))) }
+            if done {
+                events.append(.chunk(chunk(delta: [:], finishReason: OllamaBackend.finishReason(line, hasToolCalls: sawToolCalls))))
+                let prompt = line["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
+                let completion = line["eval_count"].flatMap(JSONNumbers.int) ?? 0
+                events.append(.usage(prompt: prompt, completion: completion))
+                if includeUsage {
+                    events.append(.chunk(OpenAIShapes.usageChunk(id: id, model: model, created: created, prompt: prompt, completion: completion)))
+                }
+            }
+            return events
+        }
+
+        func chunk(delta: [String: Any], finishReason: String?) -> Data {
+            OpenAIShapes.data([
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [["index": 0, "delta": delta, "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
+            ])
+        }
+    }
+}
+
+/// Splits a streamed body into lines (NDJSON), across chunk boundaries.
+struct NDJSONLines<Base: AsyncSequence & Sendable>: AsyncSequence where Base.Element == ByteBuffer {
+    typealias Element = Data
+    let base: Base
+
+    init(_ base: Base) { self.base = base }
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var upstream: Base.AsyncIterator
+        var pending = Data()
+        var finished = false
+
+        mutating func next() async throws -> Data? {
+            while true {
+                if let newline = pending.firstIndex(of: 0x0a) {
+                    let line = pending[pending.startIndex..<newline]
+                    pending = Data(pending[pending.index(after: newline)...])
+                    if line.allSatisfy({ $0 == 0x20 || $0 == 0x0d }) { continue }
+                    return Data(line)
+                }
+                if finished {
+                    guard !pending.isEmpty else { return nil }
+                    defer { pending = Data() }
+                    return pending.allSatisfy({ $0 == 0x20 || $0 == 0x0d }) ? nil : pending
+                }
+                if let buffer = try await upstream.next() {
+                    pending.append(contentsOf: buffer.readableBytesView)
+                } else {
+                    finished = true
+                }
+            }
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(upstream: base.makeAsyncIterator()) }
+}

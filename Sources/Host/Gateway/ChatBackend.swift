@@ -1,0 +1,67 @@
+// The contract every upstream kind implements, and the results the gateway passes around.
+internal import Foundation
+internal import NIOCore
+
+/// A finished, non-streaming chat completion.
+struct ChatCompletion: Sendable {
+    /// The OpenAI-shaped `chat.completion` JSON to send to clients.
+    var json: Data
+    /// The assistant's text (what plugins get).
+    var text: String
+    var promptTokens: Int
+    var completionTokens: Int
+}
+
+/// One event of a streamed chat completion.
+enum ChatStreamEvent: Sendable {
+    /// An OpenAI `chat.completion.chunk` JSON object, ready to be sent as an SSE `data:` line.
+    case chunk(Data)
+    /// Token counts, when the upstream reports them (sent as a usage chunk if asked for).
+    case usage(prompt: Int, completion: Int)
+}
+
+/// An LLM upstream: Ollama's native API or any OpenAI-compatible server.
+protocol ChatBackend: Sendable {
+    /// The backend's name in messages ("ollama", "openai").
+    var name: String { get }
+
+    func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion
+
+    /// Starts a stream. Throws (before any event) if the upstream is unreachable or refuses,
+    /// so the client gets a proper error status instead of an empty 200.
+    func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error>
+
+    /// `GET /v1/models` in OpenAI's shape.
+    func models(requestID: String) async throws -> Data
+
+    /// `POST /v1/embeddings` in OpenAI's shape.
+    func embeddings(_ body: [String: Any], requestID: String) async throws -> Data
+
+    /// Throws a one-line reason when the upstream cannot serve.
+    func checkReady(requestID: String) async throws
+}
+
+/// Shared helpers for building OpenAI-shaped JSON.
+enum OpenAIShapes {
+    static func completionID() -> String {
+        "chatcmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+    }
+
+    static func now() -> Int { Int(Date().timeIntervalSince1970) }
+
+    static func data(_ object: [String: Any]) -> Data {
+        (try? JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes])) ?? Data("{}".utf8)
+    }
+
+    static func usage(prompt: Int, completion: Int) -> [String: Any] {
+        ["prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion]
+    }
+
+    /// A final usage-only chunk, as OpenAI sends when `stream_options.include_usage` is set.
+    static func usageChunk(id: String, model: String, created: Int, prompt: Int, completion: Int) -> Data {
+        data([
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [Any](),
+            "usage": usage(prompt: prompt, completion: completion),
+        ])
+    }
+}

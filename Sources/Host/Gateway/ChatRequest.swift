@@ -1,0 +1,120 @@
+// A validated OpenAI chat-completion request, kept as JSON so unknown fields pass through.
+internal import Crypto
+internal import Foundation
+internal import NIOCore
+
+/// The client's `/v1/chat/completions` body, checked for the fields the gateway relies on.
+struct ChatRequest: @unchecked Sendable {
+    /// The whole request object as the client sent it (JSON-compatible Foundation values).
+    var body: [String: Any]
+    var model: String
+    var messages: [[String: Any]]
+    var stream: Bool
+    /// `stream_options.include_usage`: the client wants a final usage chunk.
+    var includeUsage: Bool
+
+    /// Parses and validates a request body.
+    /// - Throws: `OpenAIError` 400 naming the field that is wrong.
+    static func parse(_ buffer: ByteBuffer) throws -> ChatRequest {
+        let object: Any
+        do {
+            object = try JSONSerialization.jsonObject(with: Data(buffer.readableBytesView), options: [.fragmentsAllowed])
+        } catch {
+            throw OpenAIError(.badRequest, "request body is not valid JSON: \(JSONErrors.describe(error))", code: "invalid_json")
+        }
+        guard let body = object as? [String: Any] else {
+            throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
+        }
+        return try ChatRequest(body: body)
+    }
+
+    /// Validates an already-decoded request object (also used for plugins' LLM calls).
+    init(body: [String: Any]) throws {
+        func invalid(_ field: String, _ message: String) -> OpenAIError {
+            OpenAIError(.badRequest, "'\(field)' \(message)", code: "invalid_\(field)")
+        }
+        guard let model = body["model"] as? String, !model.isEmpty else {
+            throw body["model"] == nil
+                ? OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model")
+                : invalid("model", "must be a non-empty string")
+        }
+        guard let messages = body["messages"] as? [Any] else {
+            throw body["messages"] == nil
+                ? OpenAIError(.badRequest, "missing required field 'messages'", code: "missing_messages")
+                : invalid("messages", "must be an array of message objects")
+        }
+        guard !messages.isEmpty else { throw invalid("messages", "must contain at least one message") }
+        var checked: [[String: Any]] = []
+        for (index, message) in messages.enumerated() {
+            guard let message = message as? [String: Any], let role = message["role"] as? String, !role.isEmpty else {
+                throw invalid("messages", "item \(index) must be an object with a string 'role'")
+            }
+            checked.append(message)
+        }
+        if let temperature = body["temperature"], !(temperature is NSNull) {
+            guard let value = JSONNumbers.double(temperature), (0...2).contains(value) else {
+                throw invalid("temperature", "must be a number between 0 and 2")
+            }
+        }
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let value = body[field], !(value is NSNull) {
+                guard let count = JSONNumbers.int(value), count > 0 else { throw invalid(field, "must be a positive integer") }
+            }
+        }
+        if let value = body["stream"], !(value is NSNull), JSONNumbers.bool(value) == nil {
+            throw invalid("stream", "must be true or false")
+        }
+        self.body = body
+        self.model = model
+        self.messages = checked
+        self.stream = body["stream"].flatMap(JSONNumbers.bool) ?? false
+        self.includeUsage = ((body["stream_options"] as? [String: Any])?["include_usage"]).flatMap(JSONNumbers.bool) ?? false
+    }
+
+    /// `max_completion_tokens` (newer clients) or `max_tokens`.
+    var maxTokens: Int? {
+        (body["max_completion_tokens"] ?? body["max_tokens"]).flatMap(JSONNumbers.int)
+    }
+
+    /// Cache key over the model, messages and every sampling parameter: the whole request
+    /// except how it is delivered (`stream`, `stream_options`) and who asks (`user`).
+    func cacheKey(backend: String) -> String {
+        var keyed = body
+        for field in ["stream", "stream_options", "user"] { keyed.removeValue(forKey: field) }
+        keyed["__backend"] = backend
+        let canonical = (try? JSONSerialization.data(withJSONObject: keyed, options: [.sortedKeys])) ?? Data()
+        return SHA256.hash(data: canonical).map { String(format: "%02x", $0) }.joined()
+    }
+}
+
+/// Foundation's JSON numbers arrive as NSNumber; booleans too. These tell them apart.
+enum JSONNumbers {
+    /// JSON booleans decode to an NSNumber whose objCType is "c"; JSON numbers never do.
+    static func isBool(_ value: Any) -> Bool {
+        guard let number = value as? NSNumber else { return false }
+        return number.objCType.pointee == CChar(UInt8(ascii: "c"))
+    }
+
+    static func bool(_ value: Any) -> Bool? {
+        isBool(value) ? (value as? NSNumber)?.boolValue : nil
+    }
+
+    static func double(_ value: Any) -> Double? {
+        guard !isBool(value), let number = value as? NSNumber else { return nil }
+        return number.doubleValue
+    }
+
+    static func int(_ value: Any) -> Int? {
+        guard let number = double(value), number == number.rounded(), abs(number) < 1e15 else { return nil }
+        return Int(number)
+    }
+}
+
+enum JSONErrors {
+    /// Foundation's JSON errors are verbose; keep the useful part on one line.
+    static func describe(_ error: any Error) -> String {
+        let nsError = error as NSError
+        let detail = (nsError.userInfo[NSDebugDescriptionErrorKey] as? String) ?? nsError.localizedDescription
+        return detail.replacingOccurrences(of: "\n", with: " ")
+    }
+}

@@ -1,0 +1,95 @@
+// Bounded LRU cache with TTL for non-streaming chat completions.
+internal import Foundation
+internal import Synchronization
+
+/// A least-recently-used cache bounded by entry count and total bytes, with a time to live.
+/// Thread-safe; the clock is injectable so expiry can be tested without waiting.
+final class ResponseCache: Sendable {
+    struct Limits: Sendable {
+        var maxEntries: Int
+        var maxBytes: Int
+        var ttl: Double
+    }
+
+    /// Only ever touched under `state`'s lock.
+    private final class Node: @unchecked Sendable {
+        let key: String
+        let value: ChatCompletion
+        let size: Int
+        let expires: Double
+        var older: Node?
+        weak var newer: Node?
+
+        init(key: String, value: ChatCompletion, size: Int, expires: Double) {
+            self.key = key
+            self.value = value
+            self.size = size
+            self.expires = expires
+        }
+    }
+
+    private struct State {
+        var nodes: [String: Node] = [:]
+        var newest: Node?
+        weak var oldest: Node?
+        var bytes = 0
+    }
+
+    let limits: Limits
+    private let now: @Sendable () -> Double
+    private let state = Mutex(State())
+
+    init(limits: Limits, now: @escaping @Sendable () -> Double = { ProcessInfo.processInfo.systemUptime }) {
+        self.limits = limits
+        self.now = now
+    }
+
+    var count: Int { state.withLock { $0.nodes.count } }
+    var bytes: Int { state.withLock { $0.bytes } }
+
+    func get(_ key: String) -> ChatCompletion? {
+        let time = now()
+        return state.withLock { state in
+            guard let node = state.nodes[key] else { return nil }
+            guard node.expires > time else {
+                Self.unlink(node, from: &state)
+                return nil
+            }
+            Self.unlink(node, from: &state)
+            Self.pushNewest(node, into: &state)
+            return node.value
+        }
+    }
+
+    func put(_ key: String, _ value: ChatCompletion) {
+        let size = value.json.count + value.text.utf8.count + key.utf8.count
+        guard size <= limits.maxBytes else { return }
+        let node = Node(key: key, value: value, size: size, expires: now() + limits.ttl)
+        state.withLock { state in
+            if let existing = state.nodes[key] { Self.unlink(existing, from: &state) }
+            Self.pushNewest(node, into: &state)
+            while state.nodes.count > limits.maxEntries || state.bytes > limits.maxBytes, let oldest = state.oldest {
+                Self.unlink(oldest, from: &state)
+            }
+        }
+    }
+
+    private static func pushNewest(_ node: Node, into state: inout State) {
+        node.older = state.newest
+        node.newer = nil
+        state.newest?.newer = node
+        state.newest = node
+        if state.oldest == nil { state.oldest = node }
+        state.nodes[node.key] = node
+        state.bytes += node.size
+    }
+
+    private static func unlink(_ node: Node, from state: inout State) {
+        guard state.nodes.removeValue(forKey: node.key) != nil else { return }
+        state.bytes -= node.size
+        if let newer = node.newer { newer.older = node.older } else { state.newest = node.older }
+        if let older = node.older { older.newer = node.newer } else { state.oldest = node.newer }
+        node.older = nil
+        node.newer = nil
+    }
+}

@@ -1,0 +1,119 @@
+// Pooled HTTP client for the LLM upstream (AsyncHTTPClient), with errors mapped to gateway errors.
+internal import AsyncHTTPClient
+internal import Foundation
+internal import HTTPTypes
+internal import NIOCore
+internal import NIOHTTP1
+internal import NIOPosix
+
+/// One shared, pooled connection manager to the configured upstream.
+final class UpstreamClient: Sendable {
+    let http: HTTPClient
+    let baseURL: String
+    let apiKey: String?
+    let timeout: Double
+
+    init(config: GatehouseConfig.Upstream) {
+        var configuration = HTTPClient.Configuration()
+        configuration.timeout = .init(connect: .milliseconds(Int64(config.connectTimeout * 1000)), read: nil)
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        configuration.httpVersion = .http1Only
+        http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
+        baseURL = config.url.hasSuffix("/") ? String(config.url.dropLast()) : config.url
+        apiKey = config.apiKey
+        timeout = config.timeout
+    }
+
+    func shutdown() async {
+        try? await http.shutdown()
+    }
+
+    /// Sends a request and returns the response head with its body still streaming.
+    /// - Throws: `OpenAIError` 502 (unreachable), 504 (timeout).
+    func send(_ method: HTTPMethod, _ path: String, json: Data? = nil, requestID: String, timeout: Double? = nil) async throws -> HTTPClientResponse {
+        var request = HTTPClientRequest(url: baseURL + path)
+        request.method = method
+        request.headers.add(name: "X-Request-ID", value: requestID)
+        request.headers.add(name: "Accept", value: "application/json, text/event-stream, application/x-ndjson")
+        if let apiKey { request.headers.add(name: "Authorization", value: "Bearer \(apiKey)") }
+        if let json {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(data: json))
+        }
+        do {
+            return try await http.execute(request, timeout: .milliseconds(Int64((timeout ?? self.timeout) * 1000)))
+        } catch {
+            throw map(error, path: path)
+        }
+    }
+
+    /// Reads a whole response body (bounded), mapping transport errors.
+    func collect(_ response: HTTPClientResponse, path: String, limit: Int = 64 * 1024 * 1024) async throws -> ByteBuffer {
+        do {
+            return try await response.body.collect(upTo: limit)
+        } catch {
+            throw map(error, path: path)
+        }
+    }
+
+    /// Turns a transport failure into the gateway error a client should see.
+    func map(_ error: any Error, path: String) -> any Error {
+        if error is OpenAIError || error is CancellationError { return error }
+        let target = "\(baseURL)\(path)"
+        if let error = error as? HTTPClientError {
+            switch error {
+            case .deadlineExceeded, .readTimeout:
+                return OpenAIError(.gatewayTimeout, "upstream did not answer within \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
+            case .connectTimeout:
+                return OpenAIError(.badGateway, "upstream unreachable: connect timed out (\(target))", code: "upstream_unreachable")
+            case .remoteConnectionClosed:
+                return OpenAIError(.badGateway, "upstream closed the connection (\(target))", code: "upstream_error")
+            default:
+                break
+            }
+        }
+        let text = String(describing: error)
+        if text.contains("refused") || text.contains("connect") || error is NIOConnectionError || text.contains("NXDOMAIN") || text.contains("resolve") {
+            return OpenAIError(.badGateway, "upstream unreachable: \(Self.reason(text)) (\(target))", code: "upstream_unreachable")
+        }
+        return OpenAIError(.badGateway, "upstream request failed: \(Self.reason(text)) (\(target))", code: "upstream_error")
+    }
+
+    static func reason(_ text: String) -> String {
+        if text.contains("refused") { return "connection refused" }
+        return String(text.prefix(200)).replacingOccurrences(of: "\n", with: " ")
+    }
+
+    static func seconds(_ value: Double) -> String {
+        value == value.rounded() ? "\(Int(value)) s" : "\(value) s"
+    }
+
+    /// An upstream error status as a gateway error, keeping the upstream's own message.
+    static func upstreamStatusError(status: Int, body: ByteBuffer, backend: String) -> OpenAIError {
+        let message = upstreamMessage(body) ?? "HTTP \(status)"
+        switch status {
+        case 400, 404, 422:
+            // The client's request was wrong for this backend (unknown model, bad field): say so.
+            let gatewayStatus: HTTPResponse.Status = status == 404 ? .notFound : .badRequest
+            return OpenAIError(gatewayStatus, "\(backend) rejected the request: \(message)", code: status == 404 ? "model_not_found" : "upstream_rejected")
+        case 401, 403:
+            return OpenAIError(.badGateway, "\(backend) refused the gateway's credentials: \(message)", code: "upstream_auth")
+        case 429:
+            return OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited")
+        default:
+            return OpenAIError(.badGateway, "\(backend) failed with HTTP \(status): \(message)", code: "upstream_error")
+        }
+    }
+
+    /// The error text in an upstream body: Ollama's {"error":"…"} or OpenAI's {"error":{"message":…}}.
+    static func upstreamMessage(_ body: ByteBuffer) -> String? {
+        let data = Data(body.readableBytesView)
+        if let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
+            if let text = object["error"] as? String { return text }
+            if let error = object["error"] as? [String: Any], let text = error["message"] as? String { return text }
+            if let text = object["message"] as? String { return text }
+        }
+        let text = String(decoding: data.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return text.isEmpty ? nil : text
+    }
+}

@@ -1,0 +1,89 @@
+// The OpenAI-compatible surface: chat completions (JSON and SSE), models, embeddings, readiness.
+internal import Foundation
+internal import HTTPTypes
+internal import Hummingbird
+internal import Logging
+internal import NIOCore
+
+/// Registers `/v1/chat/completions`, `/v1/models`, `/v1/embeddings` and `/health/ready`.
+struct GatewayRoutes {
+    let chat: ChatService
+    let maxBodyBytes: Int
+
+    static let cacheHeader = HTTPField.Name("X-Cache")!
+
+    func register(on router: Router<GatehouseRequestContext>) {
+        router.post("/v1/chat/completions") { request, context in
+            let body = try await request.body.collect(upTo: maxBodyBytes)
+            let chatRequest = try ChatRequest.parse(body)
+            if chatRequest.stream {
+                return try await streamResponse(chatRequest, context: context)
+            }
+            let (completion, hit) = try await chat.complete(chatRequest, requestID: context.requestID)
+            return Response(
+                status: .ok,
+                headers: [.contentType: "application/json", Self.cacheHeader: hit ? "HIT" : "MISS"],
+                body: .init(byteBuffer: ByteBuffer(data: completion.json)))
+        }
+        router.get("/v1/models") { _, context in
+            try Self.json(await chat.backend.models(requestID: context.requestID))
+        }
+        router.post("/v1/embeddings") { request, context in
+            let body = try await request.body.collect(upTo: maxBodyBytes)
+            guard let object = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
+                throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
+            }
+            guard object["model"] is String else { throw OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model") }
+            guard object["input"] != nil else { throw OpenAIError(.badRequest, "missing required field 'input'", code: "missing_input") }
+            return try Self.json(await chat.backend.embeddings(object, requestID: context.requestID))
+        }
+        router.get("/health/ready") { _, context in
+            do {
+                try await chat.backend.checkReady(requestID: context.requestID)
+                return try PluginRoutes.jsonResponse(["status": "ready", "backend": chat.backend.name])
+            } catch {
+                let reason = (error as? OpenAIError)?.message ?? String(describing: error)
+                return try PluginRoutes.jsonResponse(["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
+            }
+        }
+    }
+
+    /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
+    /// before the first byte become ordinary error responses (thrown from `chat.stream`); a
+    /// failure mid-stream becomes an `error` event, as OpenAI's API does.
+    private func streamResponse(_ request: ChatRequest, context: GatehouseRequestContext) async throws -> Response {
+        let events = try await chat.stream(request, requestID: context.requestID)
+        let requestID = context.requestID
+        let logger = context.logger
+        let body = ResponseBody { writer in
+            var buffer = ByteBuffer()
+            do {
+                for try await event in events {
+                    guard case .chunk(let data) = event else { continue }
+                    buffer.clear()
+                    buffer.writeStaticString("data: ")
+                    buffer.writeBytes(data)
+                    buffer.writeStaticString("\n\n")
+                    try await writer.write(buffer)
+                }
+            } catch let error as OpenAIError {
+                logger.error("stream failed", metadata: ["error": .string(error.message)])
+                buffer.clear()
+                buffer.writeStaticString("data: ")
+                buffer.writeBytes(error.body(requestID: requestID))
+                buffer.writeStaticString("\n\n")
+                try await writer.write(buffer)
+            }
+            try await writer.write(ByteBuffer(staticString: "data: [DONE]\n\n"))
+            try await writer.finish(nil)
+        }
+        return Response(
+            status: .ok,
+            headers: [.contentType: "text/event-stream", .cacheControl: "no-cache", Self.cacheHeader: "BYPASS"],
+            body: body)
+    }
+
+    static func json(_ data: Data) throws -> Response {
+        Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
+    }
+}
