@@ -139,7 +139,11 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
         let started = withHeaderArray(response.headers) { headers, count in
             api.respond_start(exchange, response.status, headers, count)
         }
-        guard started == GH_OK else { return }
+        // Even when the host stopped listening (timeout), the exchange must be finished.
+        guard started == GH_OK else {
+            _ = api.respond_finish(exchange)
+            return
+        }
         do {
             for try await chunk in chunks {
                 let status = chunk.withUnsafeBufferPointer { bytes in

@@ -154,3 +154,22 @@ def start(tmp_path, built):
     yield _start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fake_llm():
+    from fake_llm import FakeLLM
+    fake = FakeLLM().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def gateway(start, plugins_dir, fake_llm):
+    """gateway(backend="ollama", extra_config="", env=None) -> Gatehouse in front of the fake LLM."""
+
+    def _gateway(backend: str = "ollama", extra_config: str = "", env: dict | None = None, extra_args=()) -> Gatehouse:
+        config = f"upstream: {{backend: {backend}, url: \"{fake_llm.url}\", timeout: 5s}}\n" + textwrap.dedent(extra_config)
+        return start(plugins_dir, config=config, env=env, extra_args=extra_args)
+
+    return _gateway

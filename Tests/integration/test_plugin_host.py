@@ -85,7 +85,7 @@ def test_request_id_is_honoured_and_unknown_routes_are_openai_errors(plugins_dir
 def test_many_concurrent_requests_to_both_plugins(plugins_dir, start, c_echo_so):
     plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
     plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
-    server = start(plugins_dir)
+    server = start(plugins_dir, config="rate_limit: {requests_per_second: 100000}\n")
 
     def one(i):
         name = "echo" if i % 2 else "echo-c"

@@ -2,6 +2,7 @@
 internal import Foundation
 public import Hummingbird
 internal import Logging
+internal import NIOCore
 
 /// The outermost gateway middleware after the request id: converts Hummingbird's own errors
 /// (404 no route, 413 body too large, ...) and unexpected errors into OpenAI-shaped JSON,
@@ -19,6 +20,8 @@ public struct ErrorMiddleware: RouterMiddleware {
             response = error.response(requestID: context.requestID)
         } catch let error as HTTPError {
             response = Self.openAIError(for: error, request: request).response(requestID: context.requestID)
+        } catch is NIOTooManyBytesError {
+            response = Self.openAIError(for: HTTPError(.contentTooLarge), request: request).response(requestID: context.requestID)
         } catch {
             context.logger.error("unhandled error", metadata: ["error": .string(String(describing: error))])
             response = OpenAIError(.internalServerError, "internal error: \(error)").response(requestID: context.requestID)

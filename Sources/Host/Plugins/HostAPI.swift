@@ -31,19 +31,23 @@ enum HostAPI {
                     return gh_bytes(data: UnsafePointer(instance.configJSON.baseAddress), len: instance.configJSON.count)
                 },
                 respond: { exchangePointer, status, headers, headerCount, body in
+                    guard exchangePointer != nil, headers != nil || headerCount == 0 else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     let copied = copyHeaders(headers, headerCount)
                     return exchange.respond(status: status, headers: copied, body: ByteBuffer(body)) ? GH_OK : GH_ERR_STATE
                 },
                 respond_start: { exchangePointer, status, headers, headerCount in
+                    guard exchangePointer != nil, headers != nil || headerCount == 0 else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     return exchange.start(status: status, headers: copyHeaders(headers, headerCount)) ? GH_OK : GH_ERR_STATE
                 },
                 respond_write: { exchangePointer, chunk in
+                    guard exchangePointer != nil, chunk.data != nil || chunk.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     return exchange.write(ByteBuffer(chunk)) ? GH_OK : GH_ERR_STATE
                 },
                 respond_finish: { exchangePointer in
+                    guard exchangePointer != nil else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     return exchange.finish() ? GH_OK : GH_ERR_STATE
                 }))

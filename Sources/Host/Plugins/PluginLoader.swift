@@ -71,7 +71,9 @@ final class PluginLoader: Sendable {
     }
 
     private func check(_ descriptor: gh_plugin_descriptor, against manifest: PluginManifest) throws {
-        let minimumSize = MemoryLayout<gh_plugin_descriptor>.size
+        // ABI 1.0's descriptor ends with `shutdown`; later minors may append fields, and a
+        // plugin built against 1.0 must still load then.
+        let minimumSize = MemoryLayout<gh_plugin_descriptor>.offset(of: \gh_plugin_descriptor.shutdown)! + MemoryLayout<gh_shutdown_fn>.size
         if Int(descriptor.struct_size) < minimumSize {
             throw PluginLoadError("descriptor struct_size \(descriptor.struct_size) is smaller than ABI 1's \(minimumSize)")
         }

@@ -50,12 +50,20 @@ struct PluginRoutes {
             headers: headers, body: body, requestID: context.requestID)
         switch await instance.handle(call, timeout: registry.requestTimeout) {
         case .whole(let status, let replyHeaders, let replyBody):
-            return Response(status: .init(code: Int(status)), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
+            return Response(status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
         case .stream(let status, let replyHeaders, let chunks):
-            return Response(status: .init(code: Int(status)), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
+            return Response(status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
         case .timedOut:
             throw OpenAIError(.gatewayTimeout, "plugin \(name) did not answer within \(Int(registry.requestTimeout)) s", code: "plugin_timeout")
         }
+    }
+
+    /// A plugin's status code, refused (500) unless it is a real HTTP status (100-599).
+    static func status(_ code: UInt16, plugin: String) throws -> HTTPResponse.Status {
+        guard (100...599).contains(code) else {
+            throw OpenAIError(.internalServerError, "plugin \(plugin) answered with invalid HTTP status \(code)", code: "plugin_invalid_status")
+        }
+        return HTTPResponse.Status(code: Int(code))
     }
 
     private func fields(_ pairs: [(String, String)], context: GatehouseRequestContext) -> HTTPFields {

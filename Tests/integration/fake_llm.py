@@ -1,0 +1,230 @@
+"""A stand-in LLM upstream that speaks Ollama's real wire format (NDJSON on /api/chat) and
+OpenAI's (SSE on /v1/chat/completions), recording every request it receives.
+
+The assistant "model" is deterministic: it answers "Echo: <last user text>", one token per word.
+Special model names change behaviour:
+  slow-*        stream one token every 0.2 s
+  hang          never answer (for timeouts)
+  missing       404 like Ollama/OpenAI for an unknown model
+  broken        500 with an error body
+  tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
+Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
+"""
+import argparse
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def last_user_text(messages):
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content or ""
+    return ""
+
+
+def prompt_tokens(messages):
+    return sum(len(str(m.get("content") or "").split()) for m in messages) or 1
+
+
+class FakeLLM:
+    def __init__(self, port=0):
+        self.requests = []  # (method, path, headers dict lower-case, parsed json or None)
+        self.lock = threading.Lock()
+        handler = self._handler()
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def calls(self, path):
+        with self.lock:
+            return [r for r in self.requests if r[1] == path]
+
+    def answer(self, model, messages):
+        if model == "tools" and not any(m.get("role") == "tool" for m in messages):
+            return None
+        if model == "tools":
+            tool_result = next(m for m in reversed(messages) if m.get("role") == "tool")
+            return f"The tool said: {tool_result.get('content')}"
+        return "Echo: " + last_user_text(messages)
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json_body(self):
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    return json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    return None
+
+            def _record(self, body):
+                with fake.lock:
+                    fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+
+            def _send(self, status, obj, content_type="application/json"):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _start_chunked(self, content_type):
+                self.send_response(200)
+                self.send_header("content-type", content_type)
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+
+            def _chunk(self, data: bytes):
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def _end_chunked(self):
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+            def do_GET(self):
+                self._record(None)
+                if self.path == "/api/version":
+                    self._send(200, {"version": "0.12.0"})
+                elif self.path == "/api/tags":
+                    self._send(200, {"models": [
+                        {"name": "llama3.2:1b", "model": "llama3.2:1b", "modified_at": "2026-01-02T03:04:05.123456789Z", "size": 1},
+                        {"name": "qwen3:0.6b", "model": "qwen3:0.6b", "modified_at": "2026-02-03T04:05:06Z", "size": 2}]})
+                elif self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [
+                        {"id": "smollm2", "object": "model", "created": 1700000000, "owned_by": "llamacpp"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = self._json_body()
+                self._record(body)
+                if body is None:
+                    return self._send(400, {"error": "invalid JSON"})
+                model = body.get("model", "")
+                if model == "hang":
+                    time.sleep(30)
+                    return
+                if model == "missing":
+                    return self._send(404, {"error": f'model "{model}" not found, try pulling it first'})
+                if model == "broken":
+                    return self._send(500, {"error": "llama runner process has terminated"})
+                if self.path == "/api/chat":
+                    return self._ollama_chat(body)
+                if self.path == "/v1/chat/completions":
+                    return self._openai_chat(body)
+                if self.path == "/api/embed":
+                    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                    return self._send(200, {"model": model, "embeddings": [[0.1, 0.2, float(len(t))] for t in inputs],
+                                            "prompt_eval_count": sum(len(t.split()) for t in inputs)})
+                if self.path == "/v1/embeddings":
+                    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                    return self._send(200, {"object": "list", "model": model, "data": [
+                        {"object": "embedding", "index": i, "embedding": [0.5, float(len(t))]} for i, t in enumerate(inputs)],
+                        "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+                self._send(404, {"error": "not found"})
+
+            def _tokens(self, body):
+                text = fake.answer(body.get("model", ""), body.get("messages", []))
+                limit = (body.get("options") or {}).get("num_predict") or body.get("max_tokens") or body.get("max_completion_tokens")
+                words = text.split(" ") if text is not None else []
+                truncated = limit is not None and len(words) > limit
+                if truncated:
+                    words = words[:limit]
+                return text, [w if i == 0 else " " + w for i, w in enumerate(words)], truncated
+
+            def _ollama_chat(self, body):
+                model = body["model"]
+                text, tokens, truncated = self._tokens(body)
+                prompt = prompt_tokens(body["messages"])
+                done_reason = "length" if truncated else "stop"
+                tool_calls = [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}] if text is None else None
+                if not body.get("stream", True):
+                    message = {"role": "assistant", "content": "".join(tokens)}
+                    if tool_calls:
+                        message["tool_calls"] = tool_calls
+                    return self._send(200, {"model": model, "created_at": "2026-11-23T10:00:00Z", "message": message,
+                                            "done": True, "done_reason": done_reason, "total_duration": 1000,
+                                            "prompt_eval_count": prompt, "eval_count": len(tokens)})
+                self._start_chunked("application/x-ndjson")
+                for token in tokens:
+                    if model.startswith("slow"):
+                        time.sleep(0.2)
+                    line = {"model": model, "created_at": "2026-11-23T10:00:00Z",
+                            "message": {"role": "assistant", "content": token}, "done": False}
+                    self._chunk(json.dumps(line).encode() + b"\n")
+                if tool_calls:
+                    self._chunk(json.dumps({"model": model, "message": {"role": "assistant", "content": "", "tool_calls": tool_calls},
+                                            "done": False}).encode() + b"\n")
+                final = {"model": model, "created_at": "2026-11-23T10:00:01Z", "message": {"role": "assistant", "content": ""},
+                         "done": True, "done_reason": done_reason, "prompt_eval_count": prompt, "eval_count": len(tokens)}
+                self._chunk(json.dumps(final).encode() + b"\n")
+                self._end_chunked()
+
+            def _openai_chat(self, body):
+                model = body["model"]
+                text, tokens, truncated = self._tokens(body)
+                prompt = prompt_tokens(body["messages"])
+                finish = "tool_calls" if text is None else ("length" if truncated else "stop")
+                usage = {"prompt_tokens": prompt, "completion_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
+                tool_calls = [{"id": "call_1", "type": "function",
+                               "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}] if text is None else None
+                if not body.get("stream"):
+                    message = {"role": "assistant", "content": "".join(tokens) if text is not None else None}
+                    if tool_calls:
+                        message["tool_calls"] = tool_calls
+                    return self._send(200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000,
+                                            "model": model, "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                                            "usage": usage})
+                self._start_chunked("text/event-stream")
+
+                def event(obj):
+                    self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+                base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+                event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                for token in tokens:
+                    if model.startswith("slow"):
+                        time.sleep(0.2)
+                    event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
+                if tool_calls:
+                    event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{**tool_calls[0], "index": 0}]}, "finish_reason": None}]})
+                event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    event({**base, "choices": [], "usage": usage})
+                self._chunk(b"data: [DONE]\n\n")
+                self._end_chunked()
+
+        return Handler
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=11434)
+    args = parser.parse_args()
+    fake = FakeLLM(args.port)
+    print(f"fake LLM on {fake.url}", flush=True)
+    fake.server.serve_forever()

@@ -1,0 +1,348 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` client, in front of a stand-in
+upstream speaking Ollama's NDJSON or OpenAI's SSE."""
+import json
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import GATEHOUSE, free_port
+
+
+def client_for(server, api_key="unused", **kwargs):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=api_key, max_retries=0, timeout=20, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_non_streaming_chat_with_real_usage_and_mapped_parameters(gateway, fake_llm, backend):
+    server = gateway(backend)
+    client = client_for(server)
+    completion = client.chat.completions.create(
+        model="llama3.2:1b", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there world"}],
+        temperature=0, max_tokens=50, top_p=0.9, seed=7, stop=["\n\n"])
+    assert completion.choices[0].message.content == "Echo: hello there world"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.object == "chat.completion"
+    assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 4
+    assert completion.usage.total_tokens == 9
+
+    if backend == "ollama":
+        (_, _, _, sent), = fake_llm.calls("/api/chat")
+        assert sent["stream"] is False
+        assert sent["options"] == {"temperature": 0, "num_predict": 50, "top_p": 0.9, "seed": 7, "stop": ["\n\n"]}
+        assert sent["messages"][1] == {"role": "user", "content": "hello there world"}
+    else:
+        (_, _, _, sent), = fake_llm.calls("/v1/chat/completions")
+        assert sent["temperature"] == 0 and sent["max_tokens"] == 50 and sent["stream"] is False
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_streaming_chat_arrives_in_chunks_and_ends_with_done(gateway, fake_llm, backend):
+    server = gateway(backend)
+    client = client_for(server)
+    stream = client.chat.completions.create(
+        model="llama3.2:1b", messages=[{"role": "user", "content": "one two three four"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(contents) == 5  # "Echo:" + four words, one chunk each
+    assert "".join(contents) == "Echo: one two three four"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and usage[0].prompt_tokens == 4 and usage[0].completion_tokens == 5
+
+    # Raw SSE framing: data lines, [DONE] at the end.
+    with server.client.stream("POST", "/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert not any('"usage"' in line and '"choices": []' in line for line in lines)  # not asked for
+
+
+def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
+    server = gateway("ollama")
+    client = client_for(server)
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "time",
+                                               "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}}}}]
+    completion = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "time?"}], tools=tools)
+    call = completion.choices[0].message.tool_calls[0]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"timezone": "UTC"}
+    assert fake_llm.calls("/api/chat")[0][3]["tools"] == tools
+
+    # The assistant's tool call (content None) and the tool result go back to Ollama's shape.
+    follow_up = client.chat.completions.create(model="tools", tools=tools, messages=[
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
+    assert follow_up.choices[0].message.content == "The tool said: 12:00"
+    sent = fake_llm.calls("/api/chat")[-1][3]["messages"]
+    assert sent[1]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}]
+    assert sent[2] == {"role": "tool", "content": "12:00", "tool_name": "get_time"}
+
+    stream = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "time?"}], tools=tools, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    calls = [tc for d in deltas if d.tool_calls for tc in d.tool_calls]
+    assert calls[0].function.name == "get_time"
+
+
+def test_openai_backend_smooths_null_content_beside_tool_calls(gateway, fake_llm):
+    server = gateway("openai")
+    client = client_for(server)
+    client.chat.completions.create(model="tools", messages=[
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "noon"}])
+    sent = fake_llm.calls("/v1/chat/completions")[-1][3]
+    assert sent["messages"][1]["content"] == ""
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_models_and_embeddings(gateway, backend):
+    server = gateway(backend)
+    client = client_for(server)
+    ids = [m.id for m in client.models.list()]
+    assert ids == (["llama3.2:1b", "qwen3:0.6b"] if backend == "ollama" else ["smollm2"])
+    embedding = client.embeddings.create(model="nomic", input=["a b", "c"])
+    assert len(embedding.data) == 2 and embedding.data[1].index == 1
+    assert len(embedding.data[0].embedding) >= 2
+
+
+def test_api_key_auth(gateway):
+    server = gateway(env={"API_KEY": "s3cret-key"})
+    with pytest.raises(openai.AuthenticationError) as missing:
+        client_for(server, api_key="wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.status_code == 401
+    assert missing.value.body["message"] == "invalid API key"
+    assert client_for(server, api_key="s3cret-key").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "Echo: x"
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "y"}]}
+    none = server.client.post("/v1/chat/completions", json=body)
+    assert none.status_code == 401 and none.json()["error"]["type"] == "authentication_error"
+    assert "missing API key" in none.json()["error"]["message"]
+    assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "s3cret-key"}).status_code == 200
+    assert server.client.post("/v1/chat/completions", json=body, headers={"authorization": "bEaReR s3cret-key"}).status_code == 200
+    assert server.client.post("/v1/chat/completions", json=body, headers={"authorization": "Basic s3cret-key"}).status_code == 401
+    assert server.client.get("/health").status_code == 200
+    assert server.client.get("/health/ready").status_code == 200
+    assert server.client.get("/v1/models").status_code == 401
+    assert "s3cret-key" not in server.log()
+
+
+def test_rate_limit_answers_429_with_retry_after(gateway):
+    server = gateway(extra_config="rate_limit: {requests_per_second: 0.5, burst: 3}\n")
+    statuses = [server.client.get("/v1/models") for _ in range(8)]
+    codes = [r.status_code for r in statuses]
+    assert codes[:3] == [200, 200, 200]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert len(limited) >= 4
+    assert int(limited[0].headers["retry-after"]) >= 1
+    error = limited[0].json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    # The openai client sends its own key, so it has its own bucket (per client key): burst, then 429.
+    client = client_for(server, api_key="client-b")
+    with pytest.raises(openai.RateLimitError) as limited_error:
+        for _ in range(5):
+            client.models.list()
+    assert limited_error.value.status_code == 429
+    assert server.client.get("/health/live").status_code == 200  # never limited
+    time.sleep(2.1)
+    assert server.client.get("/v1/models").status_code == 200  # refilled
+
+
+def test_request_id_is_propagated_upstream_and_echoed(gateway, fake_llm):
+    server = gateway()
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    response = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": "client-chose-this"})
+    assert response.headers["x-request-id"] == "client-chose-this"
+    assert fake_llm.calls("/api/chat")[-1][2]["x-request-id"] == "client-chose-this"
+
+    generated = server.client.post("/v1/chat/completions", json={**body, "seed": 2})
+    request_id = generated.headers["x-request-id"]
+    assert len(request_id) >= 16
+    assert fake_llm.calls("/api/chat")[-1][2]["x-request-id"] == request_id
+    lines = [l for l in server.log_lines() if l.get("request_id") == request_id]
+    assert any(l.get("msg") == "request" and l["status"] == "200" and l["path"] == "/v1/chat/completions" and "latency_ms" in l
+               for l in lines)
+
+
+def test_response_cache_hits_skip_the_upstream(gateway, fake_llm):
+    server = gateway()
+    body = {"model": "m", "messages": [{"role": "user", "content": "cache me"}], "temperature": 0}
+    first = server.client.post("/v1/chat/completions", json=body)
+    second = server.client.post("/v1/chat/completions", json=body)
+    assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
+    assert first.json()["choices"] == second.json()["choices"]
+    assert len(fake_llm.calls("/api/chat")) == 1
+    other = server.client.post("/v1/chat/completions", json={**body, "temperature": 0.5})
+    assert other.headers["x-cache"] == "MISS"
+    streamed = server.client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert streamed.headers["x-cache"] == "BYPASS"
+    assert len(fake_llm.calls("/api/chat")) == 3
+
+
+def test_cache_can_be_disabled(gateway, fake_llm):
+    server = gateway(extra_config="cache: {enabled: false}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "again"}]}
+    assert [server.client.post("/v1/chat/completions", json=body).headers["x-cache"] for _ in range(2)] == ["MISS", "MISS"]
+    assert len(fake_llm.calls("/api/chat")) == 2
+
+
+def test_client_errors_are_openai_shaped(gateway):
+    server = gateway(extra_config="server: {max_body_bytes: 2000}\n")
+    post = lambda content, **kw: server.client.post("/v1/chat/completions", content=content,
+                                                     headers={"content-type": "application/json"}, **kw)
+    cases = [
+        (post(b'{"model": "m", "messages": ['), 400, "not valid JSON"),
+        (post(b'[1, 2]'), 400, "must be a JSON object"),
+        (post(b'{"messages": [{"role": "user", "content": "x"}]}'), 400, "missing required field 'model'"),
+        (post(b'{"model": "m"}'), 400, "missing required field 'messages'"),
+        (post(b'{"model": "m", "messages": []}'), 400, "'messages' must contain at least one message"),
+        (post(b'{"model": "m", "messages": [{"content": "x"}]}'), 400, "item 0 must be an object with a string 'role'"),
+        (post(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}'), 400, "'temperature' must be"),
+        (post(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}'), 400, "'max_tokens' must be"),
+        (post(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}).encode()), 413, "larger than"),
+        (server.client.get("/v1/chat/completion"), 404, "no route for GET /v1/chat/completion"),
+        (post(b'{"model": "missing", "messages": [{"role": "user", "content": "x"}]}'), 404, 'model "missing" not found'),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status, (text, response.status_code, response.text)
+        error = response.json()["error"]
+        assert text in error["message"], (text, error)
+        assert error["type"] and error["request_id"] == response.headers["x-request-id"]
+    with pytest.raises(openai.BadRequestError):
+        client_for(server).chat.completions.create(model="m", messages=[])
+
+
+def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm):
+    dead_port = free_port()
+    server = start(plugins_dir, config=f"upstream: {{url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    unreachable = server.client.post("/v1/chat/completions", json=body)
+    assert unreachable.status_code == 502
+    assert unreachable.json()["error"]["code"] == "upstream_unreachable"
+    assert "connection refused" in unreachable.json()["error"]["message"]
+    stream = server.client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert stream.status_code == 502 and stream.json()["error"]["code"] == "upstream_unreachable"
+    ready = server.client.get("/health/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["reason"]
+    assert server.client.get("/health/live").status_code == 200
+
+    slow = start(plugins_dir, config=f"upstream: {{url: '{fake_llm.url}', timeout: 1s}}\n")
+    timed_out = slow.client.post("/v1/chat/completions", json={**body, "model": "hang"})
+    assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "upstream_timeout"
+    broken = slow.client.post("/v1/chat/completions", json={**body, "model": "broken"})
+    assert broken.status_code == 502 and "llama runner process has terminated" in broken.json()["error"]["message"]
+    assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": "ollama"}
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+    process = subprocess.Popen([GATEHOUSE, "serve", "--port", str(port), "--plugins-dir", str(tmp_path)],
+                               env={**env, "PATH": "/usr/bin:/bin"}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.get(f"https://localhost:{port}/health", verify=context)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert response.status_code == 200 and response.json() == {"status": "ok"}
+        assert response.http_version == "HTTP/1.1"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"https://localhost:{port}/health", verify=True)  # untrusted by the system store
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health")  # plain HTTP is not served
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):
+    result = subprocess.run([GATEHOUSE, "serve", "--port", str(free_port()), "--plugins-dir", str(tmp_path)],
+                            env={"TLS_ENABLED": "1", "TLS_CERT_FILE": "/nonexistent.pem", "TLS_KEY_FILE": "/nonexistent.key"},
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "key 'tls.cert_file': cannot read /nonexistent.pem" in result.stderr
+
+
+def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway):
+    server = gateway(extra_config="server: {shutdown_timeout: 20s}\n")
+    received = []
+    errors = []
+
+    def consume():
+        try:
+            with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=30, json={
+                    "model": "slow-model", "messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line:
+                        received.append(line)
+        except Exception as error:  # noqa: BLE001 - recorded for the assertion below
+            errors.append(error)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(received) >= 2, "stream never started"
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # no longer accepting
+        httpx.get(server.base + "/health", timeout=2)
+    reader.join(30)
+    assert not errors
+    assert received[-1] == "data: [DONE]"
+    text = "".join(json.loads(l[6:])["choices"][0]["delta"].get("content") or "" for l in received[:-1]
+                   if json.loads(l[6:])["choices"])
+    assert text == "Echo: a b c d e f g h"
+    assert server.process.wait(20) == 0
+    assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+def test_port_in_use_is_one_clear_line(gateway, tmp_path):
+    server = gateway()
+    result = subprocess.run([GATEHOUSE, "serve", "--port", str(server.port), "--plugins-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{server.port}: the address is already in use " \
+           f"(another Gatehouse may be running on 127.0.0.1:{server.port})" in result.stderr
+    assert server.client.get("/health").status_code == 200
+
+
+def test_invalid_configuration_fails_start_naming_the_key(tmp_path):
+    (tmp_path / "gatehouse.yaml").write_text("server:\n  port: lots\nupstream:\n  backend: gpt\n")
+    result = subprocess.run([GATEHOUSE, "serve"], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env={"RATE_LIMIT_RPS": "fast"})
+    assert result.returncode != 0
+    assert "gatehouse.yaml:2: key 'server.port': must be an integer" in result.stderr
+    assert "key 'upstream.backend': must be one of ollama, openai" in result.stderr
+    assert "environment: key 'RATE_LIMIT_RPS'" in result.stderr
+
+
+def test_dotenv_and_environment_layering(start, plugins_dir, fake_llm, tmp_path):
+    (tmp_path / ".env").write_text(f"OLLAMA_HOST={fake_llm.url}\nAPI_KEY=from-dotenv\n")
+    server = start(plugins_dir, env={"API_KEY": "from-env"})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-dotenv"}).status_code == 401
+    assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-env"}).status_code == 200
