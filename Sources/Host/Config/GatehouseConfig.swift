@@ -49,6 +49,10 @@ public struct GatehouseConfig: Sendable {
         public var enabled = true
         /// JSON object text overriding the manifest's `config` defaults.
         public var configJSON: Data?
+        /// Requests per second per client on the plugin's routes (overrides the manifest).
+        public var rateLimit: Double?
+        /// Seconds the plugin may take to answer (overrides the manifest; default: upstream timeout).
+        public var timeout: Double?
     }
 
     public var host = "127.0.0.1"
@@ -67,6 +71,9 @@ public struct GatehouseConfig: Sendable {
     public var plugins: [String: PluginSettings] = [:]
     /// Where the configuration was read from (for messages).
     public var sources: [String] = ["defaults"]
+    /// `GATEHOUSE_PLUGIN_<NAME>_<KEY>` variables (from .env and the environment): the top layer
+    /// of each plugin's config.
+    public var pluginEnvironment: [String: String] = [:]
 
     public init() {}
 
@@ -107,6 +114,7 @@ extension GatehouseConfig {
         }
         variables.merge(environment) { _, process in process }
         problems += config.apply(environment: variables)
+        config.pluginEnvironment = variables.filter { $0.key.hasPrefix(Self.pluginEnvironmentPrefix) }
         if !problems.isEmpty { throw ConfigProblems(problems: problems) }
         return config
     }
@@ -187,9 +195,11 @@ extension GatehouseConfig {
                     reader.problem(path, value, "must be a mapping with 'enabled' and/or 'config'")
                     continue
                 }
-                reader.checkKeys(entry, at: path, allowed: ["enabled", "config"])
+                reader.checkKeys(entry, at: path, allowed: ["enabled", "config", "rate_limit", "timeout"])
                 var settings = PluginSettings()
                 settings.enabled = reader.bool(entry, "enabled", at: path) ?? true
+                settings.rateLimit = reader.double(entry, "rate_limit", at: path, minimum: 0)
+                settings.timeout = reader.duration(entry, "timeout", at: path)
                 if let configNode = reader.node(entry, "config") {
                     if configNode.mapping != nil {
                         settings.configJSON = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys])
@@ -202,6 +212,9 @@ extension GatehouseConfig {
         }
         return reader.problems
     }
+
+    /// Prefix of the environment variables that override plugin config keys.
+    public static let pluginEnvironmentPrefix = "GATEHOUSE_PLUGIN_"
 
     static let logLevels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
 

@@ -7,14 +7,16 @@ internal import Foundation
 final class ChatService: Sendable {
     let backend: any ChatBackend
     let cache: ResponseCache?
+    let metrics: GatehouseMetrics?
 
-    init(backend: any ChatBackend, cache: ResponseCache?) {
+    init(backend: any ChatBackend, cache: ResponseCache?, metrics: GatehouseMetrics?) {
         self.backend = backend
         self.cache = cache
+        self.metrics = metrics
     }
 
     /// Builds the backend named in `config` over a shared upstream client.
-    convenience init(config: GatehouseConfig, client: UpstreamClient) {
+    convenience init(config: GatehouseConfig, client: UpstreamClient, metrics: GatehouseMetrics?) {
         let backend: any ChatBackend =
             switch config.upstream.backend {
             case .ollama: OllamaBackend(client: client)
@@ -23,19 +25,45 @@ final class ChatService: Sendable {
         let cache = config.cache.enabled
             ? ResponseCache(limits: .init(maxEntries: config.cache.maxEntries, maxBytes: config.cache.maxBytes, ttl: config.cache.ttl))
             : nil
-        self.init(backend: backend, cache: cache)
+        self.init(backend: backend, cache: cache, metrics: metrics)
     }
 
     /// A non-streaming completion; `cacheHit` tells whether the upstream was skipped.
     func complete(_ request: ChatRequest, requestID: String) async throws -> (completion: ChatCompletion, cacheHit: Bool) {
         let key = cache.map { _ in request.cacheKey(backend: backend.name) }
-        if let key, let cached = cache?.get(key) { return (cached, true) }
+        if let key, let cached = cache?.get(key) {
+            metrics?.cacheHits.increment()
+            return (cached, true)
+        }
+        if key != nil { metrics?.cacheMisses.increment() }
+        let started = ContinuousClock.now
         let completion = try await backend.complete(request, requestID: requestID)
+        metrics?.recordUpstream(backend: backend.name, operation: "chat", duration: ContinuousClock.now - started)
+        metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
         if let key { cache?.put(key, completion) }
         return (completion, false)
     }
 
+    /// A streamed completion; token counts and the upstream time are recorded when it ends.
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
-        try await backend.stream(request, requestID: requestID)
+        let started = ContinuousClock.now
+        let events = try await backend.stream(request, requestID: requestID)
+        guard let metrics else { return events }
+        let backendName = backend.name
+        return AsyncThrowingStream { continuation in
+            let task = Task {
+                do {
+                    for try await event in events {
+                        if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }
+                        continuation.yield(event)
+                    }
+                    metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started)
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
     }
 }

@@ -50,6 +50,76 @@ enum HostAPI {
                     guard exchangePointer != nil else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     return exchange.finish() ? GH_OK : GH_ERR_STATE
+                },
+                llm_chat: { plugin, exchangePointer, requestJSON, onChunk, onDone, context in
+                    guard let instance = PluginInstance.from(plugin), let onDone else { return GH_ERR_INVALID_ARGUMENT }
+                    let requestID = ExchangeTable.shared.lookup(exchangePointer)?.requestID
+                        ?? "plugin-\(instance.manifest.name)-\(UUID().uuidString.lowercased())"
+                    let json = requestJSON.len == 0 ? Data() : Data(bytes: requestJSON.data, count: requestJSON.len)
+                    instance.llmChat(requestJSON: json, requestID: requestID, onChunk: onChunk, onDone: onDone, context: context)
+                    return GH_OK
+                },
+                middleware_register: { plugin, spec in
+                    guard let instance = PluginInstance.from(plugin), let spec,
+                        spec.pointee.struct_size >= UInt32(MemoryLayout<gh_middleware_spec>.size)
+                    else { return GH_ERR_INVALID_ARGUMENT }
+                    return instance.registerMiddleware(spec.pointee)
+                },
+                mw_set_header: { call, name, value in
+                    guard let state = MiddlewareCallState.from(call), name.len > 0 else { return GH_ERR_INVALID_ARGUMENT }
+                    state.setHeader(String(name), String(value))
+                    return GH_OK
+                },
+                mw_remove_header: { call, name in
+                    guard let state = MiddlewareCallState.from(call) else { return GH_ERR_INVALID_ARGUMENT }
+                    state.removeHeader(String(name))
+                    return GH_OK
+                },
+                mw_set_body: { call, body in
+                    guard let state = MiddlewareCallState.from(call) else { return GH_ERR_INVALID_ARGUMENT }
+                    guard !state.bodyIsStream else { return GH_ERR_STATE }
+                    state.body = ByteBuffer(body)
+                    state.bodyChanged = true
+                    if state.phase == .response { state.removeHeader("content-length") }
+                    return GH_OK
+                },
+                mw_set_status: { call, status in
+                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status) else { return GH_ERR_INVALID_ARGUMENT }
+                    guard state.phase == .response else { return GH_ERR_STATE }
+                    state.status = Int(status)
+                    return GH_OK
+                },
+                mw_respond: { call, status, headers, headerCount, body in
+                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status), headers != nil || headerCount == 0 else {
+                        return GH_ERR_INVALID_ARGUMENT
+                    }
+                    guard state.phase == .request, state.shortCircuit == nil else { return GH_ERR_STATE }
+                    state.shortCircuit = (Int(status), copyHeaders(headers, headerCount), ByteBuffer(body))
+                    return GH_OK
+                },
+                metric_declare: { plugin, kind, name, help in
+                    guard let instance = PluginInstance.from(plugin) else { return nil }
+                    let metricKind: PluginStats.CustomMetric.Kind
+                    switch kind {
+                    case GH_METRIC_COUNTER: metricKind = .counter
+                    case GH_METRIC_GAUGE: metricKind = .gauge
+                    default: return nil
+                    }
+                    guard let metric = instance.stats.declare(kind: metricKind, name: String(name), help: String(help)) else {
+                        instance.logger.error("metric refused: invalid name or declared with another kind", metadata: ["metric": .string(String(name))])
+                        return nil
+                    }
+                    return OpaquePointer(Unmanaged.passUnretained(metric).toOpaque())
+                },
+                metric_add: { metric, value in
+                    guard let metric else { return GH_ERR_INVALID_ARGUMENT }
+                    return Unmanaged<PluginStats.CustomMetric>.fromOpaque(UnsafeRawPointer(metric)).takeUnretainedValue().add(value)
+                        ? GH_OK : GH_ERR_INVALID_ARGUMENT
+                },
+                metric_set: { metric, value in
+                    guard let metric else { return GH_ERR_INVALID_ARGUMENT }
+                    return Unmanaged<PluginStats.CustomMetric>.fromOpaque(UnsafeRawPointer(metric)).takeUnretainedValue().set(value)
+                        ? GH_OK : GH_ERR_STATE
                 }))
         return UnsafePointer(table)
     }()

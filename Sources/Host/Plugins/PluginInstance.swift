@@ -59,6 +59,16 @@ public final class PluginInstance: @unchecked Sendable {
     public let loadedAt: Date
     let library: OpenedLibrary
     let logger: Logger
+    let services: PluginServices
+    let stats: PluginStats
+    /// Seconds a request may wait for this plugin's answer.
+    let timeout: Double
+    /// This plugin's own request limit, when it has one.
+    let rateLimiter: RateLimiter?
+    /// True while this version serves: between installation and retirement. Its middleware
+    /// run only while it is true.
+    var isActive: Bool { active.load(ordering: .acquiring) }
+    private let active = Atomic<Bool>(false)
     /// The effective config as NUL-terminated JSON; lives as long as the instance.
     let configJSON: UnsafeMutableBufferPointer<UInt8>
     /// Set once by `initialize`, before any request.
@@ -66,12 +76,19 @@ public final class PluginInstance: @unchecked Sendable {
 
     private let inFlightCount = Atomic<Int>(0)
 
-    init(manifest: PluginManifest, library: OpenedLibrary, configJSON: Data, logger: Logger) {
+    init(
+        manifest: PluginManifest, library: OpenedLibrary, configJSON: Data, logger: Logger, services: PluginServices, timeout: Double,
+        rateLimiter: RateLimiter?
+    ) {
         self.manifest = manifest
         self.library = library
         self.sha256 = library.sha256
         self.loadedAt = Date()
         self.logger = logger
+        self.services = services
+        self.stats = services.stats(for: manifest.name)
+        self.timeout = timeout
+        self.rateLimiter = rateLimiter
         let buffer = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: configJSON.count + 1)
         _ = buffer.initialize(from: configJSON)
         buffer[configJSON.count] = 0
@@ -93,10 +110,22 @@ public final class PluginInstance: @unchecked Sendable {
         var newState: UnsafeMutableRawPointer?
         let status = library.descriptor.pointee.`init`(HostAPI.table, pluginPointer, &newState, &error, error.count)
         guard status == 0 else {
+            services.middleware.removeAll(of: self)
             let reason = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             throw PluginLoadError("init failed: \(reason.isEmpty ? "status \(status), no reason given" : reason)")
         }
         state = newState
+    }
+
+    /// Starts serving: requests are routed here and its middleware run.
+    func activate() {
+        active.store(true, ordering: .releasing)
+    }
+
+    /// Stops this version's middleware; the registry has already stopped routing to it.
+    func deactivate() {
+        active.store(false, ordering: .releasing)
+        services.middleware.removeAll(of: self)
     }
 
     /// Counts a request in; called by the registry while it holds its table lock so that a
@@ -113,7 +142,7 @@ public final class PluginInstance: @unchecked Sendable {
 
     /// Hands `call` to the plugin and waits for its answer (or the timeout). The caller must
     /// have called `requestStarted`; the exchange's completion calls `requestFinished`.
-    func handle(_ call: PluginCall, timeout: Double) async -> PluginReply {
+    func handle(_ call: PluginCall) async -> PluginReply {
         let exchange = PluginExchange(instance: self, requestID: call.requestID)
         let pointer = exchange.register()
         let timer = Task {

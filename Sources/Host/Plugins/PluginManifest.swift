@@ -12,11 +12,15 @@ internal import Yams
 /// sha256: 9f86d0…       # optional pin of the library's bytes
 /// toolchain: swift-6.3.1 # Swift plugins: the toolchain they were built with
 /// description: Echoes request bodies
-/// config: {greeting: hi} # defaults, overridden by gatehouse.yaml
+/// config: {greeting: hi} # defaults, overridden by gatehouse.yaml and the environment
+/// rate_limit: 20        # optional: requests/s per client on the plugin's routes
+/// timeout: 30s          # optional: how long the plugin may take to answer
 /// ```
 public struct PluginManifest: Sendable, Equatable {
     public static let fileName = "plugin.yaml"
-    static let keys: Set<String> = ["name", "version", "abi", "library", "sha256", "description", "toolchain", "config"]
+    static let keys: Set<String> = [
+        "name", "version", "abi", "library", "sha256", "description", "toolchain", "config", "rate_limit", "timeout",
+    ]
 
     public var name: String
     public var version: String
@@ -27,6 +31,10 @@ public struct PluginManifest: Sendable, Equatable {
     public var toolchain: String?
     /// Default configuration as JSON object text.
     public var configJSON: Data
+    /// Default requests/s per client on the plugin's routes.
+    public var rateLimit: Double?
+    /// Default seconds the plugin may take to answer.
+    public var timeout: Double?
     /// The plugin's directory (the manifest's parent).
     public var directory: String
 
@@ -59,6 +67,8 @@ public struct PluginManifest: Sendable, Equatable {
         let sha256 = reader.string(root, "sha256", at: "")
         let description = reader.string(root, "description", at: "")
         let toolchain = reader.string(root, "toolchain", at: "")
+        let rateLimit = reader.double(root, "rate_limit", at: "", minimum: 0)
+        let timeout = reader.duration(root, "timeout", at: "")
         var configJSON = Data("{}".utf8)
         if let configNode = reader.node(root, "config") {
             if configNode.mapping != nil, let json = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys]) {
@@ -92,7 +102,7 @@ public struct PluginManifest: Sendable, Equatable {
         if !reader.problems.isEmpty { throw ConfigProblems(problems: reader.problems) }
         return PluginManifest(
             name: name, version: version, abi: abi, library: library, sha256: sha256, description: description,
-            toolchain: toolchain, configJSON: configJSON, directory: directory)
+            toolchain: toolchain, configJSON: configJSON, rateLimit: rateLimit, timeout: timeout, directory: directory)
     }
 
     /// Plugin names become URL path segments and metric labels: keep them plain.

@@ -35,12 +35,21 @@ public final class PluginRegistry: Sendable {
     private let logger: Logger
     private let slots = Mutex<[String: Slot]>([:])
     private let config: Mutex<GatehouseConfig>
+    let services: PluginServices
 
-    public init(config: GatehouseConfig, logger: Logger) throws {
+    /// - Parameter services: what plugins may use; nil gives them no LLM and private metrics
+    ///   (offline tools such as `gatehouse plugins list`).
+    init(config: GatehouseConfig, logger: Logger, services: PluginServices?) throws {
         self.pluginsDirectory = config.pluginsDirectory
         self.config = Mutex(config)
         self.logger = logger
         self.loader = try PluginLoader()
+        self.services = services ?? PluginServices(chat: nil, metrics: GatehouseMetrics())
+    }
+
+    /// A registry for offline use: plugins load and initialise, but have no LLM.
+    public convenience init(config: GatehouseConfig, logger: Logger) throws {
+        try self.init(config: config, logger: logger, services: nil)
     }
 
     /// Scans the plugins directory and loads every enabled plugin. A plugin that fails is
@@ -67,7 +76,9 @@ public final class PluginRegistry: Sendable {
     public func load(_ name: String) {
         let directory = (pluginsDirectory as NSString).appendingPathComponent(name)
         var status = Status(name: name, state: .failed, directory: directory)
-        let settings = config.withLock { $0.settings(forPlugin: name) }
+        let (settings, upstreamTimeout, environment) = config.withLock {
+            ($0.settings(forPlugin: name), $0.upstream.timeout, $0.pluginEnvironment)
+        }
         let manifest: PluginManifest
         do {
             manifest = try PluginManifest.load(directory: directory)
@@ -84,18 +95,25 @@ public final class PluginRegistry: Sendable {
             record(status, instance: nil)
             return
         }
+        let stats = services.stats(for: name)
         do {
             let library = try loader.open(manifest, pluginsDirectory: pluginsDirectory)
             status.sha256 = library.sha256
-            let pluginLogger = logger.with(plugin: name)
+            let configJSON = try PluginConfigLayers.effective(
+                defaults: manifest.configJSON, file: settings.configJSON, environment: environment, plugin: name)
+            let rate = settings.rateLimit ?? manifest.rateLimit
             let instance = PluginInstance(
-                manifest: manifest, library: library,
-                configJSON: try mergedConfig(defaults: manifest.configJSON, overrides: settings.configJSON), logger: pluginLogger)
+                manifest: manifest, library: library, configJSON: configJSON, logger: logger.with(plugin: name), services: services,
+                timeout: settings.timeout ?? manifest.timeout ?? upstreamTimeout,
+                rateLimiter: rate.flatMap { $0 > 0 ? RateLimiter(rate: $0, burst: nil, globalRate: nil) : nil })
             try instance.initialize()
             status.state = .loaded
             status.loadedAt = instance.loadedAt
+            stats.loaded(isReload: false)
+            instance.activate()
             record(status, instance: instance)
         } catch {
+            stats.loadFailed()
             status.error = "\(error)"
             record(status, instance: nil)
         }
@@ -132,8 +150,8 @@ public final class PluginRegistry: Sendable {
         }
     }
 
-    /// Plugin request timeout in seconds.
-    var requestTimeout: Double { config.withLock { $0.upstream.timeout } }
+    /// The measurements of `name` (also for plugins that are not loaded).
+    func stats(for name: String) -> PluginStats { services.stats(for: name) }
 
     /// Stops dispatching to every plugin, waits (up to `drainTimeout` seconds) for their
     /// requests, and shuts them down.
@@ -143,6 +161,7 @@ public final class PluginRegistry: Sendable {
             for key in slots.keys { slots[key]?.instance = nil }
             return live
         }
+        instances.forEach { $0.deactivate() }
         await withTaskGroup(of: Void.self) { group in
             for instance in instances { group.addTask { await instance.shutdown(drainTimeout: drainTimeout) } }
         }
@@ -155,17 +174,33 @@ public final class PluginRegistry: Sendable {
     }
 }
 
-/// Deep-merges two JSON objects: `overrides` wins, nested objects merge key by key.
-func mergedConfig(defaults: Data, overrides: Data?) throws -> Data {
-    guard let overrides else { return defaults }
-    func object(_ data: Data) -> [String: Any] { ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any]) ?? [:] }
-    func merge(_ base: [String: Any], _ top: [String: Any]) -> [String: Any] {
+/// A plugin's effective configuration: manifest defaults < gatehouse.yaml < environment.
+enum PluginConfigLayers {
+    /// Merges the layers into one JSON object. Environment variables
+    /// `GATEHOUSE_PLUGIN_<NAME>_<KEY>` (NAME upper-cased, '-' as '_') set top-level key
+    /// `<key>` (lower-cased); values that parse as JSON (numbers, booleans, objects) are
+    /// taken as such, anything else as a string.
+    static func effective(defaults: Data, file: Data?, environment: [String: String], plugin: String) throws -> Data {
+        var merged = merge(object(defaults), object(file ?? Data("{}".utf8)))
+        let prefix = GatehouseConfig.pluginEnvironmentPrefix + plugin.uppercased().replacingOccurrences(of: "-", with: "_") + "_"
+        for (variable, value) in environment where variable.hasPrefix(prefix) && variable.count > prefix.count {
+            let key = String(variable.dropFirst(prefix.count)).lowercased()
+            merged[key] = (try? JSONSerialization.jsonObject(with: Data(value.utf8), options: [.fragmentsAllowed])) ?? value
+        }
+        return try JSONSerialization.data(withJSONObject: merged, options: [.sortedKeys, .withoutEscapingSlashes])
+    }
+
+    private static func object(_ data: Data) -> [String: Any] {
+        ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any]) ?? [:]
+    }
+
+    /// Deep merge: `top` wins; nested objects merge key by key.
+    static func merge(_ base: [String: Any], _ top: [String: Any]) -> [String: Any] {
         base.merging(top) { old, new in
             if let oldObject = old as? [String: Any], let newObject = new as? [String: Any] { return merge(oldObject, newObject) }
             return new
         }
     }
-    return try JSONSerialization.data(withJSONObject: merge(object(defaults), object(overrides)), options: [.sortedKeys])
 }
 
 extension Logger {

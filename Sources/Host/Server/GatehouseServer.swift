@@ -25,14 +25,18 @@ public struct GatehouseServer: Sendable {
     public func run() async throws {
         try config.validate()
         let server = try makeServerBuilder()
+        let metrics = GatehouseMetrics()
         let upstream = UpstreamClient(config: config.upstream)
-        let chat = ChatService(config: config, client: upstream)
-        let registry = try PluginRegistry(config: config, logger: logger)
+        let chat = ChatService(config: config, client: upstream, metrics: metrics)
+        let services = PluginServices(chat: chat, metrics: metrics)
+        let registry = try PluginRegistry(config: config, logger: logger, services: services)
         registry.loadAll()
 
+        // Order matters: ids first, then the access log (sees every final response), then
+        // auth and rate limits, then plugins' middleware, then the routes.
         let router = Router(context: GatehouseRequestContext.self)
         router.add(middleware: RequestIDMiddleware())
-        router.add(middleware: ErrorMiddleware())
+        router.add(middleware: AccessLogMiddleware(metrics: metrics))
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey))
         if config.rateLimit.requestsPerSecond > 0 {
             let limiter = RateLimiter(
@@ -40,7 +44,9 @@ public struct GatehouseServer: Sendable {
                 globalRate: config.rateLimit.globalRequestsPerSecond)
             router.add(middleware: RateLimitMiddleware(limiter: limiter))
         }
+        router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)
+        MetricsRoutes(metrics: metrics).register(on: router)
         GatewayRoutes(chat: chat, maxBodyBytes: config.maxBodyBytes).register(on: router)
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
 

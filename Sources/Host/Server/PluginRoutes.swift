@@ -23,7 +23,9 @@ struct PluginRoutes {
             guard let status = registry.status(of: name) else {
                 throw OpenAIError(.notFound, "no plugin named \(name)", code: "plugin_not_found")
             }
-            return try Self.jsonResponse(Self.json(status))
+            var object = Self.json(status)
+            object["metrics"] = registry.stats(for: name).summary()
+            return try Self.jsonResponse(object)
         }
         for method in Self.dispatchMethods {
             router.on("/v1/plugins/:name/**", method: method) { request, context in
@@ -42,19 +44,43 @@ struct PluginRoutes {
             let reason = state.map { "plugin \(name) is \($0.rawValue)" } ?? "no plugin named \(name)"
             throw OpenAIError(.notFound, reason, code: "plugin_not_found")
         }
+        if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
+            instance.requestFinished()
+            let seconds = max(1, Int(wait.rounded(.up)))
+            var error = OpenAIError(
+                .tooManyRequests, "plugin \(name) allows \(RateLimitMiddleware.format(limiter.rate)) requests/s; retry after \(seconds) s",
+                code: "plugin_rate_limit_exceeded")
+            error.headers[.retryAfter] = String(seconds)
+            throw error
+        }
         var headers: [(String, String)] = []
         headers.reserveCapacity(request.headers.count)
         for field in request.headers { headers.append((field.name.canonicalName, field.value)) }
         let call = PluginCall(
             method: request.method.rawValue, path: path.isEmpty ? "/" : path, query: request.uri.query ?? "",
             headers: headers, body: body, requestID: context.requestID)
-        switch await instance.handle(call, timeout: registry.requestTimeout) {
-        case .whole(let status, let replyHeaders, let replyBody):
-            return Response(status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
-        case .stream(let status, let replyHeaders, let chunks):
-            return Response(status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
-        case .timedOut:
-            throw OpenAIError(.gatewayTimeout, "plugin \(name) did not answer within \(Int(registry.requestTimeout)) s", code: "plugin_timeout")
+        let stats = instance.stats
+        let started = ContinuousClock.now
+        stats.requestStarted()
+        let reply = await instance.handle(call)
+        do {
+            let response: Response
+            switch reply {
+            case .whole(let status, let replyHeaders, let replyBody):
+                response = Response(
+                    status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
+            case .stream(let status, let replyHeaders, let chunks):
+                response = Response(
+                    status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
+            case .timedOut:
+                throw OpenAIError(
+                    .gatewayTimeout, "plugin \(name) did not answer within \(UpstreamClient.seconds(instance.timeout))", code: "plugin_timeout")
+            }
+            stats.requestFinished(status: response.status.code, duration: ContinuousClock.now - started)
+            return response
+        } catch let error as OpenAIError {
+            stats.requestFinished(status: error.status.code, duration: ContinuousClock.now - started)
+            throw error
         }
     }
 

@@ -30,6 +30,10 @@
  *   - Swift plugins are never unloaded (the Swift runtime keeps pointers into them);
  *     the host opens them with RTLD_NODELETE. A C plugin may be unloaded after shutdown.
  *
+ * Versions
+ *   1.0  log, config, responding (streamed or whole)
+ *   1.1  LLM calls, middleware, custom metrics (fields appended to gh_host_api)
+ *
  * See docs/PLUGINS.md for the guide and examples.
  */
 #ifndef GATEHOUSE_PLUGIN_H
@@ -45,7 +49,7 @@ extern "C" {
 /** ABI major version: part of the entry symbol's name; bumped only for incompatible changes. */
 #define GATEHOUSE_ABI_MAJOR 1
 /** ABI minor version: bumped when fields are appended to a struct. */
-#define GATEHOUSE_ABI_MINOR 0
+#define GATEHOUSE_ABI_MINOR 1
 
 /** The one symbol a plugin exports. Its type is gh_plugin_entry_fn. */
 #define GATEHOUSE_PLUGIN_ENTRY gatehouse_plugin_entry_v1
@@ -106,6 +110,82 @@ typedef struct gh_request {
     gh_bytes request_id; /* the gateway's request id (X-Request-ID) */
 } gh_request;
 
+/* ------------------------------------------------------------------------------------------
+ * ABI 1.1 types: LLM calls, middleware, metrics
+ * ------------------------------------------------------------------------------------------ */
+
+/**
+ * Completion of an LLM call. Fires exactly once per accepted call, on any thread (possibly
+ * before llm_chat returns). On success `status` is GH_OK, `http_status` 200 and `response_json`
+ * an OpenAI `chat.completion` object (for a streamed call: assembled from the chunks, with the
+ * whole content, finish_reason and usage). On failure `error` is a one-line reason and
+ * `http_status` the status the gateway would have answered a client with (400, 502, 504, ...).
+ * Both views are borrowed for the duration of the callback.
+ */
+typedef void (*gh_llm_done_fn)(void *context, gh_status status, uint16_t http_status, gh_bytes response_json,
+                               gh_bytes error);
+
+/**
+ * One streamed chunk: an OpenAI `chat.completion.chunk` object and, for convenience, the text
+ * it adds (empty for chunks without content). Borrowed. Called in order, never concurrently for
+ * one call, and always before the call's gh_llm_done_fn.
+ */
+typedef void (*gh_llm_chunk_fn)(void *context, gh_bytes chunk_json, gh_bytes delta_text);
+
+/** Which requests a middleware sees. */
+typedef enum gh_middleware_scope {
+    GH_SCOPE_ALL = 0,        /* every route, including /v1/chat/completions (health checks excepted) */
+    GH_SCOPE_OWN_ROUTES = 1, /* only /v1/plugins/<this plugin>/... */
+    GH_SCOPE_PREFIX = 2      /* paths starting with gh_middleware_spec.path_prefix */
+} gh_middleware_scope;
+
+/** Opaque: one middleware invocation. Valid only during the middleware function. */
+typedef struct gh_mw_call gh_mw_call;
+
+/**
+ * A request (request phase) or a response (response phase) as a middleware sees it.
+ * Borrowed: valid only during the middleware function.
+ */
+typedef struct gh_mw_message {
+    uint32_t struct_size;
+    gh_bytes method;          /* of the request, in both phases */
+    gh_bytes path;            /* full request path, e.g. "/v1/chat/completions" */
+    gh_bytes query;
+    const gh_header *headers; /* request headers (request phase) or response headers (response phase) */
+    size_t header_count;      /* header names are lower-case */
+    gh_bytes body;            /* request body, or response body (empty when body_is_stream) */
+    gh_bytes request_id;
+    uint16_t status;          /* response phase: the status code; 0 in the request phase */
+    uint8_t body_is_stream;   /* response phase: the body is streamed; it cannot be read or replaced */
+} gh_mw_message;
+
+/**
+ * A middleware function. It runs inline on the request path: it must not block. It changes the
+ * request or response only through the gh_host_api mw_* functions on `call`.
+ */
+typedef void (*gh_middleware_fn)(void *context, const gh_mw_message *message, gh_mw_call *call);
+
+/** What middleware_register installs. Copied by the host (strings too). */
+typedef struct gh_middleware_spec {
+    uint32_t struct_size;
+    const char *name;             /* for logs and metrics, e.g. "require-header" */
+    int32_t priority;             /* lower runs first on requests; response functions run in reverse */
+    gh_middleware_scope scope;
+    const char *path_prefix;      /* GH_SCOPE_PREFIX only, e.g. "/v1/chat/" */
+    gh_middleware_fn on_request;  /* may be NULL */
+    gh_middleware_fn on_response; /* may be NULL */
+    void *context;                /* passed back to both functions */
+} gh_middleware_spec;
+
+/** Kinds of custom metric a plugin may declare. */
+typedef enum gh_metric_kind {
+    GH_METRIC_COUNTER = 0, /* only goes up: metric_add with values >= 0 */
+    GH_METRIC_GAUGE = 1    /* goes up and down: metric_add and metric_set */
+} gh_metric_kind;
+
+/** Opaque: a declared custom metric. Valid until the plugin's shutdown returns. */
+typedef struct gh_metric gh_metric;
+
 /**
  * Services the host offers to a plugin. Passed to `init`; the pointer stays valid until
  * after `shutdown` returns. Later minor versions append fields: check GH_HAS_FIELD first.
@@ -141,6 +221,53 @@ typedef struct gh_host_api {
 
     /** End a started answer and complete the exchange. */
     gh_status (*respond_finish)(gh_exchange *exchange);
+
+    /* ---- ABI 1.1 (check GH_HAS_FIELD(host, gh_host_api, llm_chat) before use) ---- */
+
+    /**
+     * Ask the LLM, through the same pipeline as /v1/chat/completions (backend, cache, timeouts,
+     * metrics attributed to this plugin). `request_json` is an OpenAI chat-completion request
+     * (copied). `exchange` may be NULL; when given, the call carries that request's id upstream.
+     * With `on_chunk` NULL the call is not streamed (and may be answered from the cache);
+     * otherwise chunks arrive through `on_chunk`. Returns GH_OK when the call was accepted, and
+     * then `on_done` fires exactly once; returns GH_ERR_INVALID_ARGUMENT (and never calls back)
+     * only when `on_done` is NULL. A pending call keeps the plugin version alive: its shutdown
+     * waits for `on_done`.
+     */
+    gh_status (*llm_chat)(gh_plugin *self, gh_exchange *exchange, gh_bytes request_json, gh_llm_chunk_fn on_chunk,
+                          gh_llm_done_fn on_done, void *context);
+
+    /**
+     * Install a middleware (the spec is copied). Middleware are removed with the plugin version
+     * that registered them. Call during init or later.
+     */
+    gh_status (*middleware_register)(gh_plugin *self, const gh_middleware_spec *spec);
+
+    /** Middleware: set header `name` to `value`, replacing any existing values. */
+    gh_status (*mw_set_header)(gh_mw_call *call, gh_bytes name, gh_bytes value);
+    /** Middleware: remove every value of header `name`. */
+    gh_status (*mw_remove_header)(gh_mw_call *call, gh_bytes name);
+    /** Middleware: replace the body (GH_ERR_STATE for a streamed response body). */
+    gh_status (*mw_set_body)(gh_mw_call *call, gh_bytes body);
+    /** Response phase: replace the status code (100-599). */
+    gh_status (*mw_set_status)(gh_mw_call *call, uint16_t status);
+    /**
+     * Request phase: answer now (e.g. 401, 403, 429); the route and later middleware are
+     * skipped. Headers and body are copied.
+     */
+    gh_status (*mw_respond)(gh_mw_call *call, uint16_t status, const gh_header *headers, size_t header_count,
+                            gh_bytes body);
+
+    /**
+     * Declare a custom metric, exported on /metrics as gatehouse_plugin_custom_<name> with a
+     * label plugin="<plugin name>". `name` must match [a-z_][a-z0-9_]*; counters should end in
+     * "_total". Declaring the same name twice returns the same metric. NULL on invalid input.
+     */
+    gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);
+    /** Add `value` to a counter (value >= 0) or gauge. */
+    gh_status (*metric_add)(gh_metric *metric, double value);
+    /** Set a gauge to `value` (GH_ERR_STATE for counters). */
+    gh_status (*metric_set)(gh_metric *metric, double value);
 } gh_host_api;
 
 /**

@@ -1,0 +1,102 @@
+// Prometheus metrics for the gateway and its plugins (swift-prometheus registry, swift-metrics facade).
+public import Prometheus
+internal import Synchronization
+
+/// Owns the Prometheus registry behind `/metrics` and the gateway-wide metrics.
+///
+/// Metric objects are created once per label set and cached, so the request path only
+/// increments counters.
+public final class GatehouseMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    static let latencyBuckets: [Duration] = [
+        .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+        .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5),
+        .seconds(5), .seconds(10), .seconds(30), .seconds(60),
+    ]
+
+    private struct RouteKey: Hashable {
+        let route: String
+        let method: String
+        let status: Int
+    }
+
+    private let requestCounters = Mutex<[RouteKey: Counter]>([:])
+    private let requestDurations = Mutex<[String: DurationHistogram]>([:])
+    private let upstreamDurations = Mutex<[String: DurationHistogram]>([:])
+    let cacheHits: Counter
+    let cacheMisses: Counter
+    let tokensIn: Counter
+    let tokensOut: Counter
+    let inFlight: Gauge
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        cacheHits = registry.counter(name: "gatehouse_cache_hits_total", help: "Chat completions answered from the response cache.")
+        cacheMisses = registry.counter(name: "gatehouse_cache_misses_total", help: "Cacheable chat completions that went upstream.")
+        tokensIn = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "prompt")], help: "LLM tokens reported by the upstream.")
+        tokensOut = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "completion")], help: "LLM tokens reported by the upstream.")
+        inFlight = registry.gauge(name: "gatehouse_http_requests_in_flight", help: "HTTP requests being served.")
+    }
+
+    /// Counts one finished HTTP request.
+    func recordRequest(route: String, method: String, status: Int, duration: Duration) {
+        let key = RouteKey(route: route, method: method, status: status)
+        let counter = requestCounters.withLock { counters in
+            if let counter = counters[key] { return counter }
+            let counter = registry.counter(name: "gatehouse_http_requests_total", labels: [("route", route), ("method", method), ("status", String(status))],
+                help: "HTTP requests served, by route template, method and status.")
+            counters[key] = counter
+            return counter
+        }
+        counter.increment()
+        let histogram = requestDurations.withLock { histograms in
+            if let histogram = histograms[route] { return histogram }
+            let histogram = registry.histogram(name: "gatehouse_http_request_duration_seconds", labels: [("route", route)], buckets: Self.latencyBuckets,
+                help: "Time to the end of the response, by route template.")
+            histograms[route] = histogram
+            return histogram
+        }
+        histogram.record(duration)
+    }
+
+    /// Times one upstream operation ("chat", "chat_stream", "models", "embeddings", "ready").
+    func recordUpstream(backend: String, operation: String, duration: Duration) {
+        let key = "\(backend)|\(operation)"
+        let histogram = upstreamDurations.withLock { histograms in
+            if let histogram = histograms[key] { return histogram }
+            let histogram = registry.histogram(name: "gatehouse_upstream_request_duration_seconds", labels: [("backend", backend), ("operation", operation)],
+                buckets: Self.latencyBuckets, help: "Upstream LLM request latency (to the last byte).")
+            histograms[key] = histogram
+            return histogram
+        }
+        histogram.record(duration)
+    }
+
+    func recordTokens(prompt: Int, completion: Int) {
+        if prompt > 0 { tokensIn.increment(by: Int64(prompt)) }
+        if completion > 0 { tokensOut.increment(by: Int64(completion)) }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    public func render() -> [UInt8] {
+        var output: [UInt8] = []
+        output.reserveCapacity(16 * 1024)
+        registry.emit(into: &output)
+        return output
+    }
+}
+
+extension PrometheusCollectorRegistry {
+    /// A counter whose exposition carries `help` (labels may be empty).
+    func counter(name: String, labels: [(String, String)] = [], help: String) -> Counter {
+        makeCounter(descriptor: MetricNameDescriptor(metricName: name, unitName: "", helpText: help), labels: labels)
+    }
+
+    func gauge(name: String, labels: [(String, String)] = [], help: String) -> Gauge {
+        makeGauge(descriptor: MetricNameDescriptor(metricName: name, unitName: "", helpText: help), labels: labels)
+    }
+
+    func histogram(name: String, labels: [(String, String)], buckets: [Duration], help: String) -> DurationHistogram {
+        makeDurationHistogram(descriptor: MetricNameDescriptor(metricName: name, unitName: "", helpText: help), labels: labels, buckets: buckets)
+    }
+}

@@ -1,0 +1,81 @@
+// Every request's final word: errors become OpenAI-shaped JSON; one access-log line and metrics per request.
+internal import Foundation
+public import Hummingbird
+internal import Logging
+internal import NIOCore
+
+/// The outermost gateway middleware after the request id: converts Hummingbird's own errors
+/// (404 no route, 413 body too large, ...) and unexpected errors into OpenAI-shaped JSON,
+/// writes one access-log line with method, path, status and latency, and counts the request
+/// by route template in the metrics (its duration measured to the end of the body).
+public struct AccessLogMiddleware: RouterMiddleware {
+    public typealias Context = GatehouseRequestContext
+    let metrics: GatehouseMetrics?
+
+    init(metrics: GatehouseMetrics?) {
+        self.metrics = metrics
+    }
+
+    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let start = ContinuousClock.now
+        metrics?.inFlight.increment()
+        var response: Response
+        do {
+            response = try await next(request, context)
+        } catch {
+            response = Self.response(for: error, request: request, context: context)
+        }
+        let elapsed = ContinuousClock.now - start
+        let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+        context.logger.info(
+            "request",
+            metadata: [
+                "method": .string(request.method.rawValue), "path": .string(request.uri.path),
+                "status": .stringConvertible(response.status.code), "latency_ms": .string(String(format: "%.3f", milliseconds)),
+            ])
+        if let metrics {
+            let route = context.endpointPath ?? "unmatched"
+            let method = request.method.rawValue
+            let status = response.status.code
+            let body = response.body
+            response.body = ResponseBody(contentLength: body.contentLength) { writer in
+                defer {
+                    metrics.inFlight.decrement()
+                    metrics.recordRequest(route: route, method: method, status: status, duration: ContinuousClock.now - start)
+                }
+                try await body.write(writer)
+            }
+        }
+        return response
+    }
+
+    /// The OpenAI-shaped response for any error thrown on the request path.
+    static func response(for error: any Error, request: Request, context: Context) -> Response {
+        switch error {
+        case let error as OpenAIError:
+            return error.response(requestID: context.requestID)
+        case let error as HTTPError:
+            return openAIError(for: error, request: request).response(requestID: context.requestID)
+        case is NIOTooManyBytesError:
+            return openAIError(for: HTTPError(.contentTooLarge), request: request).response(requestID: context.requestID)
+        default:
+            context.logger.error("unhandled error", metadata: ["error": .string(String(describing: error))])
+            return OpenAIError(.internalServerError, "internal error: \(error)").response(requestID: context.requestID)
+        }
+    }
+
+    static func openAIError(for error: HTTPError, request: Request) -> OpenAIError {
+        switch error.status {
+        case .notFound:
+            return OpenAIError(.notFound, "no route for \(request.method.rawValue) \(request.uri.path)", code: "route_not_found")
+        case .contentTooLarge:
+            return OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+        case .methodNotAllowed:
+            return OpenAIError(.methodNotAllowed, "\(request.method.rawValue) is not allowed on \(request.uri.path)", code: "method_not_allowed")
+        default:
+            var converted = OpenAIError(error.status, error.body ?? error.status.reasonPhrase)
+            converted.headers = error.headers
+            return converted
+        }
+    }
+}

@@ -1,0 +1,160 @@
+// Runs plugins' request and response middleware around every route (health checks excepted).
+internal import Foundation
+internal import HTTPTypes
+public import Hummingbird
+internal import NIOCore
+internal import PluginABI
+
+/// The state behind one `gh_mw_call*`: what a middleware function may change. Lives only for
+/// the duration of one middleware call chain on one request.
+final class MiddlewareCallState {
+    enum Phase { case request, response }
+
+    let phase: Phase
+    var headers: [(String, String)]
+    var body: ByteBuffer
+    let bodyIsStream: Bool
+    var bodyChanged = false
+    var status: Int
+    /// Set by `mw_respond`: the request is answered without reaching the route.
+    var shortCircuit: (status: Int, headers: [(String, String)], body: ByteBuffer)?
+
+    init(phase: Phase, headers: [(String, String)], body: ByteBuffer, bodyIsStream: Bool, status: Int) {
+        self.phase = phase
+        self.headers = headers
+        self.body = body
+        self.bodyIsStream = bodyIsStream
+        self.status = status
+    }
+
+    var pointer: OpaquePointer { OpaquePointer(Unmanaged.passUnretained(self).toOpaque()) }
+
+    static func from(_ pointer: OpaquePointer?) -> MiddlewareCallState? {
+        pointer.map { Unmanaged<MiddlewareCallState>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
+    }
+
+    func setHeader(_ name: String, _ value: String) {
+        let lowered = name.lowercased()
+        headers.removeAll { $0.0 == lowered }
+        headers.append((lowered, value))
+    }
+
+    func removeHeader(_ name: String) {
+        let lowered = name.lowercased()
+        headers.removeAll { $0.0 == lowered }
+    }
+}
+
+/// Calls every applicable plugin middleware: request functions in priority order (any may
+/// answer the request itself), then the route, then response functions in reverse order.
+public struct PluginMiddlewareChain: RouterMiddleware {
+    public typealias Context = GatehouseRequestContext
+    let table: MiddlewareTable
+    let services: PluginServices
+    let maxBodyBytes: Int
+
+    init(services: PluginServices, maxBodyBytes: Int) {
+        self.table = services.middleware
+        self.services = services
+        self.maxBodyBytes = maxBodyBytes
+    }
+
+    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let path = request.uri.path
+        guard !table.isEmpty, !AuthMiddleware.isExempt(path) else { return try await next(request, context) }
+        let applicable = table.snapshot().filter { $0.applies(to: path) }
+        guard !applicable.isEmpty else { return try await next(request, context) }
+
+        var request = request
+        let requestPhase = applicable.filter { $0.onRequest != nil }
+        if !requestPhase.isEmpty {
+            let body = try await request.body.collect(upTo: maxBodyBytes)
+            let state = MiddlewareCallState(
+                phase: .request, headers: request.headers.map { ($0.name.canonicalName, $0.value) }, body: body, bodyIsStream: false, status: 0)
+            for middleware in requestPhase {
+                invoke(middleware, middleware.onRequest!, state: state, request: request, context: context)
+                if let answer = state.shortCircuit {
+                    return Response(
+                        status: HTTPResponse.Status(code: answer.status), headers: Self.fields(answer.headers),
+                        body: .init(byteBuffer: answer.body))
+                }
+            }
+            var head = request.head
+            head.headerFields = Self.fields(state.headers)
+            request = Request(head: head, body: .init(buffer: state.body))
+        }
+
+        var response: Response
+        do {
+            response = try await next(request, context)
+        } catch {
+            // Response middleware see error responses too, in their final JSON form.
+            response = AccessLogMiddleware.response(for: error, request: request, context: context)
+        }
+        let responsePhase = applicable.filter { $0.onResponse != nil }.reversed()
+        guard !responsePhase.isEmpty else { return response }
+        let isStream = response.body.contentLength == nil
+        let body = isStream ? ByteBuffer() : try await Self.collect(response.body)
+        let state = MiddlewareCallState(
+            phase: .response, headers: response.headers.map { ($0.name.canonicalName, $0.value) }, body: body, bodyIsStream: isStream,
+            status: response.status.code)
+        for middleware in responsePhase {
+            invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
+        }
+        response.status = HTTPResponse.Status(code: state.status)
+        response.headers = Self.fields(state.headers)
+        if !isStream { response.body = .init(byteBuffer: state.body) }
+        return response
+    }
+
+    /// Calls one middleware function with a borrowed C view of the request or response.
+    private func invoke(
+        _ middleware: RegisteredMiddleware, _ function: gh_middleware_fn, state: MiddlewareCallState, request: Request, context: Context
+    ) {
+        middleware.instance.requestStarted()
+        defer { middleware.instance.requestFinished() }
+        let call = PluginCall(
+            method: request.method.rawValue, path: request.uri.path, query: request.uri.query ?? "", headers: state.headers,
+            body: state.phase == .request || !state.bodyIsStream ? state.body : ByteBuffer(), requestID: context.requestID)
+        let pointer = state.pointer
+        call.withCRequest { cRequest in
+            var message = gh_mw_message(
+                struct_size: UInt32(MemoryLayout<gh_mw_message>.size), method: cRequest.pointee.method, path: cRequest.pointee.path,
+                query: cRequest.pointee.query, headers: cRequest.pointee.headers, header_count: cRequest.pointee.header_count,
+                body: cRequest.pointee.body, request_id: cRequest.pointee.request_id,
+                status: state.phase == .response ? UInt16(clamping: state.status) : 0, body_is_stream: state.bodyIsStream ? 1 : 0)
+            function(middleware.context, &message, pointer)
+        }
+        middleware.instance.stats.middlewareInvoked(shortCircuited: state.shortCircuit != nil)
+    }
+
+    static func fields(_ pairs: [(String, String)]) -> HTTPFields {
+        var fields = HTTPFields()
+        for (name, value) in pairs {
+            if let fieldName = HTTPField.Name(name) { fields.append(HTTPField(name: fieldName, value: value)) }
+        }
+        return fields
+    }
+
+    /// Reads a fixed-length response body into one buffer.
+    static func collect(_ body: ResponseBody) async throws -> ByteBuffer {
+        let sink = CollectedBody()
+        try await body.write(CollectingWriter(sink: sink))
+        return sink.buffer
+    }
+}
+
+private final class CollectedBody: @unchecked Sendable {
+    var buffer = ByteBuffer()
+}
+
+private struct CollectingWriter: ResponseBodyWriter {
+    let sink: CollectedBody
+
+    mutating func write(_ buffer: ByteBuffer) async throws {
+        var buffer = buffer
+        sink.buffer.writeBuffer(&buffer)
+    }
+
+    consuming func finish(_ trailingHeaders: HTTPFields?) async throws {}
+}

