@@ -25,6 +25,8 @@ let package = Package(
         .library(name: "Host", targets: ["Host"]),
         .library(name: "PluginKit", targets: ["PluginKit"]),
         .library(name: "EchoPlugin", type: .dynamic, targets: ["Echo"]),
+        // Built for the integration tests only (loaded from a temporary plugins.d).
+        .library(name: "ServicesTestPlugin", type: .dynamic, targets: ["ServicesTestPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", exact: "2.28.1"),
@@ -75,6 +77,13 @@ let package = Package(
             name: "Echo",
             dependencies: ["PluginKit"],
             path: "Plugins/Echo",
+            swiftSettings: strictSwift,
+            linkerSettings: pluginLinkerSettings
+        ),
+        .target(
+            name: "ServicesTestPlugin",
+            dependencies: ["PluginKit"],
+            path: "Tests/Plugins/ServicesTestPlugin",
             swiftSettings: strictSwift,
             linkerSettings: pluginLinkerSettings
         ),

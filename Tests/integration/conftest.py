@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = ROOT / os.environ.get("GATEHOUSE_BUILD_DIR", ".build/debug")
 GATEHOUSE = BUILD_DIR / "gatehouse"
 ECHO_SO = BUILD_DIR / "libEchoPlugin.so"
+SERVICES_SO = BUILD_DIR / "libServicesTestPlugin.so"
+PLUGINS_SRC = Path(__file__).resolve().parent / "plugins"
 ABI_INCLUDE = ROOT / "Sources/PluginABI/include"
 EXPORTS_MAP = ROOT / "Plugins/plugin-exports.map"
 
@@ -134,6 +136,12 @@ def built():
 def c_echo_so(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cplugins") / "libecho_c.so"
     return compile_c_plugin(ROOT / "Plugins/EchoC/echo_c.c", out)
+
+
+@pytest.fixture(scope="session")
+def services_c_so(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cplugins") / "libservices_c.so"
+    return compile_c_plugin(PLUGINS_SRC / "services_c.c", out)
 
 
 @pytest.fixture

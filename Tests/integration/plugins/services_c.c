@@ -1,0 +1,154 @@
+/*
+ * services-c: a C test plugin exercising every ABI 1.1 host service.
+ * Routes under /v1/plugins/services-c:
+ *   POST /ask         LLM call, not streamed; answers with the gateway's chat.completion JSON
+ *   POST /ask-stream  LLM call, streamed; answers with the text chunks as they arrive
+ *   GET  /rewrite     answers "original"; its response middleware rewrites that answer
+ *   GET  /config      the effective config JSON
+ *   GET  /ping        counts pings in a custom counter, logs with structured fields
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gatehouse_plugin.h"
+
+static const gh_host_api *host;
+static gh_plugin *self_handle;
+static gh_metric *pings;
+
+static gh_bytes text(const char *s) {
+    gh_bytes b = {(const uint8_t *)s, strlen(s)};
+    return b;
+}
+
+static int is(gh_bytes b, const char *s) { return b.len == strlen(s) && memcmp(b.data, s, b.len) == 0; }
+
+/* Rewrites the answer of /rewrite: new status, a header, and the old body wrapped. */
+static void rewrite_response(void *context, const gh_mw_message *message, gh_mw_call *call) {
+    (void)context;
+    char body[256];
+    int n = snprintf(body, sizeof body, "rewritten(%d):%.*s", (int)message->status, (int)message->body.len,
+                     (const char *)message->body.data);
+    gh_bytes replaced = {(const uint8_t *)body, (size_t)n};
+    host->mw_set_body(call, replaced);
+    host->mw_set_status(call, 201);
+    host->mw_set_header(call, text("x-rewritten-by"), text("services-c"));
+}
+
+static int services_init(const gh_host_api *api, gh_plugin *self, void **state_out, char *error, size_t cap) {
+    host = api;
+    self_handle = self;
+    *state_out = NULL;
+    if (!GH_HAS_FIELD(api, gh_host_api, metric_set)) {
+        snprintf(error, cap, "host ABI %u.%u lacks the 1.1 services", api->abi_major, api->abi_minor);
+        return 1;
+    }
+    gh_middleware_spec spec = {
+        .struct_size = sizeof spec,
+        .name = "rewrite",
+        .priority = 5,
+        .scope = GH_SCOPE_PREFIX,
+        .path_prefix = "/v1/plugins/services-c/rewrite",
+        .on_request = NULL,
+        .on_response = rewrite_response,
+        .context = NULL,
+    };
+    if (host->middleware_register(self, &spec) != GH_OK) {
+        snprintf(error, cap, "middleware refused");
+        return 1;
+    }
+    pings = host->metric_declare(self, GH_METRIC_COUNTER, text("pings_total"), text("Pings answered by services-c."));
+    return pings ? 0 : 1;
+}
+
+static void answer_json(gh_exchange *exchange, uint16_t status, gh_bytes body) {
+    gh_header header = {text("content-type"), text("application/json")};
+    host->respond(exchange, status, &header, 1, body);
+}
+
+static void on_done_whole(void *context, gh_status status, uint16_t http_status, gh_bytes json, gh_bytes error) {
+    gh_exchange *exchange = context;
+    if (status == GH_OK) {
+        answer_json(exchange, 200, json);
+    } else {
+        gh_header header = {text("content-type"), text("text/plain")};
+        host->respond(exchange, http_status, &header, 1, error);
+    }
+}
+
+static void on_chunk(void *context, gh_bytes chunk_json, gh_bytes delta) {
+    (void)chunk_json;
+    if (delta.len > 0) host->respond_write((gh_exchange *)context, delta);
+}
+
+static void on_done_stream(void *context, gh_status status, uint16_t http_status, gh_bytes json, gh_bytes error) {
+    (void)json;
+    (void)http_status;
+    gh_exchange *exchange = context;
+    if (status != GH_OK) host->respond_write(exchange, error);
+    host->respond_finish(exchange);
+}
+
+/* Builds {"model":..., "messages":[{"role":"user","content":"<body>"}]}; the body is escaped. */
+static char *chat_request(const char *model, gh_bytes question) {
+    size_t cap = question.len * 6 + strlen(model) + 128;
+    char *out = malloc(cap), *p = out;
+    p += sprintf(p, "{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"", model);
+    for (size_t i = 0; i < question.len; i++) {
+        unsigned char c = question.data[i];
+        if (c == '"' || c == '\\') p += sprintf(p, "\\%c", c);
+        else if (c < 0x20) p += sprintf(p, "\\u%04x", c);
+        else *p++ = (char)c;
+    }
+    sprintf(p, "\"}]}");
+    return out;
+}
+
+static void services_handle(void *state, const gh_request *request, gh_exchange *exchange) {
+    (void)state;
+    if (is(request->path, "/ask") || is(request->path, "/ask-stream")) {
+        int streamed = is(request->path, "/ask-stream");
+        char *json = chat_request("llama3.2:1b", request->body);
+        if (streamed) {
+            gh_header header = {text("content-type"), text("text/plain")};
+            host->respond_start(exchange, 200, &header, 1);
+        }
+        host->llm_chat(self_handle, exchange, text(json), streamed ? on_chunk : NULL,
+                       streamed ? on_done_stream : on_done_whole, exchange);
+        free(json);
+        return;
+    }
+    if (is(request->path, "/rewrite")) {
+        host->respond(exchange, 200, NULL, 0, text("original"));
+        return;
+    }
+    if (is(request->path, "/config")) {
+        answer_json(exchange, 200, host->config_json(self_handle));
+        return;
+    }
+    if (is(request->path, "/ping")) {
+        host->metric_add(pings, 1);
+        gh_header fields[2] = {{text("kind"), text("ping")}, {text("language"), text("c")}};
+        host->log(self_handle, exchange, GH_LOG_INFO, text("pinged"), fields, 2);
+        host->respond(exchange, 200, NULL, 0, text("pong"));
+        return;
+    }
+    host->respond(exchange, 404, NULL, 0, text("no such route"));
+}
+
+static void services_shutdown(void *state) { (void)state; }
+
+static const gh_plugin_descriptor descriptor = {
+    .struct_size = sizeof(gh_plugin_descriptor),
+    .abi_major = GATEHOUSE_ABI_MAJOR,
+    .abi_minor = GATEHOUSE_ABI_MINOR,
+    .name = "services-c",
+    .version = "1.0.0",
+    .swift_toolchain = NULL,
+    .init = services_init,
+    .handle = services_handle,
+    .shutdown = services_shutdown,
+};
+
+const gh_plugin_descriptor *GATEHOUSE_PLUGIN_ENTRY(void) { return &descriptor; }
