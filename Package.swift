@@ -89,7 +89,7 @@ let package = Package(
         ),
         .testTarget(
             name: "HostTests",
-            dependencies: ["Host"],
+            dependencies: ["Host", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strictSwift
         ),
     ]

@@ -1,0 +1,127 @@
+// Unit tests for request validation, the OpenAI <-> Ollama translation and the stream parsers.
+import Foundation
+import NIOCore
+import Testing
+
+@testable import Host
+
+@Suite struct ChatRequestTests {
+    func parse(_ json: String) throws -> ChatRequest { try ChatRequest.parse(ByteBuffer(string: json)) }
+
+    @Test func acceptsAMinimalRequestAndReadsStreamFlags() throws {
+        let request = try parse(#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#)
+        #expect(request.model == "m" && request.stream && request.includeUsage)
+    }
+
+    @Test func temperatureZeroIsValidAndOneIsNotABoolean() throws {
+        #expect(throws: Never.self) { try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0}"#) }
+        #expect(throws: OpenAIError.self) { try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":1}"#) }
+    }
+
+    @Test func cacheKeyCoversSamplingParametersButNotDelivery() throws {
+        let base = try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0}"#)
+        let streamed = try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0,"stream":true}"#)
+        let warmer = try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.7}"#)
+        #expect(base.cacheKey(backend: "ollama") == streamed.cacheKey(backend: "ollama"))
+        #expect(base.cacheKey(backend: "ollama") != warmer.cacheKey(backend: "ollama"))
+        #expect(base.cacheKey(backend: "ollama") != base.cacheKey(backend: "openai"))
+    }
+}
+
+@Suite struct OllamaTranslationTests {
+    func object(_ data: Data) throws -> [String: Any] { try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any]) }
+
+    @Test func mapsSamplingParametersIntoOptions() throws {
+        let request = try ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0,"max_tokens":12,"stop":"END",
+             "top_p":0.5,"seed":3,"response_format":{"type":"json_object"}}
+            """))
+        let body = try object(OllamaBackend.translate(request, stream: true))
+        #expect(body["stream"] as? Bool == true)
+        #expect(body["format"] as? String == "json")
+        let options = try #require(body["options"] as? [String: Any])
+        #expect(options["temperature"] as? Int == 0)
+        #expect(options["num_predict"] as? Int == 12)
+        #expect(options["stop"] as? [String] == ["END"])
+        #expect(options["top_p"] as? Double == 0.5)
+        #expect(options["seed"] as? Int == 3)
+    }
+
+    @Test func convertsContentPartsImagesAndToolCalls() throws {
+        var names: [String: String] = [:]
+        let parts = OllamaBackend.convert(
+            ["role": "user", "content": [["type": "text", "text": "look"], ["type": "image_url", "image_url": ["url": "data:image/png;base64,AAAA"]]]],
+            toolNames: &names)
+        #expect(parts["content"] as? String == "look")
+        #expect(parts["images"] as? [String] == ["AAAA"])
+        let call = OllamaBackend.convert(
+            ["role": "assistant", "content": NSNull(), "tool_calls": [["id": "c1", "type": "function", "function": ["name": "f", "arguments": #"{"a":1}"#]]]],
+            toolNames: &names)
+        #expect(call["content"] as? String == "")
+        let function = try #require((call["tool_calls"] as? [[String: Any]])?.first?["function"] as? [String: Any])
+        #expect((function["arguments"] as? [String: Any])?["a"] as? Int == 1)
+        let result = OllamaBackend.convert(["role": "tool", "tool_call_id": "c1", "content": "42"], toolNames: &names)
+        #expect(result["tool_name"] as? String == "f")
+    }
+
+    @Test func streamTranslatorSendsRoleFirstThenContentThenFinishAndUsage() throws {
+        var translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: true)
+        let first = translator.events(for: ["message": ["role": "assistant", "content": "Hel"], "done": false])
+        let second = translator.events(for: ["message": ["role": "assistant", "content": "lo"], "done": false])
+        let last = translator.events(for: ["message": ["role": "assistant", "content": ""], "done": true, "done_reason": "length",
+                                           "prompt_eval_count": 7, "eval_count": 2])
+        func delta(_ event: ChatStreamEvent) throws -> [String: Any] {
+            guard case .chunk(let data) = event else { throw CancellationError() }
+            let chunk = try object(data)
+            return try #require(((chunk["choices"] as? [[String: Any]])?.first?["delta"]) as? [String: Any])
+        }
+        #expect(try delta(first[0])["role"] as? String == "assistant")
+        #expect(try delta(first[0])["content"] as? String == "Hel")
+        #expect(try delta(second[0])["role"] == nil)
+        #expect(last.count == 3)  // finish chunk, usage event, usage chunk
+        guard case .chunk(let finish) = last[0], case .usage(let prompt, let completion) = last[1] else {
+            Issue.record("unexpected events \(last)")
+            return
+        }
+        #expect(((try object(finish)["choices"] as? [[String: Any]])?.first?["finish_reason"]) as? String == "length")
+        #expect(prompt == 7 && completion == 2)
+    }
+}
+
+@Suite struct StreamParsingTests {
+    struct Chunks: AsyncSequence, Sendable {
+        typealias Element = ByteBuffer
+        let parts: [String]
+        struct AsyncIterator: AsyncIteratorProtocol {
+            var remaining: [String]
+            mutating func next() async -> ByteBuffer? { remaining.isEmpty ? nil : ByteBuffer(string: remaining.removeFirst()) }
+        }
+        func makeAsyncIterator() -> AsyncIterator { AsyncIterator(remaining: parts) }
+    }
+
+    @Test func ndjsonLinesSurviveArbitraryChunkBoundaries() async throws {
+        var lines: [String] = []
+        for try await line in NDJSONLines(Chunks(parts: ["{\"a\":", "1}\n{\"b\"", ":2}\r\n\n", "{\"c\":3}"])) {
+            lines.append(String(decoding: line, as: UTF8.self))
+        }
+        #expect(lines == [#"{"a":1}"#, "{\"b\":2}\r", #"{"c":3}"#])
+    }
+
+    @Test func sseDataEventsSkipCommentsAndEventLines() async throws {
+        let raw = ": keep-alive\n\nevent: message\ndata: {\"x\":1}\n\ndata:{\"y\":2}\r\n\ndata: [DONE]\n\n"
+        var payloads: [String] = []
+        for try await payload in SSEDataEvents(NDJSONLines(Chunks(parts: [raw]))) {
+            payloads.append(String(decoding: payload, as: UTF8.self))
+        }
+        #expect(payloads == [#"{"x":1}"#, #"{"y":2}"#, "[DONE]"])
+    }
+
+    @Test func openAIUsageOnlyChunksAreSwallowedUnlessAsked() throws {
+        let usageOnly = Data(#"{"id":"x","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":5}}"#.utf8)
+        let swallowed = try OpenAIBackend.events(for: usageOnly, forwardUsage: false)
+        #expect(swallowed.count == 1)
+        if case .usage(let prompt, let completion) = swallowed[0] { #expect(prompt == 4 && completion == 5) } else { Issue.record("no usage") }
+        #expect(try OpenAIBackend.events(for: usageOnly, forwardUsage: true).count == 2)
+        #expect(throws: OpenAIError.self) { try OpenAIBackend.events(for: Data(#"{"error":{"message":"boom"}}"#.utf8), forwardUsage: false) }
+    }
+}

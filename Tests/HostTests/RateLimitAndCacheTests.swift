@@ -1,0 +1,107 @@
+// Unit tests for the token bucket, the rate limiter and the response cache, with an injected clock.
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Host
+
+/// A clock the test moves by hand.
+final class ManualClock: Sendable {
+    private let time = Mutex(1000.0)
+    var now: Double { time.withLock { $0 } }
+    func advance(_ seconds: Double) { time.withLock { $0 += seconds } }
+}
+
+@Suite struct TokenBucketTests {
+    @Test func allowsABurstThenRefillsAtTheRate() {
+        var bucket = TokenBucket(rate: 2, burst: 3, now: 0)
+        #expect(bucket.take(now: 0) == nil)
+        #expect(bucket.take(now: 0) == nil)
+        #expect(bucket.take(now: 0) == nil)
+        let wait = bucket.take(now: 0)
+        #expect(wait == 0.5)  // one token at 2 per second
+        #expect(bucket.take(now: 0.25) == 0.25)
+        #expect(bucket.take(now: 0.5) == nil)
+        #expect(bucket.isFull(now: 10))
+    }
+
+    @Test func neverHoldsMoreThanTheBurst() {
+        var bucket = TokenBucket(rate: 100, burst: 2, now: 0)
+        #expect(bucket.take(now: 1000) == nil)
+        #expect(bucket.take(now: 1000) == nil)
+        #expect(bucket.take(now: 1000) != nil)
+    }
+}
+
+@Suite struct RateLimiterTests {
+    @Test func limitsEachClientSeparately() {
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 1, burst: 2, globalRate: nil, now: { clock.now })
+        #expect(limiter.check(client: "a") == nil)
+        #expect(limiter.check(client: "a") == nil)
+        #expect(limiter.check(client: "a") == 1)
+        #expect(limiter.check(client: "b") == nil)
+        clock.advance(1)
+        #expect(limiter.check(client: "a") == nil)
+    }
+
+    @Test func globalLimitAppliesAcrossClientsWithoutChargingTheRefusedClient() {
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 10, burst: 10, globalRate: 2, now: { clock.now })
+        #expect(limiter.check(client: "a") == nil)
+        #expect(limiter.check(client: "b") == nil)
+        #expect(limiter.check(client: "c") != nil)  // global bucket (burst 2) is empty
+        clock.advance(0.5)
+        #expect(limiter.check(client: "c") == nil)  // c's own token was given back
+    }
+}
+
+@Suite struct ResponseCacheTests {
+    func completion(_ text: String) -> ChatCompletion {
+        ChatCompletion(json: Data(#"{"text":"\#(text)"}"#.utf8), text: text, promptTokens: 1, completionTokens: 1)
+    }
+
+    @Test func expiresAfterTheTTL() {
+        let clock = ManualClock()
+        let cache = ResponseCache(limits: .init(maxEntries: 10, maxBytes: 10_000, ttl: 60), now: { clock.now })
+        cache.put("k", completion("v"))
+        #expect(cache.get("k")?.text == "v")
+        clock.advance(59)
+        #expect(cache.get("k")?.text == "v")
+        clock.advance(2)
+        #expect(cache.get("k") == nil)
+        #expect(cache.count == 0 && cache.bytes == 0)
+    }
+
+    @Test func evictsTheLeastRecentlyUsedBeyondMaxEntries() {
+        let cache = ResponseCache(limits: .init(maxEntries: 2, maxBytes: 10_000, ttl: 60))
+        cache.put("a", completion("1"))
+        cache.put("b", completion("2"))
+        _ = cache.get("a")  // a is now the most recently used
+        cache.put("c", completion("3"))
+        #expect(cache.get("b") == nil)
+        #expect(cache.get("a")?.text == "1")
+        #expect(cache.get("c")?.text == "3")
+        #expect(cache.count == 2)
+    }
+
+    @Test func staysWithinMaxBytes() {
+        let entry = completion(String(repeating: "x", count: 100))
+        let size = entry.json.count + entry.text.utf8.count + 1
+        let cache = ResponseCache(limits: .init(maxEntries: 100, maxBytes: size * 3, ttl: 60))
+        for key in ["a", "b", "c", "d", "e"] { cache.put(key, entry) }
+        #expect(cache.count == 3)
+        #expect(cache.bytes <= size * 3)
+        #expect(cache.get("a") == nil && cache.get("e") != nil)
+        cache.put("huge", completion(String(repeating: "y", count: size * 4)))
+        #expect(cache.get("huge") == nil)  // larger than the whole cache: not stored
+    }
+
+    @Test func replacingAKeyKeepsTheByteCountExact() {
+        let cache = ResponseCache(limits: .init(maxEntries: 10, maxBytes: 10_000, ttl: 60))
+        cache.put("k", completion("first"))
+        let once = cache.bytes
+        cache.put("k", completion("first"))
+        #expect(cache.bytes == once && cache.count == 1)
+    }
+}
