@@ -41,7 +41,7 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 
 # --n_threads 2: this machine's cores. Requests queue instead of cutting a running stream off.
-"$VENV/bin/python" -m llama_cpp.server --model "$MODEL" --host 127.0.0.1 --port "$LLM_PORT" \
+"$VENV/bin/python" -m llama_cpp.server --model "$MODEL" --model_alias smollm2 --host 127.0.0.1 --port "$LLM_PORT" \
     --n_ctx 2048 --n_threads 2 --interrupt_requests False >"$WORK/llm.log" 2>&1 &
 pids+=($!)
 GATEHOUSE_BACKEND=openai OLLAMA_HOST="http://127.0.0.1:$LLM_PORT" \
@@ -76,6 +76,13 @@ pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.crea
 streamed = "".join(pieces)
 print(f"stream ({time.monotonic() - started:.1f} s, {len(pieces)} chunks): {streamed!r}")
 assert streamed.strip(), "empty stream"
+# llama.cpp rejects content: null beside tool_calls; the gateway sends "" instead.
+follow_up = client.chat.completions.create(model=models[0], max_tokens=20, messages=[
+    {"role": "user", "content": "What time is it in UTC?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}])
+print("after a tool call (content null smoothed):", repr(follow_up.choices[0].message.content))
 try:
     client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "x"}], temperature=5)
 except openai.BadRequestError as error:
