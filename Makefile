@@ -9,7 +9,7 @@ VENV := .venv
 PLUGIN_CFLAGS := -shared -fPIC -O2 -Wall -Wextra -Werror -I Sources/PluginABI/include \
 	-Wl,--version-script=Plugins/plugin-exports.map -Wl,-Bsymbolic
 
-.PHONY: all deps test-deps build plugins run test unit integration venv check-exports clean
+.PHONY: all deps test-deps build plugins run test unit integration venv check-exports bench clean
 
 all: build plugins
 
@@ -53,6 +53,12 @@ integration: plugins venv
 	GATEHOUSE_BUILD_DIR=$(BIN) $(VENV)/bin/pytest -q Tests/integration
 
 test: test-deps check-exports unit integration
+
+# Benchmark (not a test): Gatehouse vs nginx proxy_pass in front of the same upstream.
+bench:
+	scripts/install-deps.sh bench
+	$(SWIFT) build -c release --product gatehouse
+	bench/run.sh
 
 clean:
 	rm -rf .build $(VENV) plugins.d/*/*.so

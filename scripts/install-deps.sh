@@ -7,7 +7,7 @@ purpose=${1:-run}
 packages=(zlib1g-dev libcurl4 gcc make)
 case "$purpose" in
     run) ;;
-    test) packages+=(prometheus) ;;          # promtool validates /metrics
+    test) packages+=(prometheus openssl) ;;  # promtool validates /metrics; openssl makes test certificates
     bench) packages+=(nginx-light wrk) ;;
     *) echo "usage: $0 [run|test|bench]" >&2; exit 2 ;;
 esac

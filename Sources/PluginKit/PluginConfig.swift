@@ -40,8 +40,9 @@ public enum JSONValue: Sendable, Hashable, Codable {
     }
 }
 
-/// The plugin's configuration object: manifest `config` defaults overridden by
-/// `plugins.<name>.config` in gatehouse.yaml.
+/// The plugin's configuration object: manifest `config` defaults, overridden by
+/// `plugins.<name>.config` in gatehouse.yaml, overridden by `GATEHOUSE_PLUGIN_<NAME>_<KEY>`
+/// environment variables.
 ///
 /// ```swift
 /// let greeting = context.config.string("greeting") ?? "hello"

@@ -54,14 +54,7 @@ extension PluginContext {
     public func chat(requestJSON: [UInt8]) async throws -> LLMReply {
         try requireLLM()
         return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<LLMReply, any Error>) in
-            let box = Unmanaged.passRetained(LLMCallBox(reply: continuation)).toOpaque()
-            let status = requestJSON.withUnsafeBufferPointer { bytes in
-                host.pointee.llm_chat(plugin, exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count), nil, llmDoneThunk, box)
-            }
-            if status != GH_OK {
-                Unmanaged<LLMCallBox>.fromOpaque(box).release()
-                continuation.resume(throwing: LLMError(status: 500, message: "the host refused the call (status \(status.rawValue))"))
-            }
+            if let refused = startLLMCall(requestJSON, box: LLMCallBox(reply: continuation)) { continuation.resume(throwing: refused) }
         }
     }
 
@@ -75,18 +68,24 @@ extension PluginContext {
         do {
             try requireLLM()
             let json = try Self.requestJSON(model: model, messages: messages, options: options)
-            let box = Unmanaged.passRetained(LLMCallBox(chunks: continuation)).toOpaque()
-            let status = json.withUnsafeBufferPointer { bytes in
-                host.pointee.llm_chat(plugin, exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count), llmChunkThunk, llmDoneThunk, box)
-            }
-            if status != GH_OK {
-                Unmanaged<LLMCallBox>.fromOpaque(box).release()
-                continuation.finish(throwing: LLMError(status: 500, message: "the host refused the call (status \(status.rawValue))"))
-            }
+            if let refused = startLLMCall(json, box: LLMCallBox(chunks: continuation)) { continuation.finish(throwing: refused) }
         } catch {
             continuation.finish(throwing: error)
         }
         return stream
+    }
+
+    /// Hands the call to the host; the box is released by the done callback, or here if the
+    /// host refuses (then the returned error says why).
+    private func startLLMCall(_ json: [UInt8], box: LLMCallBox) -> LLMError? {
+        let context = Unmanaged.passRetained(box).toOpaque()
+        let onChunk: gh_llm_chunk_fn? = box.chunks == nil ? nil : llmChunkThunk
+        let status = json.withUnsafeBufferPointer { bytes in
+            host.pointee.llm_chat(plugin, exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count), onChunk, llmDoneThunk, context)
+        }
+        guard status != GH_OK else { return nil }
+        Unmanaged<LLMCallBox>.fromOpaque(context).release()
+        return LLMError(status: 500, message: "the host refused the call (status \(status.rawValue))")
     }
 
     private func requireLLM() throws {

@@ -11,7 +11,7 @@ public struct PluginContext: @unchecked Sendable {
     let plugin: OpaquePointer
     let exchange: OpaquePointer?
 
-    /// The plugin's effective configuration: manifest defaults overridden by gatehouse.yaml.
+    /// The plugin's effective configuration: manifest defaults < gatehouse.yaml < environment.
     public let config: PluginConfig
 
     init(host: UnsafePointer<gh_host_api>, plugin: OpaquePointer, exchange: OpaquePointer?, config: PluginConfig) {

@@ -39,7 +39,8 @@ def test_non_streaming_chat_with_real_usage_and_mapped_parameters(gateway, fake_
         assert sent["messages"][1] == {"role": "user", "content": "hello there world"}
     else:
         (_, _, _, sent), = fake_llm.calls("/v1/chat/completions")
-        assert sent["temperature"] == 0 and sent["max_tokens"] == 50 and sent["stream"] is False
+        assert sent["temperature"] == 0 and sent["max_tokens"] == 50 and sent.get("stream", False) is False
+        assert sent["messages"][1] == {"role": "user", "content": "hello there world"}
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])

@@ -192,7 +192,7 @@ extension GatehouseConfig {
                 guard let name = key.string else { continue }
                 let path = "plugins.\(name)"
                 guard let entry = value.mapping else {
-                    reader.problem(path, value, "must be a mapping with 'enabled' and/or 'config'")
+                    reader.problem(path, value, "must be a mapping with any of 'enabled', 'config', 'rate_limit', 'timeout'")
                     continue
                 }
                 reader.checkKeys(entry, at: path, allowed: ["enabled", "config", "rate_limit", "timeout"])

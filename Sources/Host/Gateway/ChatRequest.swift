@@ -7,6 +7,9 @@ internal import NIOCore
 struct ChatRequest: @unchecked Sendable {
     /// The whole request object as the client sent it (JSON-compatible Foundation values).
     var body: [String: Any]
+    /// The request's JSON text as received, when it came over HTTP: backends that need no
+    /// change to it forward these bytes instead of serialising `body` again.
+    var raw: Data?
     var model: String
     var messages: [[String: Any]]
     var stream: Bool
@@ -25,7 +28,9 @@ struct ChatRequest: @unchecked Sendable {
         guard let body = object as? [String: Any] else {
             throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
         }
-        return try ChatRequest(body: body)
+        var request = try ChatRequest(body: body)
+        request.raw = Data(buffer.readableBytesView)
+        return request
     }
 
     /// Validates an already-decoded request object (also used for plugins' LLM calls).
@@ -77,13 +82,67 @@ struct ChatRequest: @unchecked Sendable {
     }
 
     /// Cache key over the model, messages and every sampling parameter: the whole request
-    /// except how it is delivered (`stream`, `stream_options`) and who asks (`user`).
+    /// except how it is delivered (`stream`, `stream_options`) and who asks (`user`), in a
+    /// canonical form (sorted keys), so a plugin's request and a client's with the same content
+    /// share an entry.
     func cacheKey(backend: String) -> String {
+        var canonical: [UInt8] = Array(backend.utf8)
+        canonical.append(0)
+        canonical.reserveCapacity(raw?.count ?? 256)
         var keyed = body
         for field in ["stream", "stream_options", "user"] { keyed.removeValue(forKey: field) }
-        keyed["__backend"] = backend
-        let canonical = (try? JSONSerialization.data(withJSONObject: keyed, options: [.sortedKeys])) ?? Data()
-        return SHA256.hash(data: canonical).map { String(format: "%02x", $0) }.joined()
+        CanonicalJSON.append(keyed, to: &canonical)
+        let hex = Array("0123456789abcdef".utf8)
+        var key: [UInt8] = []
+        key.reserveCapacity(64)
+        for byte in SHA256.hash(data: canonical) {
+            key.append(hex[Int(byte >> 4)])
+            key.append(hex[Int(byte & 0x0f)])
+        }
+        return String(decoding: key, as: UTF8.self)
+    }
+}
+
+/// A canonical byte form of decoded JSON (sorted keys, one spelling per number), for hashing.
+enum CanonicalJSON {
+    static func append(_ value: Any, to output: inout [UInt8]) {
+        switch value {
+        case let text as String:
+            output.append(UInt8(ascii: "\""))
+            for byte in text.utf8 {
+                if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") { output.append(UInt8(ascii: "\\")) }
+                output.append(byte)
+            }
+            output.append(UInt8(ascii: "\""))
+        case let object as [String: Any]:
+            output.append(UInt8(ascii: "{"))
+            for (index, key) in object.keys.sorted().enumerated() {
+                if index > 0 { output.append(UInt8(ascii: ",")) }
+                append(key, to: &output)
+                output.append(UInt8(ascii: ":"))
+                append(object[key]!, to: &output)
+            }
+            output.append(UInt8(ascii: "}"))
+        case let array as [Any]:
+            output.append(UInt8(ascii: "["))
+            for (index, element) in array.enumerated() {
+                if index > 0 { output.append(UInt8(ascii: ",")) }
+                append(element, to: &output)
+            }
+            output.append(UInt8(ascii: "]"))
+        case is NSNull:
+            output.append(contentsOf: "null".utf8)
+        default:
+            if let flag = JSONNumbers.bool(value) {
+                output.append(contentsOf: (flag ? "true" : "false").utf8)
+            } else if let number = JSONNumbers.double(value) {
+                // 1 and 1.0 are the same JSON number: spell integral values as integers.
+                let text = number == number.rounded() && abs(number) < 1e15 ? String(Int(number)) : String(number)
+                output.append(contentsOf: text.utf8)
+            } else {
+                output.append(contentsOf: String(describing: value).utf8)
+            }
+        }
     }
 }
 

@@ -47,6 +47,30 @@ final class UpstreamClient: Sendable {
         }
     }
 
+    /// Sends a request and returns the whole body of a 200 answer.
+    /// - Throws: `OpenAIError` for transport failures and for any other status (the upstream's
+    ///   own message kept), so every backend reports upstream trouble the same way.
+    func call(
+        _ method: HTTPMethod, _ path: String, json: Data? = nil, requestID: String, backend: String, timeout: Double? = nil
+    ) async throws -> ByteBuffer {
+        let response = try await send(method, path, json: json, requestID: requestID, timeout: timeout)
+        let body = try await collect(response, path: path)
+        guard response.status == .ok else {
+            throw Self.upstreamStatusError(status: Int(response.status.code), body: body, backend: backend)
+        }
+        return body
+    }
+
+    /// Sends a request whose answer is streamed; throws (before any byte) unless it is a 200.
+    func openStream(_ path: String, json: Data, requestID: String, backend: String) async throws -> HTTPClientResponse.Body {
+        let response = try await send(.POST, path, json: json, requestID: requestID)
+        guard response.status == .ok else {
+            let body = try await collect(response, path: path)
+            throw Self.upstreamStatusError(status: Int(response.status.code), body: body, backend: backend)
+        }
+        return response.body
+    }
+
     /// Reads a whole response body (bounded), mapping transport errors.
     func collect(_ response: HTTPClientResponse, path: String, limit: Int = 64 * 1024 * 1024) async throws -> ByteBuffer {
         do {

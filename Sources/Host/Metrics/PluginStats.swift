@@ -51,7 +51,8 @@ public final class PluginStats: Sendable {
         errorsCounter = registry.counter(name: "gatehouse_plugin_errors_total", labels: label, help: "Plugin requests that ended in a 5xx or a timeout.")
         latency = registry.histogram(name: "gatehouse_plugin_request_duration_seconds", labels: label, buckets: GatehouseMetrics.latencyBuckets,
             help: "Time until a plugin answered (head of the response).")
-        inFlightGauge = registry.gauge(name: "gatehouse_plugin_requests_in_flight", labels: label, help: "Plugin requests being served.")
+        inFlightGauge = registry.gauge(
+            name: "gatehouse_plugin_requests_in_flight", labels: label, help: "Plugin requests waiting for the plugin's answer (its head).")
         llmCallsCounter = registry.counter(name: "gatehouse_plugin_llm_calls_total", labels: label, help: "LLM calls made by the plugin.")
         llmErrorsCounter = registry.counter(name: "gatehouse_plugin_llm_errors_total", labels: label, help: "LLM calls made by the plugin that failed.")
         tokensInCounter = registry.counter(name: "gatehouse_plugin_llm_tokens_total", labels: label + [("direction", "prompt")], help: "LLM tokens used by the plugin.")
@@ -176,13 +177,17 @@ public final class PluginStats: Sendable {
     }
 
     /// Declares (or returns the already declared) custom metric `name`; nil if the name is
-    /// invalid or already declared with the other kind.
-    func declare(kind: CustomMetric.Kind, name: String, help: String) -> CustomMetric? {
+    /// invalid or already declared with the other kind, by this plugin or another.
+    /// - Parameter catalog: the process-wide kinds and help texts of custom metric names.
+    ///   Prometheus requires one type and one help text per metric name across all plugins.
+    func declare(kind: CustomMetric.Kind, name: String, help: String, catalog: CustomMetricCatalog) -> CustomMetric? {
         guard Self.isValidMetricName(name) else { return nil }
+        let fullName = "gatehouse_plugin_custom_\(name)"
+        guard let helpText = catalog.claim(fullName, kind: kind, help: help.isEmpty ? "Custom metric \(name) of a plugin." : help) else {
+            return nil
+        }
         return custom.withLock { metrics in
             if let existing = metrics[name] { return existing.kind == kind ? existing : nil }
-            let fullName = "gatehouse_plugin_custom_\(name)"
-            let helpText = help.isEmpty ? "Custom metric \(name) of a plugin." : help
             let metric =
                 switch kind {
                 case .counter:
@@ -224,5 +229,19 @@ public final class PluginStats: Sendable {
             "loads": totals.loads, "reloads": totals.reloads, "load_failures": totals.failures,
             "custom": customValues,
         ]
+    }
+}
+
+/// One kind and one help text per custom metric name, across every plugin.
+final class CustomMetricCatalog: Sendable {
+    private let entries = Mutex<[String: (kind: PluginStats.CustomMetric.Kind, help: String)]>([:])
+
+    /// The help text to use for `name`, or nil when it is already declared with another kind.
+    func claim(_ name: String, kind: PluginStats.CustomMetric.Kind, help: String) -> String? {
+        entries.withLock { entries in
+            if let existing = entries[name] { return existing.kind == kind ? existing.help : nil }
+            entries[name] = (kind, help)
+            return help
+        }
     }
 }

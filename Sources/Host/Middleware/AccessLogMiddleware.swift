@@ -26,12 +26,14 @@ public struct AccessLogMiddleware: RouterMiddleware {
             response = Self.response(for: error, request: request, context: context)
         }
         let elapsed = ContinuousClock.now - start
-        let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+        let microseconds = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
+        let fraction = String(microseconds % 1000)
         context.logger.info(
             "request",
             metadata: [
                 "method": .string(request.method.rawValue), "path": .string(request.uri.path),
-                "status": .stringConvertible(response.status.code), "latency_ms": .string(String(format: "%.3f", milliseconds)),
+                "status": .stringConvertible(response.status.code),
+                "latency_ms": .string("\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"),
             ])
         if let metrics {
             let route = context.endpointPath ?? "unmatched"

@@ -52,7 +52,9 @@ enum HostAPI {
                     return exchange.finish() ? GH_OK : GH_ERR_STATE
                 },
                 llm_chat: { plugin, exchangePointer, requestJSON, onChunk, onDone, context in
-                    guard let instance = PluginInstance.from(plugin), let onDone else { return GH_ERR_INVALID_ARGUMENT }
+                    guard let instance = PluginInstance.from(plugin), let onDone, requestJSON.data != nil || requestJSON.len == 0 else {
+                        return GH_ERR_INVALID_ARGUMENT
+                    }
                     let requestID = ExchangeTable.shared.lookup(exchangePointer)?.requestID
                         ?? "plugin-\(instance.manifest.name)-\(UUID().uuidString.lowercased())"
                     let json = requestJSON.len == 0 ? Data() : Data(bytes: requestJSON.data, count: requestJSON.len)
@@ -76,11 +78,11 @@ enum HostAPI {
                     return GH_OK
                 },
                 mw_set_body: { call, body in
-                    guard let state = MiddlewareCallState.from(call) else { return GH_ERR_INVALID_ARGUMENT }
+                    guard let state = MiddlewareCallState.from(call), body.data != nil || body.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
                     guard !state.bodyIsStream else { return GH_ERR_STATE }
                     state.body = ByteBuffer(body)
                     state.bodyChanged = true
-                    if state.phase == .response { state.removeHeader("content-length") }
+                    state.removeHeader("content-length")  // the server frames the new body itself
                     return GH_OK
                 },
                 mw_set_status: { call, status in
@@ -90,7 +92,9 @@ enum HostAPI {
                     return GH_OK
                 },
                 mw_respond: { call, status, headers, headerCount, body in
-                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status), headers != nil || headerCount == 0 else {
+                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status), headers != nil || headerCount == 0,
+                        body.data != nil || body.len == 0
+                    else {
                         return GH_ERR_INVALID_ARGUMENT
                     }
                     guard state.phase == .request, state.shortCircuit == nil else { return GH_ERR_STATE }
@@ -105,7 +109,7 @@ enum HostAPI {
                     case GH_METRIC_GAUGE: metricKind = .gauge
                     default: return nil
                     }
-                    guard let metric = instance.stats.declare(kind: metricKind, name: String(name), help: String(help)) else {
+                    guard let metric = instance.stats.declare(kind: metricKind, name: String(name), help: String(help), catalog: instance.services.customMetrics) else {
                         instance.logger.error("metric refused: invalid name or declared with another kind", metadata: ["metric": .string(String(name))])
                         return nil
                     }

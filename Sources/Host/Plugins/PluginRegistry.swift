@@ -5,8 +5,9 @@ internal import Synchronization
 
 /// Knows every plugin found in the plugins directory and routes requests to loaded ones.
 ///
-/// Dispatch goes through a table guarded by a lock and swapped at runtime (never routes baked
-/// into the HTTP router), so plugins can be loaded, replaced and removed while serving.
+/// Dispatch goes through a table guarded by a lock (never routes baked into the HTTP router),
+/// so a plugin's entry can change at runtime without touching the router. Today plugins are
+/// loaded once at start-up; the table is what a hot reload will swap.
 public final class PluginRegistry: Sendable {
     public enum State: String, Sendable {
         case loaded, disabled, failed
@@ -178,8 +179,9 @@ public final class PluginRegistry: Sendable {
 enum PluginConfigLayers {
     /// Merges the layers into one JSON object. Environment variables
     /// `GATEHOUSE_PLUGIN_<NAME>_<KEY>` (NAME upper-cased, '-' as '_') set top-level key
-    /// `<key>` (lower-cased); values that parse as JSON (numbers, booleans, objects) are
-    /// taken as such, anything else as a string.
+    /// `<key>` (lower-cased); values that parse as JSON (numbers, booleans, null, arrays,
+    /// objects, quoted strings) are taken as such, anything else as a plain string. Names that
+    /// are prefixes of others overlap: `hello` also reads `GATEHOUSE_PLUGIN_HELLO_C_*`.
     static func effective(defaults: Data, file: Data?, environment: [String: String], plugin: String) throws -> Data {
         var merged = merge(object(defaults), object(file ?? Data("{}".utf8)))
         let prefix = GatehouseConfig.pluginEnvironmentPrefix + plugin.uppercased().replacingOccurrences(of: "-", with: "_") + "_"

@@ -9,6 +9,7 @@ final class PluginServices: Sendable {
     let chat: ChatService?
     let middleware: MiddlewareTable
     let metrics: GatehouseMetrics
+    let customMetrics = CustomMetricCatalog()
     private let stats = Mutex<[String: PluginStats]>([:])
 
     init(chat: ChatService?, metrics: GatehouseMetrics) {

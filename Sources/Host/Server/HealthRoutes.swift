@@ -1,7 +1,7 @@
 // Liveness and readiness endpoints; exempt from authentication.
 internal import Hummingbird
 
-/// `/health`, `/health/live` and `/health/ready`.
+/// `/health` and `/health/live` (the upstream-dependent `/health/ready` is in GatewayRoutes).
 struct HealthRoutes {
     func register(on router: Router<GatehouseRequestContext>) {
         router.get("/health") { _, _ in

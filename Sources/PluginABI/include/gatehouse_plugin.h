@@ -27,8 +27,8 @@
  *     `shutdown` is called only after every exchange of this plugin has completed.
  *
  * Lifetime
- *   - Swift plugins are never unloaded (the Swift runtime keeps pointers into them);
- *     the host opens them with RTLD_NODELETE. A C plugin may be unloaded after shutdown.
+ *   - Libraries are never unloaded: the host opens every library with RTLD_NODELETE (a Swift
+ *     library must never be unmapped; the Swift runtime keeps pointers into it).
  *
  * Versions
  *   1.0  log, config, responding (streamed or whole)
@@ -168,7 +168,7 @@ typedef void (*gh_middleware_fn)(void *context, const gh_mw_message *message, gh
 /** What middleware_register installs. Copied by the host (strings too). */
 typedef struct gh_middleware_spec {
     uint32_t struct_size;
-    const char *name;             /* for logs and metrics, e.g. "require-header" */
+    const char *name;             /* for the host's log lines, e.g. "require-header" */
     int32_t priority;             /* lower runs first on requests; response functions run in reverse */
     gh_middleware_scope scope;
     const char *path_prefix;      /* GH_SCOPE_PREFIX only, e.g. "/v1/chat/" */
@@ -204,7 +204,8 @@ typedef struct gh_host_api {
 
     /**
      * The plugin's effective configuration as a JSON object (UTF-8): manifest defaults,
-     * overridden by `plugins.<name>.config` in gatehouse.yaml. Valid until shutdown returns.
+     * overridden by `plugins.<name>.config` in gatehouse.yaml, overridden by environment
+     * variables GATEHOUSE_PLUGIN_<NAME>_<KEY>. Valid until shutdown returns.
      */
     gh_bytes (*config_json)(gh_plugin *self);
 
@@ -230,8 +231,9 @@ typedef struct gh_host_api {
      * (copied). `exchange` may be NULL; when given, the call carries that request's id upstream.
      * With `on_chunk` NULL the call is not streamed (and may be answered from the cache);
      * otherwise chunks arrive through `on_chunk`. Returns GH_OK when the call was accepted, and
-     * then `on_done` fires exactly once; returns GH_ERR_INVALID_ARGUMENT (and never calls back)
-     * only when `on_done` is NULL. A pending call keeps the plugin version alive: its shutdown
+     * then `on_done` fires exactly once (invalid JSON is reported there, with http_status 400);
+     * returns GH_ERR_INVALID_ARGUMENT (and never calls back) when `self` or `on_done` is NULL or
+     * `request_json` has NULL data with a non-zero length. A pending call keeps the plugin version alive: its shutdown
      * waits for `on_done`.
      */
     gh_status (*llm_chat)(gh_plugin *self, gh_exchange *exchange, gh_bytes request_json, gh_llm_chunk_fn on_chunk,
@@ -247,7 +249,8 @@ typedef struct gh_host_api {
     gh_status (*mw_set_header)(gh_mw_call *call, gh_bytes name, gh_bytes value);
     /** Middleware: remove every value of header `name`. */
     gh_status (*mw_remove_header)(gh_mw_call *call, gh_bytes name);
-    /** Middleware: replace the body (GH_ERR_STATE for a streamed response body). */
+    /** Middleware: replace the body (GH_ERR_STATE for a streamed response body). Any
+     *  content-length header is dropped; the server frames the new body. */
     gh_status (*mw_set_body)(gh_mw_call *call, gh_bytes body);
     /** Response phase: replace the status code (100-599). */
     gh_status (*mw_set_status)(gh_mw_call *call, uint16_t status);
@@ -261,7 +264,9 @@ typedef struct gh_host_api {
     /**
      * Declare a custom metric, exported on /metrics as gatehouse_plugin_custom_<name> with a
      * label plugin="<plugin name>". `name` must match [a-z_][a-z0-9_]*; counters should end in
-     * "_total". Declaring the same name twice returns the same metric. NULL on invalid input.
+     * "_total". Declaring the same name and kind twice returns the same metric. NULL on an
+     * invalid name, or when the name is already declared (by any plugin) with the other kind.
+     * Plugins sharing a name share its help text: the first declaration's.
      */
     gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);
     /** Add `value` to a counter (value >= 0) or gauge. */
@@ -274,7 +279,8 @@ typedef struct gh_host_api {
  * Called once after loading. Store `host` and `self` for later calls; put your per-instance
  * state into *state_out (it is passed back to handle and shutdown). On failure return
  * non-zero and write a one-line reason into `error` (at most `error_capacity` bytes,
- * NUL-terminated); the host then refuses this version and keeps the previous one.
+ * NUL-terminated); the host then refuses this version (state "failed", with that reason), and
+ * any middleware it registered is removed.
  */
 typedef int (*gh_init_fn)(const gh_host_api *host, gh_plugin *self, void **state_out,
                           char *error, size_t error_capacity);

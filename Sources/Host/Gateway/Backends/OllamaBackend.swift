@@ -12,11 +12,7 @@ struct OllamaBackend: ChatBackend {
     var name: String { "ollama" }
 
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
-        let response = try await client.send(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID)
-        let body = try await client.collect(response, path: "/api/chat")
-        guard response.status == .ok else {
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
+        let body = try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name)
         guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
             throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
         }
@@ -38,11 +34,7 @@ struct OllamaBackend: ChatBackend {
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
-        let response = try await client.send(.POST, "/api/chat", json: Self.translate(request, stream: true), requestID: requestID)
-        guard response.status == .ok else {
-            let body = try await client.collect(response, path: "/api/chat")
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
+        let body = try await client.openStream("/api/chat", json: Self.translate(request, stream: true), requestID: requestID, backend: name)
         let id = OpenAIShapes.completionID()
         let created = OpenAIShapes.now()
         let client = self.client
@@ -50,7 +42,7 @@ struct OllamaBackend: ChatBackend {
             let task = Task {
                 var translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
                 do {
-                    for try await line in NDJSONLines(response.body) {
+                    for try await line in NDJSONLines(body) {
                         guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
                             throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
                         }
@@ -70,11 +62,7 @@ struct OllamaBackend: ChatBackend {
     }
 
     func models(requestID: String) async throws -> Data {
-        let response = try await client.send(.GET, "/api/tags", requestID: requestID, timeout: min(client.timeout, 30))
-        let body = try await client.collect(response, path: "/api/tags")
-        guard response.status == .ok else {
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
+        let body = try await client.call(.GET, "/api/tags", requestID: requestID, backend: name, timeout: min(client.timeout, 30))
         let tags = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any]) ?? [:]
         let models = (tags["models"] as? [[String: Any]] ?? []).map { model -> [String: Any] in
             let id = model["name"] as? String ?? model["model"] as? String ?? "unknown"
@@ -89,11 +77,7 @@ struct OllamaBackend: ChatBackend {
             throw OpenAIError(.badRequest, "embeddings need 'model' and 'input'", code: "invalid_request")
         }
         let ollamaBody = OpenAIShapes.data(["model": model, "input": input])
-        let response = try await client.send(.POST, "/api/embed", json: ollamaBody, requestID: requestID)
-        let reply = try await client.collect(response, path: "/api/embed")
-        guard response.status == .ok else {
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: reply, backend: name)
-        }
+        let reply = try await client.call(.POST, "/api/embed", json: ollamaBody, requestID: requestID, backend: name)
         let object = (try? JSONSerialization.jsonObject(with: Data(reply.readableBytesView)) as? [String: Any]) ?? [:]
         let vectors = object["embeddings"] as? [Any] ?? []
         let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
@@ -105,9 +89,7 @@ struct OllamaBackend: ChatBackend {
     }
 
     func checkReady(requestID: String) async throws {
-        let response = try await client.send(.GET, "/api/version", requestID: requestID, timeout: 3)
-        _ = try await client.collect(response, path: "/api/version")
-        guard response.status == .ok else { throw OpenAIError(.serviceUnavailable, "ollama answered HTTP \(response.status.code) to /api/version") }
+        _ = try await client.call(.GET, "/api/version", requestID: requestID, backend: name, timeout: 3)
     }
 
     // MARK: OpenAI -> Ollama

@@ -11,34 +11,41 @@ struct OpenAIBackend: ChatBackend {
     var name: String { "openai" }
 
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
-        let response = try await client.send(.POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID)
-        let body = try await client.collect(response, path: "/v1/chat/completions")
-        guard response.status == .ok else {
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
+        let body = try await client.call(
+            .POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
         let data = Data(body.readableBytesView)
-        guard let reply = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-            throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a JSON object", code: "upstream_invalid")
+        guard let reply = try? JSONDecoder().decode(CompletionSummary.self, from: data) else {
+            throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a chat completion", code: "upstream_invalid")
         }
-        let message = ((reply["choices"] as? [[String: Any]])?.first?["message"] as? [String: Any]) ?? [:]
-        let usage = reply["usage"] as? [String: Any] ?? [:]
         return ChatCompletion(
-            json: data, text: message["content"] as? String ?? "",
-            promptTokens: usage["prompt_tokens"].flatMap(JSONNumbers.int) ?? 0,
-            completionTokens: usage["completion_tokens"].flatMap(JSONNumbers.int) ?? 0)
+            json: data, text: reply.choices?.first?.message?.content ?? "", promptTokens: reply.usage?.prompt_tokens ?? 0,
+            completionTokens: reply.usage?.completion_tokens ?? 0)
+    }
+
+    /// The parts of a completion the gateway reads; the JSON itself passes through untouched.
+    private struct CompletionSummary: Decodable {
+        struct Choice: Decodable {
+            struct Message: Decodable { let content: String? }
+            let message: Message?
+        }
+
+        struct Usage: Decodable {
+            let prompt_tokens: Int?
+            let completion_tokens: Int?
+        }
+
+        let choices: [Choice]?
+        let usage: Usage?
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
-        let response = try await client.send(.POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID)
-        guard response.status == .ok else {
-            let body = try await client.collect(response, path: "/v1/chat/completions")
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
+        let body = try await client.openStream(
+            "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
         let client = self.client
         return AsyncThrowingStream { continuation in
             let task = Task {
                 do {
-                    for try await payload in SSEDataEvents(NDJSONLines(response.body)) {
+                    for try await payload in SSEDataEvents(NDJSONLines(body)) {
                         if payload == Self.done { break }
                         for event in try Self.events(for: payload, forwardUsage: request.includeUsage) { continuation.yield(event) }
                     }
@@ -78,31 +85,23 @@ struct OpenAIBackend: ChatBackend {
     }
 
     func models(requestID: String) async throws -> Data {
-        try await passThrough(.GET, "/v1/models", json: nil, requestID: requestID)
+        Data(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name).readableBytesView)
     }
 
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
-        try await passThrough(.POST, "/v1/embeddings", json: OpenAIShapes.data(body), requestID: requestID)
+        Data(try await client.call(.POST, "/v1/embeddings", json: OpenAIShapes.data(body), requestID: requestID, backend: name).readableBytesView)
     }
 
     func checkReady(requestID: String) async throws {
-        let response = try await client.send(.GET, "/v1/models", requestID: requestID, timeout: 3)
-        _ = try await client.collect(response, path: "/v1/models")
-        guard response.status == .ok else { throw OpenAIError(.serviceUnavailable, "openai upstream answered HTTP \(response.status.code) to /v1/models") }
-    }
-
-    private func passThrough(_ method: HTTPMethod, _ path: String, json: Data?, requestID: String) async throws -> Data {
-        let response = try await client.send(method, path, json: json, requestID: requestID)
-        let body = try await client.collect(response, path: path)
-        guard response.status == .ok else {
-            throw UpstreamClient.upstreamStatusError(status: Int(response.status.code), body: body, backend: name)
-        }
-        return Data(body.readableBytesView)
+        _ = try await client.call(.GET, "/v1/models", requestID: requestID, backend: name, timeout: 3)
     }
 
     /// The body sent upstream: the client's, with `stream` set, usage requested when streaming
     /// (so the gateway can count tokens), and `content: null` beside `tool_calls` sent as "".
+    /// When the client's own JSON text needs none of that (or only fields added at the front),
+    /// it is forwarded as is: re-serialising costs more than the rest of the proxying.
     static func upstreamBody(_ request: ChatRequest, stream: Bool) -> Data {
+        if let raw = request.raw, let forwarded = forwardable(raw, request: request, stream: stream) { return forwarded }
         var body = request.body
         body["stream"] = stream
         if stream {
@@ -113,12 +112,44 @@ struct OpenAIBackend: ChatBackend {
             body.removeValue(forKey: "stream_options")
         }
         body["messages"] = request.messages.map { message -> [String: Any] in
-            guard message["tool_calls"] != nil, message["content"] == nil || message["content"] is NSNull else { return message }
+            guard needsSmoothing(message) else { return message }
             var smoothed = message
             smoothed["content"] = ""
             return smoothed
         }
         return OpenAIShapes.data(body)
+    }
+}
+
+extension OpenAIBackend {
+    /// The client's bytes, possibly with fields spliced in after the opening brace, or nil when
+    /// the request must be rebuilt (a field to remove or rewrite, a message to smooth).
+    static func forwardable(_ raw: Data, request: ChatRequest, stream: Bool) -> Data? {
+        guard !request.messages.contains(where: needsSmoothing) else { return nil }
+        let clientStream = request.body["stream"].flatMap(JSONNumbers.bool)
+        var prefix = ""
+        if stream {
+            if clientStream == false { return nil }
+            if clientStream == nil { prefix += #""stream":true,"# }
+            if let options = request.body["stream_options"] {
+                guard let include = (options as? [String: Any])?["include_usage"], JSONNumbers.bool(include) == true else { return nil }
+            } else {
+                prefix += #""stream_options":{"include_usage":true},"#
+            }
+        } else if clientStream == true || request.body["stream_options"] != nil {
+            return nil
+        }
+        guard !prefix.isEmpty else { return raw }
+        guard let brace = raw.firstIndex(of: UInt8(ascii: "{")) else { return nil }
+        var spliced = Data(raw[...brace])
+        spliced.append(contentsOf: prefix.utf8)
+        spliced.append(contentsOf: raw[raw.index(after: brace)...])
+        return spliced
+    }
+
+    /// llama.cpp rejects `content: null` (or missing) beside `tool_calls`.
+    static func needsSmoothing(_ message: [String: Any]) -> Bool {
+        message["tool_calls"] != nil && (message["content"] == nil || message["content"] is NSNull)
     }
 }
 

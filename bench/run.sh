@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): the same tiny upstream measured directly, through nginx proxy_pass and
+# through Gatehouse, with wrk at several concurrencies, non-stream and stream. Prints req/s, p50,
+# p99 and Gatehouse/nginx ratios measured in this one run.
+# Usage: bench/run.sh [DURATION_SECONDS]   (needs a release build: make bench does it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${1:-10}
+GATEHOUSE=${GATEHOUSE_BIN:-.build/release/gatehouse}
+WORK=$(mktemp -d /tmp/gatehouse-bench-XXXXXX)
+UPSTREAM_JSON_PORT=19101
+UPSTREAM_SSE_PORT=19102
+NGINX_PORT=19103
+GATEHOUSE_PORT=19104
+[[ -x $GATEHOUSE ]] || { echo "bench: $GATEHOUSE missing; run make bench (builds release)"; exit 1; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [[ -f $WORK/nginx.pid ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}'
+SSE=""
+for word in Hello! How can I help you today?; do
+    SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"$word \"},\"finish_reason\":null}]}\n\n"
+done
+SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n"
+SSE+="data: [DONE]\n\n"
+
+# One nginx process: two canned upstreams (JSON, SSE) and the proxy_pass front for each.
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK;
+    proxy_temp_path $WORK;
+    keepalive_requests 1000000;
+    upstream json_upstream { server 127.0.0.1:$UPSTREAM_JSON_PORT; keepalive 128; }
+    upstream sse_upstream { server 127.0.0.1:$UPSTREAM_SSE_PORT; keepalive 128; }
+    server {
+        listen 127.0.0.1:$UPSTREAM_JSON_PORT;
+        location / { default_type application/json; return 200 '$COMPLETION'; }
+    }
+    server {
+        listen 127.0.0.1:$UPSTREAM_SSE_PORT;
+        location / { default_type text/event-stream; return 200 '$SSE'; }
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location /json/ { proxy_pass http://json_upstream/; proxy_http_version 1.1; proxy_set_header Connection ""; }
+        location /sse/ { proxy_pass http://sse_upstream/; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+    }
+}
+NGINX
+nginx -c "$WORK/nginx.conf"
+: >"$WORK/empty.yaml"
+
+cat >"$WORK/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = os.getenv("BENCH_BODY")
+done = function(summary, latency, requests)
+    io.write(string.format("RESULT %.1f %.3f %.3f %d %d\n", summary.requests / (summary.duration / 1e6),
+        latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status + summary.errors.connect
+        + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.requests))
+end
+LUA
+
+start_gatehouse() {  # $1 = upstream port
+    [[ ${#pids[@]} -gt 0 ]] && { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; }
+    GATEHOUSE_BACKEND=openai OLLAMA_HOST="http://127.0.0.1:$1" RATE_LIMIT_RPS=0 GATEHOUSE_CACHE_ENABLED=false \
+        "$GATEHOUSE" serve --port "$GATEHOUSE_PORT" --plugins-dir "$WORK" --config "$WORK/empty.yaml" >"$WORK/gatehouse.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health" >/dev/null && return; sleep 0.1; done
+    echo "bench: gatehouse did not start"; cat "$WORK/gatehouse.log"; exit 1
+}
+
+run() {  # $1 = url, $2 = connections -> "req/s p50 p99 errors requests"
+    local threads=$(( $2 < 2 ? 1 : 2 ))
+    wrk -t "$threads" -c "$2" -d "${DURATION}s" --latency -s "$WORK/post.lua" "$1" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+}
+
+printf "Gatehouse benchmark: %s, %s cores, %s s per run, %s\n" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$DURATION" "$(uname -m)"
+printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors
+for mode in json sse; do
+    if [[ $mode == json ]]; then
+        upstream=$UPSTREAM_JSON_PORT
+        export BENCH_BODY='{"model":"bench","messages":[{"role":"user","content":"Hello"}]}'
+    else
+        upstream=$UPSTREAM_SSE_PORT
+        export BENCH_BODY='{"model":"bench","messages":[{"role":"user","content":"Hello"}],"stream":true}'
+    fi
+    start_gatehouse "$upstream"
+    for conc in 1 16 64; do
+        read -r d_rps d_p50 d_p99 d_err _ < <(run "http://127.0.0.1:$upstream/v1/chat/completions" "$conc")
+        read -r n_rps n_p50 n_p99 n_err _ < <(run "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions" "$conc")
+        read -r g_rps g_p50 g_p99 g_err _ < <(run "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions" "$conc")
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" direct "$d_rps" "$d_p50" "$d_p99" "$d_err"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" nginx "$n_rps" "$n_p50" "$n_p99" "$n_err"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" gatehouse "$g_rps" "$g_p50" "$g_p99" "$g_err"
+        awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" 'BEGIN {
+            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f; added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms\n",
+                m, c, g / n, np - d, gp - d }'
+    done
+done
