@@ -4,10 +4,8 @@ internal import NIOCore
 
 /// A finished, non-streaming chat completion.
 struct ChatCompletion: Sendable {
-    /// The OpenAI-shaped `chat.completion` JSON to send to clients.
+    /// The OpenAI-shaped `chat.completion` JSON to send to clients (and to plugins).
     var json: Data
-    /// The assistant's text (what plugins get).
-    var text: String
     var promptTokens: Int
     var completionTokens: Int
 }

@@ -62,7 +62,7 @@ final class ResponseCache: Sendable {
     }
 
     func put(_ key: String, _ value: ChatCompletion) {
-        let size = value.json.count + value.text.utf8.count + key.utf8.count
+        let size = value.json.count + key.utf8.count
         guard size <= limits.maxBytes else { return }
         let node = Node(key: key, value: value, size: size, expires: now() + limits.ttl)
         state.withLock { state in

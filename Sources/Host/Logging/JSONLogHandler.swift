@@ -138,14 +138,18 @@ enum Redactor {
     static let sensitiveKeyParts = ["api_key", "apikey", "api-key", "authorization", "token", "secret", "password", "x-api-key"]
 
     static func redact(key: String, value: String) -> String {
-        let lowered = key.lowercased()
-        if sensitiveKeyParts.contains(where: { lowered.contains($0) }) { return "[REDACTED]" }
+        let lowered = Array(key.lowercased().utf8)
+        if sensitiveKeyBytes.contains(where: { lowered.firstRange(of: $0) != nil }) { return "[REDACTED]" }
         return redact(text: value)
     }
 
+    private static let sensitiveKeyBytes = sensitiveKeyParts.map { Array($0.utf8) }
+    private static let markers = ["bearer", "Bearer", "BEARER", "sk-"].map { Array($0.utf8) }
+
     /// Masks `Bearer <token>` and `sk-…` style keys inside free text.
     static func redact(text: String) -> String {
-        guard text.contains("Bearer") || text.contains("bearer") || text.contains("sk-") else { return text }
+        let bytes = Array(text.utf8)
+        guard markers.contains(where: { bytes.firstRange(of: $0) != nil }) else { return text }
         var result = text
         for pattern in [#"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"#, #"\bsk-[A-Za-z0-9_-]{6,}"#] {
             guard let regex = try? NSRegularExpression(pattern: pattern) else { continue }

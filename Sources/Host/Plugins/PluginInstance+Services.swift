@@ -80,7 +80,7 @@ extension PluginInstance {
             "choices": [["index": 0, "message": ["role": "assistant", "content": text], "finish_reason": finishReason]],
             "usage": OpenAIShapes.usage(prompt: usage.prompt, completion: usage.completion),
         ])
-        return ChatCompletion(json: json, text: text, promptTokens: usage.prompt, completionTokens: usage.completion)
+        return ChatCompletion(json: json, promptTokens: usage.prompt, completionTokens: usage.completion)
     }
 
     /// Installs a middleware from a plugin's spec (copied).

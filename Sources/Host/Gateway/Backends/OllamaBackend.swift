@@ -30,7 +30,7 @@ struct OllamaBackend: ChatBackend {
             "choices": [["index": 0, "message": assistant, "finish_reason": Self.finishReason(reply, hasToolCalls: !toolCalls.isEmpty)]],
             "usage": OpenAIShapes.usage(prompt: prompt, completion: completion),
         ])
-        return ChatCompletion(json: json, text: text, promptTokens: prompt, completionTokens: completion)
+        return ChatCompletion(json: json, promptTokens: prompt, completionTokens: completion)
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {

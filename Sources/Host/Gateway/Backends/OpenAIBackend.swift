@@ -14,28 +14,14 @@ struct OpenAIBackend: ChatBackend {
         let body = try await client.call(
             .POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
         let data = Data(body.readableBytesView)
-        guard let reply = try? JSONDecoder().decode(CompletionSummary.self, from: data) else {
-            throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a chat completion", code: "upstream_invalid")
+        guard data.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") else {
+            throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a JSON object", code: "upstream_invalid")
         }
+        // The JSON passes through untouched; only the token counts are read, by a scan rather
+        // than a full decode (which cost more than the rest of the proxying).
         return ChatCompletion(
-            json: data, text: reply.choices?.first?.message?.content ?? "", promptTokens: reply.usage?.prompt_tokens ?? 0,
-            completionTokens: reply.usage?.completion_tokens ?? 0)
-    }
-
-    /// The parts of a completion the gateway reads; the JSON itself passes through untouched.
-    private struct CompletionSummary: Decodable {
-        struct Choice: Decodable {
-            struct Message: Decodable { let content: String? }
-            let message: Message?
-        }
-
-        struct Usage: Decodable {
-            let prompt_tokens: Int?
-            let completion_tokens: Int?
-        }
-
-        let choices: [Choice]?
-        let usage: Usage?
+            json: data, promptTokens: JSONScan.integer(after: "prompt_tokens", in: data) ?? 0,
+            completionTokens: JSONScan.integer(after: "completion_tokens", in: data) ?? 0)
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
@@ -150,6 +136,25 @@ extension OpenAIBackend {
     /// llama.cpp rejects `content: null` (or missing) beside `tool_calls`.
     static func needsSmoothing(_ message: [String: Any]) -> Bool {
         message["tool_calls"] != nil && (message["content"] == nil || message["content"] is NSNull)
+    }
+}
+
+/// Reads one integer field out of JSON text without decoding the rest.
+enum JSONScan {
+    /// The integer value of the first `"key": <digits>` in `data`, if any.
+    static func integer(after key: String, in data: Data) -> Int? {
+        let needle = Array("\"\(key)\"".utf8)
+        guard let range = data.firstRange(of: needle) else { return nil }
+        var index = range.upperBound
+        while index < data.endIndex, data[index] == 0x20 || data[index] == UInt8(ascii: ":") { index += 1 }
+        var value = 0
+        var digits = 0
+        while index < data.endIndex, (0x30...0x39).contains(data[index]), digits < 18 {
+            value = value * 10 + Int(data[index] - 0x30)
+            digits += 1
+            index += 1
+        }
+        return digits > 0 ? value : nil
     }
 }
 
