@@ -125,3 +125,17 @@ import Testing
         #expect(throws: OpenAIError.self) { try OpenAIBackend.events(for: Data(#"{"error":{"message":"boom"}}"#.utf8), forwardUsage: false) }
     }
 }
+
+@Suite struct ByteSearchTests {
+    @Test func findsNeedlesAtEveryPosition() {
+        let data = Data("abcabd\"usage\":{\"prompt_tokens\": 12}".utf8)
+        #expect(ByteSearch.find(Array("abd".utf8), in: data) == 3)
+        #expect(ByteSearch.find(Array("a".utf8), in: data) == 0)
+        #expect(ByteSearch.find(Array("12}".utf8), in: data) == data.count - 3)
+        #expect(ByteSearch.find(Array("abe".utf8), in: data) == nil)
+        #expect(ByteSearch.find(Array("x".utf8), in: Data()) == nil)
+        #expect(JSONScan.integer(after: "prompt_tokens", in: data) == 12)
+        #expect(JSONScan.integer(after: "completion_tokens", in: data) == nil)
+        #expect(ByteSearch.contains(Array("key".utf8), in: "x-api-key"))
+    }
+}

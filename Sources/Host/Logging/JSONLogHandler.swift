@@ -138,8 +138,8 @@ enum Redactor {
     static let sensitiveKeyParts = ["api_key", "apikey", "api-key", "authorization", "token", "secret", "password", "x-api-key"]
 
     static func redact(key: String, value: String) -> String {
-        let lowered = Array(key.lowercased().utf8)
-        if sensitiveKeyBytes.contains(where: { lowered.firstRange(of: $0) != nil }) { return "[REDACTED]" }
+        let lowered = key.lowercased()
+        if sensitiveKeyBytes.contains(where: { ByteSearch.contains($0, in: lowered) }) { return "[REDACTED]" }
         return redact(text: value)
     }
 
@@ -148,8 +148,7 @@ enum Redactor {
 
     /// Masks `Bearer <token>` and `sk-…` style keys inside free text.
     static func redact(text: String) -> String {
-        let bytes = Array(text.utf8)
-        guard markers.contains(where: { bytes.firstRange(of: $0) != nil }) else { return text }
+        guard markers.contains(where: { ByteSearch.contains($0, in: text) }) else { return text }
         var result = text
         for pattern in [#"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"#, #"\bsk-[A-Za-z0-9_-]{6,}"#] {
             guard let regex = try? NSRegularExpression(pattern: pattern) else { continue }

@@ -45,16 +45,16 @@ struct OpenAIBackend: ChatBackend {
     }
 
     static let done = Data("[DONE]".utf8)
-    private static let usageMarker = Data(#""usage":{"#.utf8)
-    private static let spacedUsageMarker = Data(#""usage": {"#.utf8)
-    private static let errorMarker = Data(#""error""#.utf8)
+    private static let usageMarker = Array(#""usage":{"#.utf8)
+    private static let spacedUsageMarker = Array(#""usage": {"#.utf8)
+    private static let errorMarker = Array(#""error""#.utf8)
 
     /// Classifies one upstream SSE payload. Only payloads that carry usage or an error are
     /// parsed; ordinary chunks pass through as bytes. The usage-only chunk the gateway asked
     /// for is forwarded only if the client asked for it too.
     static func events(for payload: Data, forwardUsage: Bool) throws -> [ChatStreamEvent] {
-        let hasUsage = payload.range(of: usageMarker) != nil || payload.range(of: spacedUsageMarker) != nil
-        let hasError = payload.range(of: errorMarker) != nil
+        let hasUsage = ByteSearch.find(usageMarker, in: payload) != nil || ByteSearch.find(spacedUsageMarker, in: payload) != nil
+        let hasError = ByteSearch.find(errorMarker, in: payload) != nil
         guard hasUsage || hasError else { return [.chunk(payload)] }
         let object = (try? JSONSerialization.jsonObject(with: payload) as? [String: Any]) ?? [:]
         if let error = object["error"] {
@@ -144,8 +144,8 @@ enum JSONScan {
     /// The integer value of the first `"key": <digits>` in `data`, if any.
     static func integer(after key: String, in data: Data) -> Int? {
         let needle = Array("\"\(key)\"".utf8)
-        guard let range = data.firstRange(of: needle) else { return nil }
-        var index = range.upperBound
+        guard let offset = ByteSearch.find(needle, in: data) else { return nil }
+        var index = data.startIndex + offset + needle.count
         while index < data.endIndex, data[index] == 0x20 || data[index] == UInt8(ascii: ":") { index += 1 }
         var value = 0
         var digits = 0
