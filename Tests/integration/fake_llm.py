@@ -4,6 +4,7 @@ OpenAI's (SSE on /v1/chat/completions), recording every request it receives.
 The assistant "model" is deterministic: it answers "Echo: <last user text>", one token per word.
 Special model names change behaviour:
   slow-*        stream one token every 0.2 s
+  stall         stream two tokens, then send nothing for 30 s
   hang          never answer (for timeouts)
   missing       404 like Ollama/OpenAI for an unknown model
   broken        500 with an error body
@@ -170,9 +171,12 @@ class FakeLLM:
                                             "done": True, "done_reason": done_reason, "total_duration": 1000,
                                             "prompt_eval_count": prompt, "eval_count": len(tokens)})
                 self._start_chunked("application/x-ndjson")
-                for token in tokens:
+                for index, token in enumerate(tokens):
                     if model.startswith("slow"):
                         time.sleep(0.2)
+                    if model == "stall" and index == 2:
+                        time.sleep(30)
+                        return
                     line = {"model": model, "created_at": "2026-11-23T10:00:00Z",
                             "message": {"role": "assistant", "content": token}, "done": False}
                     self._chunk(json.dumps(line).encode() + b"\n")

@@ -248,6 +248,24 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm):
     assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": "ollama"}
 
 
+def test_streams_are_bounded_by_silence_not_by_total_length(gateway):
+    server = gateway(env={"TIMEOUT": "1s"})
+    body = {"messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}
+    # 9 tokens 0.2 s apart: 1.8 s in all, longer than the 1 s timeout, never silent for 1 s.
+    with server.client.stream("POST", "/v1/chat/completions", json={**body, "model": "slow-long"}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    text = "".join(json.loads(l[6:])["choices"][0]["delta"].get("content") or "" for l in lines[:-1])
+    assert text == "Echo: a b c d e f g h" and lines[-1] == "data: [DONE]"
+    # Two tokens, then silence: the stream ends with an error event after 1 s, then [DONE].
+    started = time.monotonic()
+    with server.client.stream("POST", "/v1/chat/completions", json={**body, "model": "stall"}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert time.monotonic() - started < 10
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "upstream_timeout" and "sent nothing for 1 s" in error["message"]
+    assert lines[-1] == "data: [DONE]"
+
+
 def test_tls_with_a_self_signed_certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

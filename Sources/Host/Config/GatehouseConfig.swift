@@ -32,7 +32,8 @@ public struct GatehouseConfig: Sendable {
         public var url = "http://127.0.0.1:11434"
         /// Sent as `Authorization: Bearer` to OpenAI-compatible backends.
         public var apiKey: String?
-        /// Whole-request timeout for upstream calls, seconds.
+        /// Seconds: the deadline of a non-streamed upstream call, and the longest silence allowed
+        /// between the chunks of a stream (whose total length is capped at an hour).
         public var timeout = 300.0
         public var connectTimeout = 5.0
     }

@@ -15,7 +15,9 @@ final class UpstreamClient: Sendable {
 
     init(config: GatehouseConfig.Upstream) {
         var configuration = HTTPClient.Configuration()
-        configuration.timeout = .init(connect: .milliseconds(Int64(config.connectTimeout * 1000)), read: nil)
+        // `read` is an idle timeout between reads: a stream may run long, but not stall.
+        configuration.timeout = .init(
+            connect: .milliseconds(Int64(config.connectTimeout * 1000)), read: .milliseconds(Int64(config.timeout * 1000)))
         configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
         configuration.httpVersion = .http1Only
         http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
@@ -61,9 +63,14 @@ final class UpstreamClient: Sendable {
         return body
     }
 
+    /// The longest a streamed answer may last in total. Streams are bounded by `timeout`
+    /// between chunks (the read timeout) rather than by a whole-request deadline, so a long
+    /// generation is not cut off while it is still producing tokens.
+    static let streamDeadline = 3600.0
+
     /// Sends a request whose answer is streamed; throws (before any byte) unless it is a 200.
     func openStream(_ path: String, json: Data, requestID: String, backend: String) async throws -> HTTPClientResponse.Body {
-        let response = try await send(.POST, path, json: json, requestID: requestID)
+        let response = try await send(.POST, path, json: json, requestID: requestID, timeout: max(timeout, Self.streamDeadline))
         guard response.status == .ok else {
             let body = try await collect(response, path: path)
             throw Self.upstreamStatusError(status: Int(response.status.code), body: body, backend: backend)
@@ -86,8 +93,10 @@ final class UpstreamClient: Sendable {
         let target = "\(baseURL)\(path)"
         if let error = error as? HTTPClientError {
             switch error {
-            case .deadlineExceeded, .readTimeout:
+            case .deadlineExceeded:
                 return OpenAIError(.gatewayTimeout, "upstream did not answer within \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
+            case .readTimeout:
+                return OpenAIError(.gatewayTimeout, "upstream sent nothing for \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
             case .connectTimeout:
                 return OpenAIError(.badGateway, "upstream unreachable: connect timed out (\(target))", code: "upstream_unreachable")
             case .remoteConnectionClosed:
