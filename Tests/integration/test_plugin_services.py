@@ -133,6 +133,16 @@ def test_middleware_goes_away_with_its_plugin(services):
     assert server.client.post("/v1/chat/completions", json=body).status_code == 200
 
 
+def test_middleware_of_a_plugin_whose_init_fails_is_removed(gateway, plugins_dir, tmp_path):
+    failing = compile_c_plugin(PLUGINS_SRC / "services_c.c", tmp_path / "failing.so", "FAIL_AFTER_MIDDLEWARE")
+    plugins_dir.add(C, failing)
+    server = gateway()
+    assert server.plugins()[C]["error"] == "init failed: failing after registering middleware"
+    response = server.client.get(f"/v1/plugins/{C}/rewrite")
+    assert response.status_code == 404  # its rewrite middleware (which sets 201) is gone
+    assert "x-rewritten-by" not in response.headers
+
+
 def test_response_middleware_rewrites_status_headers_and_body(services):
     server = services()
     response = server.client.get(f"/v1/plugins/{C}/rewrite")

@@ -6,6 +6,7 @@
  *   GET  /rewrite     answers "original"; its response middleware rewrites that answer
  *   GET  /config      the effective config JSON
  *   GET  /ping        counts pings in a custom counter, logs with structured fields
+ * -DFAIL_AFTER_MIDDLEWARE: init registers its middleware, then fails (the host must drop it).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,10 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         return 1;
     }
     pings = host->metric_declare(self, GH_METRIC_COUNTER, text("pings_total"), text("Pings answered by services-c."));
+#ifdef FAIL_AFTER_MIDDLEWARE
+    snprintf(error, cap, "failing after registering middleware");
+    return 1;
+#endif
     return pings ? 0 : 1;
 }
 
