@@ -111,6 +111,7 @@ public final class PluginStats: Sendable {
         if completionTokens > 0 { tokensOutCounter.increment(by: Int64(completionTokens)) }
     }
 
+    /// Counts one MCP tool call made for the plugin (wired up by the MCP tool manager).
     func toolCall() {
         totals.withLock { $0.toolCalls += 1 }
         toolCallsCounter.increment()

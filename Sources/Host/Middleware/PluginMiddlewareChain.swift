@@ -14,7 +14,6 @@ final class MiddlewareCallState {
     var headers: [(String, String)]
     var body: ByteBuffer
     let bodyIsStream: Bool
-    var bodyChanged = false
     var status: Int
     /// Set by `mw_respond`: the request is answered without reaching the route.
     var shortCircuit: (status: Int, headers: [(String, String)], body: ByteBuffer)?

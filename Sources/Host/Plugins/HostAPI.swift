@@ -81,7 +81,6 @@ enum HostAPI {
                     guard let state = MiddlewareCallState.from(call), body.data != nil || body.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
                     guard !state.bodyIsStream else { return GH_ERR_STATE }
                     state.body = ByteBuffer(body)
-                    state.bodyChanged = true
                     state.removeHeader("content-length")  // the server frames the new body itself
                     return GH_OK
                 },
