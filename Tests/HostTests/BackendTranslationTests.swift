@@ -65,7 +65,7 @@ import Testing
     }
 
     @Test func streamTranslatorSendsRoleFirstThenContentThenFinishAndUsage() throws {
-        var translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: true)
+        let translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: true)
         let first = translator.events(for: ["message": ["role": "assistant", "content": "Hel"], "done": false])
         let second = translator.events(for: ["message": ["role": "assistant", "content": "lo"], "done": false])
         let last = translator.events(for: ["message": ["role": "assistant", "content": ""], "done": true, "done_reason": "length",

@@ -50,20 +50,12 @@ final class ChatService: Sendable {
         let events = try await backend.stream(request, requestID: requestID)
         guard let metrics else { return events }
         let backendName = backend.name
-        return AsyncThrowingStream { continuation in
-            let task = Task {
-                do {
-                    for try await event in events {
-                        if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }
-                        continuation.yield(event)
-                    }
-                    metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started)
-                    continuation.finish()
-                } catch {
-                    continuation.finish(throwing: error)
-                }
-            }
-            continuation.onTermination = { _ in task.cancel() }
-        }
+        return EventPump(
+            events.makeAsyncIterator(), mapError: { $0 },
+            onFinish: { metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started) }
+        ) { event in
+            if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }
+            return ([event], false)
+        }.stream
     }
 }

@@ -38,27 +38,16 @@ struct OllamaBackend: ChatBackend {
         let id = OpenAIShapes.completionID()
         let created = OpenAIShapes.now()
         let client = self.client
-        return AsyncThrowingStream { continuation in
-            let task = Task {
-                var translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
-                do {
-                    for try await line in NDJSONLines(body) {
-                        guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
-                            throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
-                        }
-                        if let error = object["error"] as? String {
-                            throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error")
-                        }
-                        for event in translator.events(for: object) { continuation.yield(event) }
-                        if JSONNumbers.bool(object["done"] ?? false) == true { break }
-                    }
-                    continuation.finish()
-                } catch {
-                    continuation.finish(throwing: client.map(error, path: "/api/chat"))
-                }
+        let translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
+        return EventPump(NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/chat") }) { line in
+            guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
+                throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
             }
-            continuation.onTermination = { _ in task.cancel() }
-        }
+            if let error = object["error"] as? String {
+                throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error")
+            }
+            return (translator.events(for: object), JSONNumbers.bool(object["done"] ?? false) == true)
+        }.stream
     }
 
     func models(requestID: String) async throws -> Data {
@@ -184,7 +173,8 @@ struct OllamaBackend: ChatBackend {
     }
 
     /// Turns Ollama stream lines into OpenAI chunks, remembering what was already sent.
-    struct StreamTranslator {
+    /// Used by one stream's consumer at a time.
+    final class StreamTranslator: @unchecked Sendable {
         let id: String
         let created: Int
         let model: String
@@ -194,7 +184,14 @@ struct OllamaBackend: ChatBackend {
         var sawToolCalls = false
         var toolIndex = 0
 
-        mutating func events(for line: [String: Any]) -> [ChatStreamEvent] {
+        init(id: String, created: Int, model: String, includeUsage: Bool) {
+            self.id = id
+            self.created = created
+            self.model = model
+            self.includeUsage = includeUsage
+        }
+
+        func events(for line: [String: Any]) -> [ChatStreamEvent] {
             var events: [ChatStreamEvent] = []
             let message = line["message"] as? [String: Any] ?? [:]
             var delta: [String: Any] = [:]

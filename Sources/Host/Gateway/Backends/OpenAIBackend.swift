@@ -28,20 +28,11 @@ struct OpenAIBackend: ChatBackend {
         let body = try await client.openStream(
             "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
         let client = self.client
-        return AsyncThrowingStream { continuation in
-            let task = Task {
-                do {
-                    for try await payload in SSEDataEvents(NDJSONLines(body)) {
-                        if payload == Self.done { break }
-                        for event in try Self.events(for: payload, forwardUsage: request.includeUsage) { continuation.yield(event) }
-                    }
-                    continuation.finish()
-                } catch {
-                    continuation.finish(throwing: client.map(error, path: "/v1/chat/completions"))
-                }
-            }
-            continuation.onTermination = { _ in task.cancel() }
-        }
+        let forwardUsage = request.includeUsage
+        return EventPump(SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: "/v1/chat/completions") }) {
+            payload in
+            payload == Self.done ? ([], true) : (try Self.events(for: payload, forwardUsage: forwardUsage), false)
+        }.stream
     }
 
     static let done = Data("[DONE]".utf8)
