@@ -106,10 +106,9 @@ public struct RateLimitMiddleware: RouterMiddleware {
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         guard !AuthMiddleware.isExempt(request.uri.path) else { return try await next(request, context) }
         if let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
-            let seconds = max(1, Int(wait.rounded(.up)))
-            var error = OpenAIError(.tooManyRequests, "rate limit exceeded (\(Self.format(limiter.rate)) requests/s); retry after \(seconds) s", code: "rate_limit_exceeded")
-            error.headers[.retryAfter] = String(seconds)
-            throw error
+            throw OpenAIError.rateLimited(wait: wait, code: "rate_limit_exceeded") {
+                "rate limit exceeded (\(Self.format(limiter.rate)) requests/s); retry after \($0) s"
+            }
         }
         return try await next(request, context)
     }

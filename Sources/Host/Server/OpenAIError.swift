@@ -19,6 +19,15 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         self.code = code
     }
 
+    /// A 429 with `Retry-After` rounded up to whole seconds (at least 1).
+    /// - Parameter message: builds the message from those seconds.
+    static func rateLimited(wait: Double, code: String, message: (Int) -> String) -> OpenAIError {
+        let seconds = max(1, Int(wait.rounded(.up)))
+        var error = OpenAIError(.tooManyRequests, message(seconds), code: code)
+        error.headers[.retryAfter] = String(seconds)
+        return error
+    }
+
     static func defaultType(for status: HTTPResponse.Status) -> String {
         switch status.code {
         case 400, 413, 422: "invalid_request_error"

@@ -46,12 +46,8 @@ struct PluginRoutes {
         }
         if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
             instance.requestFinished()
-            let seconds = max(1, Int(wait.rounded(.up)))
-            var error = OpenAIError(
-                .tooManyRequests, "plugin \(name) allows \(RateLimitMiddleware.format(limiter.rate)) requests/s; retry after \(seconds) s",
-                code: "plugin_rate_limit_exceeded")
-            error.headers[.retryAfter] = String(seconds)
-            throw error
+            throw OpenAIError.rateLimited(
+                wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimitMiddleware.format(limiter.rate)) requests/s; retry after \($0) s" }
         }
         var headers: [(String, String)] = []
         headers.reserveCapacity(request.headers.count)
