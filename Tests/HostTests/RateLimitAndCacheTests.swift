@@ -105,3 +105,15 @@ final class ManualClock: Sendable {
         #expect(cache.bytes == once && cache.count == 1)
     }
 }
+
+@Suite struct RateLimiterPruningTests {
+    @Test func idleClientsAreForgottenOnceTheTableIsLarge() {
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 1, burst: 1, globalRate: nil, now: { clock.now })
+        for index in 0...10_000 { #expect(limiter.check(client: "c\(index)") == nil) }
+        #expect(limiter.check(client: "c0") != nil)  // still remembered: its bucket is empty
+        clock.advance(2)  // every bucket refills, so every client is idle
+        #expect(limiter.check(client: "new") == nil)  // the table is pruned here
+        #expect(limiter.trackedClients == 1)
+    }
+}

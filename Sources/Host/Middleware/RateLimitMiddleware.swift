@@ -50,6 +50,7 @@ final class RateLimiter: Sendable {
     private struct State {
         var clients: [String: TokenBucket] = [:]
         var global: TokenBucket?
+        var lastPrune = 0.0
     }
 
     let rate: Double
@@ -67,6 +68,9 @@ final class RateLimiter: Sendable {
         let global = globalRate.map { TokenBucket(rate: $0, burst: max(1, $0), now: start) }
         state = Mutex(State(global: global))
     }
+
+    /// How many clients have a bucket (for tests and diagnostics).
+    var trackedClients: Int { state.withLock { $0.clients.count } }
 
     /// Returns nil when `client` may proceed, else the seconds to wait.
     func check(client: String) -> Double? {
@@ -86,7 +90,10 @@ final class RateLimiter: Sendable {
                 state.global = global
             }
             state.clients[client] = bucket
-            if state.clients.count > pruneThreshold {
+            // Forget idle clients, at most once a second so many active ones cannot make every
+            // request pay for a scan.
+            if state.clients.count > pruneThreshold, time - state.lastPrune >= 1 {
+                state.lastPrune = time
                 state.clients = state.clients.filter { !$0.value.isFull(now: time) }
             }
             return nil
