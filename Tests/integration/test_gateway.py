@@ -158,6 +158,7 @@ def test_rate_limit_answers_429_with_retry_after(gateway):
             client.models.list()
     assert limited_error.value.status_code == 429
     assert server.client.get("/health/live").status_code == 200  # never limited
+    assert server.client.head("/health").status_code == 200 and server.client.head("/health/live").status_code == 200
     time.sleep(2.1)
     assert server.client.get("/v1/models").status_code == 200  # refilled
 

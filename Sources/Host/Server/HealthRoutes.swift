@@ -10,5 +10,9 @@ struct HealthRoutes {
         router.get("/health/live") { _, _ in
             try PluginRoutes.jsonResponse(["status": "ok"])
         }
+        // Load balancers often probe with HEAD.
+        for path in ["/health", "/health/live"] {
+            router.head(RouterPath(path)) { _, _ in Response(status: .ok) }
+        }
     }
 }
