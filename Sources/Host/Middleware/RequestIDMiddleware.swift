@@ -15,15 +15,11 @@ public struct RequestIDMiddleware: RouterMiddleware {
         context.requestID = id
         context.logger[metadataKey: "request_id"] = .string(id)
         context.logger[metadataKey: "hb.request.id"] = nil
-        do {
-            var response = try await next(request, context)
-            response.headers[.requestID] = id
-            return response
-        } catch let error as any HTTPResponseError {
-            var response = try error.response(from: request, context: context)
-            response.headers[.requestID] = id
-            return response
-        }
+        // AccessLogMiddleware (next in line) turns every error into a response, so this sees
+        // only responses.
+        var response = try await next(request, context)
+        response.headers[.requestID] = id
+        return response
     }
 
     /// Ids are echoed into headers and logs: accept only short, printable, header-safe ones.

@@ -26,7 +26,7 @@ struct GatewayRoutes {
                 body: .init(byteBuffer: ByteBuffer(data: completion.json)))
         }
         router.get("/v1/models") { _, context in
-            try Self.json(await chat.backend.models(requestID: context.requestID))
+            Response.json(try await chat.backend.models(requestID: context.requestID))
         }
         router.post("/v1/embeddings") { request, context in
             let body = try await request.body.collect(upTo: maxBodyBytes)
@@ -35,15 +35,15 @@ struct GatewayRoutes {
             }
             guard object["model"] is String else { throw OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model") }
             guard object["input"] != nil else { throw OpenAIError(.badRequest, "missing required field 'input'", code: "missing_input") }
-            return try Self.json(await chat.backend.embeddings(object, requestID: context.requestID))
+            return Response.json(try await chat.backend.embeddings(object, requestID: context.requestID))
         }
         router.get("/health/ready") { _, context in
             do {
                 try await chat.backend.checkReady(requestID: context.requestID)
-                return try PluginRoutes.jsonResponse(["status": "ready", "backend": chat.backend.name])
+                return try Response.json(object: ["status": "ready", "backend": chat.backend.name])
             } catch {
                 let reason = (error as? OpenAIError)?.message ?? String(describing: error)
-                return try PluginRoutes.jsonResponse(["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
+                return try Response.json(object: ["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
             }
         }
     }
@@ -81,9 +81,5 @@ struct GatewayRoutes {
             status: .ok,
             headers: [.contentType: "text/event-stream", .cacheControl: "no-cache", Self.cacheHeader: "BYPASS"],
             body: body)
-    }
-
-    static func json(_ data: Data) throws -> Response {
-        Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
     }
 }

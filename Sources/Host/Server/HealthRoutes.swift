@@ -5,10 +5,10 @@ internal import Hummingbird
 struct HealthRoutes {
     func register(on router: Router<GatehouseRequestContext>) {
         router.get("/health") { _, _ in
-            try PluginRoutes.jsonResponse(["status": "ok"])
+            try Response.json(object: ["status": "ok"])
         }
         router.get("/health/live") { _, _ in
-            try PluginRoutes.jsonResponse(["status": "ok"])
+            try Response.json(object: ["status": "ok"])
         }
         // Load balancers often probe with HEAD.
         for path in ["/health", "/health/live"] {

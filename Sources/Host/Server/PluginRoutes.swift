@@ -16,7 +16,7 @@ struct PluginRoutes {
     func register(on router: Router<GatehouseRequestContext>) {
         router.get("/v1/plugins") { _, _ in
             let list = registry.statuses().map(Self.json)
-            return try Self.jsonResponse(["object": "list", "data": list])
+            return try Response.json(object: ["object": "list", "data": list])
         }
         router.get("/v1/plugins/:name") { _, context in
             let name = try context.parameters.require("name")
@@ -25,7 +25,7 @@ struct PluginRoutes {
             }
             var object = Self.json(status)
             object["metrics"] = registry.stats(for: name).summary()
-            return try Self.jsonResponse(object)
+            return try Response.json(object: object)
         }
         for method in Self.dispatchMethods {
             router.on("/v1/plugins/:name/**", method: method) { request, context in
@@ -111,8 +111,4 @@ struct PluginRoutes {
         return object
     }
 
-    static func jsonResponse(_ object: Any, status: HTTPResponse.Status = .ok) throws -> Response {
-        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
-        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
-    }
 }
