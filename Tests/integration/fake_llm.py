@@ -9,6 +9,7 @@ Special model names change behaviour:
   missing       404 like Ollama/OpenAI for an unknown model
   broken        500 with an error body
   tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
+  split         (OpenAI SSE) send every event in 5-byte pieces, each its own HTTP chunk
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
@@ -35,6 +36,7 @@ def prompt_tokens(messages):
 class FakeLLM:
     def __init__(self, port=0):
         self.requests = []  # (method, path, headers dict lower-case, parsed json or None)
+        self.peers = []  # the client port of each request, to tell reused connections apart
         self.lock = threading.Lock()
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
@@ -83,6 +85,7 @@ class FakeLLM:
             def _record(self, body):
                 with fake.lock:
                     fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    fake.peers.append(self.client_address[1])
 
             def _send(self, status, obj, content_type="application/json"):
                 data = json.dumps(obj).encode()
@@ -206,13 +209,20 @@ class FakeLLM:
                 self._start_chunked("text/event-stream")
 
                 def event(obj):
-                    self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                    data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+                    if model != "split":
+                        return self._chunk(data)
+                    for start in range(0, len(data), 5):
+                        self._chunk(data[start:start + 5])
 
                 base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
                 event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                for token in tokens:
+                for index, token in enumerate(tokens):
                     if model.startswith("slow"):
                         time.sleep(0.2)
+                    if model == "stall" and index == 2:
+                        time.sleep(30)
+                        return
                     event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
                 if tool_calls:
                     event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{**tool_calls[0], "index": 0}]}, "finish_reason": None}]})

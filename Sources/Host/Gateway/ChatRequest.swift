@@ -92,14 +92,7 @@ struct ChatRequest: @unchecked Sendable {
         var keyed = body
         for field in ["stream", "stream_options", "user"] { keyed.removeValue(forKey: field) }
         CanonicalJSON.append(keyed, to: &canonical)
-        let hex = Array("0123456789abcdef".utf8)
-        var key: [UInt8] = []
-        key.reserveCapacity(64)
-        for byte in SHA256.hash(data: canonical) {
-            key.append(hex[Int(byte >> 4)])
-            key.append(hex[Int(byte & 0x0f)])
-        }
-        return String(decoding: key, as: UTF8.self)
+        return Hex.string(SHA256.hash(data: canonical))
     }
 }
 

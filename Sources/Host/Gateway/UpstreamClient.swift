@@ -90,35 +90,7 @@ final class UpstreamClient: Sendable {
     /// Turns a transport failure into the gateway error a client should see.
     func map(_ error: any Error, path: String) -> any Error {
         if error is OpenAIError || error is CancellationError { return error }
-        let target = "\(baseURL)\(path)"
-        if let error = error as? HTTPClientError {
-            switch error {
-            case .deadlineExceeded:
-                return OpenAIError(.gatewayTimeout, "upstream did not answer within \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
-            case .readTimeout:
-                return OpenAIError(.gatewayTimeout, "upstream sent nothing for \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
-            case .connectTimeout:
-                return OpenAIError(.badGateway, "upstream unreachable: connect timed out (\(target))", code: "upstream_unreachable")
-            case .remoteConnectionClosed:
-                return OpenAIError(.badGateway, "upstream closed the connection (\(target))", code: "upstream_error")
-            default:
-                break
-            }
-        }
-        let text = String(describing: error)
-        if text.contains("refused") || text.contains("connect") || error is NIOConnectionError || text.contains("NXDOMAIN") || text.contains("resolve") {
-            return OpenAIError(.badGateway, "upstream unreachable: \(Self.reason(text)) (\(target))", code: "upstream_unreachable")
-        }
-        return OpenAIError(.badGateway, "upstream request failed: \(Self.reason(text)) (\(target))", code: "upstream_error")
-    }
-
-    static func reason(_ text: String) -> String {
-        if text.contains("refused") { return "connection refused" }
-        return String(text.prefix(200)).replacingOccurrences(of: "\n", with: " ")
-    }
-
-    static func seconds(_ value: Double) -> String {
-        value == value.rounded() ? "\(Int(value)) s" : "\(value) s"
+        return UpstreamFailure(error).error(target: "\(baseURL)\(path)", timeout: timeout)
     }
 
     /// An upstream error status as a gateway error, keeping the upstream's own message.
@@ -148,5 +120,73 @@ final class UpstreamClient: Sendable {
         }
         let text = String(decoding: data.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         return text.isEmpty ? nil : text
+    }
+}
+
+/// Why an upstream exchange failed in transport, whichever HTTP client saw it (AsyncHTTPClient
+/// or the chat pass-through), so clients get the same one-line reason from both.
+enum UpstreamFailure: Error {
+    /// No complete answer within the timeout.
+    case deadline
+    /// Nothing read for the timeout.
+    case silence
+    case connectTimeout
+    /// The upstream closed the connection before the answer was complete.
+    case closed
+    /// The connection could not be made.
+    case unreachable(String)
+    case failed(String)
+
+    init(_ error: any Error) {
+        if let failure = error as? UpstreamFailure {
+            self = failure
+            return
+        }
+        if let error = error as? HTTPClientError {
+            switch error {
+            case .deadlineExceeded: self = .deadline; return
+            case .readTimeout: self = .silence; return
+            case .connectTimeout: self = .connectTimeout; return
+            case .remoteConnectionClosed: self = .closed; return
+            default: break
+            }
+        }
+        if case .connectTimeout = error as? ChannelError {
+            self = .connectTimeout
+            return
+        }
+        let text = String(describing: error)
+        if text.contains("refused") || text.contains("connect") || error is NIOConnectionError || text.contains("NXDOMAIN") || text.contains("resolve") {
+            self = .unreachable(text)
+        } else {
+            self = .failed(text)
+        }
+    }
+
+    /// The client-visible error; `target` is the upstream URL that was called.
+    func error(target: String, timeout: Double) -> OpenAIError {
+        switch self {
+        case .deadline:
+            OpenAIError(.gatewayTimeout, "upstream did not answer within \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
+        case .silence:
+            OpenAIError(.gatewayTimeout, "upstream sent nothing for \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
+        case .connectTimeout:
+            OpenAIError(.badGateway, "upstream unreachable: connect timed out (\(target))", code: "upstream_unreachable")
+        case .closed:
+            OpenAIError(.badGateway, "upstream closed the connection (\(target))", code: "upstream_error")
+        case .unreachable(let text):
+            OpenAIError(.badGateway, "upstream unreachable: \(Self.reason(text)) (\(target))", code: "upstream_unreachable")
+        case .failed(let text):
+            OpenAIError(.badGateway, "upstream request failed: \(Self.reason(text)) (\(target))", code: "upstream_error")
+        }
+    }
+
+    static func reason(_ text: String) -> String {
+        if text.contains("refused") { return "connection refused" }
+        return String(text.prefix(200)).replacingOccurrences(of: "\n", with: " ")
+    }
+
+    static func seconds(_ value: Double) -> String {
+        value == value.rounded() ? "\(Int(value)) s" : "\(value) s"
     }
 }

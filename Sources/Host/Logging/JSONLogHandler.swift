@@ -6,7 +6,8 @@ internal import Synchronization
 internal import Glibc
 #endif
 
-/// A swift-log handler writing JSON lines: `{"ts":…,"level":…,"msg":…,"label":…, metadata…}`.
+/// A swift-log handler writing JSON lines: `{"ts":…,"level":…,"msg":…,"label":…, metadata…}`,
+/// keys in sorted order.
 ///
 /// Values of sensitive keys (api keys, tokens, authorization, passwords, secrets) are replaced
 /// by "[REDACTED]", and bearer tokens or `sk-…` keys inside any text are masked.
@@ -27,30 +28,50 @@ public struct JSONLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
+    private static let reservedKeys: Set<String> = ["ts", "level", "msg", "label"]
+
     public func log(event: LogEvent) {
-        // Hand-written JSON: this runs for every request, and Foundation's JSONSerialization and
-        // date formatting cost more than the rest of a proxied request together.
-        var fields: [(String, String)] = [("ts", Self.timestamp()), ("level", event.level.rawValue)]
-        fields.append(("msg", Redactor.redact(text: "\(event.message)")))
-        fields.append(("label", label))
-        var merged = metadata
-        if let extra = event.metadata { merged.merge(extra) { $1 } }
-        for (key, value) in merged where key != "ts" && key != "level" && key != "msg" && key != "label" {
+        // Bytes written by hand: this runs for every request, and Foundation's JSONSerialization,
+        // date formatting and even String concatenation cost more than the rest of a proxied
+        // request together.
+        var fields: [(key: String, value: String)] = [("level", event.level.rawValue), ("msg", Redactor.redact(text: "\(event.message)")), ("label", label)]
+        fields.reserveCapacity(4 + metadata.count + (event.metadata?.count ?? 0))
+        let extra = event.metadata ?? [:]
+        for (key, value) in metadata where extra[key] == nil && !Self.reservedKeys.contains(key) {
             fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
         }
-        if event.level >= .error, merged["source"] == nil {
+        for (key, value) in extra where !Self.reservedKeys.contains(key) {
+            fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
+        }
+        if event.level >= .error, metadata["source"] == nil, extra["source"] == nil {
             fields.append(("source", "\(event.file.split(separator: "/").last ?? ""):\(event.line)"))
         }
-        fields.sort { $0.0 < $1.0 }
-        var line = "{"
-        for (index, (key, value)) in fields.enumerated() {
-            if index > 0 { line += "," }
-            Self.appendQuoted(key, to: &line)
-            line += ":"
-            Self.appendQuoted(value, to: &line)
+        fields.sort { $0.key < $1.key }
+        var line: [UInt8] = []
+        line.reserveCapacity(256)
+        line.append(UInt8(ascii: "{"))
+        var timestampWritten = false
+        for (index, field) in fields.enumerated() {
+            // "ts" sorts after "source" and before anything starting with "u" or later.
+            if !timestampWritten, field.key > "ts" {
+                Self.appendTimestampField(to: &line, first: index == 0)
+                timestampWritten = true
+            }
+            if index > 0 || timestampWritten { line.append(UInt8(ascii: ",")) }
+            Self.appendQuoted(field.key, to: &line)
+            line.append(UInt8(ascii: ":"))
+            Self.appendQuoted(field.value, to: &line)
         }
-        line += "}\n"
-        sink.write(Data(line.utf8))
+        if !timestampWritten { Self.appendTimestampField(to: &line, first: fields.isEmpty) }
+        line.append(contentsOf: "}\n".utf8)
+        sink.write(line)
+    }
+
+    private static func appendTimestampField(to line: inout [UInt8], first: Bool) {
+        if !first { line.append(UInt8(ascii: ",")) }
+        line.append(contentsOf: #""ts":""#.utf8)
+        appendTimestamp(to: &line)
+        line.append(UInt8(ascii: "\""))
     }
 
     /// Metadata values as text (arrays and dictionaries in their Swift description).
@@ -63,50 +84,69 @@ public struct JSONLogHandler: LogHandler {
     }
 
     /// Appends `text` as a JSON string literal.
-    static func appendQuoted(_ text: String, to output: inout String) {
-        output += "\""
-        var plainRun = true
-        for scalar in text.unicodeScalars where scalar == "\"" || scalar == "\\" || scalar.value < 0x20 {
-            plainRun = false
-            break
-        }
-        if plainRun {
-            output += text
-        } else {
-            for scalar in text.unicodeScalars {
-                switch scalar {
-                case "\"": output += "\\\""
-                case "\\": output += "\\\\"
-                case "\n": output += "\\n"
-                case "\r": output += "\\r"
-                case "\t": output += "\\t"
-                case _ where scalar.value < 0x20:
-                    let hex = String(scalar.value, radix: 16)
-                    output += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                default: output.unicodeScalars.append(scalar)
-                }
+    static func appendQuoted(_ text: String, to output: inout [UInt8]) {
+        output.append(UInt8(ascii: "\""))
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""): output.append(contentsOf: #"\""#.utf8)
+            case UInt8(ascii: "\\"): output.append(contentsOf: #"\\"#.utf8)
+            case UInt8(ascii: "\n"): output.append(contentsOf: #"\n"#.utf8)
+            case UInt8(ascii: "\r"): output.append(contentsOf: #"\r"#.utf8)
+            case UInt8(ascii: "\t"): output.append(contentsOf: #"\t"#.utf8)
+            case ..<0x20:
+                output.append(contentsOf: #"\u00"#.utf8)
+                output.append(hexDigits[Int(byte >> 4)])
+                output.append(hexDigits[Int(byte & 0x0f)])
+            default: output.append(byte)
             }
         }
-        output += "\""
+        output.append(UInt8(ascii: "\""))
     }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
 
     /// UTC time as `2026-11-23T18:41:18.787Z`.
     static func timestamp() -> String {
+        var bytes: [UInt8] = []
+        appendTimestamp(to: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    static func appendTimestamp(to output: inout [UInt8]) {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         var parts = tm()
         var seconds = now.tv_sec
         gmtime_r(&seconds, &parts)
-        func pad(_ value: Int32, _ width: Int) -> String {
-            let digits = String(value)
-            return digits.count >= width ? digits : String(repeating: "0", count: width - digits.count) + digits
+        func digits(_ value: Int, _ width: Int) {
+            var divisor = 1
+            for _ in 1..<width { divisor *= 10 }
+            var rest = value
+            while divisor > 0 {
+                output.append(UInt8(ascii: "0") + UInt8(rest / divisor % 10))
+                rest %= divisor
+                divisor /= 10
+            }
         }
-        return "\(parts.tm_year + 1900)-\(pad(parts.tm_mon + 1, 2))-\(pad(parts.tm_mday, 2))T\(pad(parts.tm_hour, 2)):"
-            + "\(pad(parts.tm_min, 2)):\(pad(parts.tm_sec, 2)).\(pad(Int32(now.tv_nsec / 1_000_000), 3))Z"
+        digits(Int(parts.tm_year) + 1900, 4)
+        output.append(UInt8(ascii: "-"))
+        digits(Int(parts.tm_mon) + 1, 2)
+        output.append(UInt8(ascii: "-"))
+        digits(Int(parts.tm_mday), 2)
+        output.append(UInt8(ascii: "T"))
+        digits(Int(parts.tm_hour), 2)
+        output.append(UInt8(ascii: ":"))
+        digits(Int(parts.tm_min), 2)
+        output.append(UInt8(ascii: ":"))
+        digits(Int(parts.tm_sec), 2)
+        output.append(UInt8(ascii: "."))
+        digits(now.tv_nsec / 1_000_000, 3)
+        output.append(UInt8(ascii: "Z"))
     }
 }
 
-/// Where log lines go: stdout or an appended file. Writes are serialised.
+/// Where log lines go: stdout or an appended file. Each line is one `write(2)`, serialised so
+/// lines from different threads never interleave.
 public final class LogSink: Sendable {
     private let handle: Mutex<FileHandle>
 
@@ -128,27 +168,45 @@ public final class LogSink: Sendable {
         return LogSink(handle: handle)
     }
 
-    func write(_ data: Data) {
-        handle.withLock { try? $0.write(contentsOf: data) }
+    func write(_ bytes: [UInt8]) {
+        handle.withLock { handle in
+            let descriptor = handle.fileDescriptor
+            bytes.withUnsafeBytes { buffer in
+                var offset = 0
+                while offset < buffer.count {
+                    let written = Glibc.write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
+                    if written > 0 {
+                        offset += written
+                    } else if written < 0, errno == EINTR {
+                        continue
+                    } else {
+                        return  // a log that cannot be written must not stop the gateway
+                    }
+                }
+            }
+        }
     }
 }
 
 /// Masks secrets in log output.
 enum Redactor {
     static let sensitiveKeyParts = ["api_key", "apikey", "api-key", "authorization", "token", "secret", "password", "x-api-key"]
+    private static let sensitiveKeyBytes = sensitiveKeyParts.map { Array($0.utf8) }
 
     static func redact(key: String, value: String) -> String {
-        let lowered = key.lowercased()
-        if sensitiveKeyBytes.contains(where: { ByteSearch.contains($0, in: lowered) }) { return "[REDACTED]" }
-        return redact(text: value)
+        isSensitive(key: key) ? "[REDACTED]" : redact(text: value)
     }
 
-    private static let sensitiveKeyBytes = sensitiveKeyParts.map { Array($0.utf8) }
-    private static let markers = ["bearer", "Bearer", "BEARER", "sk-"].map { Array($0.utf8) }
+    /// Whether the key names a secret (case-insensitive substring match), without allocating.
+    static func isSensitive(key: String) -> Bool {
+        key.utf8.withContiguousStorageIfAvailable { bytes in
+            sensitiveKeyBytes.contains { containsIgnoringCase($0, in: UnsafeRawBufferPointer(bytes)) }
+        } ?? sensitiveKeyBytes.contains { ByteSearch.contains($0, in: key.lowercased()) }
+    }
 
     /// Masks `Bearer <token>` and `sk-…` style keys inside free text.
     static func redact(text: String) -> String {
-        guard markers.contains(where: { ByteSearch.contains($0, in: text) }) else { return text }
+        guard mayContainSecret(text) else { return text }
         var result = text
         for pattern in [#"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"#, #"\bsk-[A-Za-z0-9_-]{6,}"#] {
             guard let regex = try? NSRegularExpression(pattern: pattern) else { continue }
@@ -156,5 +214,34 @@ enum Redactor {
             result = regex.stringByReplacingMatches(in: result, range: NSRange(result.startIndex..., in: result), withTemplate: template)
         }
         return result
+    }
+
+    private static let bearer = Array("bearer".utf8)
+    private static let secretKeyPrefix = Array("sk-".utf8)
+
+    /// One pass for the markers the patterns need: "bearer" in any case, or "sk-".
+    static func mayContainSecret(_ text: String) -> Bool {
+        text.utf8.withContiguousStorageIfAvailable { bytes in
+            let raw = UnsafeRawBufferPointer(bytes)
+            return containsIgnoringCase(bearer, in: raw) || ByteSearch.find(secretKeyPrefix, in: raw) != nil
+        } ?? true
+    }
+
+    private static func asciiLowercase(_ byte: UInt8) -> UInt8 {
+        (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte) ? byte | 0x20 : byte
+    }
+
+    /// Whether `needle` (lower-case ASCII) occurs in `haystack`, ignoring ASCII case.
+    private static func containsIgnoringCase(_ needle: [UInt8], in haystack: UnsafeRawBufferPointer) -> Bool {
+        guard haystack.count >= needle.count else { return false }
+        for start in 0...(haystack.count - needle.count) {
+            var matched = true
+            for offset in 0..<needle.count where asciiLowercase(haystack[start + offset]) != needle[offset] {
+                matched = false
+                break
+            }
+            if matched { return true }
+        }
+        return false
     }
 }

@@ -25,16 +25,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
         } catch {
             response = Self.response(for: error, request: request, context: context)
         }
-        let elapsed = ContinuousClock.now - start
-        let microseconds = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
-        let fraction = String(microseconds % 1000)
-        context.logger.info(
-            "request",
-            metadata: [
-                "method": .string(request.method.rawValue), "path": .string(request.uri.path),
-                "status": .stringConvertible(response.status.code),
-                "latency_ms": .string("\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"),
-            ])
+        Self.log(context.logger, method: request.method.rawValue, path: request.uri.path, status: response.status.code, elapsed: ContinuousClock.now - start)
         if let metrics {
             let route = context.endpointPath ?? "unmatched"
             let method = request.method.rawValue
@@ -49,6 +40,18 @@ public struct AccessLogMiddleware: RouterMiddleware {
             }
         }
         return response
+    }
+
+    /// The access-log line of one request (also written by the chat pass-through).
+    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration) {
+        let microseconds = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
+        let fraction = String(microseconds % 1000)
+        logger.info(
+            "request",
+            metadata: [
+                "method": .string(method), "path": .string(path), "status": .stringConvertible(status),
+                "latency_ms": .string("\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"),
+            ])
     }
 
     /// The OpenAI-shaped response for any error thrown on the request path.

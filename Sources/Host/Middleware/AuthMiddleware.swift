@@ -4,31 +4,31 @@ internal import Foundation
 public import Hummingbird
 internal import HTTPTypes
 
-/// Rejects requests without the configured API key (401, OpenAI-shaped). Health endpoints are
-/// exempt so load balancers can probe. The key is never logged.
-public struct AuthMiddleware: RouterMiddleware {
-    public typealias Context = GatehouseRequestContext
+/// The API-key rule, shared by the router middleware and the chat pass-through: health
+/// endpoints are exempt so load balancers can probe; the key is never logged or kept.
+struct APIKeyCheck: Sendable {
     private let expectedDigest: [UInt8]?
 
-    public init(apiKey: String?) {
+    init(apiKey: String?) {
         expectedDigest = apiKey.map { Array(SHA256.hash(data: Data($0.utf8))) }
     }
 
-    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        var context = context
-        let presented = Self.presentedKey(request.headers)
-        if let presented {
-            // Rate limiting keys on the client's key without keeping the key itself.
-            context.clientID = "key:" + SHA256.hash(data: Data(presented.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
-        }
-        guard let expectedDigest, !Self.isExempt(request.uri.path) else { return try await next(request, context) }
-        guard let presented else {
+    /// Checks the request's key and returns the client's rate-limit identity: a digest of the
+    /// key it presented (nil when it presented none), so limits key on the client without
+    /// keeping the key itself.
+    /// - Throws: a 401 `OpenAIError` when a key is configured and the request lacks it.
+    func verify(_ headers: HTTPFields, path: String) throws(OpenAIError) -> String? {
+        let presented = Self.presentedKey(headers)
+        let presentedDigest = presented.map { Array(SHA256.hash(data: Data($0.utf8))) }
+        let clientID = presentedDigest.map { "key:" + Hex.string($0.prefix(8)) }
+        guard let expectedDigest, !Self.isExempt(path) else { return clientID }
+        guard let presentedDigest else {
             throw Self.unauthorized("missing API key: send it as X-API-Key or Authorization: Bearer", code: "missing_api_key")
         }
-        guard Self.constantTimeEqual(Array(SHA256.hash(data: Data(presented.utf8))), expectedDigest) else {
+        guard Self.constantTimeEqual(presentedDigest, expectedDigest) else {
             throw Self.unauthorized("invalid API key", code: "invalid_api_key")
         }
-        return try await next(request, context)
+        return clientID
     }
 
     static func isExempt(_ path: String) -> Bool {
@@ -57,5 +57,36 @@ public struct AuthMiddleware: RouterMiddleware {
         var error = OpenAIError(.unauthorized, message, code: code)
         error.headers[.wwwAuthenticate] = "Bearer"
         return error
+    }
+}
+
+/// Rejects requests without the configured API key (401, OpenAI-shaped); see `APIKeyCheck`.
+public struct AuthMiddleware: RouterMiddleware {
+    public typealias Context = GatehouseRequestContext
+    private let check: APIKeyCheck
+
+    public init(apiKey: String?) {
+        check = APIKeyCheck(apiKey: apiKey)
+    }
+
+    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        var context = context
+        context.clientID = try check.verify(request.headers, path: request.uri.path)
+        return try await next(request, context)
+    }
+}
+
+/// Lower-case hexadecimal text of bytes.
+enum Hex {
+    private static let digits = Array("0123456789abcdef".utf8)
+
+    static func string(_ bytes: some Sequence<UInt8>) -> String {
+        var text: [UInt8] = []
+        text.reserveCapacity(64)
+        for byte in bytes {
+            text.append(digits[Int(byte >> 4)])
+            text.append(digits[Int(byte & 0x0f)])
+        }
+        return String(decoding: text, as: UTF8.self)
     }
 }

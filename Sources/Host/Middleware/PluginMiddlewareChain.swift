@@ -60,7 +60,7 @@ public struct PluginMiddlewareChain: RouterMiddleware {
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let path = request.uri.path
-        guard !table.isEmpty, !AuthMiddleware.isExempt(path) else { return try await next(request, context) }
+        guard !table.isEmpty, !APIKeyCheck.isExempt(path) else { return try await next(request, context) }
         let applicable = table.snapshot().filter { $0.applies(to: path) }
         guard !applicable.isEmpty else { return try await next(request, context) }
 

@@ -111,13 +111,20 @@ public struct RateLimitMiddleware: RouterMiddleware {
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard !AuthMiddleware.isExempt(request.uri.path) else { return try await next(request, context) }
-        if let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
-            throw OpenAIError.rateLimited(wait: wait, code: "rate_limit_exceeded") {
-                "rate limit exceeded (\(Self.format(limiter.rate)) requests/s); retry after \($0) s"
-            }
-        }
+        guard !APIKeyCheck.isExempt(request.uri.path) else { return try await next(request, context) }
+        if let refusal = limiter.refusal(client: context.clientID, address: context.remoteAddress) { throw refusal }
         return try await next(request, context)
+    }
+}
+
+extension RateLimiter {
+    /// Takes a token for the client (its key digest, else its IP address), or returns the 429
+    /// with `Retry-After` to answer. Shared by the router middleware and the chat pass-through.
+    func refusal(client: String?, address: String) -> OpenAIError? {
+        guard let wait = check(client: client ?? "ip:\(address)") else { return nil }
+        return OpenAIError.rateLimited(wait: wait, code: "rate_limit_exceeded") {
+            "rate limit exceeded (\(Self.format(rate)) requests/s); retry after \($0) s"
+        }
     }
 
     static func format(_ rate: Double) -> String {

@@ -24,12 +24,19 @@ public struct GatehouseServer: Sendable {
     /// plugins down.
     public func run() async throws {
         try config.validate()
-        let server = try makeServerBuilder()
         let metrics = GatehouseMetrics()
         let upstream = UpstreamClient(config: config.upstream)
         let chat = ChatService(config: config, client: upstream, metrics: metrics)
         let services = PluginServices(chat: chat, metrics: metrics)
         let registry = try PluginRegistry(config: config, logger: logger, services: services)
+        let limiter =
+            config.rateLimit.requestsPerSecond > 0
+            ? RateLimiter(rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst, globalRate: config.rateLimit.globalRequestsPerSecond)
+            : nil
+        let passThrough = ChatPassThrough(
+            config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, logger: logger,
+            serverName: Self.serverName)
+        let server = try makeServerBuilder(passThrough: passThrough)
         registry.loadAll()
 
         // Order matters: ids first, then the access log (sees every final response), then
@@ -38,12 +45,7 @@ public struct GatehouseServer: Sendable {
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey))
-        if config.rateLimit.requestsPerSecond > 0 {
-            let limiter = RateLimiter(
-                rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst,
-                globalRate: config.rateLimit.globalRequestsPerSecond)
-            router.add(middleware: RateLimitMiddleware(limiter: limiter))
-        }
+        if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
         router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)
         MetricsRoutes(metrics: metrics).register(on: router)
@@ -54,7 +56,7 @@ public struct GatehouseServer: Sendable {
         let app = Application(
             router: router,
             server: server,
-            configuration: .init(address: .hostname(config.host, port: config.port), serverName: "Gatehouse"),
+            configuration: .init(address: .hostname(config.host, port: config.port), serverName: Self.serverName),
             onServerRunning: { [logger, config] channel in
                 let bound = channel.localAddress.map { "\($0.ipAddress ?? config.host):\($0.port ?? config.port)" } ?? address
                 logger.info(
@@ -63,6 +65,7 @@ public struct GatehouseServer: Sendable {
                         "address": .string(bound), "tls": .stringConvertible(config.tls.enabled),
                         "backend": .string(config.upstream.backend.rawValue), "upstream": .string(config.upstream.url),
                         "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
+                        "chat_pass_through": .stringConvertible(passThrough != nil),
                     ])
             },
             logger: logger
@@ -84,9 +87,14 @@ public struct GatehouseServer: Sendable {
         logger.info("shutdown complete")
     }
 
-    /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key.
-    private func makeServerBuilder() throws -> HTTPServerBuilder {
-        guard config.tls.enabled else { return .http1() }
+    static let serverName = "Gatehouse"
+
+    /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key;
+    /// with the chat pass-through in every connection's pipeline when the backend allows it.
+    private func makeServerBuilder(passThrough: ChatPassThrough?) throws -> HTTPServerBuilder {
+        let http1 = HTTPServerBuilder.http1(
+            configuration: .init(additionalChannelHandlers: passThrough.map { [$0.makeHandler()] } ?? []))
+        guard config.tls.enabled else { return http1 }
         let chain: [NIOSSLCertificateSource]
         let key: NIOSSLPrivateKey
         do {
@@ -101,7 +109,7 @@ public struct GatehouseServer: Sendable {
         }
         guard !chain.isEmpty else { throw StartupError("TLS certificate file \(config.tls.certFile) holds no certificate") }
         let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
-        return try .tls(.http1(), tlsConfiguration: tls)
+        return try .tls(http1, tlsConfiguration: tls)
     }
 
     /// Turns a bind failure into the one-line message a user needs.

@@ -47,7 +47,7 @@ struct PluginRoutes {
         if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
             instance.requestFinished()
             throw OpenAIError.rateLimited(
-                wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimitMiddleware.format(limiter.rate)) requests/s; retry after \($0) s" }
+                wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimiter.format(limiter.rate)) requests/s; retry after \($0) s" }
         }
         var headers: [(String, String)] = []
         headers.reserveCapacity(request.headers.count)
@@ -70,7 +70,7 @@ struct PluginRoutes {
                     status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
             case .timedOut:
                 throw OpenAIError(
-                    .gatewayTimeout, "plugin \(name) did not answer within \(UpstreamClient.seconds(instance.timeout))", code: "plugin_timeout")
+                    .gatewayTimeout, "plugin \(name) did not answer within \(UpstreamFailure.seconds(instance.timeout))", code: "plugin_timeout")
             }
             stats.requestFinished(status: response.status.code, duration: ContinuousClock.now - started)
             return response

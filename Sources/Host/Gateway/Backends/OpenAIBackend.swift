@@ -13,15 +13,27 @@ struct OpenAIBackend: ChatBackend {
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
         let body = try await client.call(
             .POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
-        let data = Data(body.readableBytesView)
-        guard data.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") else {
+        return try Self.completion(from: body)
+    }
+
+    /// A 200 reply as a completion. The JSON passes through untouched; only the token counts
+    /// are read, by a scan rather than a full decode (which cost more than the rest of the
+    /// proxying).
+    /// - Throws: 502 when the reply is not a JSON object.
+    static func completion(from body: ByteBuffer) throws -> ChatCompletion {
+        try body.withUnsafeReadableBytes { bytes in
+            let tokens = try tokenCounts(inReply: bytes)
+            return ChatCompletion(json: Data(bytes), promptTokens: tokens.prompt, completionTokens: tokens.completion)
+        }
+    }
+
+    /// The usage of a 200 reply, read by a scan.
+    /// - Throws: 502 when the reply is not a JSON object.
+    static func tokenCounts(inReply bytes: UnsafeRawBufferPointer) throws -> (prompt: Int, completion: Int) {
+        guard bytes.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") else {
             throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a JSON object", code: "upstream_invalid")
         }
-        // The JSON passes through untouched; only the token counts are read, by a scan rather
-        // than a full decode (which cost more than the rest of the proxying).
-        return ChatCompletion(
-            json: data, promptTokens: JSONScan.integer(after: "prompt_tokens", in: data) ?? 0,
-            completionTokens: JSONScan.integer(after: "completion_tokens", in: data) ?? 0)
+        return (JSONScan.integer(after: "prompt_tokens", in: bytes) ?? 0, JSONScan.integer(after: "completion_tokens", in: bytes) ?? 0)
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
@@ -44,9 +56,7 @@ struct OpenAIBackend: ChatBackend {
     /// parsed; ordinary chunks pass through as bytes. The usage-only chunk the gateway asked
     /// for is forwarded only if the client asked for it too.
     static func events(for payload: Data, forwardUsage: Bool) throws -> [ChatStreamEvent] {
-        let hasUsage = ByteSearch.find(usageMarker, in: payload) != nil || ByteSearch.find(spacedUsageMarker, in: payload) != nil
-        let hasError = ByteSearch.find(errorMarker, in: payload) != nil
-        guard hasUsage || hasError else { return [.chunk(payload)] }
+        guard payload.withUnsafeBytes(needsParsing) else { return [.chunk(payload)] }
         let object = (try? JSONSerialization.jsonObject(with: payload) as? [String: Any]) ?? [:]
         if let error = object["error"] {
             let message = (error as? [String: Any])?["message"] as? String ?? (error as? String) ?? "unknown error"
@@ -59,6 +69,13 @@ struct OpenAIBackend: ChatBackend {
             events.append(.usage(prompt: usage["prompt_tokens"].flatMap(JSONNumbers.int) ?? 0, completion: usage["completion_tokens"].flatMap(JSONNumbers.int) ?? 0))
         }
         return events
+    }
+
+    /// Whether a payload may carry usage or an error, and so must be parsed; every other
+    /// chunk passes through as bytes.
+    static func needsParsing(_ payload: UnsafeRawBufferPointer) -> Bool {
+        ByteSearch.find(usageMarker, in: payload) != nil || ByteSearch.find(spacedUsageMarker, in: payload) != nil
+            || ByteSearch.find(errorMarker, in: payload) != nil
     }
 
     func models(requestID: String) async throws -> Data {
@@ -134,9 +151,13 @@ extension OpenAIBackend {
 enum JSONScan {
     /// The integer value of the first `"key": <digits>` in `data`, if any.
     static func integer(after key: String, in data: Data) -> Int? {
+        data.withUnsafeBytes { integer(after: key, in: $0) }
+    }
+
+    static func integer(after key: String, in data: UnsafeRawBufferPointer) -> Int? {
         let needle = Array("\"\(key)\"".utf8)
         guard let offset = ByteSearch.find(needle, in: data) else { return nil }
-        var index = data.startIndex + offset + needle.count
+        var index = offset + needle.count
         while index < data.endIndex, data[index] == 0x20 || data[index] == UInt8(ascii: ":") { index += 1 }
         var value = 0
         var digits = 0

@@ -1,0 +1,475 @@
+// One chat completion served by the pass-through: checks, cache, upstream call, and the answer (JSON or SSE).
+internal import Foundation
+internal import HTTPTypes
+internal import Logging
+internal import NIOCore
+internal import NIOHTTP1
+internal import NIOHTTPTypes
+
+/// One `POST /v1/chat/completions` from its head to the end of its answer. Runs entirely on
+/// the client connection's event loop, as does the upstream connection it uses.
+///
+/// The rules are the router path's, through the same helpers: `APIKeyCheck`, the rate
+/// limiter's `refusal`, `ChatRequest.parse`, the shared cache, `OpenAIBackend.upstreamBody`
+/// and its SSE classification, `UpstreamClient.upstreamStatusError`, `UpstreamFailure`, and
+/// the access-log line.
+final class ChatExchange: UpstreamResponseDelegate {
+    private enum Phase {
+        /// Reading the client's body.
+        case reading
+        /// Waiting for a connection or for the upstream's response head.
+        case waiting
+        /// Collecting a whole upstream reply (non-streamed answers, and error replies).
+        case collecting
+        /// Relaying server-sent events to the client.
+        case streaming
+        /// The client has its answer; the upstream reply is read to its end so the
+        /// connection can be reused.
+        case draining
+        case done
+    }
+
+    /// Weak: the client connection may close while the upstream reply is still being drained.
+    private weak var handler: ChatPassThroughHandler?
+    private let passThrough: ChatPassThrough
+    private let pool: UpstreamConnectionPool
+    private let head: HTTPRequest
+    private let remoteAddress: String
+    private let requestID: String
+    private var logger: Logger
+    private let started = ContinuousClock.now
+    private var phase = Phase.reading
+
+    private var body = ByteBuffer()
+    private var bodyTooLarge = false
+    private var stream = false
+    private var includeUsage = false
+    private var cacheKey: String?
+
+    private var upstreamRequest: ByteBuffer?
+    private var connection: UpstreamConnection?
+    private var retried = false
+    private var upstreamStarted = ContinuousClock.now
+    private var upstreamResponse: HTTPResponseHead?
+    private var reply = ByteBuffer()
+    private var partialLine = ByteBuffer()
+    private var promptTokens = 0
+    private var completionTokens = 0
+    /// The status the client was (or is being) sent.
+    private var status = 0
+    private var timer: Scheduled<Void>?
+    private var lastUpstreamRead = NIODeadline.now()
+
+    init(head: HTTPRequest, handler: ChatPassThroughHandler, pool: UpstreamConnectionPool, remoteAddress: String) {
+        self.head = head
+        self.handler = handler
+        passThrough = handler.passThrough
+        self.pool = pool
+        self.remoteAddress = remoteAddress
+        requestID = RequestIDMiddleware.requestID(for: head.headerFields)
+        logger = passThrough.logger
+        logger[metadataKey: "request_id"] = .string(requestID)
+        passThrough.metrics?.inFlight.increment()
+        if let length = head.headerFields[.contentLength].flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
+    }
+
+    // MARK: The client's request
+
+    func receive(_ buffer: ByteBuffer) {
+        guard !bodyTooLarge else { return }
+        guard body.readableBytes + buffer.readableBytes <= passThrough.maxBodyBytes else {
+            bodyTooLarge = true
+            body = ByteBuffer()
+            return
+        }
+        var buffer = buffer
+        body.writeBuffer(&buffer)
+    }
+
+    /// The whole request is in: check it (in the router's order: key, rate, size, JSON), answer
+    /// from the cache, or call the upstream.
+    func requestEnded() {
+        phase = .waiting
+        do {
+            let clientID = try passThrough.apiKeys.verify(head.headerFields, path: ChatPassThrough.path)
+            if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+            guard !bodyTooLarge else {
+                throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+            }
+            let request = try ChatRequest.parse(body)
+            body = ByteBuffer()
+            stream = request.stream
+            includeUsage = request.includeUsage
+            if !stream, let cache = passThrough.cache {
+                let key = request.cacheKey(backend: passThrough.backendName)
+                if let cached = cache.get(key) {
+                    passThrough.metrics?.cacheHits.increment()
+                    answer(.ok, contentType: "application/json", cache: "HIT", body: ByteBuffer(data: cached.json))
+                    return
+                }
+                passThrough.metrics?.cacheMisses.increment()
+                cacheKey = key
+            }
+            upstreamRequest = ByteBuffer(data: OpenAIBackend.upstreamBody(request, stream: stream))
+            callUpstream()
+        } catch {
+            answer(error as? OpenAIError ?? OpenAIError(.internalServerError, "internal error: \(error)"))
+        }
+    }
+
+    // MARK: The upstream call
+
+    private func callUpstream(fresh: Bool = false) {
+        upstreamStarted = ContinuousClock.now
+        lastUpstreamRead = .now()
+        armTimer()
+        pool.acquire(fresh: fresh) { [self] result in
+            switch result {
+            case .success(let connection):
+                guard phase == .waiting else {
+                    pool.release(connection)
+                    return
+                }
+                self.connection = connection
+                connection.send(upstreamRequestHead(), body: upstreamRequest ?? ByteBuffer(), to: self)
+            case .failure(let failure):
+                guard phase == .waiting else { return }
+                fail(failure)
+            }
+        }
+    }
+
+    private func upstreamRequestHead() -> HTTPRequestHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(7)
+        headers.add(name: "Host", value: passThrough.target.authority)
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(upstreamRequest?.readableBytes ?? 0))
+        headers.add(name: "Accept", value: "application/json, text/event-stream")
+        headers.add(name: "X-Request-ID", value: requestID)
+        if let authorization = passThrough.upstreamAuthorization { headers.add(name: "Authorization", value: authorization) }
+        return HTTPRequestHead(version: .http1_1, method: .POST, uri: passThrough.target.pathPrefix + ChatPassThrough.path, headers: headers)
+    }
+
+    /// Streams are bounded by silence between reads; whole answers by a deadline.
+    private func armTimer() {
+        timer?.cancel()
+        let limit = TimeAmount.nanoseconds(Int64(passThrough.timeout * 1_000_000_000))
+        let deadline = (stream || phase == .draining) ? lastUpstreamRead + limit : NIODeadline.now() + limit
+        timer = pool.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
+            self?.timerFired()
+        }
+    }
+
+    private func timerFired() {
+        timer = nil
+        switch phase {
+        case .waiting, .collecting, .streaming:
+            if stream, NIODeadline.now() < lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000)) {
+                armTimer()
+                return
+            }
+            connection?.close()
+            connection = nil
+            fail(stream ? .silence : .deadline)
+        case .draining:
+            connection?.close()
+            connection = nil
+            phase = .done
+        case .reading, .done:
+            break
+        }
+    }
+
+    func upstreamHead(_ head: HTTPResponseHead) {
+        guard phase == .waiting else { return }
+        upstreamResponse = head
+        lastUpstreamRead = .now()
+        if stream, head.status == .ok {
+            phase = .streaming
+            status = 200
+            var fields = responseFields(contentType: "text/event-stream", cache: "BYPASS")
+            fields[.cacheControl] = "no-cache"
+            handler?.send(.head(HTTPResponse(status: .ok, headerFields: fields)))
+            logAccess()
+        } else {
+            phase = .collecting
+        }
+    }
+
+    func upstreamBody(_ buffer: ByteBuffer) {
+        lastUpstreamRead = .now()
+        switch phase {
+        case .collecting:
+            guard reply.readableBytes + buffer.readableBytes <= ChatPassThrough.maxReplyBytes else {
+                connection?.close()
+                connection = nil
+                fail(.failed("upstream reply is larger than \(ChatPassThrough.maxReplyBytes / 1024 / 1024) MiB"))
+                return
+            }
+            var buffer = buffer
+            reply.writeBuffer(&buffer)
+        case .streaming:
+            relay(buffer)
+        default:
+            break
+        }
+    }
+
+    func upstreamEnd() {
+        let keepAlive = upstreamResponse?.isKeepAlive ?? false
+        if let connection {
+            self.connection = nil
+            if keepAlive { pool.release(connection) } else { connection.close() }
+        }
+        switch phase {
+        case .collecting: replyCollected()
+        case .streaming: endStream(error: nil)
+        case .draining:
+            timer?.cancel()
+            phase = .done
+        default: break
+        }
+    }
+
+    func upstreamFailed(_ failure: UpstreamFailure) {
+        let reused = connection?.reused ?? false
+        connection = nil
+        switch phase {
+        case .waiting:
+            // A keep-alive connection the upstream closed just as it was reused: try once on a new one.
+            if reused, !retried, case .closed = failure {
+                retried = true
+                callUpstream(fresh: true)
+                return
+            }
+            fail(failure)
+        case .collecting:
+            fail(failure)
+        case .streaming:
+            endStream(error: failure.error(target: target, timeout: passThrough.timeout))
+        case .draining:
+            timer?.cancel()
+            phase = .done
+        case .reading, .done:
+            break
+        }
+    }
+
+    private var target: String { passThrough.target.baseURL + ChatPassThrough.path }
+
+    private func fail(_ failure: UpstreamFailure) {
+        answer(failure.error(target: target, timeout: passThrough.timeout))
+    }
+
+    /// A whole upstream reply is in: pass it on (and cache it), or report the upstream's error.
+    private func replyCollected() {
+        guard let head = upstreamResponse else { return }
+        guard head.status == .ok else {
+            answer(UpstreamClient.upstreamStatusError(status: Int(head.status.code), body: reply, backend: passThrough.backendName))
+            return
+        }
+        do {
+            let tokens = try reply.withUnsafeReadableBytes(OpenAIBackend.tokenCounts(inReply:))
+            passThrough.metrics?.recordUpstream(backend: passThrough.backendName, operation: "chat", duration: ContinuousClock.now - upstreamStarted)
+            passThrough.metrics?.recordTokens(prompt: tokens.prompt, completion: tokens.completion)
+            if let cacheKey, let cache = passThrough.cache {
+                cache.put(cacheKey, ChatCompletion(json: Data(reply.readableBytesView), promptTokens: tokens.prompt, completionTokens: tokens.completion))
+            }
+            answer(.ok, contentType: "application/json", cache: "MISS", body: reply)
+        } catch {
+            answer(error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)"))
+        }
+    }
+
+    // MARK: Server-sent events
+
+    private static let dataPrefix = Array("data:".utf8)
+    private static let done = Array("[DONE]".utf8)
+
+    /// Re-frames the complete `data:` lines of one upstream read as one write to the client.
+    private func relay(_ buffer: ByteBuffer) {
+        var input = buffer
+        if partialLine.readableBytes > 0 {
+            partialLine.writeBuffer(&input)
+            input = partialLine
+            partialLine = ByteBuffer()
+        }
+        var output = ByteBuffer()
+        var finished = false
+        var streamError: OpenAIError?
+        while !finished, streamError == nil, let newline = input.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
+            let length = newline - input.readerIndex
+            var line = input.readSlice(length: length)!
+            input.moveReaderIndex(forwardBy: 1)
+            if line.readableBytesView.last == UInt8(ascii: "\r") { line.moveWriterIndex(to: line.writerIndex - 1) }
+            // event:, id: and comment lines carry nothing to relay.
+            guard line.readableBytesView.starts(with: Self.dataPrefix) else { continue }
+            line.moveReaderIndex(forwardBy: Self.dataPrefix.count)
+            if line.readableBytesView.first == UInt8(ascii: " ") { line.moveReaderIndex(forwardBy: 1) }
+            if line.readableBytesView.elementsEqual(Self.done) {
+                finished = true
+                break
+            }
+            do {
+                try appendEvents(for: line, to: &output)
+            } catch {
+                streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
+            }
+        }
+        let ended = finished || streamError != nil
+        if input.readableBytes > 0, !ended { partialLine = input }
+        if output.readableBytes > 0 { handler?.send(.body(output), flush: !ended) }
+        if ended {
+            endStream(error: streamError)
+        } else if handler?.isWritable == false {
+            connection?.handler.holdReads(true)
+        }
+    }
+
+    /// One upstream payload as client events: ordinary chunks as their bytes, usage and error
+    /// payloads through the same classification as the router path.
+    private func appendEvents(for payload: ByteBuffer, to output: inout ByteBuffer) throws {
+        if !payload.withUnsafeReadableBytes(OpenAIBackend.needsParsing) {
+            Self.appendEvent(payload.readableBytesView, to: &output)
+            return
+        }
+        for event in try OpenAIBackend.events(for: Data(payload.readableBytesView), forwardUsage: includeUsage) {
+            switch event {
+            case .chunk(let data): Self.appendEvent(data, to: &output)
+            case .usage(let prompt, let completion):
+                promptTokens = prompt
+                completionTokens = completion
+            }
+        }
+    }
+
+    private static func appendEvent(_ bytes: some Collection<UInt8>, to output: inout ByteBuffer) {
+        output.writeStaticString("data: ")
+        output.writeBytes(bytes)
+        output.writeStaticString("\n\n")
+    }
+
+    /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`.
+    private func endStream(error: OpenAIError?) {
+        guard phase == .streaming else { return }
+        var output = ByteBuffer()
+        if let error {
+            logger.error("stream failed", metadata: ["error": .string(error.message)])
+            output.writeStaticString("data: ")
+            output.writeBytes(error.body(requestID: requestID))
+            output.writeStaticString("\n\n")
+            connection?.close()
+            connection = nil
+        } else {
+            passThrough.metrics?.recordUpstream(backend: passThrough.backendName, operation: "chat_stream", duration: ContinuousClock.now - upstreamStarted)
+            passThrough.metrics?.recordTokens(prompt: promptTokens, completion: completionTokens)
+        }
+        output.writeStaticString("data: [DONE]\n\n")
+        handler?.send(.body(output))
+        handler?.send(.end(nil), flush: true)
+        finish(draining: connection != nil)
+    }
+
+    // MARK: Answering
+
+    private func answer(_ error: OpenAIError) {
+        var fields = error.headers
+        fields[.contentType] = "application/json"
+        answer(error.status, fields: fields, body: ByteBuffer(data: error.body(requestID: requestID)))
+    }
+
+    private func answer(_ status: HTTPResponse.Status, contentType: String, cache: String, body: ByteBuffer) {
+        answer(status, fields: responseFields(contentType: contentType, cache: cache), body: body)
+    }
+
+    /// A whole response: head with its length, body, end.
+    private func answer(_ status: HTTPResponse.Status, fields: HTTPFields, body: ByteBuffer) {
+        guard phase != .done, phase != .draining else { return }
+        var fields = fields
+        fields[.contentLength] = String(body.readableBytes)
+        addCommonFields(&fields)
+        self.status = status.code
+        if connection != nil {
+            connection?.close()
+            connection = nil
+        }
+        handler?.send(.head(HTTPResponse(status: status, headerFields: fields)))
+        handler?.send(.body(body))
+        handler?.send(.end(nil), flush: true)
+        logAccess()
+        finish(draining: false)
+    }
+
+    private func responseFields(contentType: String, cache: String) -> HTTPFields {
+        var fields = HTTPFields()
+        fields.reserveCapacity(8)
+        fields[.contentType] = contentType
+        fields[GatewayRoutes.cacheHeader] = cache
+        addCommonFields(&fields)
+        return fields
+    }
+
+    private func addCommonFields(_ fields: inout HTTPFields) {
+        fields[.requestID] = requestID
+        fields[.date] = pool.httpDate
+        fields[.server] = passThrough.serverName
+        if closesConnection { fields[.connection] = "close" }
+    }
+
+    private var closesConnection: Bool {
+        handler?.isQuiescing == true || head.headerFields[.connection]?.lowercased() == "close"
+    }
+
+    private func logAccess() {
+        AccessLogMiddleware.log(logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: ContinuousClock.now - started)
+    }
+
+    /// The client's response has ended (`draining`: the upstream reply is still being read).
+    private func finish(draining: Bool) {
+        if draining {
+            phase = .draining
+            armTimer()
+        } else {
+            timer?.cancel()
+            timer = nil
+            phase = .done
+        }
+        connection?.handler.holdReads(false)
+        recordRequest()
+        handler?.exchangeFinished(self, closeConnection: closesConnection)
+    }
+
+    private var recorded = false
+
+    private func recordRequest() {
+        guard !recorded else { return }
+        recorded = true
+        guard let metrics = passThrough.metrics else { return }
+        metrics.inFlight.decrement()
+        metrics.recordRequest(route: ChatPassThrough.path, method: "POST", status: status, duration: ContinuousClock.now - started)
+    }
+
+    // MARK: The client connection
+
+    func clientWritabilityChanged(_ writable: Bool) {
+        connection?.handler.holdReads(!writable)
+    }
+
+    /// The client went away: stop the upstream work (its connection cannot be reused mid-answer).
+    func clientClosed() {
+        guard phase != .done else { return }
+        timer?.cancel()
+        timer = nil
+        if phase != .draining {
+            connection?.close()
+            connection = nil
+        }
+        if status == 0 {
+            status = 499  // nginx's "client closed request"
+            logAccess()
+        }
+        phase = .done
+        recordRequest()
+    }
+}

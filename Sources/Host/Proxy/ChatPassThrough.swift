@@ -1,0 +1,234 @@
+// The chat pass-through: POST /v1/chat/completions to an OpenAI-compatible upstream, served
+// inside the NIO pipeline on the connection's own event loop (no task, no thread hop).
+internal import HTTPTypes
+internal import Logging
+internal import NIOCore
+internal import NIOHTTPTypes
+internal import Synchronization
+
+/// What every connection's pass-through handler shares: configuration, the gateway's rules
+/// (API key, rate limit, cache, metrics, access log) and one upstream pool per event loop.
+///
+/// It serves exactly what the router's `/v1/chat/completions` serves for the `openai` backend,
+/// through the same helpers, but without Hummingbird's and AsyncHTTPClient's per-request
+/// async hand-offs, which cost most of the proxy overhead (docs/PERFORMANCE.md). Requests it
+/// does not take — other routes, or any request while a plugin middleware applies to the
+/// path — go on down the pipeline to the router unchanged.
+final class ChatPassThrough: Sendable {
+    static let path = "/v1/chat/completions"
+    /// The longest upstream reply collected for a non-streamed answer (as UpstreamClient).
+    static let maxReplyBytes = 64 * 1024 * 1024
+
+    let target: UpstreamTarget
+    let timeout: Double
+    let connectTimeout: TimeAmount
+    /// `Authorization` sent upstream, when the upstream needs a key.
+    let upstreamAuthorization: String?
+    let maxBodyBytes: Int
+    let apiKeys: APIKeyCheck
+    let limiter: RateLimiter?
+    let middleware: MiddlewareTable
+    let cache: ResponseCache?
+    let metrics: GatehouseMetrics?
+    let backendName: String
+    let logger: Logger
+    let serverName: String
+    private let pools = Mutex<[ObjectIdentifier: NIOLoopBound<UpstreamConnectionPool>]>([:])
+
+    /// Nil unless the backend is `openai` over plain HTTP (https upstreams, and Ollama's
+    /// translation, stay on the router path).
+    init?(
+        config: GatehouseConfig, chat: ChatService, limiter: RateLimiter?, middleware: MiddlewareTable, metrics: GatehouseMetrics?,
+        logger: Logger, serverName: String
+    ) {
+        guard config.upstream.backend == .openai, let target = UpstreamTarget(url: config.upstream.url) else { return nil }
+        self.target = target
+        timeout = config.upstream.timeout
+        connectTimeout = .milliseconds(Int64(config.upstream.connectTimeout * 1000))
+        upstreamAuthorization = config.upstream.apiKey.map { "Bearer \($0)" }
+        maxBodyBytes = config.maxBodyBytes
+        apiKeys = APIKeyCheck(apiKey: config.apiKey)
+        self.limiter = limiter
+        self.middleware = middleware
+        cache = chat.cache
+        self.metrics = metrics
+        backendName = chat.backend.name
+        self.logger = logger
+        self.serverName = serverName
+    }
+
+    /// A handler for one new connection (added to every HTTP/1 channel's pipeline).
+    func makeHandler() -> ChatPassThroughHandler {
+        ChatPassThroughHandler(passThrough: self)
+    }
+
+    /// Whether this request is served here rather than by the router.
+    func takes(_ head: HTTPRequest) -> Bool {
+        guard head.method == .post, let path = head.path else { return false }
+        let route = path.firstIndex(of: "?").map { path[..<$0] } ?? path[...]
+        guard route == Self.path else { return false }
+        // Plugin middleware run only on the router path; while one applies, step aside.
+        return middleware.isEmpty || !middleware.snapshot().contains { $0.applies(to: Self.path) }
+    }
+
+    /// The upstream pool of `loop`. Must be called on `loop`.
+    func pool(for loop: any EventLoop) -> UpstreamConnectionPool {
+        let bound = pools.withLock { pools in
+            if let existing = pools[ObjectIdentifier(loop)] { return existing }
+            let created = NIOLoopBound(UpstreamConnectionPool(eventLoop: loop, target: target, connectTimeout: connectTimeout), eventLoop: loop)
+            pools[ObjectIdentifier(loop)] = created
+            return created
+        }
+        return bound.value
+    }
+}
+
+/// The pass-through's place in a connection's pipeline, right after HTTP decoding and before
+/// the router. It takes the requests `ChatPassThrough.takes` accepts and hands everything else
+/// on, keeping responses in request order when a client pipelines: a request arriving while
+/// an earlier one is still being answered waits until that answer has ended.
+final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
+
+    private enum Reader {
+        case none, router, exchange
+    }
+
+    let passThrough: ChatPassThrough
+    private var context: ChannelHandlerContext?
+    private var pool: UpstreamConnectionPool?
+    private var remoteAddress = "unknown"
+    /// Who gets the body of the request being read.
+    private var reader = Reader.none
+    /// The pass-through request being read or answered.
+    private var exchange: ChatExchange?
+    /// Requests handed to the router whose responses have not ended yet.
+    private var routerResponsesPending = 0
+    /// Parts that must wait for an earlier response to end.
+    private var queued = CircularBuffer<HTTPRequestPart>()
+    /// A graceful-shutdown request held back until the exchange in progress has ended.
+    private var quiesceHeld = false
+
+    init(passThrough: ChatPassThrough) {
+        self.passThrough = passThrough
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        pool = passThrough.pool(for: context.eventLoop)
+        remoteAddress = context.channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        queued.append(unwrapInboundIn(data))
+        drain()
+    }
+
+    /// Processes queued parts in order while nothing earlier is still being answered.
+    private func drain() {
+        guard let context, let pool else { return }
+        while let part = queued.first {
+            // A new request while an exchange is answering waits for it to end.
+            if exchange != nil, reader != .exchange { return }
+            switch part {
+            case .head(let head):
+                if passThrough.takes(head) {
+                    // Router responses still being written come first.
+                    guard routerResponsesPending == 0 else { return }
+                    queued.removeFirst()
+                    reader = .exchange
+                    exchange = ChatExchange(head: head, handler: self, pool: pool, remoteAddress: remoteAddress)
+                } else {
+                    queued.removeFirst()
+                    reader = .router
+                    routerResponsesPending += 1
+                    context.fireChannelRead(wrapInboundOut(part))
+                }
+            case .body(let buffer):
+                queued.removeFirst()
+                if reader == .exchange { exchange?.receive(buffer) } else { context.fireChannelRead(wrapInboundOut(part)) }
+            case .end:
+                queued.removeFirst()
+                let wasExchange = reader == .exchange
+                reader = .none
+                if wasExchange { exchange?.requestEnded() } else { context.fireChannelRead(wrapInboundOut(part)) }
+            }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.fireChannelReadComplete()
+    }
+
+    /// Router responses pass through; their ends are counted to keep pipelined order.
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let isEnd = if case .end = unwrapOutboundIn(data) { true } else { false }
+        context.write(data, promise: promise)
+        if isEnd {
+            routerResponsesPending -= 1
+            if routerResponsesPending == 0, !queued.isEmpty { drain() }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The router's connection handler closes idle connections on graceful shutdown; it
+        // cannot see an exchange in progress, so it hears of the shutdown when that has ended.
+        if event is ChannelShouldQuiesceEvent, exchange != nil {
+            quiesceHeld = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let exchange = exchange
+        self.exchange = nil
+        queued.removeAll()
+        exchange?.clientClosed()
+        context.fireChannelInactive()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        exchange?.clientWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: For the exchange
+
+    /// Whether the client connection is closing after the response in progress.
+    var isQuiescing: Bool { quiesceHeld }
+
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func send(_ part: HTTPResponsePart, flush: Bool = false) {
+        guard let context else { return }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(part), promise: nil)
+        }
+    }
+
+    /// The exchange's response has ended: go on with the connection's next request, or close.
+    func exchangeFinished(_ finished: ChatExchange, closeConnection: Bool) {
+        guard let context, exchange === finished else { return }
+        exchange = nil
+        if quiesceHeld {
+            quiesceHeld = false
+            queued.removeAll()
+            context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        } else if closeConnection {
+            queued.removeAll()
+            context.close(promise: nil)
+        } else {
+            drain()
+        }
+    }
+}

@@ -1,0 +1,252 @@
+// Keep-alive HTTP/1.1 connections to the upstream, one pool per event loop, used by the chat pass-through.
+internal import Foundation
+internal import NIOCore
+internal import NIOHTTP1
+internal import NIOPosix
+
+/// Where the pass-through sends chat requests: a plain-HTTP upstream parsed from `upstream.url`.
+struct UpstreamTarget: Sendable, Equatable {
+    let host: String
+    let port: Int
+    /// The URL's path (without a trailing slash), put before `/v1/chat/completions`.
+    let pathPrefix: String
+    /// The `Host` header value.
+    let authority: String
+    /// The URL as configured (without a trailing slash), for error messages.
+    let baseURL: String
+
+    /// The target of an `http://` URL; nil for anything else (https goes through AsyncHTTPClient).
+    init?(url: String) {
+        guard let components = URLComponents(string: url), components.scheme?.lowercased() == "http",
+            let host = components.host, !host.isEmpty, components.query == nil, components.user == nil
+        else { return nil }
+        self.host = host
+        port = components.port ?? 80
+        pathPrefix = components.path.hasSuffix("/") ? String(components.path.dropLast()) : components.path
+        let bracketed = host.contains(":") ? "[\(host)]" : host
+        authority = components.port == nil ? bracketed : "\(bracketed):\(port)"
+        baseURL = url.hasSuffix("/") ? String(url.dropLast()) : url
+    }
+}
+
+/// What an upstream connection reports to the exchange using it. All calls arrive on the
+/// connection's event loop.
+protocol UpstreamResponseDelegate: AnyObject {
+    func upstreamHead(_ head: HTTPResponseHead)
+    func upstreamBody(_ buffer: ByteBuffer)
+    func upstreamEnd()
+    /// The connection failed or closed before the response ended.
+    func upstreamFailed(_ failure: UpstreamFailure)
+}
+
+/// The idle keep-alive connections of one event loop. Connections are only ever used on the
+/// loop that owns them, so a request never changes threads between client and upstream.
+/// Not thread-safe: every call must be made on `eventLoop`.
+final class UpstreamConnectionPool {
+    let eventLoop: any EventLoop
+    let target: UpstreamTarget
+    let connectTimeout: TimeAmount
+    /// Idle connections kept at most (nginx's `keepalive` in the benchmark is 128).
+    let maxIdle = 128
+    /// An idle connection older than this is closed instead of reused (AsyncHTTPClient's default).
+    let idleLifetime = TimeAmount.seconds(60)
+    private var idle: [UpstreamConnection] = []
+    private var dateCache = HTTPDateCache()
+
+    init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount) {
+        self.eventLoop = eventLoop
+        self.target = target
+        self.connectTimeout = connectTimeout
+    }
+
+    /// The `Date` header value for now (formatted at most once a second per loop).
+    var httpDate: String { dateCache.now() }
+
+    /// An idle connection if one is usable, else a new one. `fresh` skips the idle ones (for
+    /// the one retry after a reused connection turned out to be closed).
+    func acquire(fresh: Bool = false, _ completion: @escaping (Result<UpstreamConnection, UpstreamFailure>) -> Void) {
+        let now = NIODeadline.now()
+        while !fresh, let connection = idle.popLast() {
+            if connection.channel.isActive, now - connection.idleSince < idleLifetime {
+                connection.reused = true
+                completion(.success(connection))
+                return
+            }
+            connection.close()
+        }
+        let target = target
+        ClientBootstrap(group: eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(UpstreamConnectionHandler())
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    do {
+                        let handler = try channel.pipeline.syncOperations.handler(type: UpstreamConnectionHandler.self)
+                        let connection = UpstreamConnection(channel: channel, handler: handler)
+                        handler.onIdleClose = { [weak self, weak connection] in
+                            if let connection { self?.forget(connection) }
+                        }
+                        completion(.success(connection))
+                    } catch {
+                        channel.close(promise: nil)
+                        completion(.failure(UpstreamFailure(error)))
+                    }
+                case .failure(let error):
+                    completion(.failure(UpstreamFailure(error)))
+                }
+            }
+    }
+
+    /// Takes back a connection whose response ended with keep-alive.
+    func release(_ connection: UpstreamConnection) {
+        guard connection.channel.isActive, idle.count < maxIdle else {
+            connection.close()
+            return
+        }
+        connection.handler.delegate = nil
+        connection.idleSince = .now()
+        idle.append(connection)
+    }
+
+    /// Drops a connection the upstream closed while it sat idle.
+    private func forget(_ connection: UpstreamConnection) {
+        idle.removeAll { $0 === connection }
+    }
+}
+
+/// One upstream connection: its channel and the handler that reports its responses.
+final class UpstreamConnection {
+    let channel: any Channel
+    let handler: UpstreamConnectionHandler
+    /// Taken from the idle list (so a failure before any answer may be a stale keep-alive).
+    var reused = false
+    var idleSince = NIODeadline.now()
+
+    init(channel: any Channel, handler: UpstreamConnectionHandler) {
+        self.channel = channel
+        self.handler = handler
+    }
+
+    /// Sends one request; the answer goes to `delegate`.
+    func send(_ head: HTTPRequestHead, body: ByteBuffer, to delegate: any UpstreamResponseDelegate) {
+        handler.delegate = delegate
+        handler.send(head, body: body)
+    }
+
+    func close() {
+        handler.delegate = nil
+        channel.close(promise: nil)
+    }
+}
+
+/// The last handler of an upstream connection's pipeline: writes the request, hands the
+/// response parts to the delegate, and holds reads while the client cannot take more bytes
+/// (back-pressure from the client to the upstream).
+final class UpstreamConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    /// The exchange using this connection. Strong (the exchange may have no other owner while
+    /// it drains a reply); cleared when the response ends or the connection fails or is released.
+    var delegate: (any UpstreamResponseDelegate)?
+    /// Called when the connection closes while no exchange is using it.
+    var onIdleClose: (() -> Void)?
+    private var context: ChannelHandlerContext?
+    private var readsHeld = false
+    private var readPending = false
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func send(_ head: HTTPRequestHead, body: ByteBuffer) {
+        guard let context, context.channel.isActive else {
+            let delegate = delegate
+            self.delegate = nil
+            delegate?.upstreamFailed(.closed)
+            return
+        }
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// Stops (or resumes) reading from the upstream.
+    func holdReads(_ hold: Bool) {
+        readsHeld = hold
+        if !hold, readPending, let context {
+            readPending = false
+            context.read()
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readsHeld {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head): delegate?.upstreamHead(head)
+        case .body(let buffer): delegate?.upstreamBody(buffer)
+        case .end:
+            let delegate = delegate
+            self.delegate = nil
+            delegate?.upstreamEnd()
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let delegate {
+            self.delegate = nil
+            delegate.upstreamFailed(.closed)
+        } else {
+            onIdleClose?()
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let delegate = delegate
+        self.delegate = nil
+        delegate?.upstreamFailed(UpstreamFailure(error))
+        context.close(promise: nil)
+    }
+}
+
+/// The RFC 9110 `Date` value, formatted once per second.
+struct HTTPDateCache {
+    private var second = -1
+    private var text = ""
+    private static let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
+    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+    mutating func now() -> String {
+        var seconds = time(nil)
+        guard seconds != second else { return text }
+        second = seconds
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
+        text = "\(Self.days[Int(parts.tm_wday)]), \(two(parts.tm_mday)) \(Self.months[Int(parts.tm_mon)]) \(1900 + parts.tm_year) "
+            + "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)) GMT"
+        return text
+    }
+}
