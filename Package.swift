@@ -89,7 +89,7 @@ let package = Package(
         ),
         .testTarget(
             name: "HostTests",
-            dependencies: ["Host", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["Host", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSwift
         ),
     ]

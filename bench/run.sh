@@ -19,7 +19,9 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    [[ -f $WORK/nginx.pid ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    for pidfile in "$WORK/nginx.pid" "$WORK/upstream.pid"; do
+        [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -33,19 +35,20 @@ done
 SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n"
 SSE+="data: [DONE]\n\n"
 
-# One nginx process: two canned upstreams (JSON, SSE) and the proxy_pass front for each.
-cat >"$WORK/nginx.conf" <<NGINX
+# The canned upstreams run in their own nginx process, so both proxies pay the same hop to
+# another process (an earlier version served them from the proxy's own worker, which spared
+# nginx every cross-process wake-up that Gatehouse paid). Both proxies run as shipped: nginx
+# with Debian's defaults (one worker per core, access log on), Gatehouse with one event loop
+# per core and its access log on; both logs go to files on the same disk.
+cat >"$WORK/upstream.conf" <<NGINX
 worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream-error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
     client_body_temp_path $WORK;
-    proxy_temp_path $WORK;
     keepalive_requests 1000000;
-    upstream json_upstream { server 127.0.0.1:$UPSTREAM_JSON_PORT; keepalive 128; }
-    upstream sse_upstream { server 127.0.0.1:$UPSTREAM_SSE_PORT; keepalive 128; }
     server {
         listen 127.0.0.1:$UPSTREAM_JSON_PORT;
         location / { default_type application/json; return 200 '$COMPLETION'; }
@@ -54,6 +57,20 @@ http {
         listen 127.0.0.1:$UPSTREAM_SSE_PORT;
         location / { default_type text/event-stream; return 200 '$SSE'; }
     }
+}
+NGINX
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes ${NGINX_WORKERS:-auto};
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $WORK/nginx-access.log;
+    client_body_temp_path $WORK;
+    proxy_temp_path $WORK;
+    keepalive_requests 1000000;
+    upstream json_upstream { server 127.0.0.1:$UPSTREAM_JSON_PORT; keepalive 128; }
+    upstream sse_upstream { server 127.0.0.1:$UPSTREAM_SSE_PORT; keepalive 128; }
     server {
         listen 127.0.0.1:$NGINX_PORT;
         location /json/ { proxy_pass http://json_upstream/; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -61,6 +78,7 @@ http {
     }
 }
 NGINX
+nginx -c "$WORK/upstream.conf"
 nginx -c "$WORK/nginx.conf"
 : >"$WORK/empty.yaml"
 
@@ -78,7 +96,7 @@ LUA
 start_gatehouse() {  # $1 = upstream port
     [[ ${#pids[@]} -gt 0 ]] && { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; }
     GATEHOUSE_BACKEND=openai OLLAMA_HOST="http://127.0.0.1:$1" RATE_LIMIT_RPS=0 GATEHOUSE_CACHE_ENABLED=false \
-        "$GATEHOUSE" serve --port "$GATEHOUSE_PORT" --plugins-dir "$WORK" --config "$WORK/empty.yaml" >"$WORK/gatehouse.log" 2>&1 &
+        "$GATEHOUSE" serve --port "$GATEHOUSE_PORT" --plugins-dir "$WORK" --config "$WORK/empty.yaml" >>"$WORK/gatehouse.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health" >/dev/null && return; sleep 0.1; done
     echo "bench: gatehouse did not start"; cat "$WORK/gatehouse.log"; exit 1

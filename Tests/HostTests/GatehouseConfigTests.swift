@@ -1,5 +1,6 @@
 // Unit tests for configuration layering, durations, .env parsing and log redaction.
 import Foundation
+import Logging
 import Testing
 
 @testable import Host
@@ -98,5 +99,50 @@ import Testing
         #expect(Redactor.redact(text: "sent Bearer abc.def-123 upstream") == "sent Bearer [REDACTED] upstream")
         #expect(Redactor.redact(text: "key sk-proj-abcdef123456 leaked") == "key [REDACTED] leaked")
         #expect(Redactor.redact(text: "nothing secret") == "nothing secret")
+        #expect(Redactor.redact(text: "mixed bEaReR tok.en-1 case") == "mixed bEaReR [REDACTED] case")
+        #expect(Redactor.redact(key: "X-Session-TOKEN", value: "t") == "[REDACTED]")
+        #expect(Redactor.redact(key: "user_api_key_hint", value: "k") == "[REDACTED]")
+        #expect(Redactor.redact(key: "path", value: "/v1/chat") == "/v1/chat")
+    }
+
+    @Test func logLinesAreSortedJSONWithRedaction() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var handler = JSONLogHandler(label: "test", level: .info, sink: try LogSink.file(path))
+        handler[metadataKey: "request_id"] = "r-1"
+        handler[metadataKey: "method"] = "GET"
+        handler.log(
+            event: LogEvent(
+                level: .error, message: "said \"hi\"\n", metadata: ["method": "POST", "api_key": "k", "zeta": "z", "ts": "ignored"],
+                source: "test", file: "Sources/Host/Thing.swift", function: "f", line: 7))
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(text.hasSuffix("}\n") && text.filter { $0 == "\n" }.count == 1)
+        let object = try #require(JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: String])
+        #expect(object["msg"] == "said \"hi\"\n" && object["method"] == "POST" && object["api_key"] == "[REDACTED]")
+        #expect(object["request_id"] == "r-1" && object["source"] == "Thing.swift:7" && object["label"] == "test")
+        let order = text.matches(of: /"([a-z_]+)":"/).map { String($0.1) }
+        #expect(order == ["api_key", "label", "level", "method", "msg", "request_id", "source", "ts", "zeta"])
+        #expect(try #require(object["ts"]).wholeMatch(of: /\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z/) != nil)
+    }
+
+    @Test func requestIDsAreUUIDShapedAndDistinct() {
+        let ids = (0..<1000).map { _ in RequestIDGenerator.next() }
+        #expect(Set(ids).count == 1000)
+        for id in ids.prefix(50) {
+            #expect(UUID(uuidString: id) != nil)
+            #expect(id.wholeMatch(of: /[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}/) != nil)
+        }
+    }
+
+    @Test func passThroughTargets() throws {
+        let plain = try #require(UpstreamTarget(url: "http://127.0.0.1:8000/"))
+        #expect(plain.host == "127.0.0.1" && plain.port == 8000 && plain.pathPrefix == "" && plain.authority == "127.0.0.1:8000")
+        #expect(plain.baseURL == "http://127.0.0.1:8000")
+        let prefixed = try #require(UpstreamTarget(url: "http://llm.internal/openai"))
+        #expect(prefixed.port == 80 && prefixed.pathPrefix == "/openai" && prefixed.authority == "llm.internal")
+        let six = try #require(UpstreamTarget(url: "http://[::1]:9000"))
+        #expect(six.host == "::1" && six.authority == "[::1]:9000")
+        #expect(UpstreamTarget(url: "https://api.openai.com") == nil)  // TLS upstreams stay on AsyncHTTPClient
+        #expect(UpstreamTarget(url: "not a url") == nil)
     }
 }

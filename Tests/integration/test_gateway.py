@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client, in front of a stand-in
 upstream speaking Ollama's NDJSON or OpenAI's SSE."""
 import json
+import re
 import signal
 import socket
 import ssl
@@ -13,6 +14,12 @@ import openai
 import pytest
 
 from conftest import GATEHOUSE, free_port
+
+
+# Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
+# are served by the NIO pass-through; with `ollama`, by the router: each test below covers both.
+CHAT_PATH = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
+both_backends = pytest.mark.parametrize("backend", ["ollama", "openai"])
 
 
 def client_for(server, api_key="unused", **kwargs):
@@ -119,8 +126,9 @@ def test_models_and_embeddings(gateway, backend):
     assert len(embedding.data[0].embedding) >= 2
 
 
-def test_api_key_auth(gateway):
-    server = gateway(env={"API_KEY": "s3cret-key"})
+@both_backends
+def test_api_key_auth(gateway, backend):
+    server = gateway(backend, env={"API_KEY": "s3cret-key"})
     with pytest.raises(openai.AuthenticationError) as missing:
         client_for(server, api_key="wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert missing.value.status_code == 401
@@ -163,46 +171,73 @@ def test_rate_limit_answers_429_with_retry_after(gateway):
     assert server.client.get("/v1/models").status_code == 200  # refilled
 
 
-def test_request_id_is_propagated_upstream_and_echoed(gateway, fake_llm):
-    server = gateway()
+@both_backends
+def test_rate_limit_applies_to_chat_completions(gateway, backend):
+    server = gateway(backend, extra_config="rate_limit: {requests_per_second: 0.5, burst: 2}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    responses = [server.client.post("/v1/chat/completions", json=body) for _ in range(4)]
+    assert [r.status_code for r in responses] == [200, 200, 429, 429]
+    assert int(responses[2].headers["retry-after"]) >= 1
+    assert responses[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert responses[2].json()["error"]["request_id"] == responses[2].headers["x-request-id"]
+    # Router routes and the chat route draw on the same bucket.
+    assert server.client.get("/v1/models").status_code == 429
+
+
+@both_backends
+def test_request_id_is_propagated_upstream_and_echoed(gateway, fake_llm, backend):
+    server = gateway(backend)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     response = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": "client-chose-this"})
     assert response.headers["x-request-id"] == "client-chose-this"
-    assert fake_llm.calls("/api/chat")[-1][2]["x-request-id"] == "client-chose-this"
+    assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == "client-chose-this"
 
     generated = server.client.post("/v1/chat/completions", json={**body, "seed": 2})
     request_id = generated.headers["x-request-id"]
-    assert len(request_id) >= 16
-    assert fake_llm.calls("/api/chat")[-1][2]["x-request-id"] == request_id
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", request_id), request_id
+    assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == request_id
+    streamed = server.client.post("/v1/chat/completions", json={**body, "stream": True}, headers={"x-request-id": "streamed-1"})
+    assert streamed.headers["x-request-id"] == "streamed-1"
+    assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == "streamed-1"
+    unacceptable = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": "bad id with spaces"})
+    assert unacceptable.headers["x-request-id"] != "bad id with spaces"
     lines = [l for l in server.log_lines() if l.get("request_id") == request_id]
     assert any(l.get("msg") == "request" and l["status"] == "200" and l["path"] == "/v1/chat/completions" and "latency_ms" in l
                for l in lines)
 
 
-def test_response_cache_hits_skip_the_upstream(gateway, fake_llm):
-    server = gateway()
+@both_backends
+def test_response_cache_hits_skip_the_upstream(gateway, fake_llm, backend):
+    server = gateway(backend)
     body = {"model": "m", "messages": [{"role": "user", "content": "cache me"}], "temperature": 0}
     first = server.client.post("/v1/chat/completions", json=body)
     second = server.client.post("/v1/chat/completions", json=body)
     assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
     assert first.json()["choices"] == second.json()["choices"]
-    assert len(fake_llm.calls("/api/chat")) == 1
+    assert len(fake_llm.calls(CHAT_PATH[backend])) == 1
     other = server.client.post("/v1/chat/completions", json={**body, "temperature": 0.5})
     assert other.headers["x-cache"] == "MISS"
     streamed = server.client.post("/v1/chat/completions", json={**body, "stream": True})
     assert streamed.headers["x-cache"] == "BYPASS"
-    assert len(fake_llm.calls("/api/chat")) == 3
+    assert len(fake_llm.calls(CHAT_PATH[backend])) == 3
+    # Key order and whitespace do not matter: the key is over the canonical request.
+    reordered = server.client.post("/v1/chat/completions", content=json.dumps(
+        {"temperature": 0, "messages": body["messages"], "model": "m"}, indent=2), headers={"content-type": "application/json"})
+    assert reordered.headers["x-cache"] == "HIT"
+    assert len(fake_llm.calls(CHAT_PATH[backend])) == 3
 
 
-def test_cache_can_be_disabled(gateway, fake_llm):
-    server = gateway(extra_config="cache: {enabled: false}\n")
+@both_backends
+def test_cache_can_be_disabled(gateway, fake_llm, backend):
+    server = gateway(backend, extra_config="cache: {enabled: false}\n")
     body = {"model": "m", "messages": [{"role": "user", "content": "again"}]}
     assert [server.client.post("/v1/chat/completions", json=body).headers["x-cache"] for _ in range(2)] == ["MISS", "MISS"]
-    assert len(fake_llm.calls("/api/chat")) == 2
+    assert len(fake_llm.calls(CHAT_PATH[backend])) == 2
 
 
-def test_client_errors_are_openai_shaped(gateway):
-    server = gateway(extra_config="server: {max_body_bytes: 2000}\n")
+@both_backends
+def test_client_errors_are_openai_shaped(gateway, backend):
+    server = gateway(backend, extra_config="server: {max_body_bytes: 2000}\n")
     post = lambda content, **kw: server.client.post("/v1/chat/completions", content=content,
                                                      headers={"content-type": "application/json"}, **kw)
     cases = [
@@ -227,9 +262,10 @@ def test_client_errors_are_openai_shaped(gateway):
         client_for(server).chat.completions.create(model="m", messages=[])
 
 
-def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm):
+@both_backends
+def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, backend):
     dead_port = free_port()
-    server = start(plugins_dir, config=f"upstream: {{url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\n")
+    server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\n")
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     unreachable = server.client.post("/v1/chat/completions", json=body)
     assert unreachable.status_code == 502
@@ -241,21 +277,29 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm):
     assert ready.status_code == 503 and ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["reason"]
     assert server.client.get("/health/live").status_code == 200
 
-    slow = start(plugins_dir, config=f"upstream: {{url: '{fake_llm.url}', timeout: 1s}}\n")
+    slow = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: '{fake_llm.url}', timeout: 1s}}\n")
+    started = time.monotonic()
     timed_out = slow.client.post("/v1/chat/completions", json={**body, "model": "hang"})
     assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "upstream_timeout"
+    assert "within 1 s" in timed_out.json()["error"]["message"] and time.monotonic() - started < 5
     broken = slow.client.post("/v1/chat/completions", json={**body, "model": "broken"})
     assert broken.status_code == 502 and "llama runner process has terminated" in broken.json()["error"]["message"]
-    assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": "ollama"}
+    broken_stream = slow.client.post("/v1/chat/completions", json={**body, "model": "broken", "stream": True})
+    assert broken_stream.status_code == 502 and "llama runner process has terminated" in broken_stream.json()["error"]["message"]
+    assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
+    # The gateway still answers after every failure above.
+    assert slow.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "Echo: x"
 
 
-def test_streams_are_bounded_by_silence_not_by_total_length(gateway):
-    server = gateway(env={"TIMEOUT": "1s"})
+@both_backends
+def test_streams_are_bounded_by_silence_not_by_total_length(gateway, backend):
+    server = gateway(backend, env={"TIMEOUT": "1s"})
     body = {"messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}
     # 9 tokens 0.2 s apart: 1.8 s in all, longer than the 1 s timeout, never silent for 1 s.
     with server.client.stream("POST", "/v1/chat/completions", json={**body, "model": "slow-long"}) as response:
         lines = [line for line in response.iter_lines() if line]
-    text = "".join(json.loads(l[6:])["choices"][0]["delta"].get("content") or "" for l in lines[:-1])
+    text = "".join(json.loads(l[6:])["choices"][0]["delta"].get("content") or "" for l in lines[:-1]
+                   if json.loads(l[6:])["choices"])
     assert text == "Echo: a b c d e f g h" and lines[-1] == "data: [DONE]"
     # Two tokens, then silence: the stream ends with an error event after 1 s, then [DONE].
     started = time.monotonic()
@@ -267,13 +311,14 @@ def test_streams_are_bounded_by_silence_not_by_total_length(gateway):
     assert lines[-1] == "data: [DONE]"
 
 
-def test_tls_with_a_self_signed_certificate(tmp_path):
+def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     port = free_port()
-    env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+    env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key),
+           "GATEHOUSE_BACKEND": "openai", "OLLAMA_HOST": fake_llm.url}
     process = subprocess.Popen([GATEHOUSE, "serve", "--port", str(port), "--plugins-dir", str(tmp_path)],
                                env={**env, "PATH": "/usr/bin:/bin"}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -288,6 +333,14 @@ def test_tls_with_a_self_signed_certificate(tmp_path):
                 time.sleep(0.1)
         assert response.status_code == 200 and response.json() == {"status": "ok"}
         assert response.http_version == "HTTP/1.1"
+        # Chat completions (served by the pass-through for this backend) over TLS, whole and streamed.
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=context) as tls:
+            body = {"model": "m", "messages": [{"role": "user", "content": "over tls"}]}
+            completion = tls.post("/v1/chat/completions", json=body)
+            assert completion.status_code == 200 and completion.json()["choices"][0]["message"]["content"] == "Echo: over tls"
+            with tls.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+                lines = [line for line in streamed.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]" and len(lines) == 6
         with pytest.raises(httpx.TransportError):
             httpx.get(f"https://localhost:{port}/health", verify=True)  # untrusted by the system store
         with pytest.raises(httpx.TransportError):
@@ -305,8 +358,9 @@ def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):
     assert "key 'tls.cert_file': cannot read /nonexistent.pem" in result.stderr
 
 
-def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway):
-    server = gateway(extra_config="server: {shutdown_timeout: 20s}\n")
+@both_backends
+def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
+    server = gateway(backend, extra_config="server: {shutdown_timeout: 20s}\n")
     received = []
     errors = []
 

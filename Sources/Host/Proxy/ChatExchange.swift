@@ -169,9 +169,14 @@ final class ChatExchange: UpstreamResponseDelegate {
                 armTimer()
                 return
             }
-            connection?.close()
-            connection = nil
-            fail(stream ? .silence : .deadline)
+            let failure: UpstreamFailure = stream ? .silence : .deadline
+            if phase == .streaming {
+                endStream(error: failure.error(target: target, timeout: passThrough.timeout))  // closes the connection
+            } else {
+                connection?.close()
+                connection = nil
+                fail(failure)
+            }
         case .draining:
             connection?.close()
             connection = nil

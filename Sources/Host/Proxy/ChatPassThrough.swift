@@ -126,14 +126,34 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         self.context = nil
     }
 
+    /// Inside `channelRead`: the `channelReadComplete` that follows delivers what was forwarded.
+    private var insideChannelRead = false
+    /// Parts forwarded to the router since the last `channelReadComplete`.
+    private var forwardedUnread = false
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         queued.append(unwrapInboundIn(data))
+        insideChannelRead = true
         drain()
+        insideChannelRead = false
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        forwardedUnread = false
+        context.fireChannelReadComplete()
     }
 
     /// Processes queued parts in order while nothing earlier is still being answered.
     private func drain() {
         guard let context, let pool else { return }
+        defer {
+            // Parts released from the queue outside a read: the router's channel delivers
+            // reads on readComplete, so send one.
+            if forwardedUnread, !insideChannelRead {
+                forwardedUnread = false
+                context.fireChannelReadComplete()
+            }
+        }
         while let part = queued.first {
             // A new request while an exchange is answering waits for it to end.
             if exchange != nil, reader != .exchange { return }
@@ -149,22 +169,23 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     queued.removeFirst()
                     reader = .router
                     routerResponsesPending += 1
-                    context.fireChannelRead(wrapInboundOut(part))
+                    forward(part, context)
                 }
             case .body(let buffer):
                 queued.removeFirst()
-                if reader == .exchange { exchange?.receive(buffer) } else { context.fireChannelRead(wrapInboundOut(part)) }
+                if reader == .exchange { exchange?.receive(buffer) } else { forward(part, context) }
             case .end:
                 queued.removeFirst()
                 let wasExchange = reader == .exchange
                 reader = .none
-                if wasExchange { exchange?.requestEnded() } else { context.fireChannelRead(wrapInboundOut(part)) }
+                if wasExchange { exchange?.requestEnded() } else { forward(part, context) }
             }
         }
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
-        context.fireChannelReadComplete()
+    private func forward(_ part: HTTPRequestPart, _ context: ChannelHandlerContext) {
+        forwardedUnread = true
+        context.fireChannelRead(wrapInboundOut(part))
     }
 
     /// Router responses pass through; their ends are counted to keep pipelined order.

@@ -18,8 +18,10 @@ struct UpstreamTarget: Sendable, Equatable {
     /// The target of an `http://` URL; nil for anything else (https goes through AsyncHTTPClient).
     init?(url: String) {
         guard let components = URLComponents(string: url), components.scheme?.lowercased() == "http",
-            let host = components.host, !host.isEmpty, components.query == nil, components.user == nil
+            let rawHost = components.host, !rawHost.isEmpty, components.query == nil, components.user == nil
         else { return nil }
+        // IPv6 literals: connect to the bare address, bracket it in the Host header.
+        let host = rawHost.hasPrefix("[") && rawHost.hasSuffix("]") ? String(rawHost.dropFirst().dropLast()) : rawHost
         self.host = host
         port = components.port ?? 80
         pathPrefix = components.path.hasSuffix("/") ? String(components.path.dropLast()) : components.path

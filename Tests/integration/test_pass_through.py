@@ -1,0 +1,201 @@
+"""The chat pass-through (POST /v1/chat/completions to an `openai` backend, served in the NIO
+pipeline): what it must get right beyond the gateway behaviour test_gateway.py checks for both
+paths — request order on pipelined connections, upstream keep-alive and its one retry, SSE split
+at any byte, clients that leave mid-stream, Connection: close, metrics and the access log, and
+stepping aside while a plugin middleware applies."""
+import json
+import re
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import SERVICES_SO
+from test_plugin_services import metric_value
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture
+def openai_gateway(gateway):
+    def _start(extra_config: str = "cache: {enabled: false}\n", env=None):
+        return gateway("openai", extra_config=extra_config, env=env)
+    return _start
+
+
+def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10) -> tuple[bytes, bool]:
+    """Sends raw bytes on one connection and reads until `until` has been seen, or until the
+    server closes the connection when `until` is None. Returns what was read and whether the
+    server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        received = b""
+        while until is None or until not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received, True
+            received += chunk
+        return received, False
+
+
+def in_flight(server) -> float:
+    """Requests in flight, not counting the /metrics request that reads the gauge."""
+    return metric_value(server.client.get("/metrics").text, "gatehouse_http_requests_in_flight") - 1
+
+
+def post_bytes(body: dict, *, path="/v1/chat/completions", extra_headers="") -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: gatehouse\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n{extra_headers}\r\n").encode() + data
+
+
+def test_pipelined_requests_are_answered_in_order(openai_gateway):
+    server = openai_gateway()
+    # A slow streamed chat first, then a router request: the router must not answer first.
+    slow = post_bytes({**BODY, "model": "slow-model", "stream": True})
+    health = b"GET /health HTTP/1.1\r\nHost: gatehouse\r\n\r\n"
+    received, _ = raw_exchange(server.port, slow + health, until=b'{"status":"ok"}')
+    assert received.count(b"HTTP/1.1 200 OK") == 2, received
+    assert received.index(b"data: [DONE]") < received.index(b'{"status":"ok"}')
+    # A router request that goes upstream first, then a chat: answers in request order again.
+    models = b"GET /v1/models HTTP/1.1\r\nHost: gatehouse\r\n\r\n"
+    received, _ = raw_exchange(server.port, models + post_bytes(BODY) + health, until=b'{"status":"ok"}')
+    assert received.count(b"HTTP/1.1 200 OK") == 3, received
+    assert received.index(b"smollm2") < received.index(b"Echo: hello") < received.index(b'{"status":"ok"}')
+
+
+def test_upstream_connections_are_kept_alive_and_reused(openai_gateway, fake_llm):
+    server = openai_gateway()
+    for index in range(5):
+        response = server.client.post("/v1/chat/completions", json={**BODY, "seed": index})
+        assert response.status_code == 200
+    chat_peers = [port for (_, path, _, _), port in zip(fake_llm.requests, fake_llm.peers) if path == "/v1/chat/completions"]
+    assert len(chat_peers) == 5
+    # One client connection is served on one event loop, whose pool reuses one upstream connection.
+    assert len(set(chat_peers)) == 1, chat_peers
+
+
+class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
+    """An OpenAI-compatible upstream that answers the first request on a connection with
+    keep-alive, then closes the connection when a second request arrives on it, as a server
+    does when its keep-alive timeout fires just as the gateway reuses the connection."""
+    connections = 0
+
+    def handle(self):
+        type(self).connections += 1
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(rest) < length:
+            rest += self.request.recv(65536)
+        reply = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "fresh"},
+                                         "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(reply)).encode() + b"\r\n\r\n" + reply)
+        self.request.recv(65536)  # the next request on this connection: close without answering
+
+
+def test_a_reused_connection_closed_by_the_upstream_is_retried_once(start, plugins_dir):
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneAnswerPerConnection)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        server = start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
+                                           "cache: {enabled: false}\n")
+        for _ in range(3):
+            response = server.client.post("/v1/chat/completions", json=BODY)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == "fresh"
+        # Each reuse met a closed connection and went to a new one.
+        assert _OneAnswerPerConnection.connections == 3
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_events_split_at_any_byte_arrive_whole(openai_gateway):
+    server = openai_gateway()
+
+    def stream_lines(model):
+        with server.client.stream("POST", "/v1/chat/completions", json={**BODY, "model": model, "stream": True,
+                                                                          "messages": [{"role": "user", "content": "a b c"}]}) as r:
+            assert r.status_code == 200
+            return [line for line in r.iter_lines() if line]
+
+    split, whole = stream_lines("split"), stream_lines("m")
+    assert len(split) == 7 and split[-1] == "data: [DONE]"
+    assert [json.loads(l[6:])["choices"] for l in split[:-1]] == [json.loads(l[6:])["choices"] for l in whole[:-1]]
+
+
+def test_a_client_leaving_mid_stream_frees_the_request(openai_gateway):
+    server = openai_gateway()
+    with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=10,
+                      json={**BODY, "model": "slow-model", "stream": True,
+                            "messages": [{"role": "user", "content": "a b c d e f g h"}]}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 5
+    while in_flight(server) != 0:
+        assert time.monotonic() < deadline, "the abandoned stream is still counted in flight"
+        time.sleep(0.05)
+    assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
+
+
+def test_connection_close_is_honoured(openai_gateway):
+    server = openai_gateway()
+    received, closed = raw_exchange(server.port, post_bytes(BODY, extra_headers="Connection: close\r\n"), until=None)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in head.lower()
+    assert json.loads(body)["choices"][0]["message"]["content"] == "Echo: hello"
+    assert closed
+
+
+def test_metrics_and_access_log(openai_gateway, tmp_path):
+    server = openai_gateway()
+    for _ in range(2):
+        assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
+    streamed = server.client.post("/v1/chat/completions", json={**BODY, "stream": True})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    bad = server.client.post("/v1/chat/completions", content=b"{", headers={"x-request-id": "bad-json-1"})
+    assert bad.status_code == 400
+
+    text = server.client.get("/metrics").text
+    requests = lambda status: metric_value(text, "gatehouse_http_requests_total", route="/v1/chat/completions", method="POST",
+                                          status=status)
+    assert requests("200") == 3 and requests("400") == 1
+    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat") == 2
+    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat_stream") == 1
+    # "hello" is one prompt token; "Echo: hello" two completion tokens; three answers.
+    assert metric_value(text, "gatehouse_llm_tokens_total", direction="prompt") == 3
+    assert metric_value(text, "gatehouse_llm_tokens_total", direction="completion") == 6
+    assert metric_value(text, "gatehouse_http_requests_in_flight") == 1  # the /metrics request itself
+    checked = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    access = [l for l in server.log_lines() if l.get("msg") == "request" and l.get("path") == "/v1/chat/completions"]
+    assert [l["status"] for l in access] == ["200", "200", "200", "400"]
+    assert all(re.fullmatch(r"\d+\.\d{3}", l["latency_ms"]) and l["method"] == "POST" and l["request_id"] for l in access)
+    assert access[-1]["request_id"] == "bad-json-1"
+
+
+def test_plugin_middleware_takes_chat_completions_to_the_router(openai_gateway, plugins_dir, fake_llm):
+    # The services test plugin registers a middleware that blocks chat completions without X-Team.
+    plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
+    server = openai_gateway()
+    blocked = server.client.post("/v1/chat/completions", json=BODY)
+    assert blocked.status_code == 403 and blocked.json()["error"]["message"] == "send X-Team: blue to use chat completions"
+    assert fake_llm.calls("/v1/chat/completions") == []
+    allowed = server.client.post("/v1/chat/completions", json=BODY, headers={"x-team": "blue"})
+    assert allowed.status_code == 200 and allowed.json()["choices"][0]["message"]["content"] == "Echo: hello"
