@@ -145,14 +145,17 @@ public struct JSONLogHandler: LogHandler {
     }
 }
 
-/// Where log lines go: stdout or an appended file. Each line is one `write(2)`, serialised so
-/// lines from different threads never interleave.
+/// Where log lines go: stdout or an appended file. Each line is one `write(2)`: lines up to
+/// `PIPE_BUF` bytes are written whole by the kernel (to a pipe or a file alike), so only longer
+/// ones take the lock that keeps lines from different threads apart. (Every request writes a
+/// line; a lock taken by every line was contended across event loops.)
 public final class LogSink: Sendable {
     private let handle: Mutex<FileHandle>
 
     public static let standardOutput = LogSink(handle: .standardOutput)
 
     init(handle: FileHandle) {
+        descriptor = handle.fileDescriptor
         self.handle = Mutex(handle)
     }
 
@@ -168,20 +171,27 @@ public final class LogSink: Sendable {
         return LogSink(handle: handle)
     }
 
+    private let descriptor: Int32
+
     func write(_ bytes: [UInt8]) {
-        handle.withLock { handle in
-            let descriptor = handle.fileDescriptor
-            bytes.withUnsafeBytes { buffer in
-                var offset = 0
-                while offset < buffer.count {
-                    let written = Glibc.write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
-                    if written > 0 {
-                        offset += written
-                    } else if written < 0, errno == EINTR {
-                        continue
-                    } else {
-                        return  // a log that cannot be written must not stop the gateway
-                    }
+        if bytes.count <= Int(PIPE_BUF) {
+            Self.write(bytes, to: descriptor)
+        } else {
+            handle.withLock { Self.write(bytes, to: $0.fileDescriptor) }
+        }
+    }
+
+    private static func write(_ bytes: [UInt8], to descriptor: Int32) {
+        bytes.withUnsafeBytes { buffer in
+            var offset = 0
+            while offset < buffer.count {
+                let written = Glibc.write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
+                if written > 0 {
+                    offset += written
+                } else if written < 0, errno == EINTR {
+                    continue
+                } else {
+                    return  // a log that cannot be written must not stop the gateway
                 }
             }
         }

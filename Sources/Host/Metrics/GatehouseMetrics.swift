@@ -40,36 +40,48 @@ public final class GatehouseMetrics: Sendable {
 
     /// Counts one finished HTTP request.
     func recordRequest(route: String, method: String, status: Int, duration: Duration) {
+        requestCounter(route: route, method: method, status: status).increment()
+        requestDuration(route: route).record(duration)
+    }
+
+    /// The counter of requests with this route template, method and status (created once).
+    func requestCounter(route: String, method: String, status: Int) -> Counter {
         let key = RouteKey(route: route, method: method, status: status)
-        let counter = requestCounters.withLock { counters in
+        return requestCounters.withLock { counters in
             if let counter = counters[key] { return counter }
             let counter = registry.counter(name: "gatehouse_http_requests_total", labels: [("route", route), ("method", method), ("status", String(status))],
                 help: "HTTP requests served, by route template, method and status.")
             counters[key] = counter
             return counter
         }
-        counter.increment()
-        let histogram = requestDurations.withLock { histograms in
+    }
+
+    /// The duration histogram of a route template (created once).
+    func requestDuration(route: String) -> DurationHistogram {
+        requestDurations.withLock { histograms in
             if let histogram = histograms[route] { return histogram }
             let histogram = registry.histogram(name: "gatehouse_http_request_duration_seconds", labels: [("route", route)], buckets: Self.latencyBuckets,
                 help: "Time to the end of the response, by route template.")
             histograms[route] = histogram
             return histogram
         }
-        histogram.record(duration)
     }
 
     /// Times one upstream operation ("chat", "chat_stream", "models", "embeddings", "ready").
     func recordUpstream(backend: String, operation: String, duration: Duration) {
+        upstreamDuration(backend: backend, operation: operation).record(duration)
+    }
+
+    /// The upstream latency histogram of a backend and operation (created once).
+    func upstreamDuration(backend: String, operation: String) -> DurationHistogram {
         let key = "\(backend)|\(operation)"
-        let histogram = upstreamDurations.withLock { histograms in
+        return upstreamDurations.withLock { histograms in
             if let histogram = histograms[key] { return histogram }
             let histogram = registry.histogram(name: "gatehouse_upstream_request_duration_seconds", labels: [("backend", backend), ("operation", operation)],
                 buckets: Self.latencyBuckets, help: "Upstream LLM request latency (to the last byte).")
             histograms[key] = histogram
             return histogram
         }
-        histogram.record(duration)
     }
 
     func recordTokens(prompt: Int, completion: Int) {

@@ -38,6 +38,8 @@ final class MiddlewareTable: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Entries in the table, readable without the lock (every request asks).
+    private let count = Atomic<Int>(0)
 
     func add(
         instance: PluginInstance, name: String, priority: Int32, scope: RegisteredMiddleware.Scope, onRequest: gh_middleware_fn?,
@@ -51,12 +53,16 @@ final class MiddlewareTable: Sendable {
                     instance: instance, name: name, priority: priority, scope: scope, onRequest: onRequest, onResponse: onResponse,
                     context: unsafeContext.value, sequence: state.sequence))
             state.entries.sort { ($0.priority, $0.sequence) < ($1.priority, $1.sequence) }
+            count.store(state.entries.count, ordering: .releasing)
         }
     }
 
     /// Removes every middleware of `instance` (when that version is retired or failed to start).
     func removeAll(of instance: PluginInstance) {
-        state.withLock { $0.entries.removeAll { $0.instance === instance } }
+        state.withLock { state in
+            state.entries.removeAll { $0.instance === instance }
+            count.store(state.entries.count, ordering: .releasing)
+        }
     }
 
     /// The middleware of active plugin versions, in priority order.
@@ -64,5 +70,5 @@ final class MiddlewareTable: Sendable {
         state.withLock { $0.entries }.filter { $0.instance.isActive }
     }
 
-    var isEmpty: Bool { state.withLock { $0.entries.isEmpty } }
+    var isEmpty: Bool { count.load(ordering: .acquiring) == 0 }
 }

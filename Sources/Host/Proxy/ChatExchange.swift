@@ -32,7 +32,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Weak: the client connection may close while the upstream reply is still being drained.
     private weak var handler: ChatPassThroughHandler?
     private let passThrough: ChatPassThrough
-    private let pool: UpstreamConnectionPool
+    private let loop: PassThroughLoop
+    private var pool: UpstreamConnectionPool { loop.pool }
     private let head: HTTPRequest
     private let remoteAddress: String
     private let requestID: String
@@ -60,11 +61,11 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var timer: Scheduled<Void>?
     private var lastUpstreamRead = NIODeadline.now()
 
-    init(head: HTTPRequest, handler: ChatPassThroughHandler, pool: UpstreamConnectionPool, remoteAddress: String) {
+    init(head: HTTPRequest, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
         self.head = head
         self.handler = handler
         passThrough = handler.passThrough
-        self.pool = pool
+        self.loop = loop
         self.remoteAddress = remoteAddress
         requestID = RequestIDMiddleware.requestID(for: head.headerFields)
         logger = passThrough.logger
@@ -276,8 +277,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         do {
             let tokens = try reply.withUnsafeReadableBytes(OpenAIBackend.tokenCounts(inReply:))
-            passThrough.metrics?.recordUpstream(backend: passThrough.backendName, operation: "chat", duration: ContinuousClock.now - upstreamStarted)
-            passThrough.metrics?.recordTokens(prompt: tokens.prompt, completion: tokens.completion)
+            loop.recordUpstream(streamed: false, duration: ContinuousClock.now - upstreamStarted, prompt: tokens.prompt, completion: tokens.completion)
             if let cacheKey, let cache = passThrough.cache {
                 cache.put(cacheKey, ChatCompletion(json: Data(reply.readableBytesView), promptTokens: tokens.prompt, completionTokens: tokens.completion))
             }
@@ -367,8 +367,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection?.close()
             connection = nil
         } else {
-            passThrough.metrics?.recordUpstream(backend: passThrough.backendName, operation: "chat_stream", duration: ContinuousClock.now - upstreamStarted)
-            passThrough.metrics?.recordTokens(prompt: promptTokens, completion: completionTokens)
+            loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
         }
         output.writeStaticString("data: [DONE]\n\n")
         handler?.send(.body(output))
@@ -417,7 +416,7 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     private func addCommonFields(_ fields: inout HTTPFields) {
         fields[.requestID] = requestID
-        fields[.date] = pool.httpDate
+        fields[.date] = loop.httpDate
         fields[.server] = passThrough.serverName
         if closesConnection { fields[.connection] = "close" }
     }
@@ -450,9 +449,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func recordRequest() {
         guard !recorded else { return }
         recorded = true
-        guard let metrics = passThrough.metrics else { return }
-        metrics.inFlight.decrement()
-        metrics.recordRequest(route: ChatPassThrough.path, method: "POST", status: status, duration: ContinuousClock.now - started)
+        passThrough.metrics?.inFlight.decrement()
+        loop.recordRequest(status: status, duration: ContinuousClock.now - started)
     }
 
     // MARK: The client connection

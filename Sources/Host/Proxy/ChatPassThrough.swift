@@ -33,7 +33,7 @@ final class ChatPassThrough: Sendable {
     let backendName: String
     let logger: Logger
     let serverName: String
-    private let pools = Mutex<[ObjectIdentifier: NIOLoopBound<UpstreamConnectionPool>]>([:])
+    private let loops = Mutex<[ObjectIdentifier: NIOLoopBound<PassThroughLoop>]>([:])
 
     /// Nil unless the backend is `openai` over plain HTTP (https upstreams, and Ollama's
     /// translation, stay on the router path).
@@ -71,12 +71,13 @@ final class ChatPassThrough: Sendable {
         return middleware.isEmpty || !middleware.snapshot().contains { $0.applies(to: Self.path) }
     }
 
-    /// The upstream pool of `loop`. Must be called on `loop`.
-    func pool(for loop: any EventLoop) -> UpstreamConnectionPool {
-        let bound = pools.withLock { pools in
-            if let existing = pools[ObjectIdentifier(loop)] { return existing }
-            let created = NIOLoopBound(UpstreamConnectionPool(eventLoop: loop, target: target, connectTimeout: connectTimeout), eventLoop: loop)
-            pools[ObjectIdentifier(loop)] = created
+    /// The pass-through state of `loop` (once per connection). Must be called on `loop`.
+    func state(for loop: any EventLoop) -> PassThroughLoop {
+        let bound = loops.withLock { loops in
+            if let existing = loops[ObjectIdentifier(loop)] { return existing }
+            let pool = UpstreamConnectionPool(eventLoop: loop, target: target, connectTimeout: connectTimeout)
+            let created = NIOLoopBound(PassThroughLoop(pool: pool, metrics: metrics, backend: backendName), eventLoop: loop)
+            loops[ObjectIdentifier(loop)] = created
             return created
         }
         return bound.value
@@ -99,7 +100,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     let passThrough: ChatPassThrough
     private var context: ChannelHandlerContext?
-    private var pool: UpstreamConnectionPool?
+    private var loop: PassThroughLoop?
     private var remoteAddress = "unknown"
     /// Who gets the body of the request being read.
     private var reader = Reader.none
@@ -118,7 +119,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        pool = passThrough.pool(for: context.eventLoop)
+        loop = passThrough.state(for: context.eventLoop)
         remoteAddress = context.channel.remoteAddress?.ipAddress ?? "unknown"
     }
 
@@ -145,7 +146,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     /// Processes queued parts in order while nothing earlier is still being answered.
     private func drain() {
-        guard let context, let pool else { return }
+        guard let context, let loop else { return }
         defer {
             // Parts released from the queue outside a read: the router's channel delivers
             // reads on readComplete, so send one.
@@ -164,7 +165,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     guard routerResponsesPending == 0 else { return }
                     queued.removeFirst()
                     reader = .exchange
-                    exchange = ChatExchange(head: head, handler: self, pool: pool, remoteAddress: remoteAddress)
+                    exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: remoteAddress)
                 } else {
                     queued.removeFirst()
                     reader = .router

@@ -53,16 +53,12 @@ final class UpstreamConnectionPool {
     /// An idle connection older than this is closed instead of reused (AsyncHTTPClient's default).
     let idleLifetime = TimeAmount.seconds(60)
     private var idle: [UpstreamConnection] = []
-    private var dateCache = HTTPDateCache()
 
     init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount) {
         self.eventLoop = eventLoop
         self.target = target
         self.connectTimeout = connectTimeout
     }
-
-    /// The `Date` header value for now (formatted at most once a second per loop).
-    var httpDate: String { dateCache.now() }
 
     /// An idle connection if one is usable, else a new one. `fresh` skips the idle ones (for
     /// the one retry after a reused connection turned out to be closed).
@@ -230,25 +226,5 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         self.delegate = nil
         delegate?.upstreamFailed(UpstreamFailure(error))
         context.close(promise: nil)
-    }
-}
-
-/// The RFC 9110 `Date` value, formatted once per second.
-struct HTTPDateCache {
-    private var second = -1
-    private var text = ""
-    private static let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
-    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-
-    mutating func now() -> String {
-        var seconds = time(nil)
-        guard seconds != second else { return text }
-        second = seconds
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
-        text = "\(Self.days[Int(parts.tm_wday)]), \(two(parts.tm_mday)) \(Self.months[Int(parts.tm_mon)]) \(1900 + parts.tm_year) "
-            + "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)) GMT"
-        return text
     }
 }

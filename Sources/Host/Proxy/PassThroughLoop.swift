@@ -1,0 +1,67 @@
+// What the chat pass-through keeps per event loop: its upstream pool, the Date header, metric handles.
+internal import Foundation
+internal import NIOCore
+internal import Prometheus
+
+/// The pass-through's state for one event loop, used only on that loop, so the request path
+/// takes no lock for it: the upstream connections, the `Date` header of the current second,
+/// and the metric objects already looked up (GatehouseMetrics finds them behind a lock).
+final class PassThroughLoop {
+    let pool: UpstreamConnectionPool
+    private let metrics: GatehouseMetrics?
+    private let backend: String
+    private var dateCache = HTTPDateCache()
+    private var requestCounters: [Int: Counter] = [:]
+    private lazy var requestDuration = metrics?.requestDuration(route: ChatPassThrough.path)
+    private lazy var upstreamChat = metrics?.upstreamDuration(backend: backend, operation: "chat")
+    private lazy var upstreamStream = metrics?.upstreamDuration(backend: backend, operation: "chat_stream")
+
+    init(pool: UpstreamConnectionPool, metrics: GatehouseMetrics?, backend: String) {
+        self.pool = pool
+        self.metrics = metrics
+        self.backend = backend
+    }
+
+    /// The `Date` header value for now.
+    var httpDate: String { dateCache.now() }
+
+    /// Counts one finished chat request, as GatehouseMetrics.recordRequest does for the router.
+    func recordRequest(status: Int, duration: Duration) {
+        guard let metrics else { return }
+        let counter: Counter
+        if let cached = requestCounters[status] {
+            counter = cached
+        } else {
+            counter = metrics.requestCounter(route: ChatPassThrough.path, method: "POST", status: status)
+            requestCounters[status] = counter
+        }
+        counter.increment()
+        requestDuration?.record(duration)
+    }
+
+    /// Records a successful upstream call and its token counts.
+    func recordUpstream(streamed: Bool, duration: Duration, prompt: Int, completion: Int) {
+        (streamed ? upstreamStream : upstreamChat)?.record(duration)
+        metrics?.recordTokens(prompt: prompt, completion: completion)
+    }
+}
+
+/// The RFC 9110 `Date` value, formatted once per second.
+struct HTTPDateCache {
+    private var second = -1
+    private var text = ""
+    private static let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
+    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+    mutating func now() -> String {
+        var seconds = time(nil)
+        guard seconds != second else { return text }
+        second = seconds
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
+        text = "\(Self.days[Int(parts.tm_wday)]), \(two(parts.tm_mday)) \(Self.months[Int(parts.tm_mon)]) \(1900 + parts.tm_year) "
+            + "\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)) GMT"
+        return text
+    }
+}
