@@ -124,6 +124,18 @@ import Testing
         #expect(try OpenAIBackend.events(for: usageOnly, forwardUsage: true).count == 2)
         #expect(throws: OpenAIError.self) { try OpenAIBackend.events(for: Data(#"{"error":{"message":"boom"}}"#.utf8), forwardUsage: false) }
     }
+
+    @Test func onlyUsageAndErrorPayloadsAreParsed() {
+        func parsed(_ text: String) -> Bool { Data(text.utf8).withUnsafeBytes(OpenAIBackend.needsParsing) }
+        #expect(parsed(#"{"choices":[],"usage":{"prompt_tokens":1}}"#))
+        #expect(parsed(#"{"choices": [], "usage": {"prompt_tokens": 1}}"#))
+        #expect(parsed(#"{"usage" :  {"prompt_tokens": 1}}"#))
+        #expect(parsed(#"{"error":"boom"}"#))
+        #expect(!parsed(#"{"choices":[{"delta":{"content":"usage"}}],"usage":null}"#))
+        #expect(!parsed(#"{"choices":[{"delta":{"content":"no error here"}}]}"#))
+        #expect(!parsed(#"{"usage"#))
+        #expect(!parsed(""))
+    }
 }
 
 @Suite struct ByteSearchTests {

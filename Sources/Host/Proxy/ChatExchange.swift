@@ -97,21 +97,28 @@ final class ChatExchange: UpstreamResponseDelegate {
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
             }
-            let request = try ChatRequest.parse(body)
-            body = ByteBuffer()
-            stream = request.stream
-            includeUsage = request.includeUsage
-            if !stream, let cache = passThrough.cache {
-                let key = request.cacheKey(backend: passThrough.backendName)
-                if let cached = cache.get(key) {
-                    passThrough.metrics?.cacheHits.increment()
-                    answer(.ok, contentType: "application/json", cache: "HIT", body: ByteBuffer(data: cached.json))
-                    return
+            // Requests that need neither the cache key nor a rebuilt body skip decoding.
+            if let scan = body.withUnsafeReadableBytes(ChatRequestScan.scan), scan.stream || passThrough.cache == nil {
+                stream = scan.stream
+                includeUsage = scan.includeUsage
+                upstreamRequest = Self.splice(scan.upstreamPrefix, into: body)
+            } else {
+                let request = try ChatRequest.parse(body)
+                stream = request.stream
+                includeUsage = request.includeUsage
+                if !stream, let cache = passThrough.cache {
+                    let key = request.cacheKey(backend: passThrough.backendName)
+                    if let cached = cache.get(key) {
+                        passThrough.metrics?.cacheHits.increment()
+                        answer(.ok, contentType: "application/json", cache: "HIT", body: ByteBuffer(data: cached.json))
+                        return
+                    }
+                    passThrough.metrics?.cacheMisses.increment()
+                    cacheKey = key
                 }
-                passThrough.metrics?.cacheMisses.increment()
-                cacheKey = key
+                upstreamRequest = ByteBuffer(data: OpenAIBackend.upstreamBody(request, stream: stream))
             }
-            upstreamRequest = ByteBuffer(data: OpenAIBackend.upstreamBody(request, stream: stream))
+            body = ByteBuffer()
             callUpstream()
         } catch {
             answer(error as? OpenAIError ?? OpenAIError(.internalServerError, "internal error: \(error)"))
@@ -140,6 +147,19 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
+    /// The client's JSON object with `prefix` (members and a trailing comma) after its brace.
+    private static func splice(_ prefix: String?, into body: ByteBuffer) -> ByteBuffer {
+        guard let prefix, let brace = body.readableBytesView.firstIndex(of: UInt8(ascii: "{")) else { return body }
+        var spliced = ByteBuffer()
+        spliced.reserveCapacity(body.readableBytes + prefix.utf8.count)
+        var rest = body
+        var head = rest.readSlice(length: brace - body.readerIndex + 1)!
+        spliced.writeBuffer(&head)
+        spliced.writeString(prefix)
+        spliced.writeBuffer(&rest)
+        return spliced
+    }
+
     private func upstreamRequestHead() -> HTTPRequestHead {
         var headers = HTTPHeaders()
         headers.reserveCapacity(7)
@@ -164,12 +184,12 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     private func timerFired() {
         timer = nil
+        if stream || phase == .draining, phase != .done, NIODeadline.now() < lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000)) {
+            armTimer()  // something was read since the timer was set: silence has not lasted yet
+            return
+        }
         switch phase {
         case .waiting, .collecting, .streaming:
-            if stream, NIODeadline.now() < lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000)) {
-                armTimer()
-                return
-            }
             let failure: UpstreamFailure = stream ? .silence : .deadline
             if phase == .streaming {
                 endStream(error: failure.error(target: target, timeout: passThrough.timeout))  // closes the connection
@@ -336,23 +356,22 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// payloads through the same classification as the router path.
     private func appendEvents(for payload: ByteBuffer, to output: inout ByteBuffer) throws {
         if !payload.withUnsafeReadableBytes(OpenAIBackend.needsParsing) {
-            Self.appendEvent(payload.readableBytesView, to: &output)
+            output.writeStaticString("data: ")
+            output.writeImmutableBuffer(payload)
+            output.writeStaticString("\n\n")
             return
         }
         for event in try OpenAIBackend.events(for: Data(payload.readableBytesView), forwardUsage: includeUsage) {
             switch event {
-            case .chunk(let data): Self.appendEvent(data, to: &output)
+            case .chunk(let data):
+                output.writeStaticString("data: ")
+                output.writeBytes(data)
+                output.writeStaticString("\n\n")
             case .usage(let prompt, let completion):
                 promptTokens = prompt
                 completionTokens = completion
             }
         }
-    }
-
-    private static func appendEvent(_ bytes: some Collection<UInt8>, to output: inout ByteBuffer) {
-        output.writeStaticString("data: ")
-        output.writeBytes(bytes)
-        output.writeStaticString("\n\n")
     }
 
     /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`.
@@ -432,8 +451,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// The client's response has ended (`draining`: the upstream reply is still being read).
     private func finish(draining: Bool) {
         if draining {
+            // Only streams drain (after [DONE]); their silence timer is already running.
             phase = .draining
-            armTimer()
         } else {
             timer?.cancel()
             timer = nil

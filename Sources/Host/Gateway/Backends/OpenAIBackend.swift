@@ -3,6 +3,9 @@ internal import AsyncHTTPClient
 internal import Foundation
 internal import NIOCore
 internal import NIOHTTP1
+#if canImport(Glibc)
+internal import Glibc
+#endif
 
 /// Forwards to an OpenAI-compatible server. Bodies pass through unchanged except for the
 /// smoothing some servers need (llama.cpp rejects `content: null` next to `tool_calls`).
@@ -48,9 +51,6 @@ struct OpenAIBackend: ChatBackend {
     }
 
     static let done = Data("[DONE]".utf8)
-    private static let usageMarker = Array(#""usage":{"#.utf8)
-    private static let spacedUsageMarker = Array(#""usage": {"#.utf8)
-    private static let errorMarker = Array(#""error""#.utf8)
 
     /// Classifies one upstream SSE payload. Only payloads that carry usage or an error are
     /// parsed; ordinary chunks pass through as bytes. The usage-only chunk the gateway asked
@@ -71,11 +71,37 @@ struct OpenAIBackend: ChatBackend {
         return events
     }
 
-    /// Whether a payload may carry usage or an error, and so must be parsed; every other
-    /// chunk passes through as bytes.
+    /// Whether a payload may carry usage (`"usage": {`) or an error (`"error"`), and so must
+    /// be parsed; every other chunk passes through as bytes. One pass over the quotes: this runs
+    /// for every streamed token.
     static func needsParsing(_ payload: UnsafeRawBufferPointer) -> Bool {
-        ByteSearch.find(usageMarker, in: payload) != nil || ByteSearch.find(spacedUsageMarker, in: payload) != nil
-            || ByteSearch.find(errorMarker, in: payload) != nil
+        guard let base = payload.baseAddress else { return false }
+        let end = payload.count
+        var offset = 0
+        while offset < end, let hit = memchr(base + offset, Int32(UInt8(ascii: "\"")), end - offset) {
+            let start = base.distance(to: UnsafeRawPointer(hit)) + 1
+            if matches(errorKey, in: payload, at: start) { return true }
+            if matches(usageKey, in: payload, at: start) {
+                var index = start + usageKey.count
+                while index < end, payload[index] == UInt8(ascii: " ") { index += 1 }
+                if index < end, payload[index] == UInt8(ascii: ":") {
+                    index += 1
+                    while index < end, payload[index] == UInt8(ascii: " ") { index += 1 }
+                    if index < end, payload[index] == UInt8(ascii: "{") { return true }
+                }
+            }
+            offset = start
+        }
+        return false
+    }
+
+    private static let usageKey = Array(#"usage""#.utf8)
+    private static let errorKey = Array(#"error""#.utf8)
+
+    private static func matches(_ word: [UInt8], in bytes: UnsafeRawBufferPointer, at start: Int) -> Bool {
+        guard start + word.count <= bytes.count else { return false }
+        for index in word.indices where bytes[start + index] != word[index] { return false }
+        return true
     }
 
     func models(requestID: String) async throws -> Data {
