@@ -153,13 +153,18 @@ def test_a_client_leaving_mid_stream_frees_the_request(openai_gateway):
     assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
 
 
-def test_connection_close_is_honoured(openai_gateway):
+def test_connection_close_and_http_1_0_are_honoured(openai_gateway):
     server = openai_gateway()
     received, closed = raw_exchange(server.port, post_bytes(BODY, extra_headers="Connection: close\r\n"), until=None)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in head.lower()
     assert json.loads(body)["choices"][0]["message"]["content"] == "Echo: hello"
     assert closed
+    # HTTP/1.0 without keep-alive: a 1.0 answer, then the server closes; a stream too.
+    for body, marker in ((BODY, b"Echo: hello"), ({**BODY, "stream": True}, b"data: [DONE]")):
+        request = post_bytes(body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        received, closed = raw_exchange(server.port, request, until=None)
+        assert received.startswith(b"HTTP/1.0 200 OK") and marker in received and closed, received
 
 
 def test_metrics_and_access_log(openai_gateway, tmp_path):

@@ -18,7 +18,12 @@ struct APIKeyCheck: Sendable {
     /// keeping the key itself.
     /// - Throws: a 401 `OpenAIError` when a key is configured and the request lacks it.
     func verify(_ headers: HTTPFields, path: String) throws(OpenAIError) -> String? {
-        let presented = Self.presentedKey(headers)
+        try verify(apiKeyHeader: headers[Self.apiKeyField], authorization: headers[.authorization], path: path)
+    }
+
+    /// `verify` on the two header values (for callers that hold other header types).
+    func verify(apiKeyHeader: String?, authorization: String?, path: String) throws(OpenAIError) -> String? {
+        let presented = Self.presentedKey(apiKeyHeader: apiKeyHeader, authorization: authorization)
         let presentedDigest = presented.map { Array(SHA256.hash(data: Data($0.utf8))) }
         let clientID = presentedDigest.map { "key:" + Hex.string($0.prefix(8)) }
         guard let expectedDigest, !Self.isExempt(path) else { return clientID }
@@ -35,10 +40,12 @@ struct APIKeyCheck: Sendable {
         path == "/health" || path.hasPrefix("/health/")
     }
 
+    static let apiKeyField = HTTPField.Name("X-API-Key")!
+
     /// The key from `X-API-Key`, or from `Authorization: Bearer …` (scheme case-insensitive).
-    static func presentedKey(_ headers: HTTPFields) -> String? {
-        if let key = headers[HTTPField.Name("X-API-Key")!], !key.isEmpty { return key }
-        guard let authorization = headers[.authorization] else { return nil }
+    static func presentedKey(apiKeyHeader: String?, authorization: String?) -> String? {
+        if let key = apiKeyHeader, !key.isEmpty { return key }
+        guard let authorization else { return nil }
         let parts = authorization.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
         let token = parts[1].trimmingCharacters(in: .whitespaces)

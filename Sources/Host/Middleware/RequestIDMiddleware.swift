@@ -24,7 +24,12 @@ public struct RequestIDMiddleware: RouterMiddleware {
 
     /// The client's X-Request-ID when acceptable, else a new one.
     static func requestID(for headers: HTTPFields) -> String {
-        headers[.requestID].flatMap { isAcceptable($0) ? $0 : nil } ?? RequestIDGenerator.next()
+        requestID(clientValue: headers[.requestID])
+    }
+
+    /// The client's X-Request-ID value when acceptable, else a new id.
+    static func requestID(clientValue: String?) -> String {
+        clientValue.flatMap { isAcceptable($0) ? $0 : nil } ?? RequestIDGenerator.next()
     }
 
     /// Ids are echoed into headers and logs: accept only short, printable, header-safe ones.

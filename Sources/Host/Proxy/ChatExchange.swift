@@ -4,7 +4,6 @@ internal import HTTPTypes
 internal import Logging
 internal import NIOCore
 internal import NIOHTTP1
-internal import NIOHTTPTypes
 
 /// One `POST /v1/chat/completions` from its head to the end of its answer. Runs entirely on
 /// the client connection's event loop, as does the upstream connection it uses.
@@ -34,7 +33,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     private let passThrough: ChatPassThrough
     private let loop: PassThroughLoop
     private var pool: UpstreamConnectionPool { loop.pool }
-    private let head: HTTPRequest
+    private let head: HTTPRequestHead
     private let remoteAddress: String
     private let requestID: String
     private var logger: Logger
@@ -61,17 +60,17 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var timer: Scheduled<Void>?
     private var lastUpstreamRead = NIODeadline.now()
 
-    init(head: HTTPRequest, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
+    init(head: HTTPRequestHead, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
         self.head = head
         self.handler = handler
         passThrough = handler.passThrough
         self.loop = loop
         self.remoteAddress = remoteAddress
-        requestID = RequestIDMiddleware.requestID(for: head.headerFields)
+        requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
         logger = passThrough.logger
         logger[metadataKey: "request_id"] = .string(requestID)
         passThrough.metrics?.inFlight.increment()
-        if let length = head.headerFields[.contentLength].flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
+        if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
     }
 
     // MARK: The client's request
@@ -92,7 +91,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     func requestEnded() {
         phase = .waiting
         do {
-            let clientID = try passThrough.apiKeys.verify(head.headerFields, path: ChatPassThrough.path)
+            let clientID = try passThrough.apiKeys.verify(
+                apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
+                path: ChatPassThrough.path)
             if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
@@ -214,9 +215,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         if stream, head.status == .ok {
             phase = .streaming
             status = 200
-            var fields = responseFields(contentType: "text/event-stream", cache: "BYPASS")
-            fields[.cacheControl] = "no-cache"
-            handler?.send(.head(HTTPResponse(status: .ok, headerFields: fields)))
+            var headers = responseHeaders(contentType: "text/event-stream", cache: "BYPASS")
+            headers.add(name: "Cache-Control", value: "no-cache")
+            handler?.send(.head(HTTPResponseHead(version: responseVersion, status: .ok, headers: headers)))
             logAccess()
         } else {
             phase = .collecting
@@ -344,7 +345,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         let ended = finished || streamError != nil
         if input.readableBytes > 0, !ended { partialLine = input }
-        if output.readableBytes > 0 { handler?.send(.body(output), flush: !ended) }
+        if output.readableBytes > 0 { handler?.send(.body(.byteBuffer(output)), flush: !ended) }
         if ended {
             endStream(error: streamError)
         } else if handler?.isWritable == false {
@@ -389,7 +390,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
         }
         output.writeStaticString("data: [DONE]\n\n")
-        handler?.send(.body(output))
+        handler?.send(.body(.byteBuffer(output)))
         handler?.send(.end(nil), flush: true)
         finish(draining: connection != nil)
     }
@@ -397,51 +398,58 @@ final class ChatExchange: UpstreamResponseDelegate {
     // MARK: Answering
 
     private func answer(_ error: OpenAIError) {
-        var fields = error.headers
-        fields[.contentType] = "application/json"
-        answer(error.status, fields: fields, body: ByteBuffer(data: error.body(requestID: requestID)))
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        for field in error.headers { headers.add(name: field.name.rawName, value: field.value) }
+        addCommonHeaders(&headers)
+        answer(error.status.code, headers: headers, body: ByteBuffer(data: error.body(requestID: requestID)))
     }
 
     private func answer(_ status: HTTPResponse.Status, contentType: String, cache: String, body: ByteBuffer) {
-        answer(status, fields: responseFields(contentType: contentType, cache: cache), body: body)
+        answer(status.code, headers: responseHeaders(contentType: contentType, cache: cache), body: body)
     }
 
     /// A whole response: head with its length, body, end.
-    private func answer(_ status: HTTPResponse.Status, fields: HTTPFields, body: ByteBuffer) {
+    private func answer(_ status: Int, headers: HTTPHeaders, body: ByteBuffer) {
         guard phase != .done, phase != .draining else { return }
-        var fields = fields
-        fields[.contentLength] = String(body.readableBytes)
-        addCommonFields(&fields)
-        self.status = status.code
+        var headers = headers
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        self.status = status
         if connection != nil {
             connection?.close()
             connection = nil
         }
-        handler?.send(.head(HTTPResponse(status: status, headerFields: fields)))
-        handler?.send(.body(body))
+        handler?.send(.head(HTTPResponseHead(version: responseVersion, status: HTTPResponseStatus(statusCode: status), headers: headers)))
+        handler?.send(.body(.byteBuffer(body)))
         handler?.send(.end(nil), flush: true)
         logAccess()
         finish(draining: false)
     }
 
-    private func responseFields(contentType: String, cache: String) -> HTTPFields {
-        var fields = HTTPFields()
-        fields.reserveCapacity(8)
-        fields[.contentType] = contentType
-        fields[GatewayRoutes.cacheHeader] = cache
-        addCommonFields(&fields)
-        return fields
+    private func responseHeaders(contentType: String, cache: String) -> HTTPHeaders {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(8)
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "X-Cache", value: cache)
+        addCommonHeaders(&headers)
+        return headers
     }
 
-    private func addCommonFields(_ fields: inout HTTPFields) {
-        fields[.requestID] = requestID
-        fields[.date] = loop.httpDate
-        fields[.server] = passThrough.serverName
-        if closesConnection { fields[.connection] = "close" }
+    private func addCommonHeaders(_ headers: inout HTTPHeaders) {
+        headers.add(name: "X-Request-ID", value: requestID)
+        headers.add(name: "Date", value: loop.httpDate)
+        headers.add(name: "Server", value: passThrough.serverName)
+        if closesConnection { headers.add(name: "Connection", value: "close") }
     }
 
+    /// HTTP/1.0 clients get 1.0 answers (NIO's encoder then frames streams by closing).
+    private var responseVersion: HTTPVersion { head.version.minor == 0 ? .http1_0 : .http1_1 }
+
+    /// After this answer the connection closes: the client asked (or spoke HTTP/1.0 without
+    /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), or
+    /// the gateway is shutting down.
     private var closesConnection: Bool {
-        handler?.isQuiescing == true || head.headerFields[.connection]?.lowercased() == "close"
+        handler?.isQuiescing == true || !head.isKeepAlive || (stream && head.version.minor == 0)
     }
 
     private func logAccess() {

@@ -1,9 +1,8 @@
 // The chat pass-through: POST /v1/chat/completions to an OpenAI-compatible upstream, served
 // inside the NIO pipeline on the connection's own event loop (no task, no thread hop).
-internal import HTTPTypes
 internal import Logging
 internal import NIOCore
-internal import NIOHTTPTypes
+internal import NIOHTTP1
 internal import Synchronization
 
 /// What every connection's pass-through handler shares: configuration, the gateway's rules
@@ -63,9 +62,9 @@ final class ChatPassThrough: Sendable {
     }
 
     /// Whether this request is served here rather than by the router.
-    func takes(_ head: HTTPRequest) -> Bool {
-        guard head.method == .post, let path = head.path else { return false }
-        let route = path.firstIndex(of: "?").map { path[..<$0] } ?? path[...]
+    func takes(_ head: HTTPRequestHead) -> Bool {
+        guard head.method == .POST else { return false }
+        let route = head.uri.firstIndex(of: "?").map { head.uri[..<$0] } ?? head.uri[...]
         guard route == Self.path else { return false }
         // Plugin middleware run only on the router path; while one applies, step aside.
         return middleware.isEmpty || !middleware.snapshot().contains { $0.applies(to: Self.path) }
@@ -84,15 +83,15 @@ final class ChatPassThrough: Sendable {
     }
 }
 
-/// The pass-through's place in a connection's pipeline, right after HTTP decoding and before
-/// the router. It takes the requests `ChatPassThrough.takes` accepts and hands everything else
+/// The pass-through's place in a connection's pipeline, right after HTTP/1 decoding and before
+/// the router (see GatehouseHTTP1Channel). It takes the requests `ChatPassThrough.takes` accepts and hands everything else
 /// on, keeping responses in request order when a client pipelines: a request arriving while
 /// an earlier one is still being answered waits until that answer has ended.
 final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPRequestPart
-    typealias InboundOut = HTTPRequestPart
-    typealias OutboundIn = HTTPResponsePart
-    typealias OutboundOut = HTTPResponsePart
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
 
     private enum Reader {
         case none, router, exchange
@@ -109,7 +108,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// Requests handed to the router whose responses have not ended yet.
     private var routerResponsesPending = 0
     /// Parts that must wait for an earlier response to end.
-    private var queued = CircularBuffer<HTTPRequestPart>()
+    private var queued = CircularBuffer<HTTPServerRequestPart>()
     /// A graceful-shutdown request held back until the exchange in progress has ended.
     private var quiesceHeld = false
 
@@ -184,7 +183,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         }
     }
 
-    private func forward(_ part: HTTPRequestPart, _ context: ChannelHandlerContext) {
+    private func forward(_ part: HTTPServerRequestPart, _ context: ChannelHandlerContext) {
         forwardedUnread = true
         context.fireChannelRead(wrapInboundOut(part))
     }
@@ -229,7 +228,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
-    func send(_ part: HTTPResponsePart, flush: Bool = false) {
+    func send(_ part: HTTPServerResponsePart, flush: Bool = false) {
         guard let context else { return }
         if flush {
             context.writeAndFlush(wrapOutboundOut(part), promise: nil)

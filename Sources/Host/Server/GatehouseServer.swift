@@ -92,8 +92,7 @@ public struct GatehouseServer: Sendable {
     /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key;
     /// with the chat pass-through in every connection's pipeline when the backend allows it.
     private func makeServerBuilder(passThrough: ChatPassThrough?) throws -> HTTPServerBuilder {
-        let http1 = HTTPServerBuilder.http1(
-            configuration: .init(additionalChannelHandlers: passThrough.map { [$0.makeHandler()] } ?? []))
+        let http1 = HTTPServerBuilder { responder in GatehouseHTTP1Channel(responder: responder, passThrough: passThrough) }
         guard config.tls.enabled else { return http1 }
         let chain: [NIOSSLCertificateSource]
         let key: NIOSSLPrivateKey
