@@ -4,6 +4,9 @@ internal import HTTPTypes
 internal import Logging
 internal import NIOCore
 internal import NIOHTTP1
+#if canImport(Glibc)
+internal import Glibc
+#endif
 
 /// One `POST /v1/chat/completions` from its head to the end of its answer. Runs entirely on
 /// the client connection's event loop, as does the upstream connection it uses.
@@ -310,9 +313,6 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     // MARK: Server-sent events
 
-    private static let dataPrefix = Array("data:".utf8)
-    private static let done = Array("[DONE]".utf8)
-
     /// Re-frames the complete `data:` lines of one upstream read as one write to the client.
     private func relay(_ buffer: ByteBuffer) {
         var input = buffer
@@ -322,47 +322,54 @@ final class ChatExchange: UpstreamResponseDelegate {
             partialLine = ByteBuffer()
         }
         var output = ByteBuffer()
+        output.reserveCapacity(input.readableBytes + 64)
         var finished = false
         var streamError: OpenAIError?
-        while !finished, streamError == nil, let newline = input.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
-            let length = newline - input.readerIndex
-            var line = input.readSlice(length: length)!
-            input.moveReaderIndex(forwardBy: 1)
-            if line.readableBytesView.last == UInt8(ascii: "\r") { line.moveWriterIndex(to: line.writerIndex - 1) }
-            // event:, id: and comment lines carry nothing to relay.
-            guard line.readableBytesView.starts(with: Self.dataPrefix) else { continue }
-            line.moveReaderIndex(forwardBy: Self.dataPrefix.count)
-            if line.readableBytesView.first == UInt8(ascii: " ") { line.moveReaderIndex(forwardBy: 1) }
-            if line.readableBytesView.elementsEqual(Self.done) {
-                finished = true
-                break
+        let consumed = input.withUnsafeReadableBytes { bytes -> Int in
+            guard let base = bytes.baseAddress else { return 0 }
+            var next = 0
+            while !finished, streamError == nil, let hit = memchr(base + next, 0x0a, bytes.count - next) {
+                let lineStart = next
+                var lineEnd = base.distance(to: UnsafeRawPointer(hit))
+                next = lineEnd + 1
+                if lineEnd > lineStart, bytes[lineEnd - 1] == UInt8(ascii: "\r") { lineEnd -= 1 }
+                // event:, id: and comment lines carry nothing to relay.
+                guard lineEnd - lineStart >= 5, memcmp(base + lineStart, "data:", 5) == 0 else { continue }
+                var payloadStart = lineStart + 5
+                if payloadStart < lineEnd, bytes[payloadStart] == UInt8(ascii: " ") { payloadStart += 1 }
+                let payload = UnsafeRawBufferPointer(rebasing: bytes[payloadStart..<lineEnd])
+                if payload.count == 6, memcmp(payload.baseAddress!, "[DONE]", 6) == 0 {
+                    finished = true
+                    break
+                }
+                do {
+                    try appendEvents(for: payload, to: &output)
+                } catch {
+                    streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
+                }
             }
-            do {
-                try appendEvents(for: line, to: &output)
-            } catch {
-                streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
-            }
+            return next
         }
-        let ended = finished || streamError != nil
-        if input.readableBytes > 0, !ended { partialLine = input }
-        if output.readableBytes > 0 { handler?.send(.body(.byteBuffer(output)), flush: !ended) }
-        if ended {
-            endStream(error: streamError)
-        } else if handler?.isWritable == false {
-            connection?.handler.holdReads(true)
+        input.moveReaderIndex(forwardBy: consumed)
+        if finished || streamError != nil {
+            endStream(error: streamError, after: output)
+            return
         }
+        if input.readableBytes > 0 { partialLine = input }
+        if output.readableBytes > 0 { handler?.send(.body(.byteBuffer(output)), flush: true) }
+        if handler?.isWritable == false { connection?.handler.holdReads(true) }
     }
 
     /// One upstream payload as client events: ordinary chunks as their bytes, usage and error
     /// payloads through the same classification as the router path.
-    private func appendEvents(for payload: ByteBuffer, to output: inout ByteBuffer) throws {
-        if !payload.withUnsafeReadableBytes(OpenAIBackend.needsParsing) {
+    private func appendEvents(for payload: UnsafeRawBufferPointer, to output: inout ByteBuffer) throws {
+        if !OpenAIBackend.needsParsing(payload) {
             output.writeStaticString("data: ")
-            output.writeImmutableBuffer(payload)
+            output.writeBytes(payload)
             output.writeStaticString("\n\n")
             return
         }
-        for event in try OpenAIBackend.events(for: Data(payload.readableBytesView), forwardUsage: includeUsage) {
+        for event in try OpenAIBackend.events(for: Data(payload), forwardUsage: includeUsage) {
             switch event {
             case .chunk(let data):
                 output.writeStaticString("data: ")
@@ -375,10 +382,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`.
-    private func endStream(error: OpenAIError?) {
+    /// Ends the client's stream: the events still to send, an error event if the upstream
+    /// failed, then `[DONE]`, in one write.
+    private func endStream(error: OpenAIError?, after events: ByteBuffer = ByteBuffer()) {
         guard phase == .streaming else { return }
-        var output = ByteBuffer()
+        var output = events
         if let error {
             logger.error("stream failed", metadata: ["error": .string(error.message)])
             output.writeStaticString("data: ")
