@@ -109,7 +109,7 @@ run() {  # $1 = url, $2 = connections -> "req/s p50 p99 errors requests"
 
 printf "Gatehouse benchmark: %s, %s cores, %s s per run, %s\n" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$DURATION" "$(uname -m)"
 printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors
-for mode in json sse; do
+for mode in ${BENCH_MODES:-json sse}; do
     if [[ $mode == json ]]; then
         upstream=$UPSTREAM_JSON_PORT
         export BENCH_BODY='{"model":"bench","messages":[{"role":"user","content":"Hello"}]}'

@@ -60,7 +60,10 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var completionTokens = 0
     /// The status the client was (or is being) sent.
     private var status = 0
-    private var timer: Scheduled<Void>?
+    /// When the upstream wait ends (checked by the loop's sweep; nil when not waiting).
+    private(set) var deadline: NIODeadline?
+    /// This exchange's place in the loop's list of deadlines.
+    var watchIndex: Int?
     private var lastUpstreamRead = NIODeadline.now()
 
     init(head: HTTPRequestHead, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
@@ -178,16 +181,19 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     /// Streams are bounded by silence between reads; whole answers by a deadline.
     private func armTimer() {
-        timer?.cancel()
         let limit = TimeAmount.nanoseconds(Int64(passThrough.timeout * 1_000_000_000))
-        let deadline = (stream || phase == .draining) ? lastUpstreamRead + limit : NIODeadline.now() + limit
-        timer = pool.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [weak self] in
-            self?.timerFired()
-        }
+        deadline = (stream || phase == .draining) ? lastUpstreamRead + limit : NIODeadline.now() + limit
+        loop.watch(self)
     }
 
-    private func timerFired() {
-        timer = nil
+    private func cancelTimer() {
+        deadline = nil
+        loop.unwatch(self)
+    }
+
+    /// Called by the loop's sweep once `deadline` has passed.
+    func deadlinePassed() {
+        cancelTimer()
         if stream || phase == .draining, phase != .done, NIODeadline.now() < lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000)) {
             armTimer()  // something was read since the timer was set: silence has not lasted yet
             return
@@ -256,7 +262,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         case .collecting: replyCollected()
         case .streaming: endStream(error: nil)
         case .draining:
-            timer?.cancel()
+            cancelTimer()
             phase = .done
         default: break
         }
@@ -279,7 +285,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         case .streaming:
             endStream(error: failure.error(target: target, timeout: passThrough.timeout))
         case .draining:
-            timer?.cancel()
+            cancelTimer()
             phase = .done
         case .reading, .done:
             break
@@ -467,11 +473,10 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// The client's response has ended (`draining`: the upstream reply is still being read).
     private func finish(draining: Bool) {
         if draining {
-            // Only streams drain (after [DONE]); their silence timer is already running.
+            // Only streams drain (after [DONE]); their silence deadline is already set.
             phase = .draining
         } else {
-            timer?.cancel()
-            timer = nil
+            cancelTimer()
             phase = .done
         }
         connection?.handler.holdReads(false)
@@ -497,8 +502,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// The client went away: stop the upstream work (its connection cannot be reused mid-answer).
     func clientClosed() {
         guard phase != .done else { return }
-        timer?.cancel()
-        timer = nil
+        cancelTimer()
         if phase != .draining {
             connection?.close()
             connection = nil

@@ -22,6 +22,48 @@ final class PassThroughLoop {
         self.backend = backend
     }
 
+    // MARK: Deadlines
+
+    /// Exchanges waiting on the upstream. One sweep a tick checks their deadlines: cheaper than
+    /// a scheduled task per request (NIO's timer heap cancels by linear search), and timeouts
+    /// are whole seconds, so a tenth of a second late is fine.
+    private var watched: [ChatExchange] = []
+    private var sweepScheduled = false
+    static let sweepInterval = TimeAmount.milliseconds(100)
+
+    func watch(_ exchange: ChatExchange) {
+        guard exchange.watchIndex == nil else { return }
+        exchange.watchIndex = watched.count
+        watched.append(exchange)
+        scheduleSweep()
+    }
+
+    func unwatch(_ exchange: ChatExchange) {
+        guard let index = exchange.watchIndex else { return }
+        exchange.watchIndex = nil
+        let last = watched.removeLast()
+        if index < watched.count {
+            watched[index] = last
+            last.watchIndex = index
+        }
+    }
+
+    private func scheduleSweep() {
+        guard !sweepScheduled else { return }
+        sweepScheduled = true
+        pool.eventLoop.assumeIsolated().scheduleTask(in: Self.sweepInterval) { [weak self] in self?.sweep() }
+    }
+
+    private func sweep() {
+        sweepScheduled = false
+        let now = NIODeadline.now()
+        // A snapshot: handling one exchange may unwatch or re-arm others.
+        for exchange in watched where exchange.watchIndex != nil {
+            if let deadline = exchange.deadline, deadline <= now { exchange.deadlinePassed() }
+        }
+        if !watched.isEmpty { scheduleSweep() }
+    }
+
     /// The `Date` header value for now.
     var httpDate: String { dateCache.now() }
 
