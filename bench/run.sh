@@ -3,6 +3,9 @@
 # through Gatehouse, with wrk at several concurrencies, non-stream and stream. Prints req/s, p50,
 # p99 and Gatehouse/nginx ratios measured in this one run.
 # Usage: bench/run.sh [DURATION_SECONDS]   (needs a release build: make bench does it)
+#   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number.
+# Also prints each target's CPU time per request (user+system µs): for the upstream when
+# measured directly, for nginx's workers, for Gatehouse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -102,13 +105,39 @@ start_gatehouse() {  # $1 = upstream port
     echo "bench: gatehouse did not start"; cat "$WORK/gatehouse.log"; exit 1
 }
 
-run() {  # $1 = url, $2 = connections -> "req/s p50 p99 errors requests"
-    local threads=$(( $2 < 2 ? 1 : 2 ))
-    wrk -t "$threads" -c "$2" -d "${DURATION}s" --latency -s "$WORK/post.lua" "$1" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+# CPU time (user and system clock ticks) used so far by every thread of the given processes.
+cpu_ticks() {
+    local user=0 system=0 task fields
+    for pid in "$@"; do
+        for task in /proc/"$pid"/task/*/stat; do
+            read -r -a fields <"$task" 2>/dev/null || continue
+            user=$((user + fields[13])) system=$((system + fields[14]))
+        done
+    done
+    echo "$user $system"
 }
 
-printf "Gatehouse benchmark: %s, %s cores, %s s per run, %s\n" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$DURATION" "$(uname -m)"
-printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors
+# $1 = url, $2 = connections, $3... = pids whose CPU is measured
+#   -> "req/s p50 p99 errors requests cpu_user_us_per_request cpu_system_us_per_request"
+run() {
+    local url=$1 conc=$2 threads=$(( $2 < 2 ? 1 : 2 ))
+    shift 2
+    local before after result
+    before=$(cpu_ticks "$@")
+    result=$(wrk -t "$threads" -c "$conc" -d "${DURATION}s" --latency -s "$WORK/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
+    after=$(cpu_ticks "$@")
+    awk -v r="$result" -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        split(r, f, " "); split(b, x, " "); split(a, y, " "); n = f[5] > 0 ? f[5] : 1
+        printf "%s %.1f %.1f\n", r, (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n }'
+}
+
+# The proxy's own processes, whose CPU per request is reported: nginx's workers, Gatehouse.
+nginx_workers=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
+upstream_workers=$(pgrep -P "$(cat "$WORK/upstream.pid")" | tr '\n' ' ')
+
+printf "Gatehouse benchmark: %s, %s cores, %s s per run, %s; nginx %s workers\n" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" \
+    "$DURATION" "$(uname -m)" "$(wc -w <<<"$nginx_workers")"
+printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors "cpu µs/req u+s"
 for mode in ${BENCH_MODES:-json sse}; do
     if [[ $mode == json ]]; then
         upstream=$UPSTREAM_JSON_PORT
@@ -119,12 +148,14 @@ for mode in ${BENCH_MODES:-json sse}; do
     fi
     start_gatehouse "$upstream"
     for conc in 1 16 64; do
-        read -r d_rps d_p50 d_p99 d_err _ < <(run "http://127.0.0.1:$upstream/v1/chat/completions" "$conc")
-        read -r n_rps n_p50 n_p99 n_err _ < <(run "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions" "$conc")
-        read -r g_rps g_p50 g_p99 g_err _ < <(run "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions" "$conc")
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" direct "$d_rps" "$d_p50" "$d_p99" "$d_err"
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" nginx "$n_rps" "$n_p50" "$n_p99" "$n_err"
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s\n" "$mode" "$conc" gatehouse "$g_rps" "$g_p50" "$g_p99" "$g_err"
+        # shellcheck disable=SC2086 # the pid lists are words
+        read -r d_rps d_p50 d_p99 d_err _ d_u d_s < <(run "http://127.0.0.1:$upstream/v1/chat/completions" "$conc" $upstream_workers)
+        # shellcheck disable=SC2086
+        read -r n_rps n_p50 n_p99 n_err _ n_u n_s < <(run "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions" "$conc" $nginx_workers)
+        read -r g_rps g_p50 g_p99 g_err _ g_u g_s < <(run "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions" "$conc" "${pids[-1]}")
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" direct "$d_rps" "$d_p50" "$d_p99" "$d_err" "$d_u+$d_s"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" nginx "$n_rps" "$n_p50" "$n_p99" "$n_err" "$n_u+$n_s"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" gatehouse "$g_rps" "$g_p50" "$g_p99" "$g_err" "$g_u+$g_s"
         awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" 'BEGIN {
             printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f; added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms\n",
                 m, c, g / n, np - d, gp - d }'
