@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import socketserver
+import struct
 import subprocess
 import threading
 import time
@@ -85,6 +86,7 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
     keep-alive, then closes the connection when a second request arrives on it, as a server
     does when its keep-alive timeout fires just as the gateway reuses the connection."""
     connections = 0
+    reset = False
 
     def handle(self):
         type(self).connections += 1
@@ -105,9 +107,14 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
         self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                              + str(len(reply)).encode() + b"\r\n\r\n" + reply)
         self.request.recv(65536)  # the next request on this connection: close without answering
+        if type(self).reset:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
 
 
-def test_a_reused_connection_closed_by_the_upstream_is_retried_once(start, plugins_dir):
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_reused_connection_lost_at_the_upstream_is_retried_once(start, plugins_dir, reset):
+    _OneAnswerPerConnection.connections = 0
+    _OneAnswerPerConnection.reset = reset
     upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneAnswerPerConnection)
     upstream.daemon_threads = True
     threading.Thread(target=upstream.serve_forever, daemon=True).start()

@@ -163,6 +163,14 @@ enum UpstreamFailure: Error {
         }
     }
 
+    /// The connection went away (closed, reset, broken) rather than timing out or refusing.
+    var isConnectionLoss: Bool {
+        switch self {
+        case .closed, .failed: true
+        case .deadline, .silence, .connectTimeout, .unreachable: false
+        }
+    }
+
     /// The client-visible error; `target` is the upstream URL that was called.
     func error(target: String, timeout: Double) -> OpenAIError {
         switch self {

@@ -12,9 +12,13 @@ internal import Glibc
 /// the client connection's event loop, as does the upstream connection it uses.
 ///
 /// The rules are the router path's, through the same helpers: `APIKeyCheck`, the rate
-/// limiter's `refusal`, `ChatRequest.parse`, the shared cache, `OpenAIBackend.upstreamBody`
-/// and its SSE classification, `UpstreamClient.upstreamStatusError`, `UpstreamFailure`, and
-/// the access-log line.
+/// limiter's `refusal`, `ChatRequest.parse` (or `ChatRequestScan` where it answers for it), the
+/// shared cache, `OpenAIBackend.upstreamBody` and its SSE classification,
+/// `UpstreamClient.upstreamStatusError`, `UpstreamFailure`, and the access-log line.
+///
+/// A reused keep-alive connection that the upstream closes before answering is retried once on
+/// a new connection, so a request can reach the upstream twice in that race (harmless for chat
+/// completions, which change nothing upstream).
 final class ChatExchange: UpstreamResponseDelegate {
     private enum Phase {
         /// Reading the client's body.
@@ -273,8 +277,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         connection = nil
         switch phase {
         case .waiting:
-            // A keep-alive connection the upstream closed just as it was reused: try once on a new one.
-            if reused, !retried, case .closed = failure {
+            // A keep-alive connection the upstream closed (or reset) just as it was reused:
+            // try once on a new one. Timeouts are not retried: that would double the wait.
+            if reused, !retried, failure.isConnectionLoss {
                 retried = true
                 callUpstream(fresh: true)
                 return
