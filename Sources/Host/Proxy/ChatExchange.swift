@@ -183,12 +183,20 @@ final class ChatExchange: UpstreamResponseDelegate {
         return HTTPRequestHead(version: .http1_1, method: .POST, uri: passThrough.target.pathPrefix + ChatPassThrough.path, headers: headers)
     }
 
-    /// Streams are bounded by silence between reads; whole answers by a deadline.
+    /// Streams are bounded by silence between reads (and, as on the router path, by
+    /// `UpstreamClient.streamDeadline` in all); whole answers by a deadline.
     private func armTimer() {
         let limit = TimeAmount.nanoseconds(Int64(passThrough.timeout * 1_000_000_000))
-        deadline = (stream || phase == .draining) ? lastUpstreamRead + limit : NIODeadline.now() + limit
+        if stream || phase == .draining {
+            deadline = min(lastUpstreamRead + limit, streamEnd)
+        } else {
+            deadline = NIODeadline.now() + limit
+        }
         loop.watch(self)
     }
+
+    /// When a stream must end however busy it is.
+    private lazy var streamEnd = NIODeadline.now() + .seconds(Int64(max(passThrough.timeout, UpstreamClient.streamDeadline)))
 
     private func cancelTimer() {
         deadline = nil
@@ -198,19 +206,24 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Called by the loop's sweep once `deadline` has passed.
     func deadlinePassed() {
         cancelTimer()
-        if stream || phase == .draining, phase != .done, NIODeadline.now() < lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000)) {
+        let now = NIODeadline.now()
+        let silent = now >= lastUpstreamRead + .nanoseconds(Int64(passThrough.timeout * 1_000_000_000))
+        if stream || phase == .draining, phase != .done, !silent, now < streamEnd {
             armTimer()  // something was read since the timer was set: silence has not lasted yet
             return
         }
         switch phase {
         case .waiting, .collecting, .streaming:
-            let failure: UpstreamFailure = stream ? .silence : .deadline
+            // Silence past the timeout, else the whole time allowed (a stream's hour, an answer's timeout).
+            let failure: UpstreamFailure = stream && silent ? .silence : .deadline
+            let limit = stream && !silent ? max(passThrough.timeout, UpstreamClient.streamDeadline) : passThrough.timeout
+            let error = failure.error(target: target, timeout: limit)
             if phase == .streaming {
-                endStream(error: failure.error(target: target, timeout: passThrough.timeout))  // closes the connection
+                endStream(error: error)  // closes the connection
             } else {
                 connection?.close()
                 connection = nil
-                fail(failure)
+                answer(error)
             }
         case .draining:
             connection?.close()
