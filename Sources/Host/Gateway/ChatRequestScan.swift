@@ -20,7 +20,7 @@ struct ChatRequestScan: Equatable {
     /// The body to send upstream: the client's bytes, or with `stream_options` spliced in
     /// after the opening brace (so the gateway can count a stream's tokens).
     var upstreamPrefix: String? {
-        stream && !includeUsage ? #""stream_options":{"include_usage":true},"# : nil
+        stream && !includeUsage ? OpenAIBackend.usageRequest : nil
     }
 
     static func scan(_ bytes: UnsafeRawBufferPointer) -> ChatRequestScan? {

@@ -95,23 +95,15 @@ public struct JSONLogHandler: LogHandler {
             case UInt8(ascii: "\t"): output.append(contentsOf: #"\t"#.utf8)
             case ..<0x20:
                 output.append(contentsOf: #"\u00"#.utf8)
-                output.append(hexDigits[Int(byte >> 4)])
-                output.append(hexDigits[Int(byte & 0x0f)])
+                output.append(Hex.digits[Int(byte >> 4)])
+                output.append(Hex.digits[Int(byte & 0x0f)])
             default: output.append(byte)
             }
         }
         output.append(UInt8(ascii: "\""))
     }
 
-    private static let hexDigits = Array("0123456789abcdef".utf8)
-
-    /// UTC time as `2026-11-23T18:41:18.787Z`.
-    static func timestamp() -> String {
-        var bytes: [UInt8] = []
-        appendTimestamp(to: &bytes)
-        return String(decoding: bytes, as: UTF8.self)
-    }
-
+    /// Appends UTC time as `2026-11-23T18:41:18.787Z`.
     static func appendTimestamp(to output: inout [UInt8]) {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)

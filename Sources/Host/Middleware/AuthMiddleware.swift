@@ -85,7 +85,8 @@ public struct AuthMiddleware: RouterMiddleware {
 
 /// Lower-case hexadecimal text of bytes.
 enum Hex {
-    private static let digits = Array("0123456789abcdef".utf8)
+    /// The sixteen digits as ASCII bytes.
+    static let digits = Array("0123456789abcdef".utf8)
 
     static func string(_ bytes: some Sequence<UInt8>) -> String {
         var text: [UInt8] = []

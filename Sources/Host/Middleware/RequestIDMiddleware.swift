@@ -48,7 +48,6 @@ extension HTTPField.Name {
 enum RequestIDGenerator {
     private static let seeds = (UInt64.random(in: .min ... .max), UInt64.random(in: .min ... .max))
     private static let counter = Atomic<UInt64>(0)
-    private static let digits = Array("0123456789abcdef".utf8)
 
     static func next() -> String {
         let sequence = counter.wrappingAdd(1, ordering: .relaxed).newValue
@@ -61,7 +60,7 @@ enum RequestIDGenerator {
             if nibble == 8 || nibble == 12 || nibble == 16 || nibble == 20 { position += 1 }
             let word = nibble < 16 ? high : low
             let shift = UInt64(60 - (nibble % 16) * 4)
-            text[position] = digits[Int((word >> shift) & 0xF)]
+            text[position] = Hex.digits[Int((word >> shift) & 0xF)]
             position += 1
         }
         return String(decoding: text, as: UTF8.self)

@@ -154,7 +154,7 @@ extension OpenAIBackend {
             if let options = request.body["stream_options"] {
                 guard let include = (options as? [String: Any])?["include_usage"], JSONNumbers.bool(include) == true else { return nil }
             } else {
-                prefix += #""stream_options":{"include_usage":true},"#
+                prefix += Self.usageRequest
             }
         } else if clientStream == true || request.body["stream_options"] != nil {
             return nil
@@ -166,6 +166,10 @@ extension OpenAIBackend {
         spliced.append(contentsOf: raw[raw.index(after: brace)...])
         return spliced
     }
+
+    /// The members spliced into a streamed request that lacks `stream_options`, so the
+    /// upstream reports usage and the gateway can count the stream's tokens.
+    static let usageRequest = #""stream_options":{"include_usage":true},"#
 
     /// llama.cpp rejects `content: null` (or missing) beside `tool_calls`.
     static func needsSmoothing(_ message: [String: Any]) -> Bool {
