@@ -46,6 +46,8 @@ let package = Package(
     targets: [
         // The whole plugin ABI: one C header, no dependencies.
         .target(name: "PluginABI", path: "Sources/PluginABI"),
+        // C library functions Swift's Glibc module hides (memmem).
+        .target(name: "CSupport", path: "Sources/CSupport"),
         // Swift SDK for plugin authors.
         .target(name: "PluginKit", dependencies: ["PluginABI"], swiftSettings: strictSwift),
         // The server as a library.
@@ -53,6 +55,7 @@ let package = Package(
             name: "Host",
             dependencies: [
                 "PluginABI",
+                "CSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),

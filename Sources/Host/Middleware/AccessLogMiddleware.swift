@@ -42,16 +42,20 @@ public struct AccessLogMiddleware: RouterMiddleware {
         return response
     }
 
-    /// The access-log line of one request (also written by the chat pass-through).
-    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration) {
+    /// The access-log line of one request (also written by the chat pass-through, which passes
+    /// `requestID` instead of keeping it in the logger's metadata).
+    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, requestID: String? = nil) {
+        guard logger.logLevel <= .info else { return }
         let microseconds = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
         let fraction = String(microseconds % 1000)
-        logger.info(
-            "request",
-            metadata: [
-                "method": .string(method), "path": .string(path), "status": .stringConvertible(status),
-                "latency_ms": .string("\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"),
-            ])
+        let latency = "\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+        if let handler = logger.handler as? JSONLogHandler {
+            handler.logAccess(method: method, path: path, status: status, latency: latency, requestID: requestID)
+            return
+        }
+        var metadata: Logger.Metadata = ["method": .string(method), "path": .string(path), "status": .stringConvertible(status), "latency_ms": .string(latency)]
+        if let requestID { metadata["request_id"] = .string(requestID) }
+        logger.info("request", metadata: metadata)
     }
 
     /// The OpenAI-shaped response for any error thrown on the request path.

@@ -43,7 +43,13 @@ final class ChatExchange: UpstreamResponseDelegate {
     private let head: HTTPRequestHead
     private let remoteAddress: String
     private let requestID: String
-    private var logger: Logger
+    /// The request's logger, whose lines carry the request id. Built only for the rare lines
+    /// other than the access line, which is given the id directly (no metadata copy per request).
+    private var logger: Logger {
+        var logger = passThrough.logger
+        logger[metadataKey: "request_id"] = .string(requestID)
+        return logger
+    }
     private let started = ContinuousClock.now
     private var phase = Phase.reading
 
@@ -77,8 +83,6 @@ final class ChatExchange: UpstreamResponseDelegate {
         self.loop = loop
         self.remoteAddress = remoteAddress
         requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
-        logger = passThrough.logger
-        logger[metadataKey: "request_id"] = .string(requestID)
         passThrough.metrics?.inFlight.increment()
         if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
     }
@@ -92,8 +96,12 @@ final class ChatExchange: UpstreamResponseDelegate {
             body = ByteBuffer()
             return
         }
-        var buffer = buffer
-        body.writeBuffer(&buffer)
+        if body.readableBytes == 0 {
+            body = buffer  // the usual one-read body: kept as the read's slice, not copied
+        } else {
+            var buffer = buffer
+            body.writeBuffer(&buffer)
+        }
     }
 
     /// The whole request is in: check it (in the router's order: key, rate, size, JSON), answer
@@ -260,8 +268,12 @@ final class ChatExchange: UpstreamResponseDelegate {
                 fail(.failed("upstream reply is larger than \(ChatPassThrough.maxReplyBytes / 1024 / 1024) MiB"))
                 return
             }
-            var buffer = buffer
-            reply.writeBuffer(&buffer)
+            if reply.readableBytes == 0 {
+                reply = buffer
+            } else {
+                var buffer = buffer
+                reply.writeBuffer(&buffer)
+            }
         case .streaming:
             relay(buffer)
         default:
@@ -351,6 +363,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         var streamError: OpenAIError?
         let consumed = input.withUnsafeReadableBytes { bytes -> Int in
             guard let base = bytes.baseAddress else { return 0 }
+            // Most reads hold only ordinary chunks: one check of the whole read spares one per payload.
+            let mayNeedParsing = OpenAIBackend.needsParsing(bytes)
             var next = 0
             while !finished, streamError == nil, let hit = memchr(base + next, 0x0a, bytes.count - next) {
                 let lineStart = next
@@ -367,7 +381,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                     break
                 }
                 do {
-                    try appendEvents(for: payload, to: &output)
+                    try appendEvents(for: payload, parse: mayNeedParsing, to: &output)
                 } catch {
                     streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
                 }
@@ -386,8 +400,8 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     /// One upstream payload as client events: ordinary chunks as their bytes, usage and error
     /// payloads through the same classification as the router path.
-    private func appendEvents(for payload: UnsafeRawBufferPointer, to output: inout ByteBuffer) throws {
-        if !OpenAIBackend.needsParsing(payload) {
+    private func appendEvents(for payload: UnsafeRawBufferPointer, parse mayNeedParsing: Bool, to output: inout ByteBuffer) throws {
+        if !mayNeedParsing || !OpenAIBackend.needsParsing(payload) {
             output.writeStaticString("data: ")
             output.writeBytes(payload)
             output.writeStaticString("\n\n")
@@ -485,7 +499,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     private func logAccess() {
-        AccessLogMiddleware.log(logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: ContinuousClock.now - started)
+        AccessLogMiddleware.log(
+            passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: ContinuousClock.now - started, requestID: requestID)
     }
 
     /// The client's response has ended (`draining`: the upstream reply is still being read).

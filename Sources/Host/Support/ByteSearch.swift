@@ -1,4 +1,5 @@
-// Fast substring search over bytes (memchr + memcmp); Foundation's generic search is far slower.
+// Fast substring search over bytes (memmem); Foundation's generic search is far slower.
+internal import CSupport
 internal import Foundation
 #if canImport(Glibc)
 internal import Glibc
@@ -8,17 +9,10 @@ enum ByteSearch {
     /// The offset of the first occurrence of `needle` in `haystack`, if any.
     static func find(_ needle: [UInt8], in haystack: UnsafeRawBufferPointer) -> Int? {
         guard !needle.isEmpty, let base = haystack.baseAddress, haystack.count >= needle.count else { return nil }
+        // glibc's memmem (two-way search) beats memchr-on-the-first-byte when that byte is
+        // common, as `"` is in JSON.
         return needle.withUnsafeBytes { pattern in
-            let first = Int32(needle[0])
-            let lastStart = haystack.count - needle.count
-            var offset = 0
-            while offset <= lastStart {
-                guard let hit = memchr(base + offset, first, lastStart - offset + 1) else { return nil }
-                let position = base.distance(to: UnsafeRawPointer(hit))
-                if memcmp(base + position, pattern.baseAddress!, pattern.count) == 0 { return position }
-                offset = position + 1
-            }
-            return nil
+            gatehouse_memmem(base, haystack.count, pattern.baseAddress!, pattern.count).map { base.distance(to: UnsafeRawPointer($0)) }
         }
     }
 

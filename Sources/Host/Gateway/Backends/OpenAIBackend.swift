@@ -36,7 +36,7 @@ struct OpenAIBackend: ChatBackend {
         guard bytes.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") else {
             throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a JSON object", code: "upstream_invalid")
         }
-        return (JSONScan.integer(after: "prompt_tokens", in: bytes) ?? 0, JSONScan.integer(after: "completion_tokens", in: bytes) ?? 0)
+        return (JSONScan.integer(afterQuoted: promptTokensKey, in: bytes) ?? 0, JSONScan.integer(afterQuoted: completionTokensKey, in: bytes) ?? 0)
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
@@ -51,6 +51,8 @@ struct OpenAIBackend: ChatBackend {
     }
 
     static let done = Data("[DONE]".utf8)
+    private static let promptTokensKey = Array(#""prompt_tokens""#.utf8)
+    private static let completionTokensKey = Array(#""completion_tokens""#.utf8)
 
     /// Classifies one upstream SSE payload. Only payloads that carry usage or an error are
     /// parsed; ordinary chunks pass through as bytes. The usage-only chunk the gateway asked
@@ -72,37 +74,27 @@ struct OpenAIBackend: ChatBackend {
     }
 
     /// Whether a payload may carry usage (`"usage": {`) or an error (`"error"`), and so must
-    /// be parsed; every other chunk passes through as bytes. One pass over the quotes: this runs
-    /// for every streamed token.
+    /// be parsed; every other chunk passes through as bytes. A few `memmem` passes: this runs for
+    /// every streamed token. True for a span of payloads if it is true for any one of them, so a
+    /// relay may ask once per read before asking per payload.
     static func needsParsing(_ payload: UnsafeRawBufferPointer) -> Bool {
-        guard let base = payload.baseAddress else { return false }
-        let end = payload.count
-        var offset = 0
-        while offset < end, let hit = memchr(base + offset, Int32(UInt8(ascii: "\"")), end - offset) {
-            let start = base.distance(to: UnsafeRawPointer(hit)) + 1
-            if matches(errorKey, in: payload, at: start) { return true }
-            if matches(usageKey, in: payload, at: start) {
-                var index = start + usageKey.count
-                while index < end, payload[index] == UInt8(ascii: " ") { index += 1 }
-                if index < end, payload[index] == UInt8(ascii: ":") {
-                    index += 1
-                    while index < end, payload[index] == UInt8(ascii: " ") { index += 1 }
-                    if index < end, payload[index] == UInt8(ascii: "{") { return true }
-                }
+        if ByteSearch.find(errorKey, in: payload) != nil { return true }
+        var from = 0
+        while from < payload.count, let hit = ByteSearch.find(usageKey, in: UnsafeRawBufferPointer(rebasing: payload[from...])) {
+            var index = from + hit + usageKey.count
+            while index < payload.count, payload[index] == UInt8(ascii: " ") { index += 1 }
+            if index < payload.count, payload[index] == UInt8(ascii: ":") {
+                index += 1
+                while index < payload.count, payload[index] == UInt8(ascii: " ") { index += 1 }
+                if index < payload.count, payload[index] == UInt8(ascii: "{") { return true }
             }
-            offset = start
+            from += hit + 1
         }
         return false
     }
 
-    private static let usageKey = Array(#"usage""#.utf8)
-    private static let errorKey = Array(#"error""#.utf8)
-
-    private static func matches(_ word: [UInt8], in bytes: UnsafeRawBufferPointer, at start: Int) -> Bool {
-        guard start + word.count <= bytes.count else { return false }
-        for index in word.indices where bytes[start + index] != word[index] { return false }
-        return true
-    }
+    private static let usageKey = Array(#""usage""#.utf8)
+    private static let errorKey = Array(#""error""#.utf8)
 
     func models(requestID: String) async throws -> Data {
         Data(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name).readableBytesView)
@@ -185,7 +177,11 @@ enum JSONScan {
     }
 
     static func integer(after key: String, in data: UnsafeRawBufferPointer) -> Int? {
-        let needle = Array("\"\(key)\"".utf8)
+        integer(afterQuoted: Array("\"\(key)\"".utf8), in: data)
+    }
+
+    /// The same, for a key already quoted (`"key"` as bytes), which hot paths keep in a constant.
+    static func integer(afterQuoted needle: [UInt8], in data: UnsafeRawBufferPointer) -> Int? {
         guard let offset = ByteSearch.find(needle, in: data) else { return nil }
         var index = offset + needle.count
         while index < data.endIndex, data[index] == 0x20 || data[index] == UInt8(ascii: ":") { index += 1 }
