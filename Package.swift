@@ -99,7 +99,10 @@ let package = Package(
         ),
         .testTarget(
             name: "HostTests",
-            dependencies: ["Host", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "Host", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSwift
         ),
     ]

@@ -1,6 +1,7 @@
 // Unit tests for configuration layering, durations, .env parsing and log redaction.
 import Foundation
 import Logging
+import NIOPosix
 import Testing
 
 @testable import Host
@@ -123,6 +124,46 @@ import Testing
         let order = text.matches(of: /"([a-z_]+)":"/).map { String($0.1) }
         #expect(order == ["api_key", "label", "level", "method", "msg", "request_id", "source", "ts", "zeta"])
         #expect(try #require(object["ts"]).wholeMatch(of: /\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z/) != nil)
+    }
+
+    @Test func accessLinesMatchTheGenericLine() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let sink = try LogSink.file(path)
+        var routed = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
+        routed[metadataKey: "request_id"] = "r-9"
+        routed[metadataKey: "status"] = "overridden"
+        let metadata: Logger.Metadata = ["method": "POST", "path": "/v1/x?key=sk-abcdefgh123", "status": .stringConvertible(201), "latency_ms": "1.005"]
+        routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: nil)
+        // The pass-through's way: the id given directly, not in the handler's metadata.
+        var plain = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
+        plain[metadataKey: "status"] = "overridden"
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: "r-9")
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { $0.replacing(/"ts":"[^"]*"/, with: "") }
+        #expect(lines.count == 3 && lines[0] == lines[1] && lines[1] == lines[2])
+        #expect(lines[0].contains(#""path":"/v1/x?key=[REDACTED]""#) && lines[0].contains(#""status":"201""#))
+    }
+
+    @Test func linesLoggedOnAnEventLoopAreWrittenInOrderAtTheEndOfItsRound() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let handler = JSONLogHandler(label: "loop", level: .info, sink: try LogSink.file(path))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let long = String(repeating: "x", count: Int(PIPE_BUF))  // longer than one write may be
+        let lineCounts = try group.next().submit { () -> Int in
+            for index in 0..<40 { handler.logAccess(method: "GET", path: "/\(index)", status: 200, latency: "0.001", requestID: nil) }
+            handler.log(event: LogEvent(level: .info, message: "\(long)", metadata: nil, source: "s", file: "f", function: "f", line: 1))
+            handler.logAccess(method: "GET", path: "/last", status: 200, latency: "0.001", requestID: nil)
+            // Still in the loop's round: the long line went out after the lines before it; the last waits.
+            return (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").count ?? 0
+        }.wait()
+        #expect(lineCounts == 41)
+        try group.next().submit {}.wait()  // the round has ended
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
+        let paths = lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: String] }.map { $0["path"] ?? "long" }
+        #expect(paths == (0..<40).map { "/\($0)" } + ["long", "/last"])
     }
 
     @Test func requestIDsAreUUIDShapedAndDistinct() {

@@ -81,6 +81,25 @@ def test_upstream_connections_are_kept_alive_and_reused(openai_gateway, fake_llm
     assert len(set(chat_peers)) == 1, chat_peers
 
 
+def test_upstream_requests_carry_their_fields_and_whole_bodies(openai_gateway, fake_llm):
+    # The pass-through writes the upstream head itself: every field must be there, and bodies
+    # small (copied behind the head) and large (sent after it) must arrive whole.
+    server = openai_gateway(env={"GATEHOUSE_UPSTREAM_API_KEY": "upstream-key-1"})
+    small = {**BODY, "seed": 1}
+    large = {"model": "m", "messages": [{"role": "user", "content": "word " * 8000}]}
+    for name, body in (("small", small), ("large", large)):
+        response = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": f"up-{name}"})
+        assert response.status_code == 200, response.text
+    chats = fake_llm.calls("/v1/chat/completions")
+    assert [body["messages"] for (_, _, _, body) in chats] == [small["messages"], large["messages"]]
+    assert [headers["x-request-id"] for (_, _, headers, _) in chats] == ["up-small", "up-large"]
+    for _, _, headers, _ in chats:
+        assert headers["authorization"] == "Bearer upstream-key-1"
+        assert headers["host"] == f"127.0.0.1:{fake_llm.port}"
+        assert headers["content-type"] == "application/json"
+        assert headers["accept"] == "application/json, text/event-stream"
+
+
 class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
     """An OpenAI-compatible upstream that answers the first request on a connection with
     keep-alive, then closes the connection when a second request arrives on it, as a server

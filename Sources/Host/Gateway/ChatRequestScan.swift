@@ -56,10 +56,14 @@ private struct Scanner {
     /// The top-level request object.
     mutating func request() -> ChatRequestScan? {
         var result = ChatRequestScan()
-        var seen = Set<String>()
+        // The tracked keys seen so far, one bit each (a repeated one goes to the decoder).
+        var seen: UInt8 = 0
         var hasModel = false, hasMessages = false, streamOptionsIncludeUsage: Bool?
         let parsed = object(depth: 1) { scanner, key in
-            guard seen.insert(key).inserted || !Self.tracked.contains(key) else { return false }
+            if let bit = Self.tracked.firstIndex(of: key) {
+                guard seen & (1 << bit) == 0 else { return false }
+                seen |= 1 << bit
+            }
             switch key {
             case "model":
                 guard let length = scanner.string(), length > 0 else { return false }
@@ -92,7 +96,7 @@ private struct Scanner {
         return result
     }
 
-    static let tracked: Set<String> = ["model", "messages", "temperature", "max_tokens", "max_completion_tokens", "stream", "stream_options"]
+    static let tracked = ["model", "messages", "temperature", "max_tokens", "max_completion_tokens", "stream", "stream_options"]
 
     /// `{"include_usage": <bool>}` and nothing else.
     private mutating func streamOptions() -> Bool? {
@@ -109,12 +113,15 @@ private struct Scanner {
     /// the `content: null` smoothing.
     private mutating func messages() -> Bool {
         var count = 0
+        // One message's keys so far (few: a linear search), the storage reused for each message.
+        var keys: [String] = []
         let parsed = array(depth: 2) { scanner in
             count += 1
             var role = false, toolCalls = false, content = false, contentIsNull = false
-            var keys = Set<String>()
+            keys.removeAll(keepingCapacity: true)
             let ok = scanner.object(depth: 3) { scanner, key in
-                guard keys.insert(key).inserted else { return false }
+                guard !keys.contains(key) else { return false }
+                keys.append(key)
                 switch key {
                 case "role":
                     guard let length = scanner.string(), length > 0 else { return false }

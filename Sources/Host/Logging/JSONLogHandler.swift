@@ -204,11 +204,14 @@ public final class LogSink: Sendable {
     }
 
     func write(_ line: [UInt8]) {
+        let loop = MultiThreadedEventLoopGroup.currentEventLoop
         guard line.count <= Int(PIPE_BUF) else {
+            // Too long to go out unbroken without the lock; this thread's earlier lines first.
+            if loop != nil, let earlier = pending.currentValue { writeOut(earlier) }
             handle.withLock { Self.write(line, to: $0.fileDescriptor) }
             return
         }
-        guard let loop = MultiThreadedEventLoopGroup.currentEventLoop else {
+        guard let loop else {
             Self.write(line, to: descriptor)
             return
         }
@@ -219,16 +222,19 @@ public final class LogSink: Sendable {
             lines = PendingLines()
             pending.currentValue = lines
         }
-        if lines.bytes.count + line.count > Int(PIPE_BUF) { flush(lines) }
+        if lines.bytes.count + line.count > Int(PIPE_BUF) { writeOut(lines) }
         lines.bytes.append(contentsOf: line)
         if !lines.flushScheduled {
             lines.flushScheduled = true
-            loop.execute { self.flush(lines) }
+            loop.execute {
+                lines.flushScheduled = false
+                self.writeOut(lines)
+            }
         }
     }
 
-    private func flush(_ lines: PendingLines) {
-        lines.flushScheduled = false
+    /// Writes a thread's pending lines (whole lines, at most PIPE_BUF bytes) with one `write(2)`.
+    private func writeOut(_ lines: PendingLines) {
         guard !lines.bytes.isEmpty else { return }
         Self.write(lines.bytes, to: descriptor)
         lines.bytes.removeAll(keepingCapacity: true)

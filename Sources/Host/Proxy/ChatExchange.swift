@@ -158,7 +158,12 @@ final class ChatExchange: UpstreamResponseDelegate {
                     return
                 }
                 self.connection = connection
-                connection.send(upstreamRequestHead(), body: upstreamRequest ?? ByteBuffer(), to: self)
+                let body = upstreamRequest ?? ByteBuffer()
+                if body.readableBytes <= Self.bodyCopiedIntoHead {
+                    connection.send(serializedUpstreamHead(bodyLength: body.readableBytes, appending: body), to: self)
+                } else {
+                    connection.send(serializedUpstreamHead(bodyLength: body.readableBytes), then: body, to: self)
+                }
             case .failure(let failure):
                 guard phase == .waiting else { return }
                 fail(failure)
@@ -179,16 +184,26 @@ final class ChatExchange: UpstreamResponseDelegate {
         return spliced
     }
 
-    private func upstreamRequestHead() -> HTTPRequestHead {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(7)
-        headers.add(name: "Host", value: passThrough.target.authority)
-        headers.add(name: "Content-Type", value: "application/json")
-        headers.add(name: "Content-Length", value: String(upstreamRequest?.readableBytes ?? 0))
-        headers.add(name: "Accept", value: "application/json, text/event-stream")
-        headers.add(name: "X-Request-ID", value: requestID)
-        if let authorization = passThrough.upstreamAuthorization { headers.add(name: "Authorization", value: authorization) }
-        return HTTPRequestHead(version: .http1_1, method: .POST, uri: passThrough.target.pathPrefix + ChatPassThrough.path, headers: headers)
+    /// Bodies up to this size are copied behind the head, so the request is one buffer; a
+    /// larger one stays where it is and goes out with the head in one `writev`.
+    private static let bodyCopiedIntoHead = 16 * 1024
+
+    /// The upstream request head as bytes: `ChatPassThrough.upstreamHeadPrefix` (request line and
+    /// fixed fields), the length and the request id; then `body`, if given. Every value is
+    /// header-safe: the id passed `RequestIDMiddleware.isAcceptable` or was generated, and the
+    /// prefix was checked when the pass-through was set up.
+    private func serializedUpstreamHead(bodyLength: Int, appending body: ByteBuffer? = nil) -> ByteBuffer {
+        let prefix = passThrough.upstreamHeadPrefix
+        var request = ByteBuffer()
+        request.reserveCapacity(prefix.count + 48 + requestID.utf8.count + (body?.readableBytes ?? 0))
+        request.writeBytes(prefix)
+        request.writeStaticString("Content-Length: ")
+        request.writeString(String(bodyLength))
+        request.writeStaticString("\r\nX-Request-ID: ")
+        request.writeString(requestID)
+        request.writeStaticString("\r\n\r\n")
+        if let body { request.writeImmutableBuffer(body) }
+        return request
     }
 
     /// Streams are bounded by silence between reads (and, as on the router path, by

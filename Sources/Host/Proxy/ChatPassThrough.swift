@@ -21,8 +21,9 @@ final class ChatPassThrough: Sendable {
     let target: UpstreamTarget
     let timeout: Double
     let connectTimeout: TimeAmount
-    /// `Authorization` sent upstream, when the upstream needs a key.
-    let upstreamAuthorization: String?
+    /// The upstream request's request line and fixed header fields (with `Authorization` when
+    /// the upstream needs a key), as bytes; ChatExchange adds the length and request id.
+    let upstreamHeadPrefix: [UInt8]
     let maxBodyBytes: Int
     let apiKeys: APIKeyCheck
     let limiter: RateLimiter?
@@ -44,7 +45,14 @@ final class ChatPassThrough: Sendable {
         self.target = target
         timeout = config.upstream.timeout
         connectTimeout = .milliseconds(Int64(config.upstream.connectTimeout * 1000))
-        upstreamAuthorization = config.upstream.apiKey.map { "Bearer \($0)" }
+        let upstreamAuthorization = config.upstream.apiKey.map { "Bearer \($0)" }
+        // The head is written as bytes (ChatExchange): a key that cannot be a header value
+        // leaves chat to the router path, whose client rejects it with a clear error.
+        guard upstreamAuthorization?.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7f }) ?? true else { return nil }
+        var prefix = "POST \(target.pathPrefix)\(Self.path) HTTP/1.1\r\nHost: \(target.authority)\r\n"
+        prefix += "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+        if let upstreamAuthorization { prefix += "Authorization: \(upstreamAuthorization)\r\n" }
+        upstreamHeadPrefix = Array(prefix.utf8)
         maxBodyBytes = config.maxBodyBytes
         apiKeys = APIKeyCheck(apiKey: config.apiKey)
         self.limiter = limiter
@@ -141,7 +149,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         insideChannelRead = false
     }
 
+    /// Passed on only when this read gave the router something: the handlers behind (up to
+    /// the router's async channel) have nothing to do for a read the pass-through consumed.
     func channelReadComplete(context: ChannelHandlerContext) {
+        guard forwardedUnread else { return }
         forwardedUnread = false
         context.fireChannelReadComplete()
     }

@@ -78,8 +78,12 @@ final class UpstreamConnectionPool {
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(UpstreamConnectionHandler())
+                    // Requests go out as bytes ChatExchange has serialized (PreEncodedRequestWriter);
+                    // responses are parsed by NIO's decoder.
+                    let pipeline = channel.pipeline.syncOperations
+                    try pipeline.addHandler(PreEncodedRequestWriter())
+                    try pipeline.addHandler(ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes)))
+                    try pipeline.addHandler(UpstreamConnectionHandler())
                 }
             }
             .connect(host: target.host, port: target.port)
@@ -134,10 +138,11 @@ final class UpstreamConnection {
         self.handler = handler
     }
 
-    /// Sends one request; the answer goes to `delegate`.
-    func send(_ head: HTTPRequestHead, body: ByteBuffer, to delegate: any UpstreamResponseDelegate) {
+    /// Sends one request, already serialized (its head, with or followed by its body); the
+    /// answer goes to `delegate`.
+    func send(_ request: ByteBuffer, then body: ByteBuffer? = nil, to delegate: any UpstreamResponseDelegate) {
         handler.delegate = delegate
-        handler.send(head, body: body)
+        handler.send(request, then: body)
     }
 
     func close() {
@@ -171,16 +176,21 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         self.context = nil
     }
 
-    func send(_ head: HTTPRequestHead, body: ByteBuffer) {
+    /// Every request the pass-through sends is a POST: the head NIO's response decoder is shown
+    /// so that it pairs each response with a request that has a body (see PreEncodedRequestWriter).
+    private static let observedHead = HTTPRequestHead(version: .http1_1, method: .POST, uri: ChatPassThrough.path)
+
+    func send(_ request: ByteBuffer, then body: ByteBuffer?) {
         guard let context, context.channel.isActive else {
             let delegate = delegate
             self.delegate = nil
             delegate?.upstreamFailed(.closed)
             return
         }
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(request))), promise: nil)
+        if let body { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+        context.flush()
     }
 
     /// Stops (or resumes) reading from the upstream.
@@ -226,5 +236,23 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         self.delegate = nil
         delegate?.upstreamFailed(UpstreamFailure(error))
         context.close(promise: nil)
+    }
+}
+
+/// The socket end of an upstream connection's pipeline, in place of NIO's request encoder: the
+/// pass-through serializes its requests itself (a fixed head and the body, one buffer), which
+/// spares building `HTTPHeaders` and encoding and validating them again for every request. NIO's
+/// response decoder sits between this and the connection handler and must still see each
+/// request's head to know how its response is framed, so the connection handler writes a shared
+/// POST head first; it stops here. Body parts are the request's bytes and go out unchanged.
+final class PreEncodedRequestWriter: ChannelOutboundHandler {
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = IOData
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .body(let bytes): context.write(wrapOutboundOut(bytes), promise: promise)
+        case .head, .end: promise?.succeed()
+        }
     }
 }
