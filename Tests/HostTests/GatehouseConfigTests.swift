@@ -140,8 +140,14 @@ import Testing
         var plain = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
         plain[metadataKey: "status"] = "overridden"
         plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: "r-9")
+        // The usual metadata (none, or only the request id) takes the direct way; same line.
+        routed[metadataKey: "status"] = nil
+        plain[metadataKey: "status"] = nil
+        routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: nil)
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: "r-9")
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { $0.replacing(/"ts":"[^"]*"/, with: "") }
-        #expect(lines.count == 3 && lines[0] == lines[1] && lines[1] == lines[2])
+        #expect(lines.count == 6 && Set(lines).count == 1)
         #expect(lines[0].contains(#""path":"/v1/x?key=[REDACTED]""#) && lines[0].contains(#""status":"201""#))
     }
 

@@ -3,6 +3,8 @@ pipeline): what it must get right beyond the gateway behaviour test_gateway.py c
 paths — request order on pipelined connections, upstream keep-alive and its one retry, SSE split
 at any byte, clients that leave mid-stream, Connection: close, metrics and the access log, and
 stepping aside while a plugin middleware applies."""
+import http.client
+import io
 import json
 import re
 import shutil
@@ -163,6 +165,44 @@ def test_events_split_at_any_byte_arrive_whole(openai_gateway):
     split, whole = stream_lines("split"), stream_lines("m")
     assert len(split) == 7 and split[-1] == "data: [DONE]"
     assert [json.loads(l[6:])["choices"] for l in split[:-1]] == [json.loads(l[6:])["choices"] for l in whole[:-1]]
+
+
+class _Received:
+    """Bytes already read from a socket, for http.client to parse response by response."""
+
+    class _File(io.BytesIO):
+        def close(self):  # http.client closes the file after each body; the next response follows
+            pass
+
+    def __init__(self, data: bytes):
+        self.file = self._File(data)
+
+    def makefile(self, *_):
+        return self.file
+
+
+def test_head_requests_between_chats_get_bodiless_answers(openai_gateway):
+    # Pass-through answers are written below NIO's encoder, so the encoder is not told request
+    # methods; the pass-through keeps router answers to HEAD bodiless, or the next response on
+    # the connection would be read from the middle of a body.
+    server = openai_gateway()
+    payload = (b"HEAD /no-such-route HTTP/1.1\r\nHost: x\r\n\r\n" + post_bytes({**BODY, "stream": True})
+               + b"HEAD /no-such-route HTTP/1.1\r\nHost: x\r\n\r\n" + post_bytes(BODY)
+               + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received, closed = raw_exchange(server.port, payload, None)
+    assert closed
+    sock = _Received(received)
+    answers = []
+    for method in ("HEAD", "POST", "HEAD", "POST", "GET"):
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        answers.append((response.status, response.read()))
+    assert [status for status, _ in answers] == [404, 200, 404, 200, 200]
+    assert answers[0][1] == b"" and answers[2][1] == b""
+    assert answers[1][1].endswith(b"data: [DONE]\n\n")
+    assert json.loads(answers[3][1])["object"] == "chat.completion"
+    assert json.loads(answers[4][1]) == {"status": "ok"}
+    assert sock.file.read() == b""
 
 
 def test_a_client_leaving_mid_stream_frees_the_request(openai_gateway):

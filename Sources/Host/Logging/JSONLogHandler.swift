@@ -55,6 +55,32 @@ public struct JSONLogHandler: LogHandler {
     /// (when given) as if it were handler metadata, but without building metadata dictionaries
     /// (every request writes one). The caller has checked the level.
     func logAccess(method: String, path: String, status: Int, latency: String, requestID: String?) {
+        // The usual case, no metadata but the request id: the keys' sorted order is known, so
+        // the line is written straight out (no field list, no sort).
+        if metadata.isEmpty || (metadata.count == 1 && metadata["request_id"] != nil) {
+            let id = requestID ?? metadata["request_id"].map(Self.plain)
+            var line: [UInt8] = []
+            line.reserveCapacity(256)
+            line.append(contentsOf: #"{"label":"#.utf8)
+            Self.appendQuoted(label, to: &line)
+            line.append(contentsOf: #","latency_ms":"#.utf8)
+            Self.appendQuoted(latency, to: &line)
+            line.append(contentsOf: #","level":"info","method":"#.utf8)
+            Self.appendQuoted(Redactor.redact(text: method), to: &line)
+            line.append(contentsOf: #","msg":"request","path":"#.utf8)
+            Self.appendQuoted(Redactor.redact(text: path), to: &line)
+            if let id {
+                line.append(contentsOf: #","request_id":"#.utf8)
+                Self.appendQuoted(Redactor.redact(text: id), to: &line)
+            }
+            line.append(contentsOf: #","status":""#.utf8)
+            line.append(contentsOf: String(status).utf8)
+            line.append(UInt8(ascii: "\""))
+            Self.appendTimestampField(to: &line, first: false)
+            line.append(contentsOf: "}\n".utf8)
+            sink.write(line)
+            return
+        }
         var fields: [(key: String, value: String)] = [
             ("level", "info"), ("msg", "request"), ("label", label), ("method", Redactor.redact(text: method)),
             ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", latency),
@@ -307,21 +333,25 @@ enum Redactor {
         } ?? true
     }
 
-    private static func asciiLowercase(_ byte: UInt8) -> UInt8 {
-        (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte) ? byte | 0x20 : byte
-    }
-
     /// Whether `needle` (lower-case ASCII) occurs in `haystack`, ignoring ASCII case.
     private static func containsIgnoringCase(_ needle: [UInt8], in haystack: UnsafeRawBufferPointer) -> Bool {
-        guard haystack.count >= needle.count else { return false }
-        for start in 0...(haystack.count - needle.count) {
-            var matched = true
-            for offset in 0..<needle.count where asciiLowercase(haystack[start + offset]) != needle[offset] {
-                matched = false
-                break
+        guard !needle.isEmpty, haystack.count >= needle.count else { return false }
+        return needle.withUnsafeBufferPointer { needle in
+            let first = needle[0], lastStart = haystack.count - needle.count
+            var start = 0
+            while start <= lastStart {
+                if asciiLowercase(haystack[start]) == first {
+                    var offset = 1
+                    while offset < needle.count, asciiLowercase(haystack[start + offset]) == needle[offset] { offset += 1 }
+                    if offset == needle.count { return true }
+                }
+                start += 1
             }
-            if matched { return true }
+            return false
         }
-        return false
+    }
+
+    private static func asciiLowercase(_ byte: UInt8) -> UInt8 {
+        byte &- UInt8(ascii: "A") < 26 ? byte | 0x20 : byte
     }
 }

@@ -264,9 +264,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         if stream, head.status == .ok {
             phase = .streaming
             status = 200
-            var headers = responseHeaders(contentType: "text/event-stream", cache: "BYPASS")
-            headers.add(name: "Cache-Control", value: "no-cache")
-            handler?.send(.head(HTTPResponseHead(version: responseVersion, status: .ok, headers: headers)))
+            var head = responseHead(.ok, contentType: "text/event-stream", cache: "BYPASS")
+            head.add("Cache-Control", "no-cache")
+            // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
+            if chunked { head.add("Transfer-Encoding", "chunked") }
+            handler?.send(head.finished(), flush: false)
             logAccess()
         } else {
             phase = .collecting
@@ -372,8 +374,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             input = partialLine
             partialLine = ByteBuffer()
         }
-        var output = ByteBuffer()
-        output.reserveCapacity(input.readableBytes + 64)
+        var output = ChunkedBody.makeBuffer(capacity: input.readableBytes + 64)
         var finished = false
         var streamError: OpenAIError?
         let consumed = input.withUnsafeReadableBytes { bytes -> Int in
@@ -409,7 +410,10 @@ final class ChatExchange: UpstreamResponseDelegate {
             return
         }
         if input.readableBytes > 0 { partialLine = input }
-        if output.readableBytes > 0 { handler?.send(.body(.byteBuffer(output)), flush: true) }
+        if output.readableBytes > 0 {
+            if chunked { ChunkedBody.frame(&output) }
+            handler?.send(output, flush: true)
+        }
         if handler?.isWritable == false { connection?.handler.holdReads(true) }
     }
 
@@ -437,9 +441,9 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     /// Ends the client's stream: the events still to send, an error event if the upstream
     /// failed, then `[DONE]`, in one write.
-    private func endStream(error: OpenAIError?, after events: ByteBuffer = ByteBuffer()) {
+    private func endStream(error: OpenAIError?, after events: ByteBuffer? = nil) {
         guard phase == .streaming else { return }
-        var output = events
+        var output = events ?? ChunkedBody.makeBuffer(capacity: 256)
         if let error {
             logger.error("stream failed", metadata: ["error": .string(error.message)])
             output.writeStaticString("data: ")
@@ -451,57 +455,68 @@ final class ChatExchange: UpstreamResponseDelegate {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
         }
         output.writeStaticString("data: [DONE]\n\n")
-        handler?.send(.body(.byteBuffer(output)))
-        handler?.send(.end(nil), flush: true)
+        if chunked {
+            ChunkedBody.frame(&output)
+            output.writeStaticString(ChunkedBody.lastChunk)
+        }
+        handler?.send(output, flush: true)
         finish(draining: connection != nil)
     }
 
     // MARK: Answering
 
     private func answer(_ error: OpenAIError) {
-        var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: "application/json")
-        for field in error.headers { headers.add(name: field.name.rawName, value: field.value) }
-        addCommonHeaders(&headers)
-        answer(error.status.code, headers: headers, body: ByteBuffer(data: error.body(requestID: requestID)))
+        var head = ResponseHead(version: responseVersion, status: error.status.code)
+        head.add("Content-Type", "application/json")
+        for field in error.headers { head.add(field.name.rawName, field.value) }
+        addCommonFields(&head)
+        answer(head, body: ByteBuffer(data: error.body(requestID: requestID)))
     }
 
     private func answer(_ status: HTTPResponse.Status, contentType: String, cache: String, body: ByteBuffer) {
-        answer(status.code, headers: responseHeaders(contentType: contentType, cache: cache), body: body)
+        answer(responseHead(status, contentType: contentType, cache: cache), body: body)
     }
 
-    /// A whole response: head with its length, body, end.
-    private func answer(_ status: Int, headers: HTTPHeaders, body: ByteBuffer) {
+    /// Bodies up to this size are copied behind the head, so the answer is one buffer; a larger
+    /// one goes out after it in the same `writev`.
+    private static let bodyCopiedBehindHead = 16 * 1024
+
+    /// A whole response: head with its length, and body.
+    private func answer(_ head: ResponseHead, body: ByteBuffer) {
         guard phase != .done, phase != .draining else { return }
-        var headers = headers
-        headers.add(name: "Content-Length", value: String(body.readableBytes))
-        self.status = status
+        var head = head
+        head.add("Content-Length", String(body.readableBytes))
+        status = head.status
         if connection != nil {
             connection?.close()
             connection = nil
         }
-        handler?.send(.head(HTTPResponseHead(version: responseVersion, status: HTTPResponseStatus(statusCode: status), headers: headers)))
-        handler?.send(.body(.byteBuffer(body)))
-        handler?.send(.end(nil), flush: true)
+        if body.readableBytes <= Self.bodyCopiedBehindHead {
+            handler?.send(head.finished(appending: body), flush: true)
+        } else {
+            handler?.send(head.finished(), then: body, flush: true)
+        }
         logAccess()
         finish(draining: false)
     }
 
-    private func responseHeaders(contentType: String, cache: String) -> HTTPHeaders {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(8)
-        headers.add(name: "Content-Type", value: contentType)
-        headers.add(name: "X-Cache", value: cache)
-        addCommonHeaders(&headers)
-        return headers
+    private func responseHead(_ status: HTTPResponse.Status, contentType: String, cache: String) -> ResponseHead {
+        var head = ResponseHead(version: responseVersion, status: status.code)
+        head.add("Content-Type", contentType)
+        head.add("X-Cache", cache)
+        addCommonFields(&head)
+        return head
     }
 
-    private func addCommonHeaders(_ headers: inout HTTPHeaders) {
-        headers.add(name: "X-Request-ID", value: requestID)
-        headers.add(name: "Date", value: loop.httpDate)
-        headers.add(name: "Server", value: passThrough.serverName)
-        if closesConnection { headers.add(name: "Connection", value: "close") }
+    private func addCommonFields(_ head: inout ResponseHead) {
+        head.add("X-Request-ID", requestID)
+        head.add("Date", loop.httpDate)
+        head.add("Server", passThrough.serverName)
+        if closesConnection { head.add("Connection", "close") }
     }
+
+    /// Streams to HTTP/1.1 clients are chunked; HTTP/1.0 ones end when the connection closes.
+    private var chunked: Bool { head.version.minor > 0 }
 
     /// HTTP/1.0 clients get 1.0 answers (NIO's encoder then frames streams by closing).
     private var responseVersion: HTTPVersion { head.version.minor == 0 ? .http1_0 : .http1_1 }

@@ -122,6 +122,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var queued = CircularBuffer<HTTPServerRequestPart>()
     /// A graceful-shutdown request held back until the exchange in progress has ended.
     private var quiesceHeld = false
+    /// Where the exchanges' serialized answers are written (the socket end of the pipeline).
+    private var rawWriter: RawResponseWriter?
+    /// The methods of router requests whose responses have not started, oldest first.
+    private var routerMethods = CircularBuffer<HTTPMethod>()
+    /// The router response being written answers a HEAD request: it has no body.
+    private var suppressingBody = false
 
     init(passThrough: ChatPassThrough) {
         self.passThrough = passThrough
@@ -131,6 +137,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         self.context = context
         loop = passThrough.state(for: context.eventLoop)
         remoteAddress = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        rawWriter = try? context.pipeline.syncOperations.handler(type: RawResponseWriter.self)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -183,6 +190,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     queued.removeFirst()
                     reader = .router
                     routerResponsesPending += 1
+                    routerMethods.append(head.method)
                     forward(part, context)
                 }
             case .body(let buffer):
@@ -202,11 +210,32 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.fireChannelRead(wrapInboundOut(part))
     }
 
-    /// Router responses pass through; their ends are counted to keep pipelined order.
+    /// Router responses pass through; their ends are counted to keep pipelined order. The
+    /// encoder is not paired with the decoder here (GatehouseHTTP1Channel), so what the pairing
+    /// does is done here: a response to HEAD keeps its head (length and framing fields included)
+    /// and loses its body, failed as NIO's encoder fails it. (NIO does the same for CONNECT;
+    /// the router answers CONNECT only with errors, whose bodies HTTP allows.)
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let isEnd = if case .end = unwrapOutboundIn(data) { true } else { false }
-        context.write(data, promise: promise)
-        if isEnd {
+        switch unwrapOutboundIn(data) {
+        case .head(let head):
+            // A 1xx other than 101 is followed by the final head, which answers the request.
+            let code = head.status.code
+            if !(100..<200).contains(code) || code == 101 { suppressingBody = routerMethods.popFirst() == .HEAD }
+            context.write(data, promise: promise)
+        case .body:
+            if suppressingBody {
+                promise?.fail(NIOHTTPResponseEncoderError.responseBodyNotAllowed)
+            } else {
+                context.write(data, promise: promise)
+            }
+        case .end:
+            if suppressingBody {
+                // Nothing to end on the wire (the encoder would close a chunked body).
+                suppressingBody = false
+                promise?.succeed()
+            } else {
+                context.write(data, promise: promise)
+            }
             routerResponsesPending -= 1
             if routerResponsesPending == 0, !queued.isEmpty { drain() }
         }
@@ -242,13 +271,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
-    func send(_ part: HTTPServerResponsePart, flush: Bool = false) {
-        guard let context else { return }
-        if flush {
-            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(part), promise: nil)
-        }
+    /// Writes an exchange's serialized answer bytes (then `more`, in the same flush).
+    func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
+        rawWriter?.write(bytes, then: more, flush: flush)
     }
 
     /// The exchange's response has ended: go on with the connection's next request, or close.

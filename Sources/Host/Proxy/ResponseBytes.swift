@@ -1,0 +1,100 @@
+// The pass-through's responses as HTTP/1.x bytes: heads it serializes, chunk framing, and the handler that writes them.
+internal import NIOCore
+internal import NIOHTTP1
+
+/// A response head being serialized: the status line, then fields in the order added.
+///
+/// The pass-through writes its responses as bytes, not as `HTTPResponseHead`s through NIO's
+/// encoder: building `HTTPHeaders` and encoding them again cost more than the rest of the
+/// answer. Every value added must be header-safe (no CR, LF or NUL): the pass-through only adds
+/// constants, the request id (`RequestIDMiddleware.isAcceptable`), lengths, dates and
+/// `HTTPFields` values (which HTTPTypes keeps clean).
+struct ResponseHead {
+    private(set) var bytes: ByteBuffer
+    let status: Int
+
+    init(version: HTTPVersion, status: Int, capacity: Int = 256) {
+        self.status = status
+        bytes = ByteBuffer()
+        bytes.reserveCapacity(capacity)
+        bytes.writeStaticString(version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        if status == 200 {
+            bytes.writeStaticString("200 OK\r\n")
+        } else {
+            bytes.writeString("\(status) \(HTTPResponseStatus(statusCode: status).reasonPhrase)\r\n")
+        }
+    }
+
+    mutating func add(_ name: String, _ value: String) {
+        bytes.writeString(name)
+        bytes.writeStaticString(": ")
+        bytes.writeString(value)
+        bytes.writeStaticString("\r\n")
+    }
+
+    /// The head with its closing empty line, followed by `body` when given.
+    func finished(appending body: ByteBuffer? = nil) -> ByteBuffer {
+        var head = bytes
+        head.writeStaticString("\r\n")
+        if let body { head.writeImmutableBuffer(body) }
+        return head
+    }
+}
+
+/// HTTP/1.1 chunked framing for streamed bodies, written in place: a chunk is built in a buffer
+/// that keeps room in front for its size line, so each chunk goes out as one buffer.
+enum ChunkedBody {
+    /// Room for the size line: up to 8 hex digits (4 GiB) and CRLF.
+    private static let headroom = 10
+
+    /// An empty chunk buffer whose readable bytes start after the headroom.
+    static func makeBuffer(capacity: Int) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        buffer.reserveCapacity(headroom + capacity + 2 + lastChunk.utf8CodeUnitCount)
+        buffer.moveWriterIndex(forwardBy: headroom)
+        buffer.moveReaderIndex(forwardBy: headroom)
+        return buffer
+    }
+
+    /// Frames the readable bytes of a buffer from `makeBuffer` as one chunk (an empty one is
+    /// left empty: a zero-size chunk would end the body).
+    static func frame(_ chunk: inout ByteBuffer) {
+        let size = chunk.readableBytes
+        guard size > 0 else { return }
+        let sizeLine = String(size, radix: 16) + "\r\n"
+        let start = chunk.readerIndex - sizeLine.utf8.count
+        precondition(start >= 0, "chunk buffer without headroom")
+        chunk.setString(sizeLine, at: start)
+        chunk.moveReaderIndex(to: start)
+        chunk.writeStaticString("\r\n")
+    }
+
+    /// The last chunk, which ends a chunked body (no trailers).
+    static let lastChunk: StaticString = "0\r\n\r\n"
+}
+
+/// The socket end of a pass-through connection's pipeline, below NIO's response encoder: the
+/// pass-through writes its serialized responses here, while router responses go through the
+/// encoder above it as usual. Added after any TLS handler, so its bytes are still encrypted.
+final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = IOData
+    typealias OutboundOut = IOData
+
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Writes `bytes` (then `more`, in the same flush) toward the socket.
+    func write(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
+        guard let context else { return }
+        context.write(wrapOutboundOut(.byteBuffer(bytes)), promise: nil)
+        if let more { context.write(wrapOutboundOut(.byteBuffer(more)), promise: nil) }
+        if flush { context.flush() }
+    }
+}
