@@ -159,7 +159,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                 }
                 self.connection = connection
                 let body = upstreamRequest ?? ByteBuffer()
-                if body.readableBytes <= Self.bodyCopiedIntoHead {
+                if body.readableBytes <= Self.bodyCopiedBehindHead {
                     connection.send(serializedUpstreamHead(bodyLength: body.readableBytes, appending: body), to: self)
                 } else {
                     connection.send(serializedUpstreamHead(bodyLength: body.readableBytes), then: body, to: self)
@@ -183,10 +183,6 @@ final class ChatExchange: UpstreamResponseDelegate {
         spliced.writeBuffer(&rest)
         return spliced
     }
-
-    /// Bodies up to this size are copied behind the head, so the request is one buffer; a
-    /// larger one stays where it is and goes out with the head in one `writev`.
-    private static let bodyCopiedIntoHead = 16 * 1024
 
     /// The upstream request head as bytes: `ChatPassThrough.upstreamHeadPrefix` (request line and
     /// fixed fields), the length and the request id; then `body`, if given. Every value is
@@ -477,8 +473,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         answer(responseHead(status, contentType: contentType, cache: cache), body: body)
     }
 
-    /// Bodies up to this size are copied behind the head, so the answer is one buffer; a larger
-    /// one goes out after it in the same `writev`.
+    /// Bodies up to this size (upstream requests and answers alike) are copied behind their
+    /// head, so the message is one buffer; a larger one goes out after it in the same `writev`.
     private static let bodyCopiedBehindHead = 16 * 1024
 
     /// A whole response: head with its length, and body.
@@ -518,7 +514,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Streams to HTTP/1.1 clients are chunked; HTTP/1.0 ones end when the connection closes.
     private var chunked: Bool { head.version.minor > 0 }
 
-    /// HTTP/1.0 clients get 1.0 answers (NIO's encoder then frames streams by closing).
+    /// HTTP/1.0 clients get 1.0 answers (their streams are not chunked but end by closing).
     private var responseVersion: HTTPVersion { head.version.minor == 0 ? .http1_0 : .http1_1 }
 
     /// After this answer the connection closes: the client asked (or spoke HTTP/1.0 without
