@@ -5,6 +5,11 @@ SWIFT ?= swift
 CC ?= cc
 PYTHON ?= python3
 BIN := .build/$(CONFIG)
+# Release builds (make run CONFIG=release, make bench) optimize across modules, so NIO's generic
+# pipeline code is specialized into its callers, and drop the dynamic exclusivity checks; debug
+# builds, in which every test runs, keep those checks. docs/PERFORMANCE.md has what each saved.
+RELEASE_SWIFTFLAGS := -Xswiftc -cross-module-optimization -Xswiftc -enforce-exclusivity=unchecked
+SWIFTFLAGS := $(if $(filter release,$(CONFIG)),$(RELEASE_SWIFTFLAGS))
 VENV := .venv
 PLUGIN_CFLAGS := -shared -fPIC -O2 -Wall -Wextra -Werror -I Sources/PluginABI/include \
 	-Wl,--version-script=Plugins/plugin-exports.map -Wl,-Bsymbolic
@@ -20,7 +25,7 @@ test-deps:
 	scripts/install-deps.sh test
 
 build: deps
-	$(SWIFT) build -c $(CONFIG)
+	$(SWIFT) build -c $(CONFIG) $(SWIFTFLAGS)
 
 # Install built libraries into plugins.d: copy to a temporary name, then rename, so a
 # running host watching the directory never sees a half-written file.
@@ -46,8 +51,8 @@ check-exports: build
 	else echo "check-exports: host exports no BoringSSL symbols"; fi
 
 unit: build
-	$(SWIFT) build -c $(CONFIG) --build-tests
-	$(SWIFT) test -c $(CONFIG) --skip-build
+	$(SWIFT) build -c $(CONFIG) $(SWIFTFLAGS) --build-tests
+	$(SWIFT) test -c $(CONFIG) $(SWIFTFLAGS) --skip-build
 
 integration: plugins venv
 	GATEHOUSE_BUILD_DIR=$(BIN) $(VENV)/bin/pytest -q Tests/integration
@@ -57,7 +62,7 @@ test: test-deps check-exports unit integration
 # Benchmark (not a test): Gatehouse vs nginx proxy_pass in front of the same upstream.
 bench:
 	scripts/install-deps.sh bench
-	$(SWIFT) build -c release --product gatehouse
+	$(SWIFT) build -c release $(RELEASE_SWIFTFLAGS) --product gatehouse
 	bench/run.sh
 
 clean:

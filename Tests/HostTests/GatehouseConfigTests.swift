@@ -135,17 +135,17 @@ import Testing
         routed[metadataKey: "status"] = "overridden"
         let metadata: Logger.Metadata = ["method": "POST", "path": "/v1/x?key=sk-abcdefgh123", "status": .stringConvertible(201), "latency_ms": "1.005"]
         routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
-        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: nil)
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil)
         // The pass-through's way: the id given directly, not in the handler's metadata.
         var plain = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
         plain[metadataKey: "status"] = "overridden"
-        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: "r-9")
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9")
         // The usual metadata (none, or only the request id) takes the direct way; same line.
         routed[metadataKey: "status"] = nil
         plain[metadataKey: "status"] = nil
         routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
-        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: nil)
-        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: "1.005", requestID: "r-9")
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil)
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9")
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { $0.replacing(/"ts":"[^"]*"/, with: "") }
         #expect(lines.count == 6 && Set(lines).count == 1)
         #expect(lines[0].contains(#""path":"/v1/x?key=[REDACTED]""#) && lines[0].contains(#""status":"201""#))
@@ -159,9 +159,9 @@ import Testing
         defer { try? group.syncShutdownGracefully() }
         let long = String(repeating: "x", count: Int(PIPE_BUF))  // longer than one write may be
         let lineCounts = try group.next().submit { () -> Int in
-            for index in 0..<40 { handler.logAccess(method: "GET", path: "/\(index)", status: 200, latency: "0.001", requestID: nil) }
+            for index in 0..<40 { handler.logAccess(method: "GET", path: "/\(index)", status: 200, latency: .microseconds(1), requestID: nil) }
             handler.log(event: LogEvent(level: .info, message: "\(long)", metadata: nil, source: "s", file: "f", function: "f", line: 1))
-            handler.logAccess(method: "GET", path: "/last", status: 200, latency: "0.001", requestID: nil)
+            handler.logAccess(method: "GET", path: "/last", status: 200, latency: .microseconds(1), requestID: nil)
             // Still in the loop's round: the long line went out after the lines before it; the last waits.
             return (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").count ?? 0
         }.wait()

@@ -54,36 +54,35 @@ public struct JSONLogHandler: LogHandler {
     /// `info("request", metadata: ["method", "path", "status", "latency_ms"])`, with `requestID`
     /// (when given) as if it were handler metadata, but without building metadata dictionaries
     /// (every request writes one). The caller has checked the level.
-    func logAccess(method: String, path: String, status: Int, latency: String, requestID: String?) {
+    func logAccess(method: String, path: String, status: Int, latency: Duration, requestID: String?) {
         // The usual case, no metadata but the request id: the keys' sorted order is known, so
-        // the line is written straight out (no field list, no sort).
+        // the line is written straight into the sink's buffer (no field list, no sort, no copy).
         if metadata.isEmpty || (metadata.count == 1 && metadata["request_id"] != nil) {
             let id = requestID ?? metadata["request_id"].map(Self.plain)
-            var line: [UInt8] = []
-            line.reserveCapacity(256)
-            line.append(contentsOf: #"{"label":"#.utf8)
-            Self.appendQuoted(label, to: &line)
-            line.append(contentsOf: #","latency_ms":"#.utf8)
-            Self.appendQuoted(latency, to: &line)
-            line.append(contentsOf: #","level":"info","method":"#.utf8)
-            Self.appendQuoted(Redactor.redact(text: method), to: &line)
-            line.append(contentsOf: #","msg":"request","path":"#.utf8)
-            Self.appendQuoted(Redactor.redact(text: path), to: &line)
-            if let id {
-                line.append(contentsOf: #","request_id":"#.utf8)
-                Self.appendQuoted(Redactor.redact(text: id), to: &line)
+            sink.writeLine { line in
+                line.append(contentsOf: #"{"label":"#.utf8)
+                Self.appendQuoted(label, to: &line)
+                line.append(contentsOf: #","latency_ms":""#.utf8)
+                Self.appendMilliseconds(latency, to: &line)
+                line.append(contentsOf: #"","level":"info","method":"#.utf8)
+                Self.appendQuoted(Redactor.redact(text: method), to: &line)
+                line.append(contentsOf: #","msg":"request","path":"#.utf8)
+                Self.appendQuoted(Redactor.redact(text: path), to: &line)
+                if let id {
+                    line.append(contentsOf: #","request_id":"#.utf8)
+                    Self.appendQuoted(Redactor.redact(text: id), to: &line)
+                }
+                line.append(contentsOf: #","status":""#.utf8)
+                Self.appendDecimal(status, to: &line)
+                line.append(UInt8(ascii: "\""))
+                Self.appendTimestampField(to: &line, first: false)
+                line.append(contentsOf: "}\n".utf8)
             }
-            line.append(contentsOf: #","status":""#.utf8)
-            line.append(contentsOf: String(status).utf8)
-            line.append(UInt8(ascii: "\""))
-            Self.appendTimestampField(to: &line, first: false)
-            line.append(contentsOf: "}\n".utf8)
-            sink.write(line)
             return
         }
         var fields: [(key: String, value: String)] = [
             ("level", "info"), ("msg", "request"), ("label", label), ("method", Redactor.redact(text: method)),
-            ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", latency),
+            ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
         ]
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
             fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
@@ -92,29 +91,60 @@ public struct JSONLogHandler: LogHandler {
         write(&fields)
     }
 
+    /// A duration as milliseconds with three decimals ("12.345"), the access line's latency.
+    static func milliseconds(_ duration: Duration) -> String {
+        var text: [UInt8] = []
+        appendMilliseconds(duration, to: &text)
+        return String(decoding: text, as: UTF8.self)
+    }
+
+    private static func appendMilliseconds(_ duration: Duration, to output: inout [UInt8]) {
+        let microseconds = max(0, duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000)
+        appendDecimal(Int(microseconds / 1000), to: &output)
+        output.append(UInt8(ascii: "."))
+        let fraction = Int(microseconds % 1000)
+        output.append(UInt8(ascii: "0") + UInt8(fraction / 100))
+        output.append(UInt8(ascii: "0") + UInt8(fraction / 10 % 10))
+        output.append(UInt8(ascii: "0") + UInt8(fraction % 10))
+    }
+
+    /// Appends a decimal integer without building a String.
+    static func appendDecimal(_ value: Int, to output: inout [UInt8]) {
+        guard value != 0 else { return output.append(UInt8(ascii: "0")) }
+        if value < 0 { output.append(UInt8(ascii: "-")) }
+        var magnitude = value.magnitude, divisor: UInt = 1
+        while divisor <= magnitude / 10 { divisor *= 10 }
+        while divisor > 0 {
+            output.append(UInt8(ascii: "0") + UInt8(magnitude / divisor))
+            magnitude %= divisor
+            divisor /= 10
+        }
+    }
+
     private static let accessKeys: Set<String> = ["method", "path", "status", "latency_ms"]
 
     /// Writes `fields` and the timestamp as one JSON object line, keys in sorted order.
     private func write(_ fields: inout [(key: String, value: String)]) {
         fields.sort { $0.key < $1.key }
-        var line: [UInt8] = []
-        line.reserveCapacity(256)
+        sink.writeLine { line in Self.appendObject(fields, to: &line) }
+    }
+
+    private static func appendObject(_ fields: [(key: String, value: String)], to line: inout [UInt8]) {
         line.append(UInt8(ascii: "{"))
         var timestampWritten = false
         for (index, field) in fields.enumerated() {
             // "ts" sorts after "source" and before anything starting with "u" or later.
             if !timestampWritten, field.key > "ts" {
-                Self.appendTimestampField(to: &line, first: index == 0)
+                appendTimestampField(to: &line, first: index == 0)
                 timestampWritten = true
             }
             if index > 0 || timestampWritten { line.append(UInt8(ascii: ",")) }
-            Self.appendQuoted(field.key, to: &line)
+            appendQuoted(field.key, to: &line)
             line.append(UInt8(ascii: ":"))
-            Self.appendQuoted(field.value, to: &line)
+            appendQuoted(field.value, to: &line)
         }
-        if !timestampWritten { Self.appendTimestampField(to: &line, first: fields.isEmpty) }
+        if !timestampWritten { appendTimestampField(to: &line, first: fields.isEmpty) }
         line.append(contentsOf: "}\n".utf8)
-        sink.write(line)
     }
 
     private static func appendTimestampField(to line: inout [UInt8], first: Bool) {
@@ -163,33 +193,59 @@ public struct JSONLogHandler: LogHandler {
     static func appendTimestamp(to output: inout [UInt8]) {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
+        let cache = secondText.currentValue ?? {
+            let created = SecondText()
+            secondText.currentValue = created
+            return created
+        }()
+        output.append(contentsOf: cache.text(for: now.tv_sec))
+        let milliseconds = now.tv_nsec / 1_000_000
+        output.append(UInt8(ascii: "0") + UInt8(milliseconds / 100))
+        output.append(UInt8(ascii: "0") + UInt8(milliseconds / 10 % 10))
+        output.append(UInt8(ascii: "0") + UInt8(milliseconds % 10))
+        output.append(UInt8(ascii: "Z"))
+    }
+
+    /// Each thread's `2026-11-23T18:41:18.` of the current second (gmtime_r takes a lock).
+    private static let secondText = ThreadSpecificVariable<SecondText>()
+}
+
+/// The date and time of one second as a timestamp's text up to its fraction. Each is used by
+/// one thread only (through the thread-specific variable).
+private final class SecondText: @unchecked Sendable {
+    private var second = -1
+    private var bytes: [UInt8] = []
+
+    func text(for seconds: Int) -> [UInt8] {
+        guard seconds != second else { return bytes }
+        second = seconds
+        var seconds = seconds
         var parts = tm()
-        var seconds = now.tv_sec
         gmtime_r(&seconds, &parts)
+        bytes.removeAll(keepingCapacity: true)
         func digits(_ value: Int, _ width: Int) {
             var divisor = 1
             for _ in 1..<width { divisor *= 10 }
             var rest = value
             while divisor > 0 {
-                output.append(UInt8(ascii: "0") + UInt8(rest / divisor % 10))
+                bytes.append(UInt8(ascii: "0") + UInt8(rest / divisor % 10))
                 rest %= divisor
                 divisor /= 10
             }
         }
         digits(Int(parts.tm_year) + 1900, 4)
-        output.append(UInt8(ascii: "-"))
+        bytes.append(UInt8(ascii: "-"))
         digits(Int(parts.tm_mon) + 1, 2)
-        output.append(UInt8(ascii: "-"))
+        bytes.append(UInt8(ascii: "-"))
         digits(Int(parts.tm_mday), 2)
-        output.append(UInt8(ascii: "T"))
+        bytes.append(UInt8(ascii: "T"))
         digits(Int(parts.tm_hour), 2)
-        output.append(UInt8(ascii: ":"))
+        bytes.append(UInt8(ascii: ":"))
         digits(Int(parts.tm_min), 2)
-        output.append(UInt8(ascii: ":"))
+        bytes.append(UInt8(ascii: ":"))
         digits(Int(parts.tm_sec), 2)
-        output.append(UInt8(ascii: "."))
-        digits(now.tv_nsec / 1_000_000, 3)
-        output.append(UInt8(ascii: "Z"))
+        bytes.append(UInt8(ascii: "."))
+        return bytes
     }
 }
 
@@ -230,15 +286,22 @@ public final class LogSink: Sendable {
     }
 
     func write(_ line: [UInt8]) {
-        let loop = MultiThreadedEventLoopGroup.currentEventLoop
-        guard line.count <= Int(PIPE_BUF) else {
-            // Too long to go out unbroken without the lock; this thread's earlier lines first.
-            if loop != nil, let earlier = pending.currentValue { writeOut(earlier) }
-            handle.withLock { Self.write(line, to: $0.fileDescriptor) }
-            return
-        }
-        guard let loop else {
-            Self.write(line, to: descriptor)
+        writeLine { $0.append(contentsOf: line) }
+    }
+
+    /// Writes one line that `build` appends (whole, with its newline) to the bytes it is given:
+    /// on an event-loop thread straight into that thread's pending lines, elsewhere into a new
+    /// buffer written at once.
+    func writeLine(_ build: (inout [UInt8]) -> Void) {
+        guard let loop = MultiThreadedEventLoopGroup.currentEventLoop else {
+            var line: [UInt8] = []
+            line.reserveCapacity(256)
+            build(&line)
+            if line.count <= Int(PIPE_BUF) {
+                Self.write(line[...], to: descriptor)
+            } else {
+                handle.withLock { Self.write(line[...], to: $0.fileDescriptor) }
+            }
             return
         }
         let lines: PendingLines
@@ -248,8 +311,19 @@ public final class LogSink: Sendable {
             lines = PendingLines()
             pending.currentValue = lines
         }
-        if lines.bytes.count + line.count > Int(PIPE_BUF) { writeOut(lines) }
-        lines.bytes.append(contentsOf: line)
+        let start = lines.bytes.count
+        build(&lines.bytes)
+        if lines.bytes.count > Int(PIPE_BUF) {
+            // The earlier lines go out first (whole lines, at most PIPE_BUF bytes together)...
+            if start > 0 { Self.write(lines.bytes[..<start], to: descriptor) }
+            if lines.bytes.count - start > Int(PIPE_BUF) {
+                // ...and a line too long to go out unbroken without the lock, under it, at once.
+                handle.withLock { Self.write(lines.bytes[start...], to: $0.fileDescriptor) }
+                lines.bytes.removeAll(keepingCapacity: true)
+                return
+            }
+            lines.bytes.removeFirst(start)
+        }
         if !lines.flushScheduled {
             lines.flushScheduled = true
             loop.execute {
@@ -262,11 +336,11 @@ public final class LogSink: Sendable {
     /// Writes a thread's pending lines (whole lines, at most PIPE_BUF bytes) with one `write(2)`.
     private func writeOut(_ lines: PendingLines) {
         guard !lines.bytes.isEmpty else { return }
-        Self.write(lines.bytes, to: descriptor)
+        Self.write(lines.bytes[...], to: descriptor)
         lines.bytes.removeAll(keepingCapacity: true)
     }
 
-    private static func write(_ bytes: [UInt8], to descriptor: Int32) {
+    private static func write(_ bytes: ArraySlice<UInt8>, to descriptor: Int32) {
         bytes.withUnsafeBytes { buffer in
             var offset = 0
             while offset < buffer.count {
@@ -290,7 +364,7 @@ private final class PendingLines: @unchecked Sendable {
     var flushScheduled = false
 
     init() {
-        bytes.reserveCapacity(Int(PIPE_BUF))
+        bytes.reserveCapacity(2 * Int(PIPE_BUF))  // room for the line that overflows one write
     }
 }
 

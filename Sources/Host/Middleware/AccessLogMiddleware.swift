@@ -46,14 +46,14 @@ public struct AccessLogMiddleware: RouterMiddleware {
     /// `requestID` instead of keeping it in the logger's metadata).
     static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, requestID: String? = nil) {
         guard logger.logLevel <= .info else { return }
-        let microseconds = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
-        let fraction = String(microseconds % 1000)
-        let latency = "\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
         if let handler = logger.handler as? JSONLogHandler {
-            handler.logAccess(method: method, path: path, status: status, latency: latency, requestID: requestID)
+            handler.logAccess(method: method, path: path, status: status, latency: elapsed, requestID: requestID)
             return
         }
-        var metadata: Logger.Metadata = ["method": .string(method), "path": .string(path), "status": .stringConvertible(status), "latency_ms": .string(latency)]
+        var metadata: Logger.Metadata = [
+            "method": .string(method), "path": .string(path), "status": .stringConvertible(status),
+            "latency_ms": .string(JSONLogHandler.milliseconds(elapsed)),
+        ]
         if let requestID { metadata["request_id"] = .string(requestID) }
         logger.info("request", metadata: metadata)
     }

@@ -54,16 +54,21 @@ enum RequestIDGenerator {
         // SplitMix64 is a bijection, so distinct sequence numbers give distinct ids.
         let high = (mix(seeds.0 &+ sequence) & ~0xF000) | 0x4000  // version 4
         let low = (mix(seeds.1 &+ sequence) & ~(0b11 << 62)) | (0b10 << 62)  // RFC 4122 variant
-        var text = [UInt8](repeating: UInt8(ascii: "-"), count: 36)
-        var position = 0
-        for nibble in 0..<32 {
-            if nibble == 8 || nibble == 12 || nibble == 16 || nibble == 20 { position += 1 }
-            let word = nibble < 16 ? high : low
-            let shift = UInt64(60 - (nibble % 16) * 4)
-            text[position] = Hex.digits[Int((word >> shift) & 0xF)]
-            position += 1
+        // Written straight into the string's storage (one allocation, not an array and a copy).
+        return String(unsafeUninitializedCapacity: 36) { text in
+            var position = 0
+            for nibble in 0..<32 {
+                if nibble == 8 || nibble == 12 || nibble == 16 || nibble == 20 {
+                    text[position] = UInt8(ascii: "-")
+                    position += 1
+                }
+                let word = nibble < 16 ? high : low
+                let shift = UInt64(60 - (nibble % 16) * 4)
+                text[position] = Hex.digits[Int((word >> shift) & 0xF)]
+                position += 1
+            }
+            return position
         }
-        return String(decoding: text, as: UTF8.self)
     }
 
     private static func mix(_ value: UInt64) -> UInt64 {

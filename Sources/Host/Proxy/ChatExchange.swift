@@ -41,6 +41,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     private let loop: PassThroughLoop
     private var pool: UpstreamConnectionPool { loop.pool }
     private let head: HTTPRequestHead
+    /// `head.isKeepAlive`, which scans the header fields, read once.
+    private let keepAlive: Bool
     private let remoteAddress: String
     private let requestID: String
     /// The request's logger, whose lines carry the request id. Built only for the rare lines
@@ -78,6 +80,7 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     init(head: HTTPRequestHead, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
         self.head = head
+        keepAlive = head.isKeepAlive
         self.handler = handler
         passThrough = handler.passThrough
         self.loop = loop
@@ -521,12 +524,16 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), or
     /// the gateway is shutting down.
     private var closesConnection: Bool {
-        handler?.isQuiescing == true || !head.isKeepAlive || (stream && head.version.minor == 0)
+        handler?.isQuiescing == true || !keepAlive || (stream && head.version.minor == 0)
     }
 
     private func logAccess() {
-        AccessLogMiddleware.log(
-            passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: ContinuousClock.now - started, requestID: requestID)
+        let elapsed = ContinuousClock.now - started
+        if let handler = passThrough.accessLogHandler {
+            handler.logAccess(method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, requestID: requestID)
+        } else {
+            AccessLogMiddleware.log(passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: elapsed, requestID: requestID)
+        }
     }
 
     /// The client's response has ended (`draining`: the upstream reply is still being read).

@@ -32,6 +32,9 @@ final class ChatPassThrough: Sendable {
     let metrics: GatehouseMetrics?
     let backendName: String
     let logger: Logger
+    /// The access log's handler, cast once here rather than per request (the cast showed in
+    /// profiles); nil when the level hides access lines or another handler is installed.
+    let accessLogHandler: JSONLogHandler?
     let serverName: String
     private let loops = Mutex<[ObjectIdentifier: NIOLoopBound<PassThroughLoop>]>([:])
 
@@ -61,6 +64,7 @@ final class ChatPassThrough: Sendable {
         self.metrics = metrics
         backendName = chat.backend.name
         self.logger = logger
+        accessLogHandler = logger.logLevel <= .info ? logger.handler as? JSONLogHandler : nil
         self.serverName = serverName
     }
 
@@ -150,10 +154,16 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var forwardedUnread = false
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        queued.append(unwrapInboundIn(data))
+        let part = unwrapInboundIn(data)
         insideChannelRead = true
-        drain()
-        insideChannelRead = false
+        defer { insideChannelRead = false }
+        // The usual case, nothing waiting: the part is handled without a trip through the queue.
+        if queued.isEmpty, canProcess(part) {
+            process(part, context)
+        } else {
+            queued.append(part)
+            drain()
+        }
     }
 
     /// Passed on only when this read gave the router something: the handlers behind (up to
@@ -166,7 +176,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     /// Processes queued parts in order while nothing earlier is still being answered.
     private func drain() {
-        guard let context, let loop else { return }
+        guard let context else { return }
         defer {
             // Parts released from the queue outside a read: the router's channel delivers
             // reads on readComplete, so send one.
@@ -175,33 +185,39 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 context.fireChannelReadComplete()
             }
         }
-        while let part = queued.first {
-            // A new request while an exchange is answering waits for it to end.
-            if exchange != nil, reader != .exchange { return }
-            switch part {
-            case .head(let head):
-                if passThrough.takes(head) {
-                    // Router responses still being written come first.
-                    guard routerResponsesPending == 0 else { return }
-                    queued.removeFirst()
-                    reader = .exchange
-                    exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: remoteAddress)
-                } else {
-                    queued.removeFirst()
-                    reader = .router
-                    routerResponsesPending += 1
-                    routerMethods.append(head.method)
-                    forward(part, context)
-                }
-            case .body(let buffer):
-                queued.removeFirst()
-                if reader == .exchange { exchange?.receive(buffer) } else { forward(part, context) }
-            case .end:
-                queued.removeFirst()
-                let wasExchange = reader == .exchange
-                reader = .none
-                if wasExchange { exchange?.requestEnded() } else { forward(part, context) }
+        while let part = queued.first, canProcess(part) {
+            // Off the queue before it is acted on: answering may end the exchange, which drains again.
+            queued.removeFirst()
+            process(part, context)
+        }
+    }
+
+    /// Whether `part` can be handled now: a new request waits while an exchange is answering,
+    /// and a pass-through request also while router responses are still being written.
+    private func canProcess(_ part: HTTPServerRequestPart) -> Bool {
+        if exchange != nil, reader != .exchange { return false }
+        if routerResponsesPending > 0, case .head(let head) = part, passThrough.takes(head) { return false }
+        return true
+    }
+
+    private func process(_ part: HTTPServerRequestPart, _ context: ChannelHandlerContext) {
+        switch part {
+        case .head(let head):
+            if let loop, passThrough.takes(head) {
+                reader = .exchange
+                exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: remoteAddress)
+            } else {
+                reader = .router
+                routerResponsesPending += 1
+                routerMethods.append(head.method)
+                forward(part, context)
             }
+        case .body(let buffer):
+            if reader == .exchange { exchange?.receive(buffer) } else { forward(part, context) }
+        case .end:
+            let wasExchange = reader == .exchange
+            reader = .none
+            if wasExchange { exchange?.requestEnded() } else { forward(part, context) }
         }
     }
 

@@ -165,11 +165,14 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     /// Called when the connection closes while no exchange is using it.
     var onIdleClose: (() -> Void)?
     private var context: ChannelHandlerContext?
+    /// The socket end of the pipeline, where the request bytes are written (past the decoder).
+    private var writer: PreEncodedRequestWriter?
     private var readsHeld = false
     private var readPending = false
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        writer = try? context.pipeline.syncOperations.handler(type: PreEncodedRequestWriter.self)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -187,10 +190,15 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
             delegate?.upstreamFailed(.closed)
             return
         }
+        // The head goes through the decoder, which notes it; the bytes go in below it.
         context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(request))), promise: nil)
-        if let body { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
-        context.flush()
+        if let writer {
+            writer.write(request, then: body)
+        } else {
+            context.write(wrapOutboundOut(.body(.byteBuffer(request))), promise: nil)
+            if let body { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+            context.flush()
+        }
     }
 
     /// Stops (or resumes) reading from the upstream.
@@ -244,10 +252,29 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
 /// spares building `HTTPHeaders` and encoding and validating them again for every request. NIO's
 /// response decoder sits between this and the connection handler and must still see each
 /// request's head to know how its response is framed, so the connection handler writes a shared
-/// POST head first; it stops here. Body parts are the request's bytes and go out unchanged.
-final class PreEncodedRequestWriter: ChannelOutboundHandler {
+/// POST head first; it stops here. The request's bytes are written here directly (`write(_:then:)`),
+/// or arrive as body parts, and go out unchanged.
+final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHandler {
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = IOData
+
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Writes and flushes a serialized request (then `more`, in the same flush).
+    func write(_ bytes: ByteBuffer, then more: ByteBuffer?) {
+        guard let context else { return }
+        context.write(wrapOutboundOut(.byteBuffer(bytes)), promise: nil)
+        if let more { context.write(wrapOutboundOut(.byteBuffer(more)), promise: nil) }
+        context.flush()
+    }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
