@@ -61,10 +61,16 @@ enum ChunkedBody {
     static func frame(_ chunk: inout ByteBuffer) {
         let size = chunk.readableBytes
         guard size > 0 else { return }
-        let sizeLine = String(size, radix: 16) + "\r\n"
-        let start = chunk.readerIndex - sizeLine.utf8.count
-        precondition(start >= 0, "chunk buffer without headroom")
-        chunk.setString(sizeLine, at: start)
+        // The size line, hex digits then CRLF, written backwards into the headroom.
+        var start = chunk.readerIndex - 2
+        precondition(start >= 8, "chunk buffer without headroom")
+        chunk.setInteger(UInt16(0x0d0a), at: start)  // "\r\n", big-endian
+        var rest = size
+        repeat {
+            start -= 1
+            chunk.setInteger(Hex.digits[rest & 0xf], at: start)
+            rest >>= 4
+        } while rest > 0
         chunk.moveReaderIndex(to: start)
         chunk.writeStaticString("\r\n")
     }
