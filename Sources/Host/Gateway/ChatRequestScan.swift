@@ -113,15 +113,32 @@ private struct Scanner {
     /// the `content: null` smoothing.
     private mutating func messages() -> Bool {
         var count = 0
-        // One message's keys so far (few: a linear search), the storage reused for each message.
-        var keys: [String] = []
+        // One message's keys so far, for the duplicate check: the usual ones as bits, any
+        // others in an array (rare, so allocated only when one appears; a linear search).
+        var usualKeys: UInt8 = 0
+        var otherKeys: [String] = []
         let parsed = array(depth: 2) { scanner in
             count += 1
             var role = false, toolCalls = false, content = false, contentIsNull = false
-            keys.removeAll(keepingCapacity: true)
+            usualKeys = 0
+            otherKeys.removeAll(keepingCapacity: true)
             let ok = scanner.object(depth: 3) { scanner, key in
-                guard !keys.contains(key) else { return false }
-                keys.append(key)
+                let bit: UInt8? =
+                    switch key {
+                    case "role": 1
+                    case "content": 2
+                    case "tool_calls": 4
+                    case "name": 8
+                    case "tool_call_id": 16
+                    default: nil
+                    }
+                if let bit {
+                    guard usualKeys & bit == 0 else { return false }
+                    usualKeys |= bit
+                } else {
+                    guard !otherKeys.contains(key) else { return false }
+                    otherKeys.append(key)
+                }
                 switch key {
                 case "role":
                     guard let length = scanner.string(), length > 0 else { return false }

@@ -153,32 +153,37 @@ final class ChatExchange: UpstreamResponseDelegate {
         upstreamStarted = ContinuousClock.now
         lastUpstreamRead = .now()
         armTimer()
-        pool.acquire(fresh: fresh) { [self] result in
-            switch result {
-            case .success(let connection):
-                guard phase == .waiting else {
-                    pool.release(connection)
-                    return
-                }
-                self.connection = connection
-                let body = upstreamRequest ?? ByteBuffer()
-                if body.readableBytes <= Self.bodyCopiedBehindHead {
-                    connection.send(serializedUpstreamHead(bodyLength: body.readableBytes, appending: body), to: self)
-                } else {
-                    connection.send(serializedUpstreamHead(bodyLength: body.readableBytes), then: body, to: self)
-                }
-            case .failure(let failure):
-                guard phase == .waiting else { return }
-                fail(failure)
+        if !fresh, let connection = pool.takeIdle() {
+            connected(.success(connection))  // kept alive from an earlier request: no callback needed
+        } else {
+            pool.acquire(fresh: fresh) { [self] result in connected(result) }
+        }
+    }
+
+    private func connected(_ result: Result<UpstreamConnection, UpstreamFailure>) {
+        switch result {
+        case .success(let connection):
+            guard phase == .waiting else {
+                pool.release(connection)
+                return
             }
+            self.connection = connection
+            let body = upstreamRequest ?? ByteBuffer()
+            if body.readableBytes <= Self.bodyCopiedBehindHead {
+                connection.send(serializedUpstreamHead(bodyLength: body.readableBytes, appending: body), to: self)
+            } else {
+                connection.send(serializedUpstreamHead(bodyLength: body.readableBytes), then: body, to: self)
+            }
+        case .failure(let failure):
+            guard phase == .waiting else { return }
+            fail(failure)
         }
     }
 
     /// The client's JSON object with `prefix` (members and a trailing comma) after its brace.
     private static func splice(_ prefix: String?, into body: ByteBuffer) -> ByteBuffer {
         guard let prefix, let brace = body.readableBytesView.firstIndex(of: UInt8(ascii: "{")) else { return body }
-        var spliced = ByteBuffer()
-        spliced.reserveCapacity(body.readableBytes + prefix.utf8.count)
+        var spliced = ByteBufferAllocator().buffer(capacity: body.readableBytes + prefix.utf8.count)
         var rest = body
         var head = rest.readSlice(length: brace - body.readerIndex + 1)!
         spliced.writeBuffer(&head)
@@ -193,8 +198,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// prefix was checked when the pass-through was set up.
     private func serializedUpstreamHead(bodyLength: Int, appending body: ByteBuffer? = nil) -> ByteBuffer {
         let prefix = passThrough.upstreamHeadPrefix
-        var request = ByteBuffer()
-        request.reserveCapacity(prefix.count + 48 + requestID.utf8.count + (body?.readableBytes ?? 0))
+        var request = ByteBufferAllocator().buffer(capacity: prefix.count + 48 + requestID.utf8.count + (body?.readableBytes ?? 0))
         request.writeBytes(prefix)
         request.writeStaticString("Content-Length: ")
         request.writeString(String(bodyLength))
@@ -267,7 +271,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             head.add("Cache-Control", "no-cache")
             // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
             if chunked { head.add("Transfer-Encoding", "chunked") }
-            handler?.send(head.finished(), flush: false)
+            handler?.send(head.finish(), flush: false)
             logAccess()
         } else {
             phase = .collecting
@@ -465,25 +469,33 @@ final class ChatExchange: UpstreamResponseDelegate {
     // MARK: Answering
 
     private func answer(_ error: OpenAIError) {
-        var head = ResponseHead(version: responseVersion, status: error.status.code)
+        let body = ByteBuffer(data: error.body(requestID: requestID))
+        var head = ResponseHead(version: responseVersion, status: error.status.code, capacity: Self.headCapacity(body: body))
         head.add("Content-Type", "application/json")
         for field in error.headers { head.add(field.name.rawName, field.value) }
         addCommonFields(&head)
-        answer(head, body: ByteBuffer(data: error.body(requestID: requestID)))
+        answer(&head, body: body)
     }
 
     private func answer(_ status: HTTPResponse.Status, contentType: String, cache: String, body: ByteBuffer) {
-        answer(responseHead(status, contentType: contentType, cache: cache), body: body)
+        var head = responseHead(status, contentType: contentType, cache: cache, capacity: Self.headCapacity(body: body))
+        answer(&head, body: body)
     }
 
     /// Bodies up to this size (upstream requests and answers alike) are copied behind their
     /// head, so the message is one buffer; a larger one goes out after it in the same `writev`.
     private static let bodyCopiedBehindHead = 16 * 1024
 
-    /// A whole response: head with its length, and body.
-    private func answer(_ head: ResponseHead, body: ByteBuffer) {
+    /// Room for a head and, when it is copied behind it, the body: the answer is built in one
+    /// buffer without growing it.
+    private static func headCapacity(body: ByteBuffer) -> Int {
+        body.readableBytes <= bodyCopiedBehindHead ? 256 + body.readableBytes : 256
+    }
+
+    /// A whole response: head (completed with its length here) and body. `inout`, so the head's
+    /// bytes stay uniquely referenced and are written in place, never copied.
+    private func answer(_ head: inout ResponseHead, body: ByteBuffer) {
         guard phase != .done, phase != .draining else { return }
-        var head = head
         head.add("Content-Length", String(body.readableBytes))
         status = head.status
         if connection != nil {
@@ -491,16 +503,16 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection = nil
         }
         if body.readableBytes <= Self.bodyCopiedBehindHead {
-            handler?.send(head.finished(appending: body), flush: true)
+            handler?.send(head.finish(appending: body), flush: true)
         } else {
-            handler?.send(head.finished(), then: body, flush: true)
+            handler?.send(head.finish(), then: body, flush: true)
         }
         logAccess()
         finish(draining: false)
     }
 
-    private func responseHead(_ status: HTTPResponse.Status, contentType: String, cache: String) -> ResponseHead {
-        var head = ResponseHead(version: responseVersion, status: status.code)
+    private func responseHead(_ status: HTTPResponse.Status, contentType: String, cache: String, capacity: Int = 256) -> ResponseHead {
+        var head = ResponseHead(version: responseVersion, status: status.code, capacity: capacity)
         head.add("Content-Type", contentType)
         head.add("X-Cache", cache)
         addCommonFields(&head)

@@ -15,8 +15,7 @@ struct ResponseHead {
 
     init(version: HTTPVersion, status: Int, capacity: Int = 256) {
         self.status = status
-        bytes = ByteBuffer()
-        bytes.reserveCapacity(capacity)
+        bytes = ByteBufferAllocator().buffer(capacity: capacity)
         bytes.writeStaticString(version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         if status == 200 {
             bytes.writeStaticString("200 OK\r\n")
@@ -32,12 +31,12 @@ struct ResponseHead {
         bytes.writeStaticString("\r\n")
     }
 
-    /// The head with its closing empty line, followed by `body` when given.
-    func finished(appending body: ByteBuffer? = nil) -> ByteBuffer {
-        var head = bytes
-        head.writeStaticString("\r\n")
-        if let body { head.writeImmutableBuffer(body) }
-        return head
+    /// Ends the head with its empty line, followed by `body` when given, and returns the bytes.
+    /// Mutating, so the bytes are written in place (a copy would share them and be copied on write).
+    mutating func finish(appending body: ByteBuffer? = nil) -> ByteBuffer {
+        bytes.writeStaticString("\r\n")
+        if let body { bytes.writeImmutableBuffer(body) }
+        return bytes
     }
 }
 
@@ -49,8 +48,7 @@ enum ChunkedBody {
 
     /// An empty chunk buffer whose readable bytes start after the headroom.
     static func makeBuffer(capacity: Int) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.reserveCapacity(headroom + capacity + 2 + lastChunk.utf8CodeUnitCount)
+        var buffer = ByteBufferAllocator().buffer(capacity: headroom + capacity + 2 + lastChunk.utf8CodeUnitCount)
         buffer.moveWriterIndex(forwardBy: headroom)
         buffer.moveReaderIndex(forwardBy: headroom)
         return buffer

@@ -63,14 +63,9 @@ final class UpstreamConnectionPool {
     /// An idle connection if one is usable, else a new one. `fresh` skips the idle ones (for
     /// the one retry after a reused connection turned out to be closed).
     func acquire(fresh: Bool = false, _ completion: @escaping (Result<UpstreamConnection, UpstreamFailure>) -> Void) {
-        let now = NIODeadline.now()
-        while !fresh, let connection = idle.popLast() {
-            if connection.channel.isActive, now - connection.idleSince < idleLifetime {
-                connection.reused = true
-                completion(.success(connection))
-                return
-            }
-            connection.close()
+        if !fresh, let connection = takeIdle() {
+            completion(.success(connection))
+            return
         }
         let target = target
         ClientBootstrap(group: eventLoop)
@@ -106,6 +101,21 @@ final class UpstreamConnectionPool {
                     completion(.failure(UpstreamFailure(error)))
                 }
             }
+    }
+
+    /// The most recently released idle connection that is still usable, if any: the usual
+    /// keep-alive case, which callers take without the completion `acquire` needs.
+    func takeIdle() -> UpstreamConnection? {
+        guard !idle.isEmpty else { return nil }
+        let now = NIODeadline.now()
+        while let connection = idle.popLast() {
+            if connection.channel.isActive, now - connection.idleSince < idleLifetime {
+                connection.reused = true
+                return connection
+            }
+            connection.close()
+        }
+        return nil
     }
 
     /// Takes back a connection whose response ended with keep-alive.
