@@ -285,10 +285,6 @@ public final class LogSink: Sendable {
         return LogSink(handle: handle)
     }
 
-    func write(_ line: [UInt8]) {
-        writeLine { $0.append(contentsOf: line) }
-    }
-
     /// Writes one line that `build` appends (whole, with its newline) to the bytes it is given:
     /// on an event-loop thread straight into that thread's pending lines, elsewhere into a new
     /// buffer written at once.
