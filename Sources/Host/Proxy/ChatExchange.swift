@@ -361,7 +361,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             if let cacheKey, let cache = passThrough.cache {
                 cache.put(cacheKey, ChatCompletion(json: Data(reply.readableBytesView), promptTokens: tokens.prompt, completionTokens: tokens.completion))
             }
-            answer(.ok, contentType: "application/json", cache: "MISS", body: reply)
+            answer(.ok, contentType: "application/json", cache: passThrough.cache == nil ? "BYPASS" : "MISS", body: reply)
         } catch {
             answer(error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)"))
         }

@@ -22,7 +22,7 @@ struct GatewayRoutes {
             let (completion, hit) = try await chat.complete(chatRequest, requestID: context.requestID)
             return Response(
                 status: .ok,
-                headers: [.contentType: "application/json", Self.cacheHeader: hit ? "HIT" : "MISS"],
+                headers: [.contentType: "application/json", Self.cacheHeader: chat.cache == nil ? "BYPASS" : hit ? "HIT" : "MISS"],
                 body: .init(byteBuffer: ByteBuffer(data: completion.json)))
         }
         router.get("/v1/models") { _, context in
