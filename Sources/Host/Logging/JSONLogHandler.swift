@@ -102,10 +102,19 @@ public struct JSONLogHandler: LogHandler {
         let microseconds = max(0, duration.components.seconds * 1_000_000 + duration.components.attoseconds / 1_000_000_000_000)
         appendDecimal(Int(microseconds / 1000), to: &output)
         output.append(UInt8(ascii: "."))
-        let fraction = Int(microseconds % 1000)
-        output.append(UInt8(ascii: "0") + UInt8(fraction / 100))
-        output.append(UInt8(ascii: "0") + UInt8(fraction / 10 % 10))
-        output.append(UInt8(ascii: "0") + UInt8(fraction % 10))
+        appendDigits(Int(microseconds % 1000), width: 3, to: &output)
+    }
+
+    /// Appends the last `width` decimal digits of a non-negative value, zero-padded.
+    static func appendDigits(_ value: Int, width: Int, to output: inout [UInt8]) {
+        var divisor = 1
+        for _ in 1..<width { divisor *= 10 }
+        var rest = value
+        while divisor > 0 {
+            output.append(UInt8(ascii: "0") + UInt8(rest / divisor % 10))
+            rest %= divisor
+            divisor /= 10
+        }
     }
 
     /// Appends a decimal integer without building a String.
@@ -199,10 +208,7 @@ public struct JSONLogHandler: LogHandler {
             return created
         }()
         output.append(contentsOf: cache.text(for: now.tv_sec))
-        let milliseconds = now.tv_nsec / 1_000_000
-        output.append(UInt8(ascii: "0") + UInt8(milliseconds / 100))
-        output.append(UInt8(ascii: "0") + UInt8(milliseconds / 10 % 10))
-        output.append(UInt8(ascii: "0") + UInt8(milliseconds % 10))
+        appendDigits(now.tv_nsec / 1_000_000, width: 3, to: &output)
         output.append(UInt8(ascii: "Z"))
     }
 
@@ -223,16 +229,7 @@ private final class SecondText: @unchecked Sendable {
         var parts = tm()
         gmtime_r(&seconds, &parts)
         bytes.removeAll(keepingCapacity: true)
-        func digits(_ value: Int, _ width: Int) {
-            var divisor = 1
-            for _ in 1..<width { divisor *= 10 }
-            var rest = value
-            while divisor > 0 {
-                bytes.append(UInt8(ascii: "0") + UInt8(rest / divisor % 10))
-                rest %= divisor
-                divisor /= 10
-            }
-        }
+        func digits(_ value: Int, _ width: Int) { JSONLogHandler.appendDigits(value, width: width, to: &bytes) }
         digits(Int(parts.tm_year) + 1900, 4)
         bytes.append(UInt8(ascii: "-"))
         digits(Int(parts.tm_mon) + 1, 2)

@@ -156,7 +156,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         if !fresh, let connection = pool.takeIdle() {
             connected(.success(connection))  // kept alive from an earlier request: no callback needed
         } else {
-            pool.acquire(fresh: fresh) { [self] result in connected(result) }
+            pool.connect { [self] result in connected(result) }
         }
     }
 
@@ -489,7 +489,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Room for a head and, when it is copied behind it, the body: the answer is built in one
     /// buffer without growing it.
     private static func headCapacity(body: ByteBuffer) -> Int {
-        body.readableBytes <= bodyCopiedBehindHead ? 256 + body.readableBytes : 256
+        ResponseHead.typicalCapacity + (body.readableBytes <= bodyCopiedBehindHead ? body.readableBytes : 0)
     }
 
     /// A whole response: head (completed with its length here) and body. `inout`, so the head's
@@ -511,7 +511,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         finish(draining: false)
     }
 
-    private func responseHead(_ status: HTTPResponse.Status, contentType: String, cache: String, capacity: Int = 256) -> ResponseHead {
+    private func responseHead(_ status: HTTPResponse.Status, contentType: String, cache: String, capacity: Int = ResponseHead.typicalCapacity) -> ResponseHead {
         var head = ResponseHead(version: responseVersion, status: status.code, capacity: capacity)
         head.add("Content-Type", contentType)
         head.add("X-Cache", cache)

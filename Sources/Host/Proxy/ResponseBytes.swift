@@ -13,7 +13,10 @@ struct ResponseHead {
     private(set) var bytes: ByteBuffer
     let status: Int
 
-    init(version: HTTPVersion, status: Int, capacity: Int = 256) {
+    /// Room for the heads the pass-through writes (about 200 bytes with the request id and date).
+    static let typicalCapacity = 256
+
+    init(version: HTTPVersion, status: Int, capacity: Int = typicalCapacity) {
         self.status = status
         bytes = ByteBufferAllocator().buffer(capacity: capacity)
         bytes.writeStaticString(version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ")
@@ -96,9 +99,17 @@ final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler {
 
     /// Writes `bytes` (then `more`, in the same flush) toward the socket.
     func write(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
-        guard let context else { return }
-        context.write(wrapOutboundOut(.byteBuffer(bytes)), promise: nil)
-        if let more { context.write(wrapOutboundOut(.byteBuffer(more)), promise: nil) }
-        if flush { context.flush() }
+        context?.writeSerialized(bytes, then: more, flush: flush)
+    }
+}
+
+extension ChannelHandlerContext {
+    /// Writes already serialized bytes (then `more`) from this handler toward the socket, for
+    /// the handlers at the socket end whose outbound type is `IOData` (RawResponseWriter,
+    /// PreEncodedRequestWriter).
+    func writeSerialized(_ bytes: ByteBuffer, then more: ByteBuffer?, flush: Bool) {
+        write(NIOAny(IOData.byteBuffer(bytes)), promise: nil)
+        if let more { write(NIOAny(IOData.byteBuffer(more)), promise: nil) }
+        if flush { self.flush() }
     }
 }

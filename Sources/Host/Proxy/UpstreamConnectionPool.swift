@@ -60,13 +60,9 @@ final class UpstreamConnectionPool {
         self.connectTimeout = connectTimeout
     }
 
-    /// An idle connection if one is usable, else a new one. `fresh` skips the idle ones (for
-    /// the one retry after a reused connection turned out to be closed).
-    func acquire(fresh: Bool = false, _ completion: @escaping (Result<UpstreamConnection, UpstreamFailure>) -> Void) {
-        if !fresh, let connection = takeIdle() {
-            completion(.success(connection))
-            return
-        }
+    /// A new connection (when `takeIdle` has none, and for the one retry after a reused
+    /// connection turned out to be closed).
+    func connect(_ completion: @escaping (Result<UpstreamConnection, UpstreamFailure>) -> Void) {
         let target = target
         ClientBootstrap(group: eventLoop)
             .connectTimeout(connectTimeout)
@@ -104,7 +100,7 @@ final class UpstreamConnectionPool {
     }
 
     /// The most recently released idle connection that is still usable, if any: the usual
-    /// keep-alive case, which callers take without the completion `acquire` needs.
+    /// keep-alive case, taken at once (no completion, as `connect` needs).
     func takeIdle() -> UpstreamConnection? {
         guard !idle.isEmpty else { return nil }
         let now = NIODeadline.now()
@@ -194,7 +190,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     private static let observedHead = HTTPRequestHead(version: .http1_1, method: .POST, uri: ChatPassThrough.path)
 
     func send(_ request: ByteBuffer, then body: ByteBuffer?) {
-        guard let context, context.channel.isActive else {
+        guard let context, let writer, context.channel.isActive else {
             let delegate = delegate
             self.delegate = nil
             delegate?.upstreamFailed(.closed)
@@ -202,13 +198,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         }
         // The head goes through the decoder, which notes it; the bytes go in below it.
         context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
-        if let writer {
-            writer.write(request, then: body)
-        } else {
-            context.write(wrapOutboundOut(.body(.byteBuffer(request))), promise: nil)
-            if let body { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
-            context.flush()
-        }
+        writer.write(request, then: body)
     }
 
     /// Stops (or resumes) reading from the upstream.
@@ -280,10 +270,7 @@ final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHan
 
     /// Writes and flushes a serialized request (then `more`, in the same flush).
     func write(_ bytes: ByteBuffer, then more: ByteBuffer?) {
-        guard let context else { return }
-        context.write(wrapOutboundOut(.byteBuffer(bytes)), promise: nil)
-        if let more { context.write(wrapOutboundOut(.byteBuffer(more)), promise: nil) }
-        context.flush()
+        context?.writeSerialized(bytes, then: more, flush: true)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
