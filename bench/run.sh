@@ -2,14 +2,15 @@
 # Benchmark (not a test): the same tiny upstream measured directly, through nginx proxy_pass and
 # through Gatehouse, with wrk at several concurrencies, non-stream and stream. Prints req/s, p50,
 # p99 and Gatehouse/nginx ratios measured in this one run.
-# Usage: bench/run.sh [DURATION_SECONDS]   (needs a release build: make bench does it)
-#   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number.
+# Usage: bench/run.sh [SECONDS]   (per target and point, default 12; needs a release build: make bench does it)
+#   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number;
+#   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds.
 # Also prints each target's CPU time per request (user+system µs): for the upstream when
 # measured directly, for nginx's workers, for Gatehouse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${1:-10}
+DURATION=${1:-12}
 GATEHOUSE=${GATEHOUSE_BIN:-.build/release/gatehouse}
 WORK=$(mktemp -d /tmp/gatehouse-bench-XXXXXX)
 UPSTREAM_JSON_PORT=19101
@@ -117,27 +118,46 @@ cpu_ticks() {
     echo "$user $system"
 }
 
-# $1 = url, $2 = connections, $3... = pids whose CPU is measured
-#   -> "req/s p50 p99 errors requests cpu_user_us_per_request cpu_system_us_per_request"
+# $1 = url, $2 = connections, $3 = seconds, $4... = pids whose CPU is measured
+#   -> "requests seconds p50 p99 errors user_ticks system_ticks"
 run() {
-    local url=$1 conc=$2 threads=$(( $2 < 2 ? 1 : 2 ))
-    shift 2
+    local url=$1 conc=$2 seconds=$3 threads=$(( $2 < 2 ? 1 : 2 ))
+    shift 3
     local before after result
     before=$(cpu_ticks "$@")
-    result=$(wrk -t "$threads" -c "$conc" -d "${DURATION}s" --latency -s "$WORK/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
+    result=$(wrk -t "$threads" -c "$conc" -d "${seconds}s" --latency -s "$WORK/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
     after=$(cpu_ticks "$@")
-    awk -v r="$result" -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" 'BEGIN {
-        split(r, f, " "); split(b, x, " "); split(a, y, " "); n = f[5] > 0 ? f[5] : 1
-        printf "%s %.1f %.1f\n", r, (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n }'
+    awk -v r="$result" -v b="$before" -v a="$after" 'BEGIN {
+        split(r, f, " "); split(b, x, " "); split(a, y, " ")
+        printf "%d %.6f %s %s %d %d %d\n", f[5], (f[1] > 0 ? f[5] / f[1] : 0), f[2], f[3], f[4], y[1] - x[1], y[2] - x[2] }'
+}
+
+# Folds one target's rounds (lines from run) into
+#   "req/s p50 p99 errors cpu_user_us_per_request cpu_system_us_per_request min_round_req/s max_round_req/s":
+# req/s and CPU over all rounds together, p50 and p99 the median round's.
+summarize() {
+    sort -n -k3 | awk -v hz="$(getconf CLK_TCK)" '
+        { n++; req += $1; sec += $2; p50[n] = $3; p99[n] = $4; err += $5; u += $6; s += $7
+          rate = $2 > 0 ? $1 / $2 : 0; if (n == 1 || rate < lo) lo = rate; if (rate > hi) hi = rate }
+        END { m = int((n + 1) / 2); r = req > 0 ? req : 1
+              printf "%.1f %.3f %.3f %d %.1f %.1f %.1f %.1f\n", (sec > 0 ? req / sec : 0), p50[m], p99[m], err,
+                  u * 1e6 / hz / r, s * 1e6 / hz / r, lo, hi }'
 }
 
 # The proxy's own processes, whose CPU per request is reported: nginx's workers, Gatehouse.
 nginx_workers=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
 upstream_workers=$(pgrep -P "$(cat "$WORK/upstream.pid")" | tr '\n' ' ')
 
-printf "Gatehouse benchmark: %s, %s cores, %s s per run, %s; nginx %s workers\n" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" \
-    "$DURATION" "$(uname -m)" "$(wc -w <<<"$nginx_workers")"
-printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors "cpu µs/req u+s"
+# Each point is measured in ROUNDS rounds of direct, nginx and Gatehouse (the proxies taking turns
+# to go first), each run DURATION/ROUNDS seconds: on a shared machine whose speed drifts from one
+# second to the next, the targets then see the same stretches of time, instead of one coming
+# always last; the printed spread of the rounds' ratios shows how much the machine moved.
+ROUNDS=${BENCH_ROUNDS:-6}
+ROUND_SECONDS=$(( DURATION / ROUNDS > 0 ? DURATION / ROUNDS : 1 ))
+
+printf "Gatehouse benchmark: %s, %s cores, %s rounds of %s s per target and point, %s; nginx %s workers\n" \
+    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$ROUNDS" "$ROUND_SECONDS" "$(uname -m)" "$(wc -w <<<"$nginx_workers")"
+printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors "cpu µs/req u+s" "rounds req/s"
 for mode in ${BENCH_MODES:-json sse}; do
     if [[ $mode == json ]]; then
         upstream=$UPSTREAM_JSON_PORT
@@ -148,16 +168,33 @@ for mode in ${BENCH_MODES:-json sse}; do
     fi
     start_gatehouse "$upstream"
     for conc in 1 16 64; do
-        # shellcheck disable=SC2086 # the pid lists are words
-        read -r d_rps d_p50 d_p99 d_err _ d_u d_s < <(run "http://127.0.0.1:$upstream/v1/chat/completions" "$conc" $upstream_workers)
-        # shellcheck disable=SC2086
-        read -r n_rps n_p50 n_p99 n_err _ n_u n_s < <(run "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions" "$conc" $nginx_workers)
-        read -r g_rps g_p50 g_p99 g_err _ g_u g_s < <(run "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions" "$conc" "${pids[-1]}")
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" direct "$d_rps" "$d_p50" "$d_p99" "$d_err" "$d_u+$d_s"
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" nginx "$n_rps" "$n_p50" "$n_p99" "$n_err" "$n_u+$n_s"
-        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s\n" "$mode" "$conc" gatehouse "$g_rps" "$g_p50" "$g_p99" "$g_err" "$g_u+$g_s"
-        awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" 'BEGIN {
-            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f; added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms\n",
-                m, c, g / n, np - d, gp - d }'
+        : >"$WORK/direct.rounds"; : >"$WORK/nginx.rounds"; : >"$WORK/gatehouse.rounds"
+        for round in $(seq 1 "$ROUNDS"); do
+            # shellcheck disable=SC2086 # the pid lists are words
+            run "http://127.0.0.1:$upstream/v1/chat/completions" "$conc" "$ROUND_SECONDS" $upstream_workers >>"$WORK/direct.rounds"
+            # The two proxies take turns going first.
+            for target in $( ((round % 2)) && echo nginx gatehouse || echo gatehouse nginx); do
+                if [[ $target == nginx ]]; then
+                    # shellcheck disable=SC2086
+                    run "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions" "$conc" "$ROUND_SECONDS" $nginx_workers >>"$WORK/nginx.rounds"
+                else
+                    run "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions" "$conc" "$ROUND_SECONDS" "${pids[-1]}" >>"$WORK/gatehouse.rounds"
+                fi
+            done
+        done
+        read -r d_rps d_p50 d_p99 d_err d_u d_s d_lo d_hi < <(summarize <"$WORK/direct.rounds")
+        read -r n_rps n_p50 n_p99 n_err n_u n_s n_lo n_hi < <(summarize <"$WORK/nginx.rounds")
+        read -r g_rps g_p50 g_p99 g_err g_u g_s g_lo g_hi < <(summarize <"$WORK/gatehouse.rounds")
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" "$mode" "$conc" direct "$d_rps" "$d_p50" "$d_p99" "$d_err" "$d_u+$d_s" "$d_lo-$d_hi"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" "$mode" "$conc" nginx "$n_rps" "$n_p50" "$n_p99" "$n_err" "$n_u+$n_s" "$n_lo-$n_hi"
+        printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" "$mode" "$conc" gatehouse "$g_rps" "$g_p50" "$g_p99" "$g_err" "$g_u+$g_s" "$g_lo-$g_hi"
+        # Each round's ratio too, nginx and Gatehouse of the same round: the spread shows the noise.
+        spread=$(paste -d' ' "$WORK/nginx.rounds" "$WORK/gatehouse.rounds" | awk '
+            { rn = $2 > 0 ? $1 / $2 : 0; rg = $9 > 0 ? $8 / $9 : 0; q = rn > 0 ? rg / rn : 0
+              if (NR == 1 || q < lo) lo = q; if (q > hi) hi = q }
+            END { printf "%.2f-%.2f", lo, hi }')
+        awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" -v sp="$spread" 'BEGIN {
+            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f (rounds %s); added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms\n",
+                m, c, g / n, sp, np - d, gp - d }'
     done
 done

@@ -3,6 +3,7 @@ pipeline): what it must get right beyond the gateway behaviour test_gateway.py c
 paths — request order on pipelined connections, upstream keep-alive and its one retry, SSE split
 at any byte, clients that leave mid-stream, Connection: close, metrics and the access log, and
 stepping aside while a plugin middleware applies."""
+import contextlib
 import http.client
 import io
 import json
@@ -55,6 +56,36 @@ def post_bytes(body: dict, *, path="/v1/chat/completions", extra_headers="") -> 
     data = json.dumps(body).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: gatehouse\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n{extra_headers}\r\n").encode() + data
+
+
+@contextlib.contextmanager
+def raw_upstream(start, plugins_dir, handler):
+    """A gateway in front of a socketserver upstream answering with `handler`; yields the gateway."""
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        yield start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
+                                        "cache: {enabled: false}\n")
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def read_request(sock: socket.socket) -> bool:
+    """Reads one request (head and Content-Length body) off an upstream's socket; False if the
+    peer closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return True
 
 
 def test_pipelined_requests_are_answered_in_order(openai_gateway):
@@ -111,16 +142,8 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
 
     def handle(self):
         type(self).connections += 1
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.request.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(rest) < length:
-            rest += self.request.recv(65536)
+        if not read_request(self.request):
+            return
         reply = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "fresh"},
                                          "finish_reason": "stop"}],
@@ -136,21 +159,13 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
 def test_a_reused_connection_lost_at_the_upstream_is_retried_once(start, plugins_dir, reset):
     _OneAnswerPerConnection.connections = 0
     _OneAnswerPerConnection.reset = reset
-    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneAnswerPerConnection)
-    upstream.daemon_threads = True
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    try:
-        server = start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
-                                           "cache: {enabled: false}\n")
+    with raw_upstream(start, plugins_dir, _OneAnswerPerConnection) as server:
         for _ in range(3):
             response = server.client.post("/v1/chat/completions", json=BODY)
             assert response.status_code == 200, response.text
             assert response.json()["choices"][0]["message"]["content"] == "fresh"
         # Each reuse met a closed connection and went to a new one.
         assert _OneAnswerPerConnection.connections == 3
-    finally:
-        upstream.shutdown()
-        upstream.server_close()
 
 
 def test_events_split_at_any_byte_arrive_whole(openai_gateway):
@@ -165,6 +180,58 @@ def test_events_split_at_any_byte_arrive_whole(openai_gateway):
     split, whole = stream_lines("split"), stream_lines("m")
     assert len(split) == 7 and split[-1] == "data: [DONE]"
     assert [json.loads(l[6:])["choices"] for l in split[:-1]] == [json.loads(l[6:])["choices"] for l in whole[:-1]]
+
+
+def _chunk_event(text: str) -> str:
+    return json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                       "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+
+
+_USAGE_EVENT = json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                           "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}})
+
+
+class _CannedEvents(socketserver.BaseRequestHandler):
+    """An OpenAI-compatible upstream that answers every request with one fixed SSE body, sent
+    in one write with a Content-Length, so the gateway gets all of its events in one read."""
+    body = b""
+
+    def handle(self):
+        if not read_request(self.request):
+            return
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(self.body)).encode() + b"\r\n\r\n" + self.body)
+
+
+@pytest.mark.parametrize("with_usage", [False, True], ids=["plain", "with-usage"])
+def test_every_event_form_in_one_read_is_relayed_as_the_client_expects(start, plugins_dir, with_usage):
+    # Runs of events already in the client's form are copied whole; every other form (comments,
+    # event: lines, no space after data:, CRLF, a usage chunk to parse) breaks a run. The client
+    # must get each data payload as "data: X\n\n", nothing else, and [DONE] once.
+    events = [
+        ": a comment\n\n",
+        f"data: {_chunk_event('one')}\n\n",
+        f"data: {_chunk_event('two')}\n\n",
+        "event: message\n",
+        f"data:{_chunk_event('three')}\n\n",
+        f"data: {_chunk_event('four')}\r\n\r\n",
+        f"data: {_chunk_event('five')}\n\n",
+        f"data: {_chunk_event('six')}\n\n",
+        *([f"data: {_USAGE_EVENT}\n\n"] if with_usage else []),
+        f"data: {_chunk_event('seven')}\n\n",
+        "data: [DONE]\n\n",
+    ]
+    _CannedEvents.body = "".join(events).encode()
+    with raw_upstream(start, plugins_dir, _CannedEvents) as server:
+        words = ["one", "two", "three", "four", "five", "six", "seven"]
+        for include_usage in (False, True):
+            request = {**BODY, "stream": True, **({"stream_options": {"include_usage": True}} if include_usage else {})}
+            response = server.client.post("/v1/chat/completions", json=request)
+            assert response.status_code == 200, response.text
+            expected = [f"data: {_chunk_event(w)}\n\n" for w in words]
+            if with_usage and include_usage:
+                expected.insert(6, f"data: {_USAGE_EVENT}\n\n")
+            assert response.text == "".join(expected) + "data: [DONE]\n\n"
 
 
 class _Received:

@@ -13,6 +13,9 @@ struct APIKeyCheck: Sendable {
         expectedDigest = apiKey.map { Array(SHA256.hash(data: Data($0.utf8))) }
     }
 
+    /// Whether a key is configured (so requests outside `/health` must present it).
+    var isRequired: Bool { expectedDigest != nil }
+
     /// Checks the request's key and returns the client's rate-limit identity: a digest of the
     /// key it presented (nil when it presented none), so limits key on the client without
     /// keeping the key itself.

@@ -35,8 +35,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         case done
     }
 
-    /// Weak: the client connection may close while the upstream reply is still being drained.
-    private weak var handler: ChatPassThroughHandler?
+    /// The client connection's handler, until the client has its answer or goes away: the
+    /// upstream reply may still be drained after that. Strong and cleared by hand, not weak: a
+    /// weak reference gives the handler a side table, which slows every retain and release of
+    /// it (NIO's pipeline makes several per request).
+    private var handler: ChatPassThroughHandler?
     private let passThrough: ChatPassThrough
     private let loop: PassThroughLoop
     private var pool: UpstreamConnectionPool { loop.pool }
@@ -64,7 +67,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var upstreamRequest: ByteBuffer?
     private var connection: UpstreamConnection?
     private var retried = false
-    private var upstreamStarted = ContinuousClock.now
+    private var upstreamStarted: ContinuousClock.Instant
     private var upstreamResponse: HTTPResponseHead?
     private var reply = ByteBuffer()
     private var partialLine = ByteBuffer()
@@ -76,7 +79,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     private(set) var deadline: NIODeadline?
     /// This exchange's place in the loop's list of deadlines.
     var watchIndex: Int?
-    private var lastUpstreamRead = NIODeadline.now()
+    /// When the upstream last sent something (set when the call starts; read for streams only).
+    private var lastUpstreamRead = NIODeadline.uptimeNanoseconds(0)
 
     init(head: HTTPRequestHead, handler: ChatPassThroughHandler, loop: PassThroughLoop, remoteAddress: String) {
         self.head = head
@@ -85,6 +89,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         passThrough = handler.passThrough
         self.loop = loop
         self.remoteAddress = remoteAddress
+        upstreamStarted = started
         requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
         passThrough.metrics?.inFlight.increment()
         if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
@@ -112,10 +117,13 @@ final class ChatExchange: UpstreamResponseDelegate {
     func requestEnded() {
         phase = .waiting
         do {
-            let clientID = try passThrough.apiKeys.verify(
-                apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
-                path: ChatPassThrough.path)
-            if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+            // The key headers matter only to a key check or a rate limit (whose client they name).
+            if passThrough.apiKeys.isRequired || passThrough.limiter != nil {
+                let clientID = try passThrough.apiKeys.verify(
+                    apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
+                    path: ChatPassThrough.path)
+                if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+            }
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
             }
@@ -263,7 +271,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     func upstreamHead(_ head: HTTPResponseHead) {
         guard phase == .waiting else { return }
         upstreamResponse = head
-        lastUpstreamRead = .now()
+        if stream { lastUpstreamRead = .now() }
         if stream, head.status == .ok {
             phase = .streaming
             status = 200
@@ -279,7 +287,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     func upstreamBody(_ buffer: ByteBuffer) {
-        lastUpstreamRead = .now()
+        // Silence is what bounds streams (and draining); a whole answer has one deadline.
+        if phase != .collecting { lastUpstreamRead = .now() }
         switch phase {
         case .collecting:
             guard reply.readableBytes + buffer.readableBytes <= ChatPassThrough.maxReplyBytes else {
@@ -384,6 +393,15 @@ final class ChatExchange: UpstreamResponseDelegate {
             guard let base = bytes.baseAddress else { return 0 }
             // Most reads hold only ordinary chunks: one check of the whole read spares one per payload.
             let mayNeedParsing = OpenAIBackend.needsParsing(bytes)
+            // Events already written as the client gets them ("data: X\n\n", nothing to parse)
+            // are copied in runs, not one by one: the bytes are the same.
+            var runStart = -1
+            var runEnd = -1
+            func copyRun() {
+                guard runStart >= 0 else { return }
+                output.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[runStart..<runEnd]))
+                runStart = -1
+            }
             var next = 0
             while !finished, streamError == nil, let hit = memchr(base + next, 0x0a, bytes.count - next) {
                 let lineStart = next
@@ -391,7 +409,10 @@ final class ChatExchange: UpstreamResponseDelegate {
                 next = lineEnd + 1
                 if lineEnd > lineStart, bytes[lineEnd - 1] == UInt8(ascii: "\r") { lineEnd -= 1 }
                 // event:, id: and comment lines carry nothing to relay.
-                guard lineEnd - lineStart >= 5, memcmp(base + lineStart, "data:", 5) == 0 else { continue }
+                guard lineEnd - lineStart >= 5, memcmp(base + lineStart, "data:", 5) == 0 else {
+                    copyRun()
+                    continue
+                }
                 var payloadStart = lineStart + 5
                 if payloadStart < lineEnd, bytes[payloadStart] == UInt8(ascii: " ") { payloadStart += 1 }
                 let payload = UnsafeRawBufferPointer(rebasing: bytes[payloadStart..<lineEnd])
@@ -399,12 +420,23 @@ final class ChatExchange: UpstreamResponseDelegate {
                     finished = true
                     break
                 }
+                // Canonical: "data: " (one space), no CR, the blank line right behind, no parsing.
+                if payloadStart == lineStart + 6, lineEnd + 1 == next, next < bytes.count, bytes[next] == 0x0a,
+                    !mayNeedParsing || !OpenAIBackend.needsParsing(payload)
+                {
+                    if runStart < 0 { runStart = lineStart }
+                    next += 1  // the blank line, which ends the event and writes nothing itself
+                    runEnd = next
+                    continue
+                }
+                copyRun()
                 do {
                     try appendEvents(for: payload, parse: mayNeedParsing, to: &output)
                 } catch {
                     streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
                 }
             }
+            copyRun()
             return next
         }
         input.moveReaderIndex(forwardBy: consumed)
@@ -536,7 +568,11 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), or
     /// the gateway is shutting down.
     private var closesConnection: Bool {
-        handler?.isQuiescing == true || !keepAlive || (stream && head.version.minor == 0)
+        closesConnection(quiescing: handler?.isQuiescing == true)
+    }
+
+    private func closesConnection(quiescing: Bool) -> Bool {
+        quiescing || !keepAlive || (stream && head.version.minor == 0)
     }
 
     private func logAccess() {
@@ -559,7 +595,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         connection?.handler.holdReads(false)
         recordRequest()
-        handler?.exchangeFinished(self, closeConnection: closesConnection)
+        let handler = handler
+        self.handler = nil  // the handler holds this exchange until now: the cycle ends here
+        handler?.exchangeFinished(self, closeConnection: closesConnection(quiescing: handler?.isQuiescing == true))
     }
 
     private var recorded = false
@@ -579,6 +617,7 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     /// The client went away: stop the upstream work (its connection cannot be reused mid-answer).
     func clientClosed() {
+        handler = nil
         guard phase != .done else { return }
         cancelTimer()
         if phase != .draining {

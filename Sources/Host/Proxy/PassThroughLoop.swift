@@ -51,7 +51,9 @@ final class PassThroughLoop {
     private func scheduleSweep() {
         guard !sweepScheduled else { return }
         sweepScheduled = true
-        pool.eventLoop.assumeIsolated().scheduleTask(in: Self.sweepInterval) { [weak self] in self?.sweep() }
+        // Strong: a loop's state lives as long as the pass-through (and a weak reference would
+        // give it a side table, slowing every retain and release of it).
+        pool.eventLoop.assumeIsolated().scheduleTask(in: Self.sweepInterval) { self.sweep() }
     }
 
     private func sweep() {

@@ -85,9 +85,10 @@ final class UpstreamConnectionPool {
                     do {
                         let handler = try channel.pipeline.syncOperations.handler(type: UpstreamConnectionHandler.self)
                         let connection = UpstreamConnection(channel: channel, handler: handler)
-                        handler.onIdleClose = { [weak self, weak connection] in
-                            if let connection { self?.forget(connection) }
-                        }
+                        // No weak references (they give objects side tables, which slow every
+                        // retain and release): the pool lives as long as its loop's state, and the
+                        // closed connection is found by its handler.
+                        handler.onIdleClose = { [self] closed in forget(closed) }
                         completion(.success(connection))
                     } catch {
                         channel.close(promise: nil)
@@ -125,9 +126,9 @@ final class UpstreamConnectionPool {
         idle.append(connection)
     }
 
-    /// Drops a connection the upstream closed while it sat idle.
-    private func forget(_ connection: UpstreamConnection) {
-        idle.removeAll { $0 === connection }
+    /// Drops the connection of a handler whose channel the upstream closed while it sat idle.
+    private func forget(_ handler: UpstreamConnectionHandler) {
+        idle.removeAll { $0.handler === handler }
     }
 }
 
@@ -168,8 +169,8 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     /// The exchange using this connection. Strong (the exchange may have no other owner while
     /// it drains a reply); cleared when the response ends or the connection fails or is released.
     var delegate: (any UpstreamResponseDelegate)?
-    /// Called when the connection closes while no exchange is using it.
-    var onIdleClose: (() -> Void)?
+    /// Called (with this handler) when the connection closes while no exchange is using it.
+    var onIdleClose: ((UpstreamConnectionHandler) -> Void)?
     private var context: ChannelHandlerContext?
     /// The socket end of the pipeline, where the request bytes are written (past the decoder).
     private var writer: PreEncodedRequestWriter?
@@ -234,7 +235,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
             self.delegate = nil
             delegate.upstreamFailed(.closed)
         } else {
-            onIdleClose?()
+            onIdleClose?(self)
         }
         context.fireChannelInactive()
     }
