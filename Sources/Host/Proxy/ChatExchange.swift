@@ -287,8 +287,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     func upstreamBody(_ buffer: ByteBuffer) {
-        // Silence is what bounds streams (and draining); a whole answer has one deadline.
-        if phase != .collecting { lastUpstreamRead = .now() }
+        // Silence is what bounds streams (their error replies and draining too); a whole answer
+        // has one deadline.
+        if stream { lastUpstreamRead = .now() }
         switch phase {
         case .collecting:
             guard reply.readableBytes + buffer.readableBytes <= ChatPassThrough.maxReplyBytes else {
@@ -568,11 +569,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), or
     /// the gateway is shutting down.
     private var closesConnection: Bool {
-        closesConnection(quiescing: handler?.isQuiescing == true)
-    }
-
-    private func closesConnection(quiescing: Bool) -> Bool {
-        quiescing || !keepAlive || (stream && head.version.minor == 0)
+        handler?.isQuiescing == true || !keepAlive || (stream && head.version.minor == 0)
     }
 
     private func logAccess() {
@@ -596,8 +593,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         connection?.handler.holdReads(false)
         recordRequest()
         let handler = handler
+        let closeConnection = closesConnection  // asks the handler, so before letting go of it
         self.handler = nil  // the handler holds this exchange until now: the cycle ends here
-        handler?.exchangeFinished(self, closeConnection: closesConnection(quiescing: handler?.isQuiescing == true))
+        handler?.exchangeFinished(self, closeConnection: closeConnection)
     }
 
     private var recorded = false
