@@ -337,3 +337,52 @@ def test_plugin_middleware_takes_chat_completions_to_the_router(openai_gateway, 
     assert fake_llm.calls("/v1/chat/completions") == []
     allowed = server.client.post("/v1/chat/completions", json=BODY, headers={"x-team": "blue"})
     assert allowed.status_code == 200 and allowed.json()["choices"][0]["message"]["content"] == "Echo: hello"
+
+
+def test_concurrent_clients_each_get_their_own_answers(openai_gateway):
+    # Answers and upstream requests are flushed when the event loop has handled every socket
+    # ready in its round, so one round carries many clients' answers: each must reach its own
+    # connection, whole, streamed or not.
+    server = openai_gateway(env={"RATE_LIMIT_RPS": "0"})
+    failures = []
+
+    def client(index):
+        with httpx.Client(base_url=server.base, timeout=10) as http:
+            for round_ in range(12):
+                text = f"client {index} round {round_}"
+                body = {**BODY, "messages": [{"role": "user", "content": text}], "stream": round_ % 3 == 0}
+                response = http.post("/v1/chat/completions", json=body, headers={"x-request-id": f"c{index}-r{round_}"})
+                if response.status_code != 200 or response.headers["x-request-id"] != f"c{index}-r{round_}":
+                    failures.append((index, round_, response.status_code, response.headers.get("x-request-id")))
+                elif body["stream"]:
+                    events = [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+                    content = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+                    if events[-1] != "[DONE]" or content != f"Echo: {text}":
+                        failures.append((index, round_, content))
+                elif response.json()["choices"][0]["message"]["content"] != f"Echo: {text}":
+                    failures.append((index, round_, response.text))
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a client is still waiting for an answer"
+    assert failures == []
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(openai_gateway):
+    # Some clients send their request and shut down their sending side: the answer, written
+    # and flushed at the end of the loop's round, must still arrive before the connection ends.
+    server = openai_gateway()
+    for body, marker in ((BODY, b"Echo: hello"), ({**BODY, "stream": True}, b"data: [DONE]")):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(post_bytes(body))
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while marker not in received:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200 OK") and marker in received, received

@@ -89,7 +89,7 @@ final class ChatPassThrough: Sendable {
     func state(for loop: any EventLoop) -> PassThroughLoop {
         let bound = loops.withLock { loops in
             if let existing = loops[ObjectIdentifier(loop)] { return existing }
-            let pool = UpstreamConnectionPool(eventLoop: loop, target: target, connectTimeout: connectTimeout)
+            let pool = UpstreamConnectionPool(eventLoop: loop, target: target, connectTimeout: connectTimeout, flusher: RoundFlusher(eventLoop: loop))
             let created = NIOLoopBound(PassThroughLoop(pool: pool, metrics: metrics, backend: backendName), eventLoop: loop)
             loops[ObjectIdentifier(loop)] = created
             return created
@@ -126,6 +126,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var queued = CircularBuffer<HTTPServerRequestPart>()
     /// A graceful-shutdown request held back until the exchange in progress has ended.
     private var quiesceHeld = false
+    /// The client's half-close (it sent its last request and shut down its sending side), held
+    /// back while an exchange is answering or a request waits: the router closes the
+    /// connection when it hears of it, which would cut the answer off.
+    private var inputClosedHeld = false
     /// Where the exchanges' serialized answers are written (the socket end of the pipeline).
     private var rawWriter: RawResponseWriter?
     /// The methods of router requests whose responses have not started, oldest first.
@@ -189,6 +193,11 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             // Off the queue before it is acted on: answering may end the exchange, which drains again.
             queued.removeFirst()
             process(part, context)
+        }
+        if inputClosedHeld, exchange == nil, queued.isEmpty {
+            inputClosedHeld = false
+            context.flush()  // the last answer's flush would otherwise wait for the round's end
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
     }
 
@@ -258,10 +267,19 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // An answer written in this loop round is flushed only at its end (RoundFlusher); the
+        // router may close the connection on this event (shutdown, the client's half-close),
+        // and closing drops what was not flushed.
+        context.flush()
         // The router's connection handler closes idle connections on graceful shutdown; it
         // cannot see an exchange in progress, so it hears of the shutdown when that has ended.
         if event is ChannelShouldQuiesceEvent, exchange != nil {
             quiesceHeld = true
+            return
+        }
+        // Likewise the client's half-close, which it hears of once the requests before it are answered.
+        if case .inputClosed? = event as? ChannelEvent, exchange != nil || !queued.isEmpty {
+            inputClosedHeld = true
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -287,15 +305,21 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
-    /// Writes an exchange's serialized answer bytes (then `more`, in the same flush).
+    /// Writes an exchange's serialized answer bytes (then `more`); `flush`: flushed, with the
+    /// loop's other answers, at the end of its round (RoundFlusher).
     func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
-        rawWriter?.write(bytes, then: more, flush: flush)
+        guard let rawWriter else { return }
+        rawWriter.write(bytes, then: more)
+        guard flush else { return }
+        if let loop { loop.pool.flusher.flushAtEndOfRound(rawWriter) } else { rawWriter.flushNow() }
     }
 
     /// The exchange's response has ended: go on with the connection's next request, or close.
     func exchangeFinished(_ finished: ChatExchange, closeConnection: Bool) {
         guard let context, exchange === finished else { return }
         exchange = nil
+        // Closing drops writes not yet flushed, and the answer's flush waits for the round's end.
+        if quiesceHeld || closeConnection { context.flush() }
         if quiesceHeld {
             quiesceHeld = false
             queued.removeAll()

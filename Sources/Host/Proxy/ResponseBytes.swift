@@ -83,7 +83,7 @@ enum ChunkedBody {
 /// The socket end of a pass-through connection's pipeline, below NIO's response encoder: the
 /// pass-through writes its serialized responses here, while router responses go through the
 /// encoder above it as usual. Added after any TLS handler, so its bytes are still encrypted.
-final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler {
+final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler, RoundFlushable {
     typealias OutboundIn = IOData
     typealias OutboundOut = IOData
 
@@ -97,19 +97,23 @@ final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler {
         self.context = nil
     }
 
-    /// Writes `bytes` (then `more`, in the same flush) toward the socket.
-    func write(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
-        context?.writeSerialized(bytes, then: more, flush: flush)
+    /// Writes `bytes` (then `more`) toward the socket, unflushed: the pass-through flushes
+    /// at the end of the loop's round (RoundFlusher).
+    func write(_ bytes: ByteBuffer, then more: ByteBuffer? = nil) {
+        context?.writeSerialized(bytes, then: more)
+    }
+
+    func flushNow() {
+        context?.flush()
     }
 }
 
 extension ChannelHandlerContext {
-    /// Writes already serialized bytes (then `more`) from this handler toward the socket, for
-    /// the handlers at the socket end whose outbound type is `IOData` (RawResponseWriter,
-    /// PreEncodedRequestWriter).
-    func writeSerialized(_ bytes: ByteBuffer, then more: ByteBuffer?, flush: Bool) {
+    /// Writes already serialized bytes (then `more`) from this handler toward the socket,
+    /// without flushing, for the handlers at the socket end whose outbound type is `IOData`
+    /// (RawResponseWriter, PreEncodedRequestWriter).
+    func writeSerialized(_ bytes: ByteBuffer, then more: ByteBuffer?) {
         write(NIOAny(IOData.byteBuffer(bytes)), promise: nil)
         if let more { write(NIOAny(IOData.byteBuffer(more)), promise: nil) }
-        if flush { self.flush() }
     }
 }

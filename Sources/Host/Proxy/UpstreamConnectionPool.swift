@@ -48,16 +48,19 @@ final class UpstreamConnectionPool {
     let eventLoop: any EventLoop
     let target: UpstreamTarget
     let connectTimeout: TimeAmount
+    /// Flushes the loop's upstream requests at the end of its round.
+    let flusher: RoundFlusher
     /// Idle connections kept at most (nginx's `keepalive` in the benchmark is 128).
     let maxIdle = 128
     /// An idle connection older than this is closed instead of reused (AsyncHTTPClient's default).
     let idleLifetime = TimeAmount.seconds(60)
     private var idle: [UpstreamConnection] = []
 
-    init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount) {
+    init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount, flusher: RoundFlusher) {
         self.eventLoop = eventLoop
         self.target = target
         self.connectTimeout = connectTimeout
+        self.flusher = flusher
     }
 
     /// A new connection (when `takeIdle` has none, and for the one retry after a reused
@@ -89,6 +92,7 @@ final class UpstreamConnectionPool {
                         // retain and release): the pool lives as long as its loop's state, and the
                         // closed connection is found by its handler.
                         handler.onIdleClose = { [self] closed in forget(closed) }
+                        handler.flusher = self.flusher
                         completion(.success(connection))
                     } catch {
                         channel.close(promise: nil)
@@ -171,6 +175,8 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     var delegate: (any UpstreamResponseDelegate)?
     /// Called (with this handler) when the connection closes while no exchange is using it.
     var onIdleClose: ((UpstreamConnectionHandler) -> Void)?
+    /// Flushes requests at the end of the loop's round (set by the pool; nil: at once).
+    var flusher: RoundFlusher?
     private var context: ChannelHandlerContext?
     /// The socket end of the pipeline, where the request bytes are written (past the decoder).
     private var writer: PreEncodedRequestWriter?
@@ -200,6 +206,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         // The head goes through the decoder, which notes it; the bytes go in below it.
         context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
         writer.write(request, then: body)
+        if let flusher { flusher.flushAtEndOfRound(writer) } else { writer.flushNow() }
     }
 
     /// Stops (or resumes) reading from the upstream.
@@ -255,7 +262,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
 /// request's head to know how its response is framed, so the connection handler writes a shared
 /// POST head first; it stops here. The request's bytes are written here directly (`write(_:then:)`),
 /// or arrive as body parts, and go out unchanged.
-final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHandler {
+final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHandler, RoundFlushable {
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = IOData
 
@@ -269,9 +276,13 @@ final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHan
         self.context = nil
     }
 
-    /// Writes and flushes a serialized request (then `more`, in the same flush).
+    /// Writes a serialized request (then `more`), unflushed.
     func write(_ bytes: ByteBuffer, then more: ByteBuffer?) {
-        context?.writeSerialized(bytes, then: more, flush: true)
+        context?.writeSerialized(bytes, then: more)
+    }
+
+    func flushNow() {
+        context?.flush()
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
