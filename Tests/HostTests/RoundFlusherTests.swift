@@ -1,4 +1,4 @@
-// The pass-through's end-of-round flushes: written bytes stay unflushed until the loop runs its tasks, then all go out in order.
+// The pass-through's end-of-round flushes: while several exchanges are in progress, written bytes stay unflushed until the loop runs its tasks, then all go out in order.
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -23,9 +23,38 @@ import Testing
         return out
     }
 
-    @Test func writesGoOutTogetherWhenTheLoopRunsItsTasks() throws {
+    /// A flusher on `loop` with two exchanges in progress, so that it holds flushes.
+    private func busyFlusher(on loop: EmbeddedEventLoop) -> RoundFlusher {
+        let flusher = RoundFlusher(eventLoop: loop)
+        flusher.exchangeBegan()
+        flusher.exchangeBegan()
+        return flusher
+    }
+
+    @Test func aSingleExchangeIsFlushedAtOnce() throws {
         let loop = EmbeddedEventLoop()
         let flusher = RoundFlusher(eventLoop: loop)
+        let (channel, writer) = try connection(on: loop)
+        flusher.exchangeBegan()
+        writer.write(ByteBuffer(string: "alone"))
+        flusher.flushAtEndOfRound(writer)
+        #expect(try flushed(channel) == ["alone"])
+        // A second exchange begins: from now on flushes wait for the round's end.
+        flusher.exchangeBegan()
+        writer.write(ByteBuffer(string: "held"))
+        flusher.flushAtEndOfRound(writer)
+        #expect(try flushed(channel).isEmpty)
+        loop.run()
+        #expect(try flushed(channel) == ["held"])
+        flusher.exchangeEnded()
+        flusher.exchangeEnded()
+        #expect(flusher.exchangesInProgress == 0)
+        _ = try channel.finish()
+    }
+
+    @Test func writesGoOutTogetherWhenTheLoopRunsItsTasks() throws {
+        let loop = EmbeddedEventLoop()
+        let flusher = busyFlusher(on: loop)
         let (first, firstWriter) = try connection(on: loop)
         let (second, secondWriter) = try connection(on: loop)
 
@@ -45,7 +74,7 @@ import Testing
 
     @Test func aFlushHeldDuringTheFlushesGoesOutInTheNextTask() throws {
         let loop = EmbeddedEventLoop()
-        let flusher = RoundFlusher(eventLoop: loop)
+        let flusher = busyFlusher(on: loop)
         let (channel, writer) = try connection(on: loop)
         let (other, otherWriter) = try connection(on: loop)
         // Flushing the first writer makes more to write elsewhere (as a failed write that
@@ -66,7 +95,7 @@ import Testing
 
     @Test func aWriterThatLeftItsPipelineIsSkipped() throws {
         let loop = EmbeddedEventLoop()
-        let flusher = RoundFlusher(eventLoop: loop)
+        let flusher = busyFlusher(on: loop)
         let (channel, writer) = try connection(on: loop)
         writer.write(ByteBuffer(string: "unflushed"))
         flusher.flushAtEndOfRound(writer)

@@ -92,6 +92,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         upstreamStarted = started
         requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
         passThrough.metrics?.inFlight.increment()
+        loop.pool.flusher.exchangeBegan()
         if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
     }
 
@@ -604,6 +605,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         guard !recorded else { return }
         recorded = true
         passThrough.metrics?.inFlight.decrement()
+        pool.flusher.exchangeEnded()
         loop.recordRequest(status: status, duration: ContinuousClock.now - started)
     }
 
