@@ -92,7 +92,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         upstreamStarted = started
         requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
         passThrough.metrics?.inFlight.increment()
-        loop.pool.flusher.exchangeBegan()
+        pool.flusher.exchangeBegan()
         if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
     }
 

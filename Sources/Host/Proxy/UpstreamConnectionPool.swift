@@ -87,12 +87,11 @@ final class UpstreamConnectionPool {
                 case .success(let channel):
                     do {
                         let handler = try channel.pipeline.syncOperations.handler(type: UpstreamConnectionHandler.self)
-                        let connection = UpstreamConnection(channel: channel, handler: handler)
+                        let connection = UpstreamConnection(channel: channel, handler: handler, flusher: self.flusher)
                         // No weak references (they give objects side tables, which slow every
                         // retain and release): the pool lives as long as its loop's state, and the
                         // closed connection is found by its handler.
                         handler.onIdleClose = { [self] closed in forget(closed) }
-                        handler.flusher = self.flusher
                         completion(.success(connection))
                     } catch {
                         channel.close(promise: nil)
@@ -144,16 +143,20 @@ final class UpstreamConnection {
     var reused = false
     var idleSince = NIODeadline.now()
 
-    init(channel: any Channel, handler: UpstreamConnectionHandler) {
+    /// Flushes this loop's upstream requests at the end of its round.
+    private let flusher: RoundFlusher
+
+    init(channel: any Channel, handler: UpstreamConnectionHandler, flusher: RoundFlusher) {
         self.channel = channel
         self.handler = handler
+        self.flusher = flusher
     }
 
     /// Sends one request, already serialized (its head, with or followed by its body); the
     /// answer goes to `delegate`.
     func send(_ request: ByteBuffer, then body: ByteBuffer? = nil, to delegate: any UpstreamResponseDelegate) {
         handler.delegate = delegate
-        handler.send(request, then: body)
+        handler.send(request, then: body, flushingWith: flusher)
     }
 
     func close() {
@@ -175,8 +178,6 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     var delegate: (any UpstreamResponseDelegate)?
     /// Called (with this handler) when the connection closes while no exchange is using it.
     var onIdleClose: ((UpstreamConnectionHandler) -> Void)?
-    /// Flushes requests at the end of the loop's round (set by the pool; nil: at once).
-    var flusher: RoundFlusher?
     private var context: ChannelHandlerContext?
     /// The socket end of the pipeline, where the request bytes are written (past the decoder).
     private var writer: PreEncodedRequestWriter?
@@ -196,7 +197,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     /// so that it pairs each response with a request that has a body (see PreEncodedRequestWriter).
     private static let observedHead = HTTPRequestHead(version: .http1_1, method: .POST, uri: ChatPassThrough.path)
 
-    func send(_ request: ByteBuffer, then body: ByteBuffer?) {
+    func send(_ request: ByteBuffer, then body: ByteBuffer?, flushingWith flusher: RoundFlusher) {
         guard let context, let writer, context.channel.isActive else {
             let delegate = delegate
             self.delegate = nil
@@ -206,7 +207,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         // The head goes through the decoder, which notes it; the bytes go in below it.
         context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
         writer.write(request, then: body)
-        if let flusher { flusher.flushAtEndOfRound(writer) } else { writer.flushNow() }
+        flusher.flushAtEndOfRound(writer)
     }
 
     /// Stops (or resumes) reading from the upstream.
