@@ -234,6 +234,26 @@ def test_every_event_form_in_one_read_is_relayed_as_the_client_expects(start, pl
             assert response.text == "".join(expected) + "data: [DONE]\n\n"
 
 
+def test_an_error_event_after_chunks_in_the_same_read_ends_the_stream(start, plugins_dir):
+    # The chunks already re-framed from this read go out first, then the gateway's error event
+    # (naming the upstream's message), then [DONE]; nothing after the upstream's error is relayed.
+    _CannedEvents.body = (f"data: {_chunk_event('one')}\n\n"
+                          f"data: {_chunk_event('two')}\n\n"
+                          'data: {"error": {"message": "model ran out of memory"}}\n\n'
+                          f"data: {_chunk_event('never')}\n\n"
+                          "data: [DONE]\n\n").encode()
+    with raw_upstream(start, plugins_dir, _CannedEvents) as server:
+        response = server.client.post("/v1/chat/completions", json={**BODY, "stream": True})
+        assert response.status_code == 200, response.text
+        events = [line[6:] for line in response.text.split("\n\n") if line]
+        assert events[:2] == [_chunk_event("one"), _chunk_event("two")]
+        error = json.loads(events[2])["error"]
+        assert error["code"] == "upstream_error"
+        assert "model ran out of memory" in error["message"]
+        assert error["request_id"] == response.headers["x-request-id"]
+        assert events[3:] == ["[DONE]"]
+
+
 class _Received:
     """Bytes already read from a socket, for http.client to parse response by response."""
 

@@ -443,7 +443,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         input.moveReaderIndex(forwardBy: consumed)
         if finished || streamError != nil {
-            endStream(error: streamError, after: output)
+            endStream(error: streamError, appendingTo: &output)
             return
         }
         if input.readableBytes > 0 { partialLine = input }
@@ -476,11 +476,17 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    /// Ends the client's stream: the events still to send, an error event if the upstream
-    /// failed, then `[DONE]`, in one write.
-    private func endStream(error: OpenAIError?, after events: ByteBuffer? = nil) {
+    /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`, in one write.
+    private func endStream(error: OpenAIError?) {
+        var output = ChunkedBody.makeBuffer(capacity: 256)
+        endStream(error: error, appendingTo: &output)
+    }
+
+    /// Ends the client's stream after the events already in `output` (unframed), in one write.
+    /// `inout`, so the buffer stays uniquely referenced and grows in place: a copy passed by
+    /// value would be duplicated (with its allocation) by the first byte appended.
+    private func endStream(error: OpenAIError?, appendingTo output: inout ByteBuffer) {
         guard phase == .streaming else { return }
-        var output = events ?? ChunkedBody.makeBuffer(capacity: 256)
         if let error {
             logger.error("stream failed", metadata: ["error": .string(error.message)])
             output.writeStaticString("data: ")
