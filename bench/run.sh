@@ -4,7 +4,8 @@
 # p99 and Gatehouse/nginx ratios measured in this one run.
 # Usage: bench/run.sh [SECONDS]   (per target and point, default 12; needs a release build: make bench does it)
 #   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number;
-#   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds.
+#   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds;
+#   NOISY_SPREAD=1.5 (default): a point whose direct rounds differ by more than this factor is flagged.
 # Also prints each target's CPU time per request (user+system µs): for the upstream when
 # measured directly, for nginx's workers, for Gatehouse.
 set -euo pipefail
@@ -193,8 +194,13 @@ for mode in ${BENCH_MODES:-json sse}; do
             { rn = $2 > 0 ? $1 / $2 : 0; rg = $9 > 0 ? $8 / $9 : 0; q = rn > 0 ? rg / rn : 0
               if (NR == 1 || q < lo) lo = q; if (q > hi) hi = q }
             END { printf "%.2f-%.2f", lo, hi }')
-        awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" -v sp="$spread" 'BEGIN {
-            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f (rounds %s); added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms\n",
-                m, c, g / n, sp, np - d, gp - d }'
+        # The upstream alone should run at one speed in every round; when its rounds differ by
+        # more than NOISY_SPREAD times, the machine's speed moved during the point: say so.
+        awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" -v sp="$spread" \
+            -v lo="$d_lo" -v hi="$d_hi" -v limit="${NOISY_SPREAD:-1.5}" 'BEGIN {
+            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f (rounds %s); added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms",
+                m, c, g / n, sp, np - d, gp - d
+            if (lo > 0 && hi / lo > limit) printf "; NOISY: the direct rounds spread %.1fx", hi / lo
+            printf "\n" }'
     done
 done
