@@ -280,7 +280,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             head.add("Cache-Control", "no-cache")
             // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
             if chunked { head.add("Transfer-Encoding", "chunked") }
-            handler?.send(head.finish(), flush: false)
+            handler?.send(head.finish(), flushingWith: nil)
             logAccess()
         } else {
             phase = .collecting
@@ -449,7 +449,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         if input.readableBytes > 0 { partialLine = input }
         if output.readableBytes > 0 {
             if chunked { ChunkedBody.frame(&output) }
-            handler?.send(output, flush: true)
+            handler?.send(output, flushingWith: pool.flusher)
         }
         if handler?.isWritable == false { connection?.handler.holdReads(true) }
     }
@@ -502,7 +502,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             ChunkedBody.frame(&output)
             output.writeStaticString(ChunkedBody.lastChunk)
         }
-        handler?.send(output, flush: true)
+        handler?.send(output, flushingWith: pool.flusher)
         finish(draining: connection != nil)
     }
 
@@ -543,9 +543,9 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection = nil
         }
         if body.readableBytes <= Self.bodyCopiedBehindHead {
-            handler?.send(head.finish(appending: body), flush: true)
+            handler?.send(head.finish(appending: body), flushingWith: pool.flusher)
         } else {
-            handler?.send(head.finish(), then: body, flush: true)
+            handler?.send(head.finish(), then: body, flushingWith: pool.flusher)
         }
         logAccess()
         finish(draining: false)

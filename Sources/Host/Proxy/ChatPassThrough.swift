@@ -305,13 +305,13 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
-    /// Writes an exchange's serialized answer bytes (then `more`); `flush`: flushed, with the
-    /// loop's other answers, at the end of its round (RoundFlusher).
-    func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flush: Bool) {
+    /// Writes an exchange's serialized answer bytes (then `more`), flushed by `flusher` with the
+    /// loop's other answers at the end of its round; with no flusher they stay unflushed (a
+    /// stream's head, which its first events follow).
+    func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flushingWith flusher: RoundFlusher?) {
         guard let rawWriter else { return }
         rawWriter.write(bytes, then: more)
-        guard flush else { return }
-        if let loop { loop.pool.flusher.flushAtEndOfRound(rawWriter) } else { rawWriter.flushNow() }
+        flusher?.flushAtEndOfRound(rawWriter)
     }
 
     /// The exchange's response has ended: go on with the connection's next request, or close.
