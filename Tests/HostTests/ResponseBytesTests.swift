@@ -21,6 +21,20 @@ import Testing
         #expect(chunk.readableBytes == 0)  // a zero-size chunk would end the body
     }
 
+    /// A stream's head shares its first events' buffer: joined, it sits right before the chunk's
+    /// size line (or, unframed for HTTP/1.0, right before the events), whatever the head's
+    /// length against the headroom.
+    @Test(arguments: [true, false], ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK\r\nX-Request-ID: \(String(repeating: "r", count: 300))\r\n\r\n", "H"])
+    func aHeadJoinsTheEventsInItsBuffer(framed: Bool, headText: String) {
+        var buffer = ByteBufferAllocator().buffer(capacity: headText.utf8.count + ChunkedBody.capacity(for: 9))
+        buffer.writeString(headText)
+        ChunkedBody.reserveHeadroom(in: &buffer)
+        buffer.writeString("data: x\n\n")
+        if framed { ChunkedBody.frame(&buffer) }
+        ChunkedBody.joinHead(length: headText.utf8.count, to: &buffer)
+        #expect(String(buffer: buffer) == headText + (framed ? "9\r\ndata: x\n\n\r\n" : "data: x\n\n"))
+    }
+
     @Test func responseHeadsAreSerializedInOrder() {
         var head = ResponseHead(version: .http1_1, status: 200)
         head.add("Content-Type", "application/json")

@@ -123,9 +123,18 @@ def test_upstream_requests_carry_their_fields_and_whole_bodies(openai_gateway, f
     for name, body in (("small", small), ("large", large)):
         response = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": f"up-{name}"})
         assert response.status_code == 200, response.text
+    # Streams without stream_options get include_usage spliced in (so the gateway can count
+    # their tokens), behind the head for a small body, in a body of its own for a large one.
+    for name, body in (("small-stream", {**small, "stream": True}), ("large-stream", {**large, "stream": True})):
+        with server.client.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": f"up-{name}"}) as response:
+            assert response.status_code == 200
+            assert response.read().endswith(b"data: [DONE]\n\n")
     chats = fake_llm.calls("/v1/chat/completions")
-    assert [body["messages"] for (_, _, _, body) in chats] == [small["messages"], large["messages"]]
-    assert [headers["x-request-id"] for (_, _, headers, _) in chats] == ["up-small", "up-large"]
+    assert [body for (_, _, _, body) in chats] == [
+        small, large,
+        {**small, "stream": True, "stream_options": {"include_usage": True}},
+        {**large, "stream": True, "stream_options": {"include_usage": True}}]
+    assert [headers["x-request-id"] for (_, _, headers, _) in chats] == ["up-small", "up-large", "up-small-stream", "up-large-stream"]
     for _, _, headers, _ in chats:
         assert headers["authorization"] == "Bearer upstream-key-1"
         assert headers["host"] == f"127.0.0.1:{fake_llm.port}"

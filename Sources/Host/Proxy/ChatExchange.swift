@@ -64,7 +64,11 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var includeUsage = false
     private var cacheKey: String?
 
+    /// The upstream request's body: the client's bytes as they came, or a rebuilt body.
     private var upstreamRequest: ByteBuffer?
+    /// Members to splice into `upstreamRequest` right after its opening brace (at `offset` into
+    /// its readable bytes), written as the request is serialized: no spliced copy is made.
+    private var upstreamSplice: (members: String, offset: Int)?
     private var connection: UpstreamConnection?
     private var retried = false
     private var upstreamStarted: ContinuousClock.Instant
@@ -75,6 +79,12 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var completionTokens = 0
     /// The status the client was (or is being) sent.
     private var status = 0
+    /// A stream's response head waits for its first events and goes out in their buffer: one
+    /// allocation and one write fewer per stream than a head of its own (which was not flushed
+    /// ahead of those events either).
+    private var streamHeadPending = false
+    /// The length of the response head at the start of the stream buffer being filled (0: none).
+    private var streamHeadLength = 0
     /// When the upstream wait ends (checked by the loop's sweep; nil when not waiting).
     private(set) var deadline: NIODeadline?
     /// This exchange's place in the loop's list of deadlines.
@@ -132,7 +142,10 @@ final class ChatExchange: UpstreamResponseDelegate {
             if let scan = body.withUnsafeReadableBytes(ChatRequestScan.scan), scan.stream || passThrough.cache == nil {
                 stream = scan.stream
                 includeUsage = scan.includeUsage
-                upstreamRequest = Self.splice(scan.upstreamPrefix, into: body)
+                upstreamRequest = body
+                if let members = scan.upstreamPrefix, let brace = body.readableBytesView.firstIndex(of: UInt8(ascii: "{")) {
+                    upstreamSplice = (members, brace - body.readerIndex + 1)
+                }
             } else {
                 let request = try ChatRequest.parse(body)
                 stream = request.stream
@@ -178,10 +191,17 @@ final class ChatExchange: UpstreamResponseDelegate {
             }
             self.connection = connection
             let body = upstreamRequest ?? ByteBuffer()
-            if body.readableBytes <= Self.bodyCopiedBehindHead {
-                connection.send(serializedUpstreamHead(bodyLength: body.readableBytes, appending: body), to: self)
+            let length = body.readableBytes + (upstreamSplice?.members.utf8.count ?? 0)
+            if length <= Self.bodyCopiedBehindHead {
+                var request = serializedUpstreamHead(bodyLength: length, roomForBody: length)
+                writeUpstreamBody(body, to: &request)
+                connection.send(request, to: self)
+            } else if upstreamSplice != nil {
+                var spliced = ByteBufferAllocator().buffer(capacity: length)
+                writeUpstreamBody(body, to: &spliced)
+                connection.send(serializedUpstreamHead(bodyLength: length), then: spliced, to: self)
             } else {
-                connection.send(serializedUpstreamHead(bodyLength: body.readableBytes), then: body, to: self)
+                connection.send(serializedUpstreamHead(bodyLength: length), then: body, to: self)
             }
         case .failure(let failure):
             guard phase == .waiting else { return }
@@ -189,32 +209,34 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    /// The client's JSON object with `prefix` (members and a trailing comma) after its brace.
-    private static func splice(_ prefix: String?, into body: ByteBuffer) -> ByteBuffer {
-        guard let prefix, let brace = body.readableBytesView.firstIndex(of: UInt8(ascii: "{")) else { return body }
-        var spliced = ByteBufferAllocator().buffer(capacity: body.readableBytes + prefix.utf8.count)
-        var rest = body
-        var head = rest.readSlice(length: brace - body.readerIndex + 1)!
-        spliced.writeBuffer(&head)
-        spliced.writeString(prefix)
-        spliced.writeBuffer(&rest)
-        return spliced
+    /// Writes the upstream body to `buffer`: `body`, with `upstreamSplice`'s members (and their
+    /// trailing comma) after its opening brace.
+    private func writeUpstreamBody(_ body: ByteBuffer, to buffer: inout ByteBuffer) {
+        guard let (members, offset) = upstreamSplice else {
+            buffer.writeImmutableBuffer(body)
+            return
+        }
+        body.withUnsafeReadableBytes { bytes in
+            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[..<offset]))
+            buffer.writeString(members)
+            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[offset...]))
+        }
     }
 
     /// The upstream request head as bytes: `ChatPassThrough.upstreamHeadPrefix` (request line and
-    /// fixed fields), the length and the request id; then `body`, if given. Every value is
-    /// header-safe: the id passed `RequestIDMiddleware.isAcceptable` or was generated, and the
-    /// prefix was checked when the pass-through was set up.
-    private func serializedUpstreamHead(bodyLength: Int, appending body: ByteBuffer? = nil) -> ByteBuffer {
+    /// fixed fields), the length and the request id, in a buffer with room for `roomForBody`
+    /// bytes more (a body written behind it). Every value is header-safe: the id passed
+    /// `RequestIDMiddleware.isAcceptable` or was generated, and the prefix was checked when the
+    /// pass-through was set up.
+    private func serializedUpstreamHead(bodyLength: Int, roomForBody: Int = 0) -> ByteBuffer {
         let prefix = passThrough.upstreamHeadPrefix
-        var request = ByteBufferAllocator().buffer(capacity: prefix.count + 48 + requestID.utf8.count + (body?.readableBytes ?? 0))
+        var request = ByteBufferAllocator().buffer(capacity: prefix.count + 48 + requestID.utf8.count + roomForBody)
         request.writeBytes(prefix)
         request.writeStaticString("Content-Length: ")
         request.writeString(String(bodyLength))
         request.writeStaticString("\r\nX-Request-ID: ")
         request.writeString(requestID)
         request.writeStaticString("\r\n\r\n")
-        if let body { request.writeImmutableBuffer(body) }
         return request
     }
 
@@ -276,11 +298,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         if stream, head.status == .ok {
             phase = .streaming
             status = 200
-            var head = responseHead(.ok, contentType: "text/event-stream", cache: "BYPASS")
-            head.add("Cache-Control", "no-cache")
-            // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
-            if chunked { head.add("Transfer-Encoding", "chunked") }
-            handler?.send(head.finish(), flushingWith: nil)
+            streamHeadPending = true
             logAccess()
         } else {
             phase = .collecting
@@ -388,7 +406,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             input = partialLine
             partialLine = ByteBuffer()
         }
-        var output = ChunkedBody.makeBuffer(capacity: input.readableBytes + 64)
+        var output = makeStreamBuffer(capacity: input.readableBytes + 64)
         var finished = false
         var streamError: OpenAIError?
         let consumed = input.withUnsafeReadableBytes { bytes -> Int in
@@ -448,8 +466,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         if input.readableBytes > 0 { partialLine = input }
         if output.readableBytes > 0 {
-            if chunked { ChunkedBody.frame(&output) }
-            handler?.send(output, flushingWith: pool.flusher)
+            sendStream(&output, ending: false)
+        } else if streamHeadLength > 0 {
+            // No whole event yet (part of a line): the head waits for the first one.
+            streamHeadLength = 0
+            streamHeadPending = true
         }
         if handler?.isWritable == false { connection?.handler.holdReads(true) }
     }
@@ -476,9 +497,39 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
+    /// A buffer for the stream's next write, its readable bytes starting after room for the
+    /// chunk's size line. The first begins with the response head (see `streamHeadPending`).
+    private func makeStreamBuffer(capacity: Int) -> ByteBuffer {
+        guard streamHeadPending else { return ChunkedBody.makeBuffer(capacity: capacity) }
+        streamHeadPending = false
+        var head = responseHead(
+            .ok, contentType: "text/event-stream", cache: "BYPASS", capacity: ResponseHead.typicalCapacity + ChunkedBody.capacity(for: capacity))
+        head.add("Cache-Control", "no-cache")
+        // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
+        if chunked { head.add("Transfer-Encoding", "chunked") }
+        var buffer = head.finish()
+        streamHeadLength = buffer.readableBytes
+        ChunkedBody.reserveHeadroom(in: &buffer)
+        return buffer
+    }
+
+    /// Writes a buffer from `makeStreamBuffer`: its events as one chunk (HTTP/1.1; followed by
+    /// the last chunk when `ending`), behind the response head if the buffer begins with it.
+    private func sendStream(_ output: inout ByteBuffer, ending: Bool) {
+        if chunked {
+            ChunkedBody.frame(&output)
+            if ending { output.writeStaticString(ChunkedBody.lastChunk) }
+        }
+        if streamHeadLength > 0 {
+            ChunkedBody.joinHead(length: streamHeadLength, to: &output)
+            streamHeadLength = 0
+        }
+        handler?.send(output, flushingWith: pool.flusher)
+    }
+
     /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`, in one write.
     private func endStream(error: OpenAIError?) {
-        var output = ChunkedBody.makeBuffer(capacity: 256)
+        var output = makeStreamBuffer(capacity: 256)
         endStream(error: error, appendingTo: &output)
     }
 
@@ -498,11 +549,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
         }
         output.writeStaticString("data: [DONE]\n\n")
-        if chunked {
-            ChunkedBody.frame(&output)
-            output.writeStaticString(ChunkedBody.lastChunk)
-        }
-        handler?.send(output, flushingWith: pool.flusher)
+        sendStream(&output, ending: true)
         finish(draining: connection != nil)
     }
 

@@ -51,10 +51,34 @@ enum ChunkedBody {
 
     /// An empty chunk buffer whose readable bytes start after the headroom.
     static func makeBuffer(capacity: Int) -> ByteBuffer {
-        var buffer = ByteBufferAllocator().buffer(capacity: headroom + capacity + 2 + lastChunk.utf8CodeUnitCount)
-        buffer.moveWriterIndex(forwardBy: headroom)
-        buffer.moveReaderIndex(forwardBy: headroom)
+        var buffer = ByteBufferAllocator().buffer(capacity: Self.capacity(for: capacity))
+        reserveHeadroom(in: &buffer)
         return buffer
+    }
+
+    /// The room a chunk of `content` bytes takes: headroom, content, its CRLF and a last chunk.
+    static func capacity(for content: Int) -> Int {
+        headroom + content + 2 + lastChunk.utf8CodeUnitCount
+    }
+
+    /// Leaves the headroom behind what `buffer` holds (nothing, or a response head to be joined
+    /// to the chunk by `joinHead`): its readable bytes then start after it, empty.
+    static func reserveHeadroom(in buffer: inout ByteBuffer) {
+        buffer.moveWriterIndex(forwardBy: headroom)
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+    }
+
+    /// Moves the `length` bytes at the start of a buffer from `reserveHeadroom` (a response head)
+    /// up against its readable bytes (a framed chunk, or the unframed events of an HTTP/1.0
+    /// stream), which then begin with them: head and events go out as one buffer.
+    static func joinHead(length: Int, to buffer: inout ByteBuffer) {
+        let start = buffer.readerIndex - length
+        precondition(start >= 0, "no head of that length in front of the chunk")
+        buffer.withVeryUnsafeMutableBytes { storage in
+            // The ranges may overlap (a head longer than the gap): copyMemory moves like memmove.
+            (storage.baseAddress! + start).copyMemory(from: storage.baseAddress!, byteCount: length)
+        }
+        buffer.moveReaderIndex(to: start)
     }
 
     /// Frames the readable bytes of a buffer from `makeBuffer` as one chunk (an empty one is
