@@ -263,6 +263,20 @@ def test_an_error_event_after_chunks_in_the_same_read_ends_the_stream(start, plu
         assert events[3:] == ["[DONE]"]
 
 
+@pytest.mark.parametrize("body", [b"", b": only a comment\n\n", b"data: a partial li"], ids=["empty", "comment", "partial"])
+def test_a_stream_without_events_still_gets_its_head_and_done(start, plugins_dir, body):
+    # The head waits for the first events to share their buffer; with none (an empty body, a
+    # comment, an unfinished line), it must still go out, whole, in front of [DONE].
+    _CannedEvents.body = body
+    with raw_upstream(start, plugins_dir, _CannedEvents) as server:
+        response = server.client.post("/v1/chat/completions", json={**BODY, "stream": True}, headers={"x-request-id": "no-events"})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["x-request-id"] == "no-events"
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.text == "data: [DONE]\n\n"
+
+
 class _Received:
     """Bytes already read from a socket, for http.client to parse response by response."""
 
