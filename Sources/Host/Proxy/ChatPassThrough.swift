@@ -306,12 +306,11 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
     /// Writes an exchange's serialized answer bytes (then `more`), flushed by `flusher` with the
-    /// loop's other answers at the end of its round; with no flusher they stay unflushed (a
-    /// stream's head, which its first events follow).
-    func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flushingWith flusher: RoundFlusher?) {
+    /// loop's other answers at the end of its round.
+    func send(_ bytes: ByteBuffer, then more: ByteBuffer? = nil, flushingWith flusher: RoundFlusher) {
         guard let rawWriter else { return }
         rawWriter.write(bytes, then: more)
-        flusher?.flushAtEndOfRound(rawWriter)
+        flusher.flushAtEndOfRound(rawWriter)
     }
 
     /// The exchange's response has ended: go on with the connection's next request, or close.
