@@ -29,10 +29,18 @@ import Testing
         var buffer = ByteBufferAllocator().buffer(capacity: headText.utf8.count + ChunkedBody.capacity(for: 9))
         buffer.writeString(headText)
         ChunkedBody.reserveHeadroom(in: &buffer)
+        #expect(ChunkedBody.holdsHead(buffer))
         buffer.writeString("data: x\n\n")
-        if framed { ChunkedBody.frame(&buffer) }
-        ChunkedBody.joinHead(length: headText.utf8.count, to: &buffer)
+        ChunkedBody.seal(&buffer, framed: framed, last: false)
         #expect(String(buffer: buffer) == headText + (framed ? "9\r\ndata: x\n\n\r\n" : "data: x\n\n"))
+    }
+
+    @Test func aPlainChunkHoldsNoHeadAndSealsWithTheLastChunk() {
+        var chunk = ChunkedBody.makeBuffer(capacity: 9)
+        #expect(!ChunkedBody.holdsHead(chunk))
+        chunk.writeString("data: x\n\n")
+        ChunkedBody.seal(&chunk, framed: true, last: true)
+        #expect(String(buffer: chunk) == "9\r\ndata: x\n\n\r\n0\r\n\r\n")
     }
 
     @Test func responseHeadsAreSerializedInOrder() {

@@ -83,8 +83,6 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// allocation and one write fewer per stream than a head of its own (which was not flushed
     /// ahead of those events either).
     private var streamHeadPending = false
-    /// The length of the response head at the start of the stream buffer being filled (0: none).
-    private var streamHeadLength = 0
     /// When the upstream wait ends (checked by the loop's sweep; nil when not waiting).
     private(set) var deadline: NIODeadline?
     /// This exchange's place in the loop's list of deadlines.
@@ -467,9 +465,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         if input.readableBytes > 0 { partialLine = input }
         if output.readableBytes > 0 {
             sendStream(&output, ending: false)
-        } else if streamHeadLength > 0 {
+        } else if ChunkedBody.holdsHead(output) {
             // No whole event yet (part of a line): the head waits for the first one.
-            streamHeadLength = 0
             streamHeadPending = true
         }
         if handler?.isWritable == false { connection?.handler.holdReads(true) }
@@ -508,7 +505,6 @@ final class ChatExchange: UpstreamResponseDelegate {
         // HTTP/1.0 streams end by closing; 1.1 ones are chunked (as NIO's encoder frames them).
         if chunked { head.add("Transfer-Encoding", "chunked") }
         var buffer = head.finish()
-        streamHeadLength = buffer.readableBytes
         ChunkedBody.reserveHeadroom(in: &buffer)
         return buffer
     }
@@ -516,14 +512,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Writes a buffer from `makeStreamBuffer`: its events as one chunk (HTTP/1.1; followed by
     /// the last chunk when `ending`), behind the response head if the buffer begins with it.
     private func sendStream(_ output: inout ByteBuffer, ending: Bool) {
-        if chunked {
-            ChunkedBody.frame(&output)
-            if ending { output.writeStaticString(ChunkedBody.lastChunk) }
-        }
-        if streamHeadLength > 0 {
-            ChunkedBody.joinHead(length: streamHeadLength, to: &output)
-            streamHeadLength = 0
-        }
+        ChunkedBody.seal(&output, framed: chunked, last: ending)
         handler?.send(output, flushingWith: pool.flusher)
     }
 

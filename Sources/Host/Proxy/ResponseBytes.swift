@@ -61,17 +61,34 @@ enum ChunkedBody {
         headroom + content + 2 + lastChunk.utf8CodeUnitCount
     }
 
-    /// Leaves the headroom behind what `buffer` holds (nothing, or a response head to be joined
-    /// to the chunk by `joinHead`): its readable bytes then start after it, empty.
+    /// Leaves the headroom behind what `buffer` holds (nothing, or a response head that `seal`
+    /// joins to the chunk): its readable bytes then start after it, empty.
     static func reserveHeadroom(in buffer: inout ByteBuffer) {
         buffer.moveWriterIndex(forwardBy: headroom)
         buffer.moveReaderIndex(to: buffer.writerIndex)
     }
 
-    /// Moves the `length` bytes at the start of a buffer from `reserveHeadroom` (a response head)
-    /// up against its readable bytes (a framed chunk, or the unframed events of an HTTP/1.0
-    /// stream), which then begin with them: head and events go out as one buffer.
-    static func joinHead(length: Int, to buffer: inout ByteBuffer) {
+    /// Whether a chunk buffer begins with a response head: one from `makeBuffer` has nothing
+    /// before its headroom.
+    static func holdsHead(_ buffer: ByteBuffer) -> Bool {
+        buffer.readerIndex > headroom
+    }
+
+    /// Readies a chunk buffer for the wire: its readable bytes framed as one chunk when `framed`
+    /// (HTTP/1.1; then the last chunk when `last`), behind the response head it may begin with.
+    static func seal(_ buffer: inout ByteBuffer, framed: Bool, last: Bool) {
+        let headLength = buffer.readerIndex - headroom
+        if framed {
+            frame(&buffer)
+            if last { buffer.writeStaticString(lastChunk) }
+        }
+        if headLength > 0 { joinHead(length: headLength, to: &buffer) }
+    }
+
+    /// Moves the `length` bytes at the start of the buffer (a response head) up against its
+    /// readable bytes (a framed chunk, or the unframed events of an HTTP/1.0 stream), which then
+    /// begin with them: head and events go out as one buffer.
+    private static func joinHead(length: Int, to buffer: inout ByteBuffer) {
         let start = buffer.readerIndex - length
         precondition(start >= 0, "no head of that length in front of the chunk")
         buffer.withVeryUnsafeMutableBytes { storage in
