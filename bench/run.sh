@@ -5,7 +5,10 @@
 # Usage: bench/run.sh [SECONDS]   (per target and point, default 12; needs a release build: make bench does it)
 #   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number;
 #   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds;
-#   NOISY_SPREAD=1.5 (default): a point whose direct rounds differ by more than this factor is flagged.
+#   NOISY_SPREAD=1.5 (default): a point whose direct rounds differ by more than this factor is flagged;
+#   BENCH_LAYOUT=free (default; the kernel places every process), one-cpu (all on CPU 0) or split
+#   (the proxies on CPU 0, wrk and the upstream on CPU 1): fixed layouts take the scheduler's
+#   placement out of the comparison, which decides the c=1 figures (docs/PERFORMANCE.md, eighth round).
 # Also prints each target's CPU time per request (user+system µs): for the upstream when
 # measured directly, for nginx's workers, for Gatehouse.
 set -euo pipefail
@@ -18,6 +21,13 @@ UPSTREAM_JSON_PORT=19101
 UPSTREAM_SSE_PORT=19102
 NGINX_PORT=19103
 GATEHOUSE_PORT=19104
+LAYOUT=${BENCH_LAYOUT:-free}
+case $LAYOUT in
+    free) PROXY_CPUS="" PEER_CPUS="" ;;
+    one-cpu) PROXY_CPUS=0 PEER_CPUS=0 ;;
+    split) PROXY_CPUS=0 PEER_CPUS=1 ;;
+    *) echo "bench: BENCH_LAYOUT must be free, one-cpu or split, not '$LAYOUT'"; exit 1 ;;
+esac
 [[ -x $GATEHOUSE ]] || { echo "bench: $GATEHOUSE missing; run make bench (builds release)"; exit 1; }
 command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
 
@@ -31,6 +41,14 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# Pins every thread of the given processes to the CPUs in $1 (nothing in the free layout).
+pin() {
+    local cpus=$1 pid
+    shift
+    [[ -n $cpus ]] || return 0
+    for pid in "$@"; do taskset -a -p -c "$cpus" "$pid" >/dev/null; done
+}
 
 COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}'
 SSE=""
@@ -103,7 +121,13 @@ start_gatehouse() {  # $1 = upstream port
     GATEHOUSE_BACKEND=openai OLLAMA_HOST="http://127.0.0.1:$1" RATE_LIMIT_RPS=0 GATEHOUSE_CACHE_ENABLED=false \
         "$GATEHOUSE" serve --port "$GATEHOUSE_PORT" --plugins-dir "$WORK" --config "$WORK/empty.yaml" >>"$WORK/gatehouse.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health" >/dev/null && return; sleep 0.1; done
+    for _ in $(seq 1 100); do
+        if curl -sf "http://127.0.0.1:$GATEHOUSE_PORT/health" >/dev/null; then
+            pin "$PROXY_CPUS" "${pids[-1]}"
+            return
+        fi
+        sleep 0.1
+    done
     echo "bench: gatehouse did not start"; cat "$WORK/gatehouse.log"; exit 1
 }
 
@@ -126,7 +150,7 @@ run() {
     shift 3
     local before after result
     before=$(cpu_ticks "$@")
-    result=$(wrk -t "$threads" -c "$conc" -d "${seconds}s" --latency -s "$WORK/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
+    result=$(${PEER_CPUS:+taskset -c "$PEER_CPUS"} wrk -t "$threads" -c "$conc" -d "${seconds}s" --latency -s "$WORK/post.lua" "$url" | awk '/^RESULT/ {print $2, $3, $4, $5, $6}')
     after=$(cpu_ticks "$@")
     awk -v r="$result" -v b="$before" -v a="$after" 'BEGIN {
         split(r, f, " "); split(b, x, " "); split(a, y, " ")
@@ -148,6 +172,10 @@ summarize() {
 # The proxy's own processes, whose CPU per request is reported: nginx's workers, Gatehouse.
 nginx_workers=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
 upstream_workers=$(pgrep -P "$(cat "$WORK/upstream.pid")" | tr '\n' ' ')
+# shellcheck disable=SC2086 # the pid lists are words
+pin "$PROXY_CPUS" $nginx_workers
+# shellcheck disable=SC2086
+pin "$PEER_CPUS" $upstream_workers
 
 # Each point is measured in ROUNDS rounds of direct, nginx and Gatehouse (the proxies taking turns
 # to go first), each run DURATION/ROUNDS seconds: on a shared machine whose speed drifts from one
@@ -156,8 +184,8 @@ upstream_workers=$(pgrep -P "$(cat "$WORK/upstream.pid")" | tr '\n' ' ')
 ROUNDS=${BENCH_ROUNDS:-6}
 ROUND_SECONDS=$(( DURATION / ROUNDS > 0 ? DURATION / ROUNDS : 1 ))
 
-printf "Gatehouse benchmark: %s, %s cores, %s rounds of %s s per target and point, %s; nginx %s workers\n" \
-    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$ROUNDS" "$ROUND_SECONDS" "$(uname -m)" "$(wc -w <<<"$nginx_workers")"
+printf "Gatehouse benchmark: %s, %s cores, %s rounds of %s s per target and point, %s; nginx %s workers; layout %s\n" \
+    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$ROUNDS" "$ROUND_SECONDS" "$(uname -m)" "$(wc -w <<<"$nginx_workers")" "$LAYOUT"
 printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors "cpu µs/req u+s" "rounds req/s"
 for mode in ${BENCH_MODES:-json sse}; do
     if [[ $mode == json ]]; then
