@@ -25,7 +25,10 @@ LAYOUT=${BENCH_LAYOUT:-free}
 case $LAYOUT in
     free) PROXY_CPUS="" PEER_CPUS="" ;;
     one-cpu) PROXY_CPUS=0 PEER_CPUS=0 ;;
-    split) PROXY_CPUS=0 PEER_CPUS=1 ;;
+    split)
+        PROXY_CPUS=0 PEER_CPUS=1
+        [[ $(nproc) -ge 2 ]] || { echo "bench: BENCH_LAYOUT=split needs two CPUs; this machine has $(nproc)"; exit 1; }
+        ;;
     *) echo "bench: BENCH_LAYOUT must be free, one-cpu or split, not '$LAYOUT'"; exit 1 ;;
 esac
 [[ -x $GATEHOUSE ]] || { echo "bench: $GATEHOUSE missing; run make bench (builds release)"; exit 1; }
