@@ -181,6 +181,11 @@ import Testing
         }
     }
 
+    @Test func hexDigitsComputedMatchTheTable() {
+        #expect((0..<16).map(Hex.digit) == Hex.digits)
+        #expect(String(decoding: (0..<16).map(Hex.digit), as: UTF8.self) == "0123456789abcdef")
+    }
+
     @Test func passThroughTargets() throws {
         let plain = try #require(UpstreamTarget(url: "http://127.0.0.1:8000/"))
         #expect(plain.host == "127.0.0.1" && plain.port == 8000 && plain.pathPrefix == "" && plain.authority == "127.0.0.1:8000")

@@ -91,6 +91,14 @@ enum Hex {
     /// The sixteen digits as ASCII bytes.
     static let digits = Array("0123456789abcdef".utf8)
 
+    /// The lower-case digit for `value` (0-15) as an ASCII byte, computed: the per-request paths
+    /// call this in loops, where each read of `digits` would check the global's lazy
+    /// initialization.
+    @inline(__always)
+    static func digit(_ value: Int) -> UInt8 {
+        UInt8(truncatingIfNeeded: value < 10 ? 0x30 + value : 0x57 + value)
+    }
+
     static func string(_ bytes: some Sequence<UInt8>) -> String {
         var text: [UInt8] = []
         text.reserveCapacity(64)

@@ -64,7 +64,7 @@ enum RequestIDGenerator {
                 }
                 let word = nibble < 16 ? high : low
                 let shift = UInt64(60 - (nibble % 16) * 4)
-                text[position] = Hex.digits[Int((word >> shift) & 0xF)]
+                text[position] = Hex.digit(Int((word >> shift) & 0xF))
                 position += 1
             }
             return position

@@ -110,7 +110,7 @@ enum ChunkedBody {
         var rest = size
         repeat {
             start -= 1
-            chunk.setInteger(Hex.digits[rest & 0xf], at: start)
+            chunk.setInteger(Hex.digit(rest & 0xf), at: start)
             rest >>= 4
         } while rest > 0
         chunk.moveReaderIndex(to: start)

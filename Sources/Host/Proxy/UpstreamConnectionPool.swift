@@ -73,11 +73,13 @@ final class UpstreamConnectionPool {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // Requests go out as bytes ChatExchange has serialized (PreEncodedRequestWriter);
-                    // responses are parsed by NIO's decoder.
+                    // responses are parsed by NIO's decoder, which the connection handler keeps
+                    // to tell it of each request.
                     let pipeline = channel.pipeline.syncOperations
+                    let decoder = HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes)
                     try pipeline.addHandler(PreEncodedRequestWriter())
-                    try pipeline.addHandler(ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes)))
-                    try pipeline.addHandler(UpstreamConnectionHandler())
+                    try pipeline.addHandler(ByteToMessageHandler(decoder))
+                    try pipeline.addHandler(UpstreamConnectionHandler(responseDecoder: decoder))
                 }
             }
             .connect(host: target.host, port: target.port)
@@ -181,8 +183,14 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     /// The socket end of the pipeline, where the request bytes are written (past the decoder).
     private var writer: PreEncodedRequestWriter?
+    /// NIO's response decoder in this pipeline, told of every request (see `send`).
+    private let responseDecoder: HTTPResponseDecoder
     private var readsHeld = false
     private var readPending = false
+
+    init(responseDecoder: HTTPResponseDecoder) {
+        self.responseDecoder = responseDecoder
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -193,8 +201,8 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
         self.context = nil
     }
 
-    /// Every request the pass-through sends is a POST: the head NIO's response decoder is shown
-    /// so that it pairs each response with a request that has a body (see PreEncodedRequestWriter).
+    /// Every request the pass-through sends is a POST: the head NIO's response decoder is told
+    /// of, so that it pairs each response with a request whose response has a body.
     private static let observedHead = HTTPRequestHead(version: .http1_1, method: .POST, uri: ChatPassThrough.path)
 
     func send(_ request: ByteBuffer, then body: ByteBuffer?, flushingWith flusher: RoundFlusher) {
@@ -204,8 +212,10 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
             delegate?.upstreamFailed(.closed)
             return
         }
-        // The head goes through the decoder, which notes it; the bytes go in below it.
-        context.write(wrapOutboundOut(.head(Self.observedHead)), promise: nil)
+        // The decoder is told of the request directly, as its handler would be by a write passing
+        // through it (which would box the head and unbox it twice per request); the bytes go in
+        // below it.
+        responseDecoder.write(data: .head(Self.observedHead))
         writer.write(request, then: body)
         flusher.flushAtEndOfRound(writer)
     }
@@ -259,10 +269,10 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
 /// The socket end of an upstream connection's pipeline, in place of NIO's request encoder: the
 /// pass-through serializes its requests itself (a fixed head and the body, one buffer), which
 /// spares building `HTTPHeaders` and encoding and validating them again for every request. NIO's
-/// response decoder sits between this and the connection handler and must still see each
-/// request's head to know how its response is framed, so the connection handler writes a shared
-/// POST head first; it stops here. The request's bytes are written here directly (`write(_:then:)`),
-/// or arrive as body parts, and go out unchanged.
+/// response decoder sits between this and the connection handler and must still know each
+/// request's method to know how its response is framed; the connection handler tells it
+/// directly. The request's bytes are written here directly (`write(_:then:)`), or arrive as body
+/// parts, and go out unchanged; a head or end written through the pipeline stops here.
 final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHandler, RoundFlushable {
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = IOData
