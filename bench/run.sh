@@ -229,7 +229,7 @@ for mode in ${BENCH_MODES:-json sse}; do
         # more than NOISY_SPREAD times, the machine's speed moved during the point: say so.
         awk -v g="$g_rps" -v n="$n_rps" -v gp="$g_p50" -v np="$n_p50" -v d="$d_p50" -v m="$mode" -v c="$conc" -v sp="$spread" \
             -v lo="$d_lo" -v hi="$d_hi" -v limit="${NOISY_SPREAD:-1.5}" 'BEGIN {
-            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.2f (rounds %s); added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms",
+            printf "%-7s %-4s ratio      gatehouse/nginx req/s = %.3f (rounds %s); added p50 vs direct: nginx %.3f ms, gatehouse %.3f ms",
                 m, c, g / n, sp, np - d, gp - d
             if (lo > 0 && hi / lo > limit) printf "; NOISY: the direct rounds spread %.1fx", hi / lo
             printf "\n" }'
