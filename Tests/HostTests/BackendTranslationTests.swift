@@ -26,10 +26,37 @@ import Testing
         #expect(base.cacheKey(backend: "ollama") != warmer.cacheKey(backend: "ollama"))
         #expect(base.cacheKey(backend: "ollama") != base.cacheKey(backend: "openai"))
     }
+
+    @Test func cacheKeySpellsEachNumberOnce() throws {
+        func key(_ seed: String) throws -> String {
+            try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":\#(seed)}"#).cacheKey(backend: "openai")
+        }
+        #expect(try key("1") == key("1.0"))
+        #expect(try key("1") != key("1.5"))
+        // Integers Double cannot tell apart (above 2^53) are still different seeds.
+        #expect(try key("9007199254740993") != key("9007199254740992"))
+        #expect(try key("-9007199254740993") != key("-9007199254740992"))
+    }
 }
 
 @Suite struct OllamaTranslationTests {
     func object(_ data: Data) throws -> [String: Any] { try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any]) }
+
+    @Test func toolChoiceDecidesWhichToolsOllamaIsOffered() throws {
+        let tools = #"[{"type":"function","function":{"name":"get_time"}},{"type":"function","function":{"name":"get_weather"}}]"#
+        func offered(_ choice: String?) throws -> [String]? {
+            let member = choice.map { #","tool_choice":\#($0)"# } ?? ""
+            let request = try ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":\#(tools)\#(member)}"#))
+            let body = try object(OllamaBackend.translate(request, stream: false))
+            return (body["tools"] as? [[String: Any]])?.compactMap { ($0["function"] as? [String: Any])?["name"] as? String }
+        }
+        #expect(try offered(nil) == ["get_time", "get_weather"])
+        #expect(try offered(#""auto""#) == ["get_time", "get_weather"])
+        #expect(try offered(#""required""#) == ["get_time", "get_weather"])
+        #expect(try offered(#""none""#) == nil)
+        #expect(try offered(#"{"type":"function","function":{"name":"get_weather"}}"#) == ["get_weather"])
+        #expect(try offered(#"{"type":"function","function":{"name":"unknown"}}"#) == ["get_time", "get_weather"])
+    }
 
     @Test func mapsSamplingParametersIntoOptions() throws {
         let request = try ChatRequest.parse(ByteBuffer(string: """

@@ -92,6 +92,40 @@ import Testing
         #expect(parseDuration("soon") == nil)
         #expect(parseDuration("5x") == nil)
         #expect(parseDuration("-1") == nil)
+        // Values that Double() takes but no timeout can hold: they must fail start-up, not trap later.
+        for text in ["inf", "infinity", "nan", "1e30", "0x10", "1e10", "10000000000", "400d", "9000h", "1e3s", ""] {
+            #expect(parseDuration(text) == nil, "\(text)")
+        }
+        #expect(parseDuration("8760h") == maxDurationSeconds)
+        #expect(parseDuration("8761h") == nil)
+    }
+
+    @Test func nonFiniteOrHugeNumbersFailStartUpNamingTheKey() {
+        var config = GatehouseConfig()
+        let problems = config.apply(environment: ["TIMEOUT": "inf", "SHUTDOWN_TIMEOUT": "1e10", "RATE_LIMIT_RPS": "inf"]).map(\.description)
+        #expect(problems.contains { $0.hasPrefix("environment: key 'TIMEOUT': must be a duration") && $0.contains("at most 365 days") })
+        #expect(problems.contains { $0.hasPrefix("environment: key 'SHUTDOWN_TIMEOUT': must be a duration") })
+        #expect(problems.contains { $0.hasPrefix("environment: key 'RATE_LIMIT_RPS': must be a number") })
+        var fromYAML = GatehouseConfig()
+        let yamlProblems = fromYAML.apply(yaml: "upstream: {timeout: .inf}\nrate_limit: {requests_per_second: .inf}\n", file: "g.yaml").map(\.description)
+        #expect(yamlProblems.count == 2, "\(yamlProblems)")
+        #expect(yamlProblems.contains { $0.contains("upstream.timeout") && $0.contains("must be a duration") })
+        #expect(yamlProblems.contains { $0.contains("rate_limit.requests_per_second") && $0.contains("must be a number") })
+    }
+
+    @Test func ollamaHostWithoutSchemeOrPortMeansOllamasDefaultPort() {
+        // Ollama's own reading of OLLAMA_HOST: a bare host gets 11434; an explicit scheme keeps
+        // the scheme's port, as in any URL.
+        let cases = [
+            "10.1.2.3": "http://10.1.2.3:11434", "localhost:8080": "http://localhost:8080",
+            "[::1]": "http://[::1]:11434", "[::1]:9000": "http://[::1]:9000",
+            "http://ollama.internal": "http://ollama.internal", "https://api.example.com/v1": "https://api.example.com/v1",
+        ]
+        for (value, expected) in cases {
+            var config = GatehouseConfig()
+            #expect(config.apply(environment: ["OLLAMA_HOST": value]).isEmpty)
+            #expect(config.upstream.url == expected, "\(value)")
+        }
     }
 
     @Test func redactsSecrets() {

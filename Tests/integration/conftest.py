@@ -1,6 +1,7 @@
 """Integration-test harness: starts the real gatehouse binary against real plugin libraries."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,3 +182,17 @@ def gateway(start, plugins_dir, fake_llm):
         return start(plugins_dir, config=config, env=env, extra_args=extra_args)
 
     return _gateway
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """The value of the sample `name{labels}` in Prometheus text; KeyError if absent."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$', line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(3) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(4))
+    raise KeyError(f"{name}{labels} not in /metrics")

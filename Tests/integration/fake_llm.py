@@ -10,6 +10,15 @@ Special model names change behaviour:
   broken        500 with an error body
   tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
   split         (OpenAI SSE) send every event in 5-byte pieces, each its own HTTP chunk
+  truncated     (streams) end the HTTP body cleanly but early: Ollama without its "done": true
+                line, OpenAI without `data: [DONE]`
+  silent        (streams) a 200 stream whose body ends without a single event
+  plain-json    (OpenAI) ignore "stream": true and answer one application/json completion
+  invalid       500 the way llama-cpp-python reports a request validation error
+  denied        401: the upstream refuses the gateway's credentials
+  busy          429: the upstream is rate limiting
+  garbage       200 with a body that is not JSON
+  crash         (streams) two tokens, then the backend's own mid-stream error
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
@@ -136,6 +145,27 @@ class FakeLLM:
                     return self._send(404, {"error": f'model "{model}" not found, try pulling it first'})
                 if model == "broken":
                     return self._send(500, {"error": "llama runner process has terminated"})
+                if model == "invalid":
+                    # llama-cpp-python's route handler turns every exception, pydantic's too, into a 500.
+                    message = ("[{'type': 'less_than_equal', 'loc': ('body', 'top_p'), 'msg': 'Input should be less than "
+                               "or equal to 1', 'input': 7, 'ctx': {'le': 1.0}}]")
+                    return self._send(500, {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})
+                if model == "denied":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                if model == "busy":
+                    return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}})
+                if model == "garbage":
+                    data = b"<html>upstream proxy error</html>"
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                if model == "silent" and body.get("stream", self.path == "/api/chat"):
+                    self._start_chunked("application/x-ndjson" if self.path == "/api/chat" else "text/event-stream")
+                    return self._end_chunked()
+                if model == "plain-json" and self.path == "/v1/chat/completions":
+                    body = {**body, "stream": False}
                 if self.path == "/api/chat":
                     return self._ollama_chat(body)
                 if self.path == "/v1/chat/completions":
@@ -180,6 +210,9 @@ class FakeLLM:
                     if model == "stall" and index == 2:
                         time.sleep(30)
                         return
+                    if model == "crash" and index == 2:
+                        self._chunk(json.dumps({"error": "model runner crashed"}).encode() + b"\n")
+                        return self._end_chunked()
                     line = {"model": model, "created_at": "2026-11-23T10:00:00Z",
                             "message": {"role": "assistant", "content": token}, "done": False}
                     self._chunk(json.dumps(line).encode() + b"\n")
@@ -188,7 +221,8 @@ class FakeLLM:
                                             "done": False}).encode() + b"\n")
                 final = {"model": model, "created_at": "2026-11-23T10:00:01Z", "message": {"role": "assistant", "content": ""},
                          "done": True, "done_reason": done_reason, "prompt_eval_count": prompt, "eval_count": len(tokens)}
-                self._chunk(json.dumps(final).encode() + b"\n")
+                if model != "truncated":
+                    self._chunk(json.dumps(final).encode() + b"\n")
                 self._end_chunked()
 
             def _openai_chat(self, body):
@@ -223,13 +257,17 @@ class FakeLLM:
                     if model == "stall" and index == 2:
                         time.sleep(30)
                         return
+                    if model == "crash" and index == 2:
+                        event({"error": {"message": "model runner crashed", "type": "server_error"}})
+                        return self._end_chunked()
                     event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
                 if tool_calls:
                     event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{**tool_calls[0], "index": 0}]}, "finish_reason": None}]})
                 event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 if (body.get("stream_options") or {}).get("include_usage"):
                     event({**base, "choices": [], "usage": usage})
-                self._chunk(b"data: [DONE]\n\n")
+                if model != "truncated":
+                    self._chunk(b"data: [DONE]\n\n")
                 self._end_chunked()
 
         return Handler

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, free_port
+from conftest import GATEHOUSE, free_port, metric_value
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -159,12 +159,12 @@ def test_rate_limit_answers_429_with_retry_after(gateway):
     assert int(limited[0].headers["retry-after"]) >= 1
     error = limited[0].json()["error"]
     assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
-    # The openai client sends its own key, so it has its own bucket (per client key): burst, then 429.
-    client = client_for(server, api_key="client-b")
-    with pytest.raises(openai.RateLimitError) as limited_error:
-        for _ in range(5):
-            client.models.list()
-    assert limited_error.value.status_code == 429
+    # No key is configured, so a key the client sends names no one: a fresh one per request
+    # still draws on the address's (empty) bucket.
+    for attempt in range(3):
+        with pytest.raises(openai.RateLimitError) as limited_error:
+            client_for(server, api_key=f"fresh-key-{attempt}").models.list()
+        assert limited_error.value.status_code == 429
     assert server.client.get("/health/live").status_code == 200  # never limited
     assert server.client.head("/health").status_code == 200 and server.client.head("/health/live").status_code == 200
     time.sleep(2.1)
@@ -182,6 +182,21 @@ def test_rate_limit_applies_to_chat_completions(gateway, backend):
     assert responses[2].json()["error"]["request_id"] == responses[2].headers["x-request-id"]
     # Router routes and the chat route draw on the same bucket.
     assert server.client.get("/v1/models").status_code == 429
+
+
+@both_backends
+def test_failed_key_checks_cost_the_address_tokens(gateway, backend):
+    server = gateway(backend, env={"API_KEY": "right-key"}, extra_config="rate_limit: {requests_per_second: 0.5, burst: 3}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    guesses = [server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": f"guess-{n}"}) for n in range(5)]
+    assert [r.status_code for r in guesses] == [401, 401, 401, 429, 429]
+    assert guesses[3].json()["error"]["code"] == "rate_limit_exceeded" and int(guesses[3].headers["retry-after"]) >= 1
+    # The router's routes count failures in the same bucket.
+    assert server.client.get("/v1/models", headers={"x-api-key": "guess-6"}).status_code == 429
+    # The key's holders have their own bucket, untouched by the guesses from their address.
+    ok = [server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "right-key"}) for _ in range(3)]
+    assert [r.status_code for r in ok] == [200, 200, 200]
+    assert server.client.get("/v1/models", headers={"authorization": "Bearer right-key"}).status_code == 429
 
 
 @both_backends
@@ -225,6 +240,10 @@ def test_response_cache_hits_skip_the_upstream(gateway, fake_llm, backend):
         {"temperature": 0, "messages": body["messages"], "model": "m"}, indent=2), headers={"content-type": "application/json"})
     assert reordered.headers["x-cache"] == "HIT"
     assert len(fake_llm.calls(CHAT_PATH[backend])) == 3
+    # Two hits, two misses (the stream bypassed the cache), in /metrics as in X-Cache.
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_cache_hits_total") == 2
+    assert metric_value(metrics, "gatehouse_cache_misses_total") == 2
 
 
 @both_backends
@@ -289,6 +308,91 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
     # The gateway still answers after every failure above.
     assert slow.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "Echo: x"
+
+
+def stream_events(server, model, headers=None):
+    response = server.client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "a b c"}], "stream": True},
+        headers=headers or {})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+
+def streamed_text(events):
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events if json.loads(e).get("choices"))
+
+
+@both_backends
+def test_a_stream_the_upstream_ends_too_early_ends_with_an_error_event(gateway, backend):
+    server = gateway(backend)
+    # A clean HTTP ending without a single event is not an empty answer: it is an upstream failure.
+    silent = stream_events(server, "silent")
+    assert silent[-1] == "[DONE]" and len(silent) == 2
+    error = json.loads(silent[0])["error"]
+    assert error["code"] == "upstream_invalid" and error["type"] == "api_error"
+    assert error["message"] == {"ollama": 'ollama ended the stream before its final message ("done": true)',
+                                "openai": "openai upstream ended the stream without sending any event"}[backend]
+    truncated = stream_events(server, "truncated")
+    assert truncated[-1] == "[DONE]"
+    if backend == "ollama":
+        # Ollama always ends with a "done": true line: without it the answer was cut short.
+        assert streamed_text(truncated[:-2]) == "Echo: a b c"
+        assert json.loads(truncated[-2])["error"]["message"] == 'ollama ended the stream before its final message ("done": true)'
+    else:
+        # Events but no [DONE]: a lax OpenAI-compatible server's complete answer, passed on whole.
+        assert streamed_text(truncated[:-1]) == "Echo: a b c"
+        assert not any("error" in json.loads(e) for e in truncated[:-1])
+        # A server that ignores "stream": true and answers JSON: said so, not an empty success.
+        plain = stream_events(server, "plain-json")
+        assert len(plain) == 2 and plain[-1] == "[DONE]"
+        assert json.loads(plain[0])["error"]["message"] == (
+            "openai upstream answered the stream request with Content-Type application/json, not text/event-stream")
+    # The gateway goes on serving.
+    assert streamed_text(stream_events(server, "m")[:-1]) == "Echo: a b c"
+
+
+@both_backends
+def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, backend):
+    server = gateway(backend)
+
+    def chat(model, stream=False):
+        return server.client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "a b c d"}], "stream": stream})
+
+    for stream in (False, True):
+        denied = chat("denied", stream)
+        assert denied.status_code == 502 and denied.json()["error"]["code"] == "upstream_auth"
+        assert denied.json()["error"]["message"] == f"{backend} refused the gateway's credentials: Incorrect API key provided"
+        busy = chat("busy", stream)
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "upstream_rate_limited"
+        assert busy.json()["error"]["message"] == f"{backend} is rate limiting: Rate limit reached for requests"
+    garbage = chat("garbage")
+    assert garbage.status_code == 502 and garbage.json()["error"]["code"] == "upstream_invalid"
+    assert garbage.json()["error"]["message"] == {"ollama": "ollama sent a reply that is not a JSON object",
+                                                  "openai": "openai upstream sent a reply that is not a JSON object"}[backend]
+    # The backend's own error in the middle of a stream: the tokens so far, then the error event.
+    crashed = stream_events(server, "crash")
+    assert crashed[-1] == "[DONE]"
+    assert streamed_text(crashed[:-2]) == "Echo: a"
+    assert json.loads(crashed[-2])["error"]["code"] == "upstream_error"
+    assert "model runner crashed" in json.loads(crashed[-2])["error"]["message"]
+    assert chat("m").json()["choices"][0]["message"]["content"] == "Echo: a b c d"
+
+
+def test_request_validation_errors_sent_as_500_are_the_clients_400(gateway):
+    # llama-cpp-python answers request validation errors with HTTP 500; they are the client's to fix.
+    server = gateway("openai")
+    for stream in (False, True):
+        response = server.client.post(
+            "/v1/chat/completions", json={"model": "invalid", "messages": [{"role": "user", "content": "x"}], "stream": stream})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "upstream_rejected" and error["type"] == "invalid_request_error"
+        assert error["message"].startswith("openai rejected the request (it answered HTTP 500, but as a validation error): [{'type'")
+        assert "'loc': ('body', 'top_p')" in error["message"]
+    # A 500 that is not about the request stays a gateway failure.
+    broken = server.client.post("/v1/chat/completions", json={"model": "broken", "messages": [{"role": "user", "content": "x"}]})
+    assert broken.status_code == 502 and broken.json()["error"]["code"] == "upstream_error"
 
 
 @both_backends

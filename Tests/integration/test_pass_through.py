@@ -264,9 +264,10 @@ def test_an_error_event_after_chunks_in_the_same_read_ends_the_stream(start, plu
 
 
 @pytest.mark.parametrize("body", [b"", b": only a comment\n\n", b"data: a partial li"], ids=["empty", "comment", "partial"])
-def test_a_stream_without_events_still_gets_its_head_and_done(start, plugins_dir, body):
+def test_a_stream_without_events_still_gets_its_head_an_error_and_done(start, plugins_dir, body):
     # The head waits for the first events to share their buffer; with none (an empty body, a
-    # comment, an unfinished line), it must still go out, whole, in front of [DONE].
+    # comment, an unfinished line, which SSE discards), it must still go out, whole, in front of
+    # the error event saying the upstream sent nothing, and [DONE].
     _CannedEvents.body = body
     with raw_upstream(start, plugins_dir, _CannedEvents) as server:
         response = server.client.post("/v1/chat/completions", json={**BODY, "stream": True}, headers={"x-request-id": "no-events"})
@@ -274,7 +275,11 @@ def test_a_stream_without_events_still_gets_its_head_and_done(start, plugins_dir
         assert response.headers["content-type"] == "text/event-stream"
         assert response.headers["x-request-id"] == "no-events"
         assert response.headers["transfer-encoding"] == "chunked"
-        assert response.text == "data: [DONE]\n\n"
+        error, done = response.text.split("\n\n", 1)
+        assert json.loads(error.removeprefix("data: ")) == {"error": {
+            "message": "openai upstream ended the stream without sending any event", "type": "api_error",
+            "code": "upstream_invalid", "request_id": "no-events"}}
+        assert done == "data: [DONE]\n\n"
 
 
 class _Received:
@@ -380,6 +385,26 @@ def test_plugin_middleware_takes_chat_completions_to_the_router(openai_gateway, 
     assert fake_llm.calls("/v1/chat/completions") == []
     allowed = server.client.post("/v1/chat/completions", json=BODY, headers={"x-team": "blue"})
     assert allowed.status_code == 200 and allowed.json()["choices"][0]["message"]["content"] == "Echo: hello"
+
+
+def test_the_routers_openai_streams_judge_their_endings_as_the_pass_through_does(openai_gateway, plugins_dir, fake_llm):
+    # With the services test plugin's middleware, chat completions go through the router's
+    # OpenAI backend (AsyncHTTPClient), whose stream reader must end streams as the pass-through does.
+    plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
+    server = openai_gateway()
+
+    def events(model):
+        response = server.client.post("/v1/chat/completions", json={**BODY, "model": model, "stream": True}, headers={"x-team": "blue"})
+        assert response.status_code == 200, response.text
+        return [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+    silent = events("silent")
+    assert len(silent) == 2 and silent[-1] == "[DONE]"
+    assert json.loads(silent[0])["error"]["message"] == "openai upstream ended the stream without sending any event"
+    truncated = events("truncated")  # events without [DONE]: complete
+    assert truncated[-1] == "[DONE]" and not any("error" in json.loads(e) for e in truncated[:-1])
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in truncated[:-1]) == "Echo: hello"
+    assert len(fake_llm.calls("/v1/chat/completions")) == 2
 
 
 def test_concurrent_clients_each_get_their_own_answers(openai_gateway):

@@ -1,14 +1,13 @@
 """Host services for plugins (ABI 1.1), exercised by a Swift and a C test plugin: LLM calls through
 the gateway pipeline, layered config, tagged logs, middleware, per-plugin metrics and /metrics."""
 import json
-import re
 import shutil
 import subprocess
 import time
 
 import pytest
 
-from conftest import SERVICES_SO, compile_c_plugin, PLUGINS_SRC
+from conftest import SERVICES_SO, compile_c_plugin, metric_value, PLUGINS_SRC
 
 SWIFT = "services-test"
 C = "services-c"
@@ -151,19 +150,6 @@ def test_response_middleware_rewrites_status_headers_and_body(services):
     assert response.headers["x-rewritten-by"] == "services-c"
     assert int(response.headers["content-length"]) == len(response.text)
     assert server.client.get(f"/v1/plugins/{C}/ping").text == "pong"  # outside its prefix: untouched
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$', line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(3) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(4))
-    raise KeyError(f"{name}{labels} not in /metrics")
 
 
 def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp_path):

@@ -26,7 +26,7 @@ extension GatehouseConfig {
         func seconds(_ name: String) -> Double? {
             guard let text = value(name) else { return nil }
             guard let parsed = parseDuration(text) else {
-                bad(name, "must be a duration like 30, 30s, 5m or 250ms (got \"\(text)\")")
+                bad(name, "must be a duration like 30, 30s, 5m or 250ms, at most 365 days (got \"\(text)\")")
                 return nil
             }
             return parsed
@@ -41,8 +41,7 @@ extension GatehouseConfig {
         }
 
         if let url = value("OLLAMA_HOST") ?? value("GATEHOUSE_UPSTREAM_URL") {
-            // Ollama's own OLLAMA_HOST may omit the scheme ("127.0.0.1:11434").
-            let withScheme = url.contains("://") ? url : "http://\(url)"
+            let withScheme = url.contains("://") ? url : Self.ollamaHostURL(url)
             if Self.isHTTPURL(withScheme) { upstream.url = withScheme } else { bad("OLLAMA_HOST", "must be a host:port or http(s) URL (got \"\(url)\")") }
         }
         if let name = value("GATEHOUSE_BACKEND") {
@@ -51,7 +50,7 @@ extension GatehouseConfig {
         if let key = value("GATEHOUSE_UPSTREAM_API_KEY") { upstream.apiKey = key }
         if let key = value("API_KEY") { apiKey = key }
         if let text = value("RATE_LIMIT_RPS") {
-            if let rate = Double(text), rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }
+            if let rate = Double(text), rate.isFinite, rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }
         }
         if let port = integer("PORT", 0...65535) { self.port = port }
         if let host = value("GATEHOUSE_HOST") { self.host = host }
@@ -81,6 +80,15 @@ extension GatehouseConfig {
             }
         }
         if !problems.isEmpty { throw ConfigProblems(problems: problems) }
+    }
+
+    /// An `OLLAMA_HOST` value without a scheme read as Ollama reads it: `http`, and port 11434
+    /// when none is given ("10.0.0.5" is "http://10.0.0.5:11434", not port 80).
+    static func ollamaHostURL(_ hostAndPort: String) -> String {
+        let url = "http://\(hostAndPort)"
+        guard var components = URLComponents(string: url), components.port == nil, components.host != nil else { return url }
+        components.port = 11434
+        return components.string ?? url
     }
 }
 

@@ -19,11 +19,12 @@ public struct GatehouseConfig: Sendable {
     }
 
     public struct RateLimit: Sendable {
-        /// Sustained requests per second, per client and globally (0 disables).
+        /// Sustained requests per second per client: the configured API key's holders together,
+        /// or each client address when no key is configured (0 disables all rate limiting).
         public var requestsPerSecond = 50.0
         /// Bucket size: how many requests may arrive at once. Defaults to the rate.
         public var burst: Double?
-        /// Global ceiling across all clients, as a multiple of the per-client rate.
+        /// Requests per second across all clients together; none when unset.
         public var globalRequestsPerSecond: Double?
     }
 

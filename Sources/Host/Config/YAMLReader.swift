@@ -110,7 +110,7 @@ final class YAMLReader {
 
     func double(_ mapping: Node.Mapping, _ key: String, at path: String, minimum: Double? = nil) -> Double? {
         guard let value = node(mapping, key) else { return nil }
-        guard let number = value.float ?? value.int.map(Double.init) else {
+        guard let number = value.float ?? value.int.map(Double.init), number.isFinite else {
             problem(join(path, key), value, "must be a number (got \(Self.describe(value)))")
             return nil
         }
@@ -134,7 +134,7 @@ final class YAMLReader {
     func duration(_ mapping: Node.Mapping, _ key: String, at path: String) -> Double? {
         guard let value = node(mapping, key) else { return nil }
         guard let text = value.scalar?.string, let seconds = parseDuration(text) else {
-            problem(join(path, key), value, "must be a duration like 30, \"30s\", \"5m\" or \"250ms\" (got \(Self.describe(value)))")
+            problem(join(path, key), value, "must be a duration like 30, \"30s\", \"5m\" or \"250ms\", at most 365 days (got \(Self.describe(value)))")
             return nil
         }
         return seconds
@@ -171,10 +171,20 @@ final class YAMLReader {
     }
 }
 
-/// Parses "30", "30s", "250ms", "5m", "1h", "1m30s" into seconds.
+/// The longest duration a setting accepts. Timeouts become 64-bit nanosecond counts, which
+/// overflow (and trap) beyond about 292 years; a year is already "never" for a gateway.
+let maxDurationSeconds = 365.0 * 24 * 3600
+
+/// Parses "30", "30s", "250ms", "5m", "1h", "1m30s" into seconds; nil for anything else,
+/// including negative, non-finite ("inf", "nan") and longer than `maxDurationSeconds`.
 func parseDuration(_ text: String) -> Double? {
     let trimmed = text.trimmingCharacters(in: .whitespaces)
-    if let seconds = Double(trimmed) { return seconds >= 0 ? seconds : nil }
+    // Digits and dots only: Double("…") would also take "inf", "nan", "1e30" and hex floats.
+    guard !trimmed.isEmpty, trimmed.allSatisfy({ $0.isASCII && ($0.isNumber || $0.isLetter || $0 == ".") }) else { return nil }
+    if trimmed.allSatisfy({ $0.isNumber || $0 == "." }) {
+        guard let seconds = Double(trimmed), seconds <= maxDurationSeconds else { return nil }
+        return seconds
+    }
     var total = 0.0
     var number = ""
     var index = trimmed.startIndex
@@ -204,5 +214,5 @@ func parseDuration(_ text: String) -> Double? {
         number = ""
         sawUnit = true
     }
-    return sawUnit && number.isEmpty ? total : nil
+    return sawUnit && number.isEmpty && total <= maxDurationSeconds ? total : nil
 }

@@ -77,15 +77,23 @@ final class EventPump<Upstream: AsyncIteratorProtocol>: @unchecked Sendable {
     private let transform: Transform
     private let mapError: (any Error) -> any Error
     private let onFinish: (() -> Void)?
+    private let endedEarly: (_ elementsSeen: Int) -> (any Error)?
+    private var elementsSeen = 0
 
     /// - Parameters:
     ///   - mapError: turns transport errors into gateway errors.
     ///   - onFinish: called once when the stream ends normally.
-    init(_ upstream: Upstream, mapError: @escaping (any Error) -> any Error, onFinish: (() -> Void)? = nil, transform: @escaping Transform) {
+    ///   - endedEarly: the error to end with when the upstream ends before an element the
+    ///     transform marked last (given how many elements came), or nil to end normally.
+    init(
+        _ upstream: Upstream, mapError: @escaping (any Error) -> any Error, onFinish: (() -> Void)? = nil,
+        endedEarly: @escaping (_ elementsSeen: Int) -> (any Error)?, transform: @escaping Transform
+    ) {
         self.upstream = upstream
         self.transform = transform
         self.mapError = mapError
         self.onFinish = onFinish
+        self.endedEarly = endedEarly
     }
 
     /// Consumed by one task at a time (AsyncThrowingStream's unfolding contract).
@@ -94,9 +102,11 @@ final class EventPump<Upstream: AsyncIteratorProtocol>: @unchecked Sendable {
             if finished { return nil }
             do {
                 guard let element = try await upstream.next() else {
+                    if let error = endedEarly(elementsSeen) { throw error }
                     finish()
                     return nil
                 }
+                elementsSeen += 1
                 let (events, isLast) = try transform(element)
                 pending = events[...]
                 if isLast { finish() }

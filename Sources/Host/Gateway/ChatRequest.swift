@@ -128,6 +128,9 @@ enum CanonicalJSON {
         default:
             if let flag = JSONNumbers.bool(value) {
                 output.append(contentsOf: (flag ? "true" : "false").utf8)
+            } else if let integer = value as? Int {
+                // Exact, before the Double below rounds integers beyond 2^53 together.
+                output.append(contentsOf: String(integer).utf8)
             } else if let number = JSONNumbers.double(value) {
                 // 1 and 1.0 are the same JSON number: spell integral values as integers.
                 let text = number == number.rounded() && abs(number) < 1e15 ? String(Int(number)) : String(number)

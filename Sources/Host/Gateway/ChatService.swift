@@ -52,7 +52,8 @@ final class ChatService: Sendable {
         let backendName = backend.name
         return EventPump(
             events.makeAsyncIterator(), mapError: { $0 },
-            onFinish: { metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started) }
+            onFinish: { metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started) },
+            endedEarly: { _ in nil }  // the backend's own pump has judged the ending
         ) { event in
             if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }
             return ([event], false)

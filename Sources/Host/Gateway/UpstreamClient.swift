@@ -105,9 +105,21 @@ final class UpstreamClient: Sendable {
             return OpenAIError(.badGateway, "\(backend) refused the gateway's credentials: \(message)", code: "upstream_auth")
         case 429:
             return OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited")
+        case 500 where isValidationMessage(message):
+            // llama-cpp-python's route handler answers every exception with 500, pydantic's
+            // request validation errors too; those are the client's to fix, so say so.
+            return OpenAIError(
+                .badRequest, "\(backend) rejected the request (it answered HTTP 500, but as a validation error): \(message)",
+                code: "upstream_rejected")
         default:
             return OpenAIError(.badGateway, "\(backend) failed with HTTP \(status): \(message)", code: "upstream_error")
         }
+    }
+
+    /// Whether an upstream error message is a request validation error: pydantic's own text
+    /// ("1 validation error for …") or FastAPI's list of errors located in the request body.
+    static func isValidationMessage(_ message: String) -> Bool {
+        message.range(of: "validation error", options: .caseInsensitive) != nil || message.contains("'loc': ('body'")
     }
 
     /// The error text in an upstream body: Ollama's {"error":"…"} or OpenAI's {"error":{"message":…}}.

@@ -8,35 +8,39 @@ internal import HTTPTypes
 /// endpoints are exempt so load balancers can probe; the key is never logged or kept.
 struct APIKeyCheck: Sendable {
     private let expectedDigest: [UInt8]?
+    /// The rate-limit identity of the configured key's holders (a digest prefix, not the key).
+    private let keyClientID: String?
 
     init(apiKey: String?) {
         expectedDigest = apiKey.map { Array(SHA256.hash(data: Data($0.utf8))) }
+        keyClientID = expectedDigest.map { "key:" + Hex.string($0.prefix(8)) }
     }
 
     /// Whether a key is configured (so requests outside `/health` must present it).
     var isRequired: Bool { expectedDigest != nil }
 
-    /// Checks the request's key and returns the client's rate-limit identity: a digest of the
-    /// key it presented (nil when it presented none), so limits key on the client without
-    /// keeping the key itself.
+    /// Checks the request's key and returns the client's rate-limit identity: the configured
+    /// key's (its holders share one bucket) when the key was required and presented, nil
+    /// otherwise, so limits fall back to the client's address. A key nobody checks names no
+    /// one: a client could send a fresh one with every request to get a fresh bucket.
     /// - Throws: a 401 `OpenAIError` when a key is configured and the request lacks it.
     func verify(_ headers: HTTPFields, path: String) throws(OpenAIError) -> String? {
-        try verify(apiKeyHeader: headers[Self.apiKeyField], authorization: headers[.authorization], path: path)
+        guard isRequired else { return nil }
+        return try verify(apiKeyHeader: headers[Self.apiKeyField], authorization: headers[.authorization], path: path)
     }
 
     /// `verify` on the two header values (for callers that hold other header types).
     func verify(apiKeyHeader: String?, authorization: String?, path: String) throws(OpenAIError) -> String? {
-        let presented = Self.presentedKey(apiKeyHeader: apiKeyHeader, authorization: authorization)
-        let presentedDigest = presented.map { Array(SHA256.hash(data: Data($0.utf8))) }
-        let clientID = presentedDigest.map { "key:" + Hex.string($0.prefix(8)) }
-        guard let expectedDigest, !Self.isExempt(path) else { return clientID }
-        guard let presentedDigest else {
+        guard let expectedDigest, !Self.isExempt(path) else { return nil }
+        guard let presented = Self.presentedKey(apiKeyHeader: apiKeyHeader, authorization: authorization) else {
             throw Self.unauthorized("missing API key: send it as X-API-Key or Authorization: Bearer", code: "missing_api_key")
         }
+        // Digests have equal lengths whatever was sent, so the comparison's time says nothing.
+        let presentedDigest = Array(SHA256.hash(data: Data(presented.utf8)))
         guard Self.constantTimeEqual(presentedDigest, expectedDigest) else {
             throw Self.unauthorized("invalid API key", code: "invalid_api_key")
         }
-        return clientID
+        return keyClientID
     }
 
     static func isExempt(_ path: String) -> Bool {
@@ -74,14 +78,21 @@ struct APIKeyCheck: Sendable {
 public struct AuthMiddleware: RouterMiddleware {
     public typealias Context = GatehouseRequestContext
     private let check: APIKeyCheck
+    private let limiter: RateLimiter?
 
-    public init(apiKey: String?) {
+    /// - Parameter limiter: charged for each failed key check, by client address.
+    init(apiKey: String?, limiter: RateLimiter?) {
         check = APIKeyCheck(apiKey: apiKey)
+        self.limiter = limiter
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         var context = context
-        context.clientID = try check.verify(request.headers, path: request.uri.path)
+        do {
+            context.clientID = try check.verify(request.headers, path: request.uri.path)
+        } catch {
+            throw limiter?.answerToFailedKeyCheck(error, address: context.remoteAddress) ?? error
+        }
         return try await next(request, context)
     }
 }

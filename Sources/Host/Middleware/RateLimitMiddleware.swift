@@ -1,4 +1,4 @@
-// Token-bucket rate limiting per client (API key, else IP) and globally; 429 with Retry-After.
+// Token-bucket rate limiting per client (API key, else IP) and, when configured, globally; 429 with Retry-After.
 internal import Foundation
 public import Hummingbird
 internal import HTTPTypes
@@ -125,6 +125,12 @@ extension RateLimiter {
         return OpenAIError.rateLimited(wait: wait, code: "rate_limit_exceeded") {
             "rate limit exceeded (\(Self.format(rate)) requests/s); retry after \($0) s"
         }
+    }
+
+    /// The answer to a request whose key check failed: its 401, or the 429 once the client's
+    /// address has spent its tokens on failures, so keys cannot be guessed faster than the rate.
+    func answerToFailedKeyCheck(_ error: OpenAIError, address: String) -> OpenAIError {
+        refusal(client: nil, address: address) ?? error
     }
 
     static func format(_ rate: Double) -> String {

@@ -75,6 +75,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var upstreamResponse: HTTPResponseHead?
     private var reply = ByteBuffer()
     private var partialLine = ByteBuffer()
+    /// Whether any event has gone to the client: a stream the upstream ends without one is
+    /// reported as an error, not passed on as an empty success.
+    private var relayedEvents = false
     private var promptTokens = 0
     private var completionTokens = 0
     /// The status the client was (or is being) sent.
@@ -126,13 +129,17 @@ final class ChatExchange: UpstreamResponseDelegate {
     func requestEnded() {
         phase = .waiting
         do {
-            // The key headers matter only to a key check or a rate limit (whose client they name).
-            if passThrough.apiKeys.isRequired || passThrough.limiter != nil {
-                let clientID = try passThrough.apiKeys.verify(
-                    apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
-                    path: ChatPassThrough.path)
-                if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+            var clientID: String?
+            if passThrough.apiKeys.isRequired {
+                do {
+                    clientID = try passThrough.apiKeys.verify(
+                        apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
+                        path: ChatPassThrough.path)
+                } catch {
+                    throw passThrough.limiter?.answerToFailedKeyCheck(error, address: remoteAddress) ?? error
+                }
             }
+            if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
             }
@@ -336,7 +343,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         switch phase {
         case .collecting: replyCollected()
-        case .streaming: endStream(error: nil)
+        case .streaming:
+            // A last line without its line break is an unfinished event, which SSE discards.
+            endStream(error: relayedEvents ? nil : emptyStreamError())
         case .draining:
             cancelTimer()
             phase = .done
@@ -370,6 +379,16 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     private var target: String { passThrough.target.baseURL + ChatPassThrough.path }
+
+    /// Why a stream the upstream ended cleanly, but without a single event, failed.
+    private func emptyStreamError() -> OpenAIError {
+        let contentType = upstreamResponse?.headers.first(name: "Content-Type") ?? "none"
+        let reason =
+            contentType.lowercased().hasPrefix("text/event-stream")
+            ? "ended the stream without sending any event"
+            : "answered the stream request with Content-Type \(contentType), not text/event-stream"
+        return OpenAIError(.badGateway, "\(passThrough.backendName) upstream \(reason)", code: "upstream_invalid")
+    }
 
     private func fail(_ failure: UpstreamFailure) {
         answer(failure.error(target: target, timeout: passThrough.timeout))
@@ -464,6 +483,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         if input.readableBytes > 0 { partialLine = input }
         if output.readableBytes > 0 {
+            relayedEvents = true
             sendStream(&output, ending: false)
         } else if ChunkedBody.holdsHead(output) {
             // No whole event yet (part of a line): the head waits for the first one.

@@ -44,7 +44,7 @@ public struct GatehouseServer: Sendable {
         let router = Router(context: GatehouseRequestContext.self)
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
-        router.add(middleware: AuthMiddleware(apiKey: config.apiKey))
+        router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
         if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
         router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)

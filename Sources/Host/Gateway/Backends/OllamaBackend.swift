@@ -39,7 +39,13 @@ struct OllamaBackend: ChatBackend {
         let created = OpenAIShapes.now()
         let client = self.client
         let translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
-        return EventPump(NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/chat") }) { line in
+        return EventPump(
+            NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/chat") },
+            endedEarly: { _ in
+                // Ollama always ends with a "done": true line; a stream without it was cut short.
+                OpenAIError(.badGateway, "ollama ended the stream before its final message (\"done\": true)", code: "upstream_invalid")
+            }
+        ) { line in
             guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
                 throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
             }
@@ -102,8 +108,9 @@ struct OllamaBackend: ChatBackend {
             if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
         }
         if !options.isEmpty { out["options"] = options }
-        let toolChoice = request.body["tool_choice"] as? String
-        if let tools = request.body["tools"] as? [Any], !tools.isEmpty, toolChoice != "none" { out["tools"] = tools }
+        if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = offeredTools(tools, choice: request.body["tool_choice"]) {
+            out["tools"] = offered
+        }
         if let format = request.body["response_format"] as? [String: Any] {
             switch format["type"] as? String {
             case "json_object": out["format"] = "json"
@@ -113,6 +120,16 @@ struct OllamaBackend: ChatBackend {
         }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
         return OpenAIShapes.data(out)
+    }
+
+    /// The tools to offer Ollama, which has no `tool_choice`: none for `"none"`; only the named
+    /// one for `{"type":"function","function":{"name":…}}` (the model can then call no other);
+    /// all of them otherwise (`"auto"`, and `"required"`, which Ollama cannot enforce).
+    static func offeredTools(_ tools: [Any], choice: Any?) -> [Any]? {
+        if let mode = choice as? String { return mode == "none" ? nil : tools }
+        guard let named = ((choice as? [String: Any])?["function"] as? [String: Any])?["name"] as? String else { return tools }
+        let chosen = tools.filter { (($0 as? [String: Any])?["function"] as? [String: Any])?["name"] as? String == named }
+        return chosen.isEmpty ? tools : chosen
     }
 
     /// One OpenAI message as Ollama expects it: string content, base64 `images`, tool-call

@@ -44,8 +44,13 @@ struct OpenAIBackend: ChatBackend {
             "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
         let client = self.client
         let forwardUsage = request.includeUsage
-        return EventPump(SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: "/v1/chat/completions") }) {
-            payload in
+        return EventPump(
+            SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: "/v1/chat/completions") },
+            endedEarly: { eventsSeen in
+                // Events without [DONE] are a complete answer from a lax server; none at all is not one.
+                eventsSeen > 0 ? nil : OpenAIError(.badGateway, "openai upstream ended the stream without sending any event", code: "upstream_invalid")
+            }
+        ) { payload in
             payload == Self.done ? ([], true) : (try Self.events(for: payload, forwardUsage: forwardUsage), false)
         }.stream
     }
