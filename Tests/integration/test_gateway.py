@@ -269,6 +269,11 @@ def test_client_errors_are_openai_shaped(gateway, backend):
         (post(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}'), 400, "'temperature' must be"),
         (post(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}'), 400, "'max_tokens' must be"),
         (post(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}).encode()), 413, "larger than"),
+        # Chunked, so no Content-Length announces the size: counted as it arrives.
+        (post(iter([b'{"model": "m", "messages": [{"role": "user", "content": "', b"x" * 3000, b'"}]}'])), 413, "larger than"),
+        (server.client.post("/v1/embeddings", json={"input": "x"}), 400, "missing required field 'model'"),
+        (server.client.post("/v1/embeddings", json={"model": "m"}), 400, "missing required field 'input'"),
+        (server.client.post("/v1/embeddings", content=b"{", headers={"content-type": "application/json"}), 400, "must be a JSON object"),
         (server.client.get("/v1/chat/completion"), 404, "no route for GET /v1/chat/completion"),
         (post(b'{"model": "missing", "messages": [{"role": "user", "content": "x"}]}'), 404, 'model "missing" not found'),
     ]
@@ -495,6 +500,37 @@ def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
                    if json.loads(l[6:])["choices"])
     assert text == "Echo: a b c d e f g h"
     assert server.process.wait(20) == 0
+    assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+@both_backends
+def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, backend):
+    server = gateway(backend, extra_config="server: {shutdown_timeout: 1s}\n")
+    received = []
+
+    def consume():
+        try:
+            with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=40, json={
+                    "model": "stall", "messages": [{"role": "user", "content": "a b c d"}], "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line:
+                        received.append(line)
+        except httpx.TransportError:
+            pass  # the connection is closed when the shutdown budget runs out
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(received) >= 2, "stream never started"
+    # The upstream now stalls for 30 s: the shutdown must not wait for it past its 1 s budget.
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    server.process.wait(15)
+    assert time.monotonic() - started < 5
+    stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
+    assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
 
 

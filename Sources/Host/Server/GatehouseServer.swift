@@ -8,6 +8,7 @@ internal import NIOCore
 internal import NIOPosix
 internal import NIOSSL
 internal import ServiceLifecycle
+internal import Synchronization
 
 /// The whole gateway process. Build it with a configuration, then `run()` until a signal.
 public struct GatehouseServer: Sendable {
@@ -70,8 +71,12 @@ public struct GatehouseServer: Sendable {
             },
             logger: logger
         )
+        // Services shut down in reverse order: the clock notes the signal's time, then the app
+        // stops accepting and drains.
+        let shutdownClock = ShutdownClock()
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [.init(service: app)], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+            services: [.init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore)],
+            gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         groupConfiguration.maximumGracefulShutdownDuration = Duration.milliseconds(Int64(config.shutdownTimeout * 1000))
         let serviceGroup = ServiceGroup(configuration: groupConfiguration)
         do {
@@ -81,8 +86,10 @@ public struct GatehouseServer: Sendable {
             await upstream.shutdown()
             throw Self.explain(error, address: address)
         }
-        logger.info("stopped accepting; shutting plugins down")
-        await registry.shutdownAll(drainTimeout: config.shutdownTimeout)
+        // One budget for the whole shutdown: plugins drain in what the requests left of it.
+        let left = config.shutdownTimeout - shutdownClock.secondsSinceSignal
+        logger.info("stopped accepting; shutting plugins down", metadata: ["drain_timeout_s": .string(String(format: "%.3f", max(0, left)))])
+        await registry.shutdownAll(drainTimeout: max(0, left))
         await upstream.shutdown()
         logger.info("shutdown complete")
     }
@@ -128,4 +135,23 @@ public struct GatehouseServer: Sendable {
 public struct StartupError: Error, CustomStringConvertible, Sendable {
     public let description: String
     public init(_ description: String) { self.description = description }
+}
+
+/// Notes when graceful shutdown began (the signal), so everything after the HTTP drain knows
+/// how much of `shutdown_timeout` is left.
+private final class ShutdownClock: Service, Sendable {
+    private let began = Mutex<ContinuousClock.Instant?>(nil)
+
+    func run() async throws {
+        // Returns when graceful shutdown is triggered; throws on cancellation.
+        try? await gracefulShutdown()
+        began.withLock { $0 = .now }
+    }
+
+    /// Seconds since graceful shutdown began (0 if it has not).
+    var secondsSinceSignal: Double {
+        guard let began = began.withLock({ $0 }) else { return 0 }
+        let elapsed = ContinuousClock.now - began
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    }
 }
