@@ -467,28 +467,33 @@ def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):
     assert "key 'tls.cert_file': cannot read /nonexistent.pem" in result.stderr
 
 
-@both_backends
-def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
-    server = gateway(backend, extra_config="server: {shutdown_timeout: 20s}\n")
-    received = []
-    errors = []
+def stream_in_background(server, model, text):
+    """Starts a streamed chat on a thread; returns (thread, lines received, errors) once two lines came."""
+    received, errors = [], []
 
     def consume():
         try:
-            with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=30, json={
-                    "model": "slow-model", "messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}) as r:
+            with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=40, json={
+                    "model": model, "messages": [{"role": "user", "content": text}], "stream": True}) as r:
                 for line in r.iter_lines():
                     if line:
                         received.append(line)
-        except Exception as error:  # noqa: BLE001 - recorded for the assertion below
+        except Exception as error:  # noqa: BLE001 - recorded for the caller's assertions
             errors.append(error)
 
-    reader = threading.Thread(target=consume)
+    reader = threading.Thread(target=consume, daemon=True)
     reader.start()
     deadline = time.monotonic() + 10
     while len(received) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(received) >= 2, "stream never started"
+    return reader, received, errors
+
+
+@both_backends
+def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
+    server = gateway(backend, extra_config="server: {shutdown_timeout: 20s}\n")
+    reader, received, errors = stream_in_background(server, "slow-model", "a b c d e f g h")
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no longer accepting
@@ -506,24 +511,7 @@ def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
 @both_backends
 def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, backend):
     server = gateway(backend, extra_config="server: {shutdown_timeout: 1s}\n")
-    received = []
-
-    def consume():
-        try:
-            with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=40, json={
-                    "model": "stall", "messages": [{"role": "user", "content": "a b c d"}], "stream": True}) as r:
-                for line in r.iter_lines():
-                    if line:
-                        received.append(line)
-        except httpx.TransportError:
-            pass  # the connection is closed when the shutdown budget runs out
-
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while len(received) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(received) >= 2, "stream never started"
+    stream_in_background(server, "stall", "a b c d")
     # The upstream now stalls for 30 s: the shutdown must not wait for it past its 1 s budget.
     started = time.monotonic()
     server.process.send_signal(signal.SIGINT)
