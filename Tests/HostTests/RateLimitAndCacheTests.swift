@@ -45,6 +45,25 @@ final class ManualClock: Sendable {
         #expect(limiter.check(client: "a") == nil)
     }
 
+    @Test func ratesPrintWithoutTrappingHoweverLarge() {
+        #expect(RateLimiter.format(50) == "50")
+        #expect(RateLimiter.format(0.5) == "0.5")
+        #expect(RateLimiter.format(1e19) == "1e+19")
+    }
+
+    @Test func failedKeyChecksSpendTheAddressesTokensThenTurnInto429s() {
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 1, burst: 2, globalRate: nil, now: { clock.now })
+        let unauthorized = APIKeyCheck.unauthorized("invalid API key", code: "invalid_api_key")
+        #expect(limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.1").status == .unauthorized)
+        #expect(limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.1").status == .unauthorized)
+        let third = limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.1")
+        #expect(third.status == .tooManyRequests && third.code == "rate_limit_exceeded")
+        #expect(limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.2").status == .unauthorized)
+        // The key's holders draw on their own bucket.
+        #expect(limiter.refusal(client: "key:abc", address: "10.0.0.1") == nil)
+    }
+
     @Test func globalLimitAppliesAcrossClientsWithoutChargingTheRefusedClient() {
         let clock = ManualClock()
         let limiter = RateLimiter(rate: 10, burst: 10, globalRate: 2, now: { clock.now })

@@ -179,7 +179,8 @@ let maxDurationSeconds = 365.0 * 24 * 3600
 /// including negative, non-finite ("inf", "nan") and longer than `maxDurationSeconds`.
 func parseDuration(_ text: String) -> Double? {
     let trimmed = text.trimmingCharacters(in: .whitespaces)
-    // Digits and dots only: Double("…") would also take "inf", "nan", "1e30" and hex floats.
+    // Digits, dots and unit letters only; a bare number is digits and dots, because Double("…")
+    // would also take "inf", "nan", "1e30" and hex floats.
     guard !trimmed.isEmpty, trimmed.allSatisfy({ $0.isASCII && ($0.isNumber || $0.isLetter || $0 == ".") }) else { return nil }
     if trimmed.allSatisfy({ $0.isNumber || $0 == "." }) {
         guard let seconds = Double(trimmed), seconds <= maxDurationSeconds else { return nil }
