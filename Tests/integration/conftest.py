@@ -65,9 +65,9 @@ class PluginsDir:
 class Gatehouse:
     """A running gatehouse process with its log captured to a file."""
 
-    def __init__(self, tmp: Path, plugins: Path, config: str = "", env: dict | None = None, extra_args=()):
+    def __init__(self, tmp: Path, plugins: Path, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1"):
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{host}:{self.port}"
         self.log_path = tmp / f"gatehouse-{self.port}.log"
         config_path = tmp / f"gatehouse-{self.port}.yaml"
         config_path.write_text(textwrap.dedent(config))
@@ -152,11 +152,11 @@ def plugins_dir(tmp_path) -> PluginsDir:
 
 @pytest.fixture
 def start(tmp_path, built):
-    """start(plugins_dir, config_yaml="", env=None) -> Gatehouse; stopped after the test."""
+    """start(plugins_dir, config_yaml="", env=None, extra_args=(), host="127.0.0.1") -> Gatehouse (reached at host); stopped after the test."""
     servers = []
 
-    def _start(plugins: PluginsDir, config: str = "", env: dict | None = None, extra_args=()) -> Gatehouse:
-        server = Gatehouse(tmp_path, plugins.path, config, env, extra_args)
+    def _start(plugins: PluginsDir, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1") -> Gatehouse:
+        server = Gatehouse(tmp_path, plugins.path, config, env, extra_args, host)
         servers.append(server)
         return server
 

@@ -522,6 +522,19 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
 
 
+@pytest.mark.parametrize("how", ["yaml", "env", "flag"])
+def test_the_bind_address_is_configurable(start, plugins_dir, how):
+    # 127.0.0.2 is loopback too on Linux, but a listener bound to it is not reached through 127.0.0.1.
+    config, env, args = {"yaml": ("server: {host: 127.0.0.2}\n", None, ()), "env": ("", {"GATEHOUSE_HOST": "127.0.0.2"}, ()),
+                         "flag": ("", None, ("--host", "127.0.0.2"))}[how]
+    server = start(plugins_dir, config=config, env=env, extra_args=args, host="127.0.0.2")
+    assert server.client.get("/health/live").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{server.port}/health/live", timeout=2)
+    started = [l for l in server.log_lines() if l.get("msg") == "listening"]
+    assert started and started[0]["address"] == f"127.0.0.2:{server.port}", started
+
+
 def test_port_in_use_is_one_clear_line(gateway, tmp_path):
     server = gateway()
     result = subprocess.run([GATEHOUSE, "serve", "--port", str(server.port), "--plugins-dir", str(tmp_path)],
