@@ -55,7 +55,7 @@ import Testing
         #expect(try offered(#""required""#) == ["get_time", "get_weather"])
         #expect(try offered(#""none""#) == nil)
         #expect(try offered(#"{"type":"function","function":{"name":"get_weather"}}"#) == ["get_weather"])
-        #expect(try offered(#"{"type":"function","function":{"name":"unknown"}}"#) == ["get_time", "get_weather"])
+        #expect(throws: OpenAIError.self) { try offered(#"{"type":"function","function":{"name":"unknown"}}"#) }
     }
 
     @Test func mapsSamplingParametersIntoOptions() throws {

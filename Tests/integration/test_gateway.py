@@ -384,6 +384,25 @@ def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, bac
     assert chat("m").json()["choices"][0]["message"]["content"] == "Echo: a b c d"
 
 
+def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
+    # Ollama has no tool_choice: the gateway offers only the named function, or says it is unknown.
+    server = gateway("ollama")
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+             for name in ("get_time", "get_weather")]
+    client = client_for(server)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=tools,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert [t["function"]["name"] for t in fake_llm.calls("/api/chat")[-1][3]["tools"]] == ["get_weather"]
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}], tools=tools, tool_choice="none")
+    assert "tools" not in fake_llm.calls("/api/chat")[-1][3]
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "z"}], tools=tools,
+                                       tool_choice={"type": "function", "function": {"name": "get_news"}})
+    assert unknown.value.body["message"] == "'tool_choice' names function 'get_news', which is not in 'tools'"
+    assert unknown.value.body["code"] == "invalid_tool_choice"
+    assert len(fake_llm.calls("/api/chat")) == 2
+
+
 def test_request_validation_errors_sent_as_500_are_the_clients_400(gateway):
     # llama-cpp-python answers request validation errors with HTTP 500; they are the client's to fix.
     server = gateway("openai")

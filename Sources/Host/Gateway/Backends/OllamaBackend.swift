@@ -91,7 +91,8 @@ struct OllamaBackend: ChatBackend {
 
     /// The `/api/chat` body for an OpenAI request: messages converted, sampling parameters
     /// moved into `options` (`max_tokens` becomes `num_predict`; `temperature: 0` is kept).
-    static func translate(_ request: ChatRequest, stream: Bool) -> Data {
+    /// - Throws: a 400 when `tool_choice` names a function that is not in `tools`.
+    static func translate(_ request: ChatRequest, stream: Bool) throws(OpenAIError) -> Data {
         var out: [String: Any] = ["model": request.model, "stream": stream]
         var toolNames: [String: String] = [:]
         out["messages"] = request.messages.map { convert($0, toolNames: &toolNames) }
@@ -108,7 +109,7 @@ struct OllamaBackend: ChatBackend {
             if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
         }
         if !options.isEmpty { out["options"] = options }
-        if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = offeredTools(tools, choice: request.body["tool_choice"]) {
+        if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
             out["tools"] = offered
         }
         if let format = request.body["response_format"] as? [String: Any] {
@@ -125,11 +126,15 @@ struct OllamaBackend: ChatBackend {
     /// The tools to offer Ollama, which has no `tool_choice`: none for `"none"`; only the named
     /// one for `{"type":"function","function":{"name":…}}` (the model can then call no other);
     /// all of them otherwise (`"auto"`, and `"required"`, which Ollama cannot enforce).
-    static func offeredTools(_ tools: [Any], choice: Any?) -> [Any]? {
+    /// - Throws: a 400 when the named function is not among the tools (as OpenAI answers).
+    static func offeredTools(_ tools: [Any], choice: Any?) throws(OpenAIError) -> [Any]? {
         if let mode = choice as? String { return mode == "none" ? nil : tools }
         guard let named = ((choice as? [String: Any])?["function"] as? [String: Any])?["name"] as? String else { return tools }
         let chosen = tools.filter { (($0 as? [String: Any])?["function"] as? [String: Any])?["name"] as? String == named }
-        return chosen.isEmpty ? tools : chosen
+        guard !chosen.isEmpty else {
+            throw OpenAIError(.badRequest, "'tool_choice' names function '\(named)', which is not in 'tools'", code: "invalid_tool_choice")
+        }
+        return chosen
     }
 
     /// One OpenAI message as Ollama expects it: string content, base64 `images`, tool-call
