@@ -87,5 +87,13 @@ try:
     client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "x"}], temperature=5)
 except openai.BadRequestError as error:
     print("validation error reported by the gateway:", error.body["message"])
+# The gateway does not check top_p; llama-cpp-python's validation rejects it with HTTP 500,
+# which the gateway turns into the client's 400.
+try:
+    client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "x"}], top_p=7)
+    raise SystemExit("e2e: top_p=7 was accepted")
+except openai.BadRequestError as error:
+    assert error.body["code"] == "upstream_rejected", error.body
+    print("upstream validation error (HTTP 500 upstream) reported as 400:", error.body["message"][:200])
 print("e2e: OK")
 PY
