@@ -196,3 +196,18 @@ def metric_value(text: str, name: str, **labels) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(match.group(4))
     raise KeyError(f"{name}{labels} not in /metrics")
+
+
+def stream_events(server, model, headers=None, text="a b c"):
+    """The data payloads of a streamed chat completion asking `model` for `text` (status 200 asserted)."""
+    response = server.client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}], "stream": True},
+        headers=headers or {})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+
+def streamed_text(events):
+    """The content the chunks among `events` carry, joined."""
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events if json.loads(e).get("choices"))

@@ -97,7 +97,7 @@ class FakeLLM:
                     fake.peers.append(self.client_address[1])
 
             def _send(self, status, obj, content_type="application/json"):
-                data = json.dumps(obj).encode()
+                data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
@@ -155,12 +155,7 @@ class FakeLLM:
                 if model == "busy":
                     return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}})
                 if model == "garbage":
-                    data = b"<html>upstream proxy error</html>"
-                    self.send_response(200)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
+                    return self._send(200, b"<html>upstream proxy error</html>")
                 if model == "silent" and body.get("stream", self.path == "/api/chat"):
                     self._start_chunked("application/x-ndjson" if self.path == "/api/chat" else "text/event-stream")
                     return self._end_chunked()

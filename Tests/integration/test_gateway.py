@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, free_port, metric_value
+from conftest import GATEHOUSE, free_port, metric_value, stream_events, streamed_text
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -313,19 +313,6 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
     # The gateway still answers after every failure above.
     assert slow.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "Echo: x"
-
-
-def stream_events(server, model, headers=None):
-    response = server.client.post(
-        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "a b c"}], "stream": True},
-        headers=headers or {})
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    return [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
-
-
-def streamed_text(events):
-    return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events if json.loads(e).get("choices"))
 
 
 @both_backends

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVICES_SO
+from conftest import SERVICES_SO, stream_events, streamed_text
 from test_plugin_services import metric_value
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -392,18 +392,13 @@ def test_the_routers_openai_streams_judge_their_endings_as_the_pass_through_does
     # OpenAI backend (AsyncHTTPClient), whose stream reader must end streams as the pass-through does.
     plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
     server = openai_gateway()
-
-    def events(model):
-        response = server.client.post("/v1/chat/completions", json={**BODY, "model": model, "stream": True}, headers={"x-team": "blue"})
-        assert response.status_code == 200, response.text
-        return [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
-
-    silent = events("silent")
+    team = {"x-team": "blue"}
+    silent = stream_events(server, "silent", team, text="hello")
     assert len(silent) == 2 and silent[-1] == "[DONE]"
     assert json.loads(silent[0])["error"]["message"] == "openai upstream ended the stream without sending any event"
-    truncated = events("truncated")  # events without [DONE]: complete
+    truncated = stream_events(server, "truncated", team, text="hello")  # events without [DONE]: complete
     assert truncated[-1] == "[DONE]" and not any("error" in json.loads(e) for e in truncated[:-1])
-    assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in truncated[:-1]) == "Echo: hello"
+    assert streamed_text(truncated[:-1]) == "Echo: hello"
     assert len(fake_llm.calls("/v1/chat/completions")) == 2
 
 

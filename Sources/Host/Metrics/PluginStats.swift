@@ -74,7 +74,7 @@ public final class PluginStats: Sendable {
 
     /// Counts a finished plugin request; 5xx statuses (including timeouts) count as errors.
     func requestFinished(status: Int, duration: Duration) {
-        let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+        let seconds = duration.inSeconds
         totals.withLock { totals in
             totals.inFlight -= 1
             totals.requests += 1

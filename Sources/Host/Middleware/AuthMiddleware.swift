@@ -23,14 +23,30 @@ struct APIKeyCheck: Sendable {
     /// key's (its holders share one bucket) when the key was required and presented, nil
     /// otherwise, so limits fall back to the client's address. A key nobody checks names no
     /// one: a client could send a fresh one with every request to get a fresh bucket.
+    ///
+    /// Each failed check costs the client's address a token of `limiter`, so keys cannot be
+    /// guessed faster than the rate limit: once the address has none left, the 429 is thrown
+    /// instead of the 401 (`RateLimiter.answerToFailedKeyCheck`).
     /// - Throws: a 401 `OpenAIError` when a key is configured and the request lacks it.
-    func verify(_ headers: HTTPFields, path: String) throws(OpenAIError) -> String? {
+    func verify(_ headers: HTTPFields, path: String, chargingFailuresTo limiter: RateLimiter?, address: String) throws(OpenAIError) -> String? {
         guard isRequired else { return nil }
-        return try verify(apiKeyHeader: headers[Self.apiKeyField], authorization: headers[.authorization], path: path)
+        return try verify(
+            apiKeyHeader: headers[Self.apiKeyField], authorization: headers[.authorization], path: path, chargingFailuresTo: limiter,
+            address: address)
     }
 
     /// `verify` on the two header values (for callers that hold other header types).
-    func verify(apiKeyHeader: String?, authorization: String?, path: String) throws(OpenAIError) -> String? {
+    func verify(
+        apiKeyHeader: String?, authorization: String?, path: String, chargingFailuresTo limiter: RateLimiter?, address: String
+    ) throws(OpenAIError) -> String? {
+        do {
+            return try check(apiKeyHeader: apiKeyHeader, authorization: authorization, path: path)
+        } catch {
+            throw limiter?.answerToFailedKeyCheck(error, address: address) ?? error
+        }
+    }
+
+    private func check(apiKeyHeader: String?, authorization: String?, path: String) throws(OpenAIError) -> String? {
         guard let expectedDigest, !Self.isExempt(path) else { return nil }
         guard let presented = Self.presentedKey(apiKeyHeader: apiKeyHeader, authorization: authorization) else {
             throw Self.unauthorized("missing API key: send it as X-API-Key or Authorization: Bearer", code: "missing_api_key")
@@ -88,11 +104,7 @@ public struct AuthMiddleware: RouterMiddleware {
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         var context = context
-        do {
-            context.clientID = try check.verify(request.headers, path: request.uri.path)
-        } catch {
-            throw limiter?.answerToFailedKeyCheck(error, address: context.remoteAddress) ?? error
-        }
+        context.clientID = try check.verify(request.headers, path: request.uri.path, chargingFailuresTo: limiter, address: context.remoteAddress)
         return try await next(request, context)
     }
 }

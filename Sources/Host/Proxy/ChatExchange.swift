@@ -75,9 +75,6 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var upstreamResponse: HTTPResponseHead?
     private var reply = ByteBuffer()
     private var partialLine = ByteBuffer()
-    /// Whether any event has gone to the client: a stream the upstream ends without one is
-    /// reported as an error, not passed on as an empty success.
-    private var relayedEvents = false
     private var promptTokens = 0
     private var completionTokens = 0
     /// The status the client was (or is being) sent.
@@ -129,16 +126,13 @@ final class ChatExchange: UpstreamResponseDelegate {
     func requestEnded() {
         phase = .waiting
         do {
-            var clientID: String?
-            if passThrough.apiKeys.isRequired {
-                do {
-                    clientID = try passThrough.apiKeys.verify(
-                        apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
-                        path: ChatPassThrough.path)
-                } catch {
-                    throw passThrough.limiter?.answerToFailedKeyCheck(error, address: remoteAddress) ?? error
-                }
-            }
+            // The key headers are looked up only when a key is required.
+            let clientID =
+                passThrough.apiKeys.isRequired
+                ? try passThrough.apiKeys.verify(
+                    apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
+                    path: ChatPassThrough.path, chargingFailuresTo: passThrough.limiter, address: remoteAddress)
+                : nil
             if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
@@ -344,8 +338,10 @@ final class ChatExchange: UpstreamResponseDelegate {
         switch phase {
         case .collecting: replyCollected()
         case .streaming:
-            // A last line without its line break is an unfinished event, which SSE discards.
-            endStream(error: relayedEvents ? nil : emptyStreamError())
+            // A head still pending means no event went out: the upstream sent none, which is
+            // reported rather than passed on as an empty success. (A last line without its line
+            // break is an unfinished event, which SSE discards.)
+            endStream(error: streamHeadPending ? emptyStreamError() : nil)
         case .draining:
             cancelTimer()
             phase = .done
@@ -483,7 +479,6 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         if input.readableBytes > 0 { partialLine = input }
         if output.readableBytes > 0 {
-            relayedEvents = true
             sendStream(&output, ending: false)
         } else if ChunkedBody.holdsHead(output) {
             // No whole event yet (part of a line): the head waits for the first one.

@@ -151,7 +151,6 @@ private final class ShutdownClock: Service, Sendable {
     /// Seconds since graceful shutdown began (0 if it has not).
     var secondsSinceSignal: Double {
         guard let began = began.withLock({ $0 }) else { return 0 }
-        let elapsed = ContinuousClock.now - began
-        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        return (ContinuousClock.now - began).inSeconds
     }
 }
