@@ -56,6 +56,17 @@ import Testing
         #expect(config.shutdownTimeout == 3)
     }
 
+    @Test func idleTimeoutDefaultsToNginxsAndZeroTurnsItOff() {
+        var config = GatehouseConfig()
+        #expect(config.idleTimeout == 75)
+        #expect(config.apply(yaml: "server: {idle_timeout: 2m}\n", file: "g.yaml").isEmpty)
+        #expect(config.idleTimeout == 120)
+        #expect(config.apply(environment: ["GATEHOUSE_IDLE_TIMEOUT": "0"]).isEmpty)
+        #expect(config.idleTimeout == 0)
+        let problems = config.apply(yaml: "server: {idle_timeout: forever}\n", file: "g.yaml").map(\.description)
+        #expect(problems.contains { $0.contains("key 'server.idle_timeout': must be a duration") })
+    }
+
     @Test func invalidEnvironmentValuesNameTheVariable() {
         var config = GatehouseConfig()
         let problems = config.apply(environment: ["PORT": "eighty", "TLS_ENABLED": "perhaps", "TIMEOUT": "soon"]).map(\.description)

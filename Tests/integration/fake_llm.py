@@ -3,7 +3,7 @@ OpenAI's (SSE on /v1/chat/completions), recording every request it receives.
 
 The assistant "model" is deterministic: it answers "Echo: <last user text>", one token per word.
 Special model names change behaviour:
-  slow-*        stream one token every 0.2 s
+  slow-*        stream one token every 0.2 s (a whole answer: 0.2 s per token before it)
   stall         stream two tokens, then send nothing for 30 s
   hang          never answer (for timeouts)
   missing       404 like Ollama/OpenAI for an unknown model
@@ -192,6 +192,8 @@ class FakeLLM:
                 done_reason = "length" if truncated else "stop"
                 tool_calls = [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}] if text is None else None
                 if not body.get("stream", True):
+                    if model.startswith("slow"):
+                        time.sleep(0.2 * len(tokens))
                     message = {"role": "assistant", "content": "".join(tokens)}
                     if tool_calls:
                         message["tool_calls"] = tool_calls
@@ -229,6 +231,8 @@ class FakeLLM:
                 tool_calls = [{"id": "call_1", "type": "function",
                                "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}] if text is None else None
                 if not body.get("stream"):
+                    if model.startswith("slow"):
+                        time.sleep(0.2 * len(tokens))
                     message = {"role": "assistant", "content": "".join(tokens) if text is not None else None}
                     if tool_calls:
                         message["tool_calls"] = tool_calls

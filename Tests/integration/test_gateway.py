@@ -426,6 +426,107 @@ def test_streams_are_bounded_by_silence_not_by_total_length(gateway, backend):
     assert lines[-1] == "data: [DONE]"
 
 
+class ResponseReader:
+    """Reads HTTP/1.1 responses with Content-Length bodies (and interim heads) off a socket,
+    keeping bytes that arrive early for the next read."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer = sock, b""
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        assert chunk, f"connection closed after {self.buffer!r}"
+        self.buffer += chunk
+
+    def head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n"
+
+    def response(self) -> bytes:
+        head = self.head()
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return head + body
+
+
+@both_backends
+def test_expect_100_continue_is_answered_before_the_body(gateway, backend):
+    server = gateway(backend, extra_config="server: {max_body_bytes: 2000}\ncache: {enabled: false}\n")
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+    embed = json.dumps({"model": "m", "input": "hello"}).encode()
+
+    def head(path, body, version="1.1"):
+        return (f"POST {path} HTTP/{version}\r\nHost: g\r\nContent-Type: application/json\r\n"
+                f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+    for path, body in (("/v1/chat/completions", chat), ("/v1/embeddings", embed)):
+        expected = b"Echo: hello" if path.endswith("completions") else b"embedding"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            reader = ResponseReader(sock)
+            # The body is held back until the 100 arrives (curl waits 1 s for it, then sends anyway).
+            sock.sendall(head(path, body))
+            assert reader.head().startswith(b"HTTP/1.1 100 Continue\r\n")
+            # The next head sent with this body, before the answer: its 100 follows that answer.
+            sock.sendall(body + head(path, body))
+            first = reader.response()
+            assert first.startswith(b"HTTP/1.1 200 ") and expected in first, first
+            assert reader.head().startswith(b"HTTP/1.1 100 Continue\r\n")
+            sock.sendall(body)
+            second = reader.response()
+            assert second.startswith(b"HTTP/1.1 200 ") and expected in second, second
+    # No invitation to an HTTP/1.0 client (RFC 9110), nor for a body declared over the limit:
+    # the request is answered when the body comes anyway.
+    for version, body, status in (("1.0", chat, b"200"), ("1.1", b"x" * 2001, b"413")):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1.5) as sock:
+            sock.sendall(head("/v1/chat/completions", body, version))
+            with pytest.raises(socket.timeout):
+                sock.recv(65536)
+            sock.settimeout(10)
+            sock.sendall(body)
+            final = ResponseReader(sock).response()
+            assert re.match(rb"HTTP/1\.[01] " + status + rb" ", final), final
+
+
+@both_backends
+def test_idle_client_connections_are_closed(gateway, backend):
+    server = gateway(backend, extra_config="server: {idle_timeout: 1s}\ncache: {enabled: false}\n")
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+
+    def closed_after(payload: bytes) -> tuple[float, bytes]:
+        """Sends `payload`, then reads until the server closes; the seconds that took and what was read."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            started = time.monotonic()
+            sock.sendall(payload)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return time.monotonic() - started, received
+
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(chat))
+    # Silent from the start; a head cut off; a body cut off; idle after a keep-alive answer.
+    for payload in (b"", request[:30], request + chat[:10], request + chat):
+        elapsed, received = closed_after(payload)
+        assert 0.9 <= elapsed < 10, (payload, elapsed)
+        if payload == request + chat:
+            assert received.startswith(b"HTTP/1.1 200 ") and b"Echo: hello" in received
+        else:
+            assert received == b"", received
+    # An answer slower than the idle timeout is not cut off, whole (9 tokens, 1.8 s) or streamed.
+    body = {"model": "slow-model", "messages": [{"role": "user", "content": "a b c d e f g h"}]}
+    slow = server.client.post("/v1/chat/completions", json=body)
+    assert slow.status_code == 200 and slow.json()["choices"][0]["message"]["content"] == "Echo: a b c d e f g h"
+    events = stream_events(server, "slow-model", text="a b c d e f g h")
+    assert streamed_text(events[:-1]) == "Echo: a b c d e f g h" and events[-1] == "[DONE]"
+    # A router route on the same rule.
+    elapsed, received = closed_after(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 200 ") and 0.9 <= elapsed < 10
+
+
 def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

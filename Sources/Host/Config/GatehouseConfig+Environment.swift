@@ -59,6 +59,7 @@ extension GatehouseConfig {
         if let file = value("TLS_CERT_FILE") { tls.certFile = file }
         if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
         if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
+        if let timeout = seconds("GATEHOUSE_IDLE_TIMEOUT") { idleTimeout = timeout }
         if let file = value("LOG_FILE") { logFile = file }
         if let debug = flag("DEBUG"), debug { logLevel = "debug" }
         if let directory = value("GATEHOUSE_PLUGINS_DIR") { pluginsDirectory = directory }

@@ -68,9 +68,10 @@ final class ChatPassThrough: Sendable {
         self.serverName = serverName
     }
 
-    /// A handler for one new connection (added to every HTTP/1 channel's pipeline).
-    func makeHandler() -> ChatPassThroughHandler {
-        ChatPassThroughHandler(passThrough: self)
+    /// A handler for one new connection (added to every HTTP/1 channel's pipeline), which
+    /// closes the connection once it has been idle for `idleTimeout` (nil: never).
+    func makeHandler(idleTimeout: TimeAmount?) -> ChatPassThroughHandler {
+        ChatPassThroughHandler(passThrough: self, idleTimeout: idleTimeout)
     }
 
     /// Whether this request is served here rather than by the router.
@@ -102,6 +103,9 @@ final class ChatPassThrough: Sendable {
 /// the router (see GatehouseHTTP1Channel). It takes the requests `ChatPassThrough.takes` accepts and hands everything else
 /// on, keeping responses in request order when a client pipelines: a request arriving while
 /// an earlier one is still being answered waits until that answer has ended.
+///
+/// As the one handler that sees every request and the end of every answer, it also closes
+/// idle connections (the router's connection handler would see only the router's requests).
 final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -136,9 +140,15 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var routerMethods = CircularBuffer<HTTPMethod>()
     /// The router response being written answers a HEAD request: it has no body.
     private var suppressingBody = false
+    private let idleTimeout: TimeAmount?
+    /// When the client last sent a request part, or was last sent the end of an answer.
+    private var lastActivity = NIODeadline.now()
+    /// The one pending idle check (re-armed as it fires, not per request).
+    private var idleCheck: Scheduled<Void>?
 
-    init(passThrough: ChatPassThrough) {
+    init(passThrough: ChatPassThrough, idleTimeout: TimeAmount?) {
         self.passThrough = passThrough
+        self.idleTimeout = idleTimeout
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -146,10 +156,37 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         loop = passThrough.state(for: context.eventLoop)
         remoteAddress = context.channel.remoteAddress?.ipAddress ?? "unknown"
         rawWriter = try? context.pipeline.syncOperations.handler(type: RawResponseWriter.self)
+        if let idleTimeout { scheduleIdleCheck(context, at: lastActivity + idleTimeout) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        idleCheck?.cancel()
+        idleCheck = nil
+    }
+
+    // MARK: Idle connections
+
+    /// A request has been read whole and its answer has not ended (or one waits behind it):
+    /// however long the upstream takes, the connection is not idle. A request still being read
+    /// is not answering: a client that stops sending mid-request is idle.
+    private var isAnswering: Bool {
+        reader == .none && (exchange != nil || routerResponsesPending > 0 || !queued.isEmpty)
+    }
+
+    private func scheduleIdleCheck(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
+        idleCheck = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) { [self] in
+            idleCheck = nil
+            guard let context = self.context, let idleTimeout, context.channel.isActive else { return }
+            let now = NIODeadline.now()
+            if isAnswering {
+                scheduleIdleCheck(context, at: now + idleTimeout)
+            } else if now >= lastActivity + idleTimeout {
+                context.close(promise: nil)
+            } else {
+                scheduleIdleCheck(context, at: lastActivity + idleTimeout)
+            }
+        }
     }
 
     /// Inside `channelRead`: the `channelReadComplete` that follows delivers what was forwarded.
@@ -159,6 +196,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
+        if idleTimeout != nil { lastActivity = .now() }
         insideChannelRead = true
         defer { insideChannelRead = false }
         // The usual case, nothing waiting: the part is handled without a trip through the queue.
@@ -214,6 +252,11 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .head(let head):
             if let loop, passThrough.takes(head) {
                 reader = .exchange
+                // Nothing else is being answered here (canProcess), so an interim answer is safe.
+                if head.shouldContinue(maxBodyBytes: passThrough.maxBodyBytes), let rawWriter {
+                    rawWriter.write(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
+                    rawWriter.flushNow()
+                }
                 exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: remoteAddress)
             } else {
                 reader = .router
@@ -262,6 +305,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 context.write(data, promise: promise)
             }
             routerResponsesPending -= 1
+            if idleTimeout != nil { lastActivity = .now() }
             if routerResponsesPending == 0, !queued.isEmpty { drain() }
         }
     }
@@ -317,6 +361,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     func exchangeFinished(_ finished: ChatExchange, closeConnection: Bool) {
         guard let context, exchange === finished else { return }
         exchange = nil
+        if idleTimeout != nil { lastActivity = .now() }
         // Closing drops writes not yet flushed, and the answer's flush waits for the round's end.
         if quiesceHeld || closeConnection { context.flush() }
         if quiesceHeld {

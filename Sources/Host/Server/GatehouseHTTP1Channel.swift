@@ -17,6 +17,10 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
 
     let responder: HTTPChannelHandler.Responder
     let passThrough: ChatPassThrough?
+    /// How long a connection may sit idle before it is closed (nil: never).
+    let idleTimeout: Duration?
+    /// The request body limit: a request declaring a longer body is not invited to send it.
+    let maxBodyBytes: Int
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
@@ -34,14 +38,19 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
                 try pipeline.addHandler(RawResponseWriter())
                 try pipeline.addHandler(HTTPResponseEncoder(configuration: .init()))
                 try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: limits)))
-                try pipeline.addHandler(passThrough.makeHandler())
+                try pipeline.addHandler(passThrough.makeHandler(idleTimeout: idleTimeout.map(TimeAmount.init)))
             } else {
                 try pipeline.configureHTTPServerPipeline(
                     withPipeliningAssistance: false, withErrorHandling: false, withOutboundHeaderValidation: false,
                     withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
             }
+            // The router's requests (all of them without the pass-through); the pass-through
+            // answers `Expect: 100-continue` on its own requests.
+            try pipeline.addHandler(ExpectContinueHandler(maxBodyBytes: maxBodyBytes))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
-            try pipeline.addHandler(HTTPConnectionStateHandler(idleTimeout: nil, logger: logger))
+            // With the pass-through, this handler sees only the router's requests, so the
+            // pass-through handler, which sees them all, keeps the idle timeout instead.
+            try pipeline.addHandler(HTTPConnectionStateHandler(idleTimeout: passThrough == nil ? idleTimeout : nil, logger: logger))
             return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
         }
     }

@@ -99,7 +99,10 @@ public struct GatehouseServer: Sendable {
     /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key;
     /// with the chat pass-through in every connection's pipeline when the backend allows it.
     private func makeServerBuilder(passThrough: ChatPassThrough?) throws -> HTTPServerBuilder {
-        let http1 = HTTPServerBuilder { responder in GatehouseHTTP1Channel(responder: responder, passThrough: passThrough) }
+        let idleTimeout = config.idleTimeout > 0 ? Duration.nanoseconds(Int64(config.idleTimeout * 1e9)) : nil
+        let http1 = HTTPServerBuilder { responder in
+            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: config.maxBodyBytes)
+        }
         guard config.tls.enabled else { return http1 }
         let chain: [NIOSSLCertificateSource]
         let key: NIOSSLPrivateKey
