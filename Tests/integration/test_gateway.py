@@ -492,6 +492,50 @@ def test_expect_100_continue_is_answered_before_the_body(gateway, backend):
 
 
 @both_backends
+def test_http_1_0_clients_and_connection_close_are_honoured(gateway, backend):
+    server = gateway(backend, extra_config="cache: {enabled: false}\n")
+
+    def chat(version, stream=False, extra=""):
+        body = json.dumps({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).encode()
+        return (f"POST /v1/chat/completions HTTP/{version}\r\nContent-Type: application/json\r\n{extra}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def until_closed(payload: bytes) -> tuple[bytes, list[bytes], bytes]:
+        """Sends `payload` and reads until the server closes (which it must, within 10 s):
+        the status line, the header lines, the body."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(payload)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        status, *fields = head.split(b"\r\n")
+        return status, [f.lower() for f in fields], body
+
+    # HTTP/1.0 without keep-alive: a 1.0 answer, then the close (router and chat alike).
+    for request in (b"GET /health HTTP/1.0\r\n\r\n", chat("1.0")):
+        status, fields, body = until_closed(request)
+        assert status == b"HTTP/1.0 200 OK" and b"connection: close" in fields, (status, fields)
+        assert b"status" in body or b"Echo: hello" in body
+    # A 1.0 stream cannot be chunked: the SSE bytes as they are, ended by the close.
+    status, fields, body = until_closed(chat("1.0", stream=True, extra="Connection: keep-alive\r\n"))
+    assert status == b"HTTP/1.0 200 OK" and not any(f.startswith(b"transfer-encoding") for f in fields), fields
+    assert body.startswith(b"data: {") and body.endswith(b"data: [DONE]\n\n"), body
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in body.decode().split("\n\n")
+                   if e.startswith("data: {")) == "Echo: hello"
+    # `close` in any case ends an HTTP/1.1 connection.
+    status, fields, _ = until_closed(b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: Close\r\n\r\n")
+    assert status == b"HTTP/1.1 200 OK" and b"connection: close" in fields
+    # An HTTP/1.0 keep-alive is confirmed and kept: two requests on one connection.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        reader = ResponseReader(sock)
+        for request in (b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", chat("1.0", extra="Connection: keep-alive\r\n")):
+            sock.sendall(request)
+            response = reader.response()
+            assert response.startswith(b"HTTP/1.0 200 OK\r\n") and b"\r\nconnection: keep-alive\r\n" in response.lower(), response
+
+
+@both_backends
 def test_idle_client_connections_are_closed(gateway, backend):
     server = gateway(backend, extra_config="server: {idle_timeout: 1s}\ncache: {enabled: false}\n")
     chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()

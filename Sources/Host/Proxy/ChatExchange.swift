@@ -614,7 +614,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         head.add("X-Request-ID", requestID)
         head.add("Date", loop.httpDate)
         head.add("Server", passThrough.serverName)
-        if closesConnection { head.add("Connection", "close") }
+        if closesConnection {
+            head.add("Connection", "close")
+        } else if self.head.version.minor == 0 {
+            head.add("Connection", "keep-alive")  // an HTTP/1.0 client assumes a close unless told
+        }
     }
 
     /// Streams to HTTP/1.1 clients are chunked; HTTP/1.0 ones end when the connection closes.

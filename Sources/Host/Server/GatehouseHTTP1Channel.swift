@@ -44,9 +44,9 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
                     withPipeliningAssistance: false, withErrorHandling: false, withOutboundHeaderValidation: false,
                     withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
             }
-            // The router's requests (all of them without the pass-through); the pass-through
-            // answers `Expect: 100-continue` on its own requests.
-            try pipeline.addHandler(ExpectContinueHandler(maxBodyBytes: maxBodyBytes))
+            // For the router's requests (all of them without the pass-through, which keeps
+            // versions and keep-alive and answers `Expect` for its own).
+            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             // With the pass-through, this handler sees only the router's requests, so the
             // pass-through handler, which sees them all, keeps the idle timeout instead.

@@ -1,0 +1,117 @@
+// What the router's HTTP/1 requests need beyond HTTPTypes: their version and keep-alive kept, and `Expect: 100-continue` answered.
+internal import NIOCore
+internal import NIOHTTP1
+
+extension HTTPRequestHead {
+    /// Whether the client waits for `100 Continue` before sending the body, and should be sent
+    /// one: an HTTP/1.1 request with `Expect: 100-continue` that does not declare a body longer
+    /// than `maxBodyBytes`. Such a body would be refused anyway; without the invitation the client
+    /// sends it after its own wait (curl: 1 s), and gets its 413 then.
+    func shouldContinue(maxBodyBytes: Int) -> Bool {
+        guard version.major == 1, version.minor >= 1 else { return false }  // never to HTTP/1.0 (RFC 9110, 15.2.1)
+        guard headers.contains(name: "Expect"),
+            headers[canonicalForm: "Expect"].contains(where: { $0.lowercased() == "100-continue" })
+        else { return false }
+        if let length = headers.first(name: "Content-Length").flatMap(Int.init), length > maxBodyBytes { return false }
+        return true
+    }
+}
+
+/// Sits between NIO's HTTP/1 codec and the conversion to HTTPTypes for the router, and keeps
+/// what that conversion loses:
+///
+/// - **The request's version and keep-alive.** HTTPTypes has no version, so every response
+///   would go out as HTTP/1.1 (chunked, to an HTTP/1.0 client that cannot read chunks), and
+///   Hummingbird closes a connection only on the exact header value `Connection: close`. So a
+///   request that does not keep the connection alive (HTTP/1.0 without `keep-alive`, or any
+///   `close` token in any case) reaches the router as `Connection: close`, and its response goes
+///   out in the request's version with `Connection: close` (an HTTP/1.0 body without a length
+///   then ends where the connection does). An HTTP/1.0 keep-alive is confirmed with
+///   `Connection: keep-alive`, as such clients expect.
+/// - **`Expect: 100-continue`.** NIO leaves it to the application and Hummingbird does not
+///   answer it, so a client that asks would wait out its own timeout before sending the body.
+///   An interim answer must not land inside another response: a request read while an earlier
+///   response is still being written (a pipelining client, or one that sent its next request as
+///   soon as it had the last body byte, before the router wrote the response's end) gets its
+///   `100` when that response has ended.
+final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// A request read whose response has not ended.
+    private struct Unanswered {
+        let version: HTTPVersion
+        let keepAlive: Bool
+        /// Still owed a `100 Continue`.
+        var awaitsContinue: Bool
+        /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
+        var closeAfterResponse = false
+    }
+
+    private let maxBodyBytes: Int
+    /// Oldest first: the front one's response is the one being written.
+    private var unanswered = CircularBuffer<Unanswered>()
+
+    init(maxBodyBytes: Int) {
+        self.maxBodyBytes = maxBodyBytes
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(var head) = unwrapInboundIn(data) else { return context.fireChannelRead(data) }
+        let keepAlive = head.isKeepAlive
+        unanswered.append(Unanswered(version: head.version, keepAlive: keepAlive, awaitsContinue: head.shouldContinue(maxBodyBytes: maxBodyBytes)))
+        if unanswered.count == 1 { sendContinueIfAwaited(context) }
+        if keepAlive || head.headers.first(name: "Connection") == "close" { return context.fireChannelRead(data) }
+        head.headers.replaceOrAdd(name: "Connection", value: "close")
+        context.fireChannelRead(wrapInboundOut(.head(head)))
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head(var head) where head.status.code >= 200 || head.status == .switchingProtocols:
+            guard var request = unanswered.first else { return context.write(data, promise: promise) }
+            // A final answer written without reading the body (an early 401, say): no 100 now.
+            request.awaitsContinue = false
+            unanswered[unanswered.startIndex] = request
+            let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
+            guard toHTTP10 || !request.keepAlive else { return context.write(data, promise: promise) }
+            if toHTTP10 {
+                head.version = .http1_0
+                // HTTP/1.0 has no chunks: a body without a length ends where the connection does.
+                head.headers.remove(name: "Transfer-Encoding")
+                if request.keepAlive, !head.headers.contains(name: "Content-Length"), head.status.mayHaveResponseBody {
+                    request.closeAfterResponse = true
+                    unanswered[unanswered.startIndex] = request
+                }
+            }
+            if !request.keepAlive || request.closeAfterResponse {
+                head.headers.replaceOrAdd(name: "Connection", value: "close")
+            } else {
+                head.headers.replaceOrAdd(name: "Connection", value: "keep-alive")  // an HTTP/1.0 client assumes a close unless told
+            }
+            context.write(wrapOutboundOut(.head(head)), promise: promise)
+        case .end:
+            guard let request = unanswered.popFirst() else { return context.write(data, promise: promise) }
+            if request.closeAfterResponse {
+                // The router, told keep-alive, would wait for another request.
+                context.writeAndFlush(data, promise: promise)
+                context.close(promise: nil)
+                return
+            }
+            context.write(data, promise: promise)
+            sendContinueIfAwaited(context)
+        default:
+            context.write(data, promise: promise)
+        }
+    }
+
+    /// The `100` of the oldest unanswered request, if it is owed one.
+    private func sendContinueIfAwaited(_ context: ChannelHandlerContext) {
+        guard var request = unanswered.first, request.awaitsContinue else { return }
+        request.awaitsContinue = false
+        unanswered[unanswered.startIndex] = request
+        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: .continue))), promise: nil)
+    }
+}
