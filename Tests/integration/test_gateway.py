@@ -536,6 +536,49 @@ def test_http_1_0_clients_and_connection_close_are_honoured(gateway, backend):
 
 
 @both_backends
+def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, backend):
+    server = gateway(backend, extra_config="cache: {enabled: false}\n")
+
+    def responses(payload: bytes) -> list[tuple[int, dict, bytes]]:
+        """Sends `payload`, reads until the server closes (which it must): each response's status,
+        lower-cased header fields and body."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(payload)
+            reader, answers = ResponseReader(sock), []
+            while True:
+                try:
+                    response = reader.response()
+                except AssertionError:  # closed
+                    assert reader.buffer == b"", reader.buffer
+                    return answers
+                head, _, body = response.partition(b"\r\n\r\n")
+                status, *lines = head.decode().split("\r\n")
+                answers.append((int(status.split()[1]), dict(l.lower().split(": ", 1) for l in lines), body))
+
+    def error_of(answer, status, code):
+        assert answer[0] == status, answer
+        assert answer[1]["content-type"] == "application/json" and answer[1]["connection"] == "close", answer
+        error = json.loads(answer[2])["error"]
+        assert error["code"] == code and error["request_id"] == answer[1]["x-request-id"], error
+        return error["message"]
+
+    chunked = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    [big] = responses(b"GET /health HTTP/1.1\r\nHost: g\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert "too large (the limit is 80 KB)" in error_of(big, 431, "header_too_large")
+    [garbage] = responses(b"NOT HTTP AT ALL\r\n\r\n")
+    assert error_of(garbage, 400, "malformed_http") == "malformed HTTP request: invalid method"
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        [bad_chunk] = responses(f"POST {path} HTTP/1.1\r\nHost: g\r\n{chunked}".encode())
+        assert bad_chunk[0] == 400 and json.loads(bad_chunk[2])["error"]["message"] == "malformed HTTP request: invalid chunk size in the chunked body"
+    # Behind a request still being answered: that answer first, then the error.
+    health, after = responses(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\nNOT HTTP\r\n\r\n")
+    assert health[0] == 200 and error_of(after, 400, "malformed_http")
+    assert sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) >= 3
+    # Everything else keeps serving.
+    assert client_for(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "Echo: hi"
+
+
+@both_backends
 def test_idle_client_connections_are_closed(gateway, backend):
     server = gateway(backend, extra_config="server: {idle_timeout: 1s}\ncache: {enabled: false}\n")
     chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()

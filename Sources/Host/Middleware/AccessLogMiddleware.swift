@@ -3,6 +3,7 @@ internal import Foundation
 public import Hummingbird
 internal import Logging
 internal import NIOCore
+internal import NIOHTTP1
 
 /// The outermost gateway middleware after the request id: converts Hummingbird's own errors
 /// (404 no route, 413 body too large, ...) and unexpected errors into OpenAI-shaped JSON,
@@ -67,6 +68,9 @@ public struct AccessLogMiddleware: RouterMiddleware {
             return openAIError(for: error, request: request).response(requestID: context.requestID)
         case is NIOTooManyBytesError:
             return openAIError(for: HTTPError(.contentTooLarge), request: request).response(requestID: context.requestID)
+        case let error as HTTPParserError:
+            // The body broke HTTP's framing (a bad chunk size, say): the client's error.
+            return OpenAIError.malformedRequest(error).response(requestID: context.requestID)
         default:
             context.logger.error("unhandled error", metadata: ["error": .string(String(describing: error))])
             return OpenAIError(.internalServerError, "internal error: \(error)").response(requestID: context.requestID)

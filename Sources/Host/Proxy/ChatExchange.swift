@@ -121,6 +121,15 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
+    /// The request cannot be read to its end (its body broke HTTP's framing): answer `error`,
+    /// after which the connection closes.
+    func requestFailed(_ error: OpenAIError) {
+        guard phase == .reading else { return }
+        phase = .waiting
+        body = ByteBuffer()
+        answer(error)
+    }
+
     /// The whole request is in: check it (in the router's order: key, rate, size, JSON), answer
     /// from the cache, or call the upstream.
     func requestEnded() {
@@ -628,10 +637,10 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var responseVersion: HTTPVersion { head.version.minor == 0 ? .http1_0 : .http1_1 }
 
     /// After this answer the connection closes: the client asked (or spoke HTTP/1.0 without
-    /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), or
-    /// the gateway is shutting down.
+    /// keep-alive, or is an HTTP/1.0 client getting a stream, which only a close can end), the
+    /// gateway is shutting down, or the parser rejected what followed the request.
     private var closesConnection: Bool {
-        handler?.isQuiescing == true || !keepAlive || (stream && head.version.minor == 0)
+        handler?.closesAfterAnswer == true || !keepAlive || (stream && head.version.minor == 0)
     }
 
     private func logAccess() {

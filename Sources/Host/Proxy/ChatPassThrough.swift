@@ -140,6 +140,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var routerMethods = CircularBuffer<HTTPMethod>()
     /// The router response being written answers a HEAD request: it has no body.
     private var suppressingBody = false
+    /// The parser rejected what followed the exchange in progress: close when it has ended.
+    private var closeAfterExchange = false
+    /// What the parser rejected after router requests whose responses were still to be written.
+    private var rejectedAfterPending: HTTPParserError?
     private let idleTimeout: TimeAmount?
     /// When the client last sent a request part, or was last sent the end of an answer.
     private var lastActivity = NIODeadline.now()
@@ -306,6 +310,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             }
             routerResponsesPending -= 1
             if idleTimeout != nil { lastActivity = .now() }
+            if routerResponsesPending == 0, let rejected = rejectedAfterPending {
+                rejectedAfterPending = nil
+                return answerRejected(rejected, context)
+            }
             if routerResponsesPending == 0, !queued.isEmpty { drain() }
         }
     }
@@ -329,6 +337,40 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A request NIO's parser rejected: the parser cannot find the next one, so the connection
+    /// closes once the error is answered. In a body the router is reading, the router answers
+    /// (its read fails); in the body of an exchange, the exchange answers; after requests still
+    /// being answered, the error is answered when they have been (after an exchange, the
+    /// connection just closes).
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
+        queued.removeAll()
+        if let exchange {
+            closeAfterExchange = true
+            if reader == .exchange {
+                reader = .none
+                exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
+            }
+        } else if routerResponsesPending > 0 {
+            rejectedAfterPending = parserError
+        } else {
+            answerRejected(parserError, context)
+        }
+    }
+
+    private func answerRejected(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
+        guard let rawWriter else { return }
+        let (failure, requestID) = HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger)
+        let body = ByteBuffer(data: failure.body(requestID: requestID))
+        var head = ResponseHead(version: .http1_1, status: failure.status.code)
+        for (name, value) in [("Content-Type", "application/json"), ("Content-Length", String(body.readableBytes)), ("X-Request-ID", requestID), ("Connection", "close")] {
+            head.add(name, value)
+        }
+        rawWriter.write(head.finish(appending: body))
+        rawWriter.flushNow()
+        context.close(promise: nil)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         let exchange = exchange
         self.exchange = nil
@@ -344,8 +386,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     // MARK: For the exchange
 
-    /// Whether the client connection is closing after the response in progress.
-    var isQuiescing: Bool { quiesceHeld }
+    /// Whether the client connection closes after the response in progress (shutdown, or the
+    /// parser rejected what followed the request).
+    var closesAfterAnswer: Bool { quiesceHeld || closeAfterExchange }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
@@ -363,6 +406,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         exchange = nil
         if idleTimeout != nil { lastActivity = .now() }
         // Closing drops writes not yet flushed, and the answer's flush waits for the round's end.
+        let closeConnection = closeConnection || closeAfterExchange
         if quiesceHeld || closeConnection { context.flush() }
         if quiesceHeld {
             quiesceHeld = false

@@ -22,12 +22,15 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
     /// The request body limit: a request declaring a longer body is not invited to send it.
     let maxBodyBytes: Int
 
+    /// The longest request head, and header field, accepted (Hummingbird's limits); longer gets 431.
+    static let maxHeaderBytes = 80 * 1024
+
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
             // HTTP1Channel's default decoder limits.
             var limits = NIOHTTPDecoderLimitConfiguration()
-            limits.maxHeaderFieldSize = 80 * 1024
-            limits.maxHeaderListSize = 80 * 1024
+            limits.maxHeaderFieldSize = Self.maxHeaderBytes
+            limits.maxHeaderListSize = Self.maxHeaderBytes
             limits.maxHeaderFieldCount = 1000
             let pipeline = channel.pipeline.syncOperations
             if let passThrough {
@@ -46,7 +49,7 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
             }
             // For the router's requests (all of them without the pass-through, which keeps
             // versions and keep-alive and answers `Expect` for its own).
-            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes))
+            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             // With the pass-through, this handler sees only the router's requests, so the
             // pass-through handler, which sees them all, keeps the idle timeout instead.

@@ -1,4 +1,5 @@
 // What the router's HTTP/1 requests need beyond HTTPTypes: their version and keep-alive kept, and `Expect: 100-continue` answered.
+internal import Logging
 internal import NIOCore
 internal import NIOHTTP1
 
@@ -34,6 +35,8 @@ extension HTTPRequestHead {
 ///   response is still being written (a pipelining client, or one that sent its next request as
 ///   soon as it had the last body byte, before the router wrote the response's end) gets its
 ///   `100` when that response has ended.
+/// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
+///   naming the problem, then the close, rather than Hummingbird's empty 400.
 final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -51,15 +54,61 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     private let maxBodyBytes: Int
+    private let logger: Logger
     /// Oldest first: the front one's response is the one being written.
     private var unanswered = CircularBuffer<Unanswered>()
+    /// Between a request's head and its end.
+    private var readingBody = false
+    /// What the parser rejected after requests whose responses were still to be written.
+    private var rejectedAfterPending: HTTPParserError?
 
-    init(maxBodyBytes: Int) {
+    init(maxBodyBytes: Int, logger: Logger) {
         self.maxBodyBytes = maxBodyBytes
+        self.logger = logger
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // In a body the router is reading, the error is the router's to answer (its read fails).
+        guard let parserError = error as? HTTPParserError, !readingBody else { return context.fireErrorCaught(error) }
+        if unanswered.isEmpty {
+            answer(parserError, context)
+        } else {
+            rejectedAfterPending = parserError  // answered once the responses before it have ended
+        }
+    }
+
+    /// Answers a request the parser rejected, then closes: the parser cannot find the next one.
+    private func answer(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
+        let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger)
+        let body = ByteBuffer(data: failure.body(requestID: requestID))
+        let head = HTTPResponseHead(
+            version: .http1_1, status: HTTPResponseStatus(statusCode: failure.status.code),
+            headers: ["Content-Type": "application/json", "Content-Length": String(body.readableBytes), "X-Request-ID": requestID, "Connection": "close"])
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.close(promise: nil)
+    }
+
+    /// The error a rejected request is answered with, and its new request id; logged at info,
+    /// as the access log would show a 400 (there is no method or path to log).
+    static func logRejected(_ error: HTTPParserError, client: SocketAddress?, logger: Logger) -> (OpenAIError, requestID: String) {
+        let failure = OpenAIError.malformedRequest(error)
+        let requestID = RequestIDGenerator.next()
+        logger.info(
+            "request rejected by the HTTP parser",
+            metadata: [
+                "status": .stringConvertible(failure.status.code), "reason": .string(failure.message), "client": .string(client?.ipAddress ?? "unknown"),
+                "request_id": .string(requestID),
+            ])
+        return (failure, requestID)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .head(var head) = unwrapInboundIn(data) else { return context.fireChannelRead(data) }
+        let part = unwrapInboundIn(data)
+        if case .end = part { readingBody = false }
+        guard case .head(var head) = part else { return context.fireChannelRead(data) }
+        readingBody = true
         let keepAlive = head.isKeepAlive
         unanswered.append(Unanswered(version: head.version, keepAlive: keepAlive, awaitsContinue: head.shouldContinue(maxBodyBytes: maxBodyBytes)))
         if unanswered.count == 1 { sendContinueIfAwaited(context) }
@@ -101,6 +150,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
                 return
             }
             context.write(data, promise: promise)
+            if unanswered.isEmpty, let rejected = rejectedAfterPending {
+                rejectedAfterPending = nil
+                answer(rejected, context)
+            }
             sendContinueIfAwaited(context)
         default:
             context.write(data, promise: promise)

@@ -2,6 +2,7 @@
 internal import Foundation
 public import HTTPTypes
 public import Hummingbird
+internal import NIOHTTP1
 
 /// A client-visible error, rendered the way OpenAI's API renders errors.
 public struct OpenAIError: HTTPResponseError, Sendable {
@@ -56,5 +57,28 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         var fields = headers
         fields[.contentType] = "application/json"
         return Response(status: status, headers: fields, body: .init(byteBuffer: ByteBuffer(data: body(requestID: requestID))))
+    }
+}
+
+extension OpenAIError {
+    /// The answer to a request NIO's HTTP/1 parser rejected, after which the connection closes
+    /// (the parser cannot find the next request): 431 for a head over the size limit, else 400
+    /// naming what was wrong.
+    static func malformedRequest(_ error: HTTPParserError) -> OpenAIError {
+        let problem: String
+        switch error {
+        case .headerOverflow:
+            return OpenAIError(
+                .requestHeaderFieldsTooLarge, "request header fields are too large (the limit is \(GatehouseHTTP1Channel.maxHeaderBytes / 1024) KB)",
+                code: "header_too_large")
+        case .invalidMethod: problem = "invalid method"
+        case .invalidURL: problem = "invalid request target"
+        case .invalidVersion: problem = "invalid or unsupported HTTP version"
+        case .invalidHeaderToken, .invalidCharactersUsed, .lfExpected, .invalidConstant: problem = "invalid characters in the request line or a header field"
+        case .invalidContentLength, .unexpectedContentLength: problem = "invalid Content-Length (or both Content-Length and Transfer-Encoding)"
+        case .invalidChunkSize: problem = "invalid chunk size in the chunked body"
+        default: problem = "rejected by the HTTP/1.1 parser (conflicting or unsupported framing headers, or invalid syntax)"
+        }
+        return OpenAIError(.badRequest, "malformed HTTP request: \(problem)", code: "malformed_http")
     }
 }
