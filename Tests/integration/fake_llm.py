@@ -19,6 +19,8 @@ Special model names change behaviour:
   busy          429: the upstream is rate limiting
   garbage       200 with a body that is not JSON
   crash         (streams) two tokens, then the backend's own mid-stream error
+  thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
+                word per line, before the answer) unless the request has "think": false
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
@@ -191,16 +193,22 @@ class FakeLLM:
                 prompt = prompt_tokens(body["messages"])
                 done_reason = "length" if truncated else "stop"
                 tool_calls = [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}] if text is None else None
+                thinking = ["Let", " me", " think."] if model == "thinker" and body.get("think") is not False else []
                 if not body.get("stream", True):
                     if model.startswith("slow"):
                         time.sleep(0.2 * len(tokens))
                     message = {"role": "assistant", "content": "".join(tokens)}
+                    if thinking:
+                        message["thinking"] = "".join(thinking)
                     if tool_calls:
                         message["tool_calls"] = tool_calls
                     return self._send(200, {"model": model, "created_at": "2026-11-23T10:00:00Z", "message": message,
                                             "done": True, "done_reason": done_reason, "total_duration": 1000,
                                             "prompt_eval_count": prompt, "eval_count": len(tokens)})
                 self._start_chunked("application/x-ndjson")
+                for thought in thinking:
+                    self._chunk(json.dumps({"model": model, "created_at": "2026-11-23T10:00:00Z", "done": False,
+                                            "message": {"role": "assistant", "content": "", "thinking": thought}}).encode() + b"\n")
                 for index, token in enumerate(tokens):
                     if model.startswith("slow"):
                         time.sleep(0.2)

@@ -390,6 +390,34 @@ def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     assert len(fake_llm.calls("/api/chat")) == 2
 
 
+def test_ollama_reasoning_maps_to_and_from_think(gateway, fake_llm):
+    server = gateway("ollama", extra_config="cache: {enabled: false}\n")
+    client = client_for(server)
+    ask = {"model": "thinker", "messages": [{"role": "user", "content": "hi"}]}
+    # The model's thinking comes back as `reasoning`, beside the answer, as Ollama's /v1 sends it.
+    answer = client.chat.completions.create(**ask, reasoning_effort="low").choices[0].message
+    assert answer.content == "Echo: hi" and answer.model_extra["reasoning"] == "Let me think."
+    assert fake_llm.calls("/api/chat")[-1][3]["think"] == "low"
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"reasoning": {"effort": "high"}}))
+    assert fake_llm.calls("/api/chat")[-1][3]["think"] == "high"
+    assert "".join(c.choices[0].delta.model_extra.get("reasoning") or "" for c in chunks if c.choices) == "Let me think."
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: hi"
+    # "none" turns thinking off; without an effort, the model's default (no `think` sent).
+    answer = client.chat.completions.create(**ask, reasoning_effort="none").choices[0].message
+    assert fake_llm.calls("/api/chat")[-1][3]["think"] is False and "reasoning" not in (answer.model_extra or {})
+    client.chat.completions.create(**ask)
+    assert "think" not in fake_llm.calls("/api/chat")[-1][3]
+    # An earlier answer's reasoning goes back to Ollama as `thinking`.
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Echo: hi", "reasoning": "Let me think."},
+               {"role": "user", "content": "again"}]
+    client.chat.completions.create(model="thinker", messages=history)
+    assert fake_llm.calls("/api/chat")[-1][3]["messages"][1]["thinking"] == "Let me think."
+    # An effort Ollama does not know is the client's error, named.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, extra_body={"reasoning_effort": "extreme"})
+    assert refused.value.body["code"] == "invalid_reasoning_effort" and '(got "extreme")' in refused.value.body["message"]
+
+
 def test_request_validation_errors_sent_as_500_are_the_clients_400(gateway):
     # llama-cpp-python answers request validation errors with HTTP 500; they are the client's to fix.
     server = gateway("openai")

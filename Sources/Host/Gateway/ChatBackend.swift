@@ -51,6 +51,16 @@ enum OpenAIShapes {
         (try? JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes])) ?? Data("{}".utf8)
     }
 
+    /// A JSON value as it would be written, for error messages (`"extreme"`, `3`, `true`).
+    static func describe(_ value: Any) -> String {
+        if let text = value as? String { return "\"\(text)\"" }
+        if let flag = JSONNumbers.bool(value) { return flag ? "true" : "false" }
+        if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .sortedKeys]) {
+            return String(decoding: data, as: UTF8.self)
+        }
+        return String(describing: value)
+    }
+
     static func usage(prompt: Int, completion: Int) -> [String: Any] {
         ["prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion]
     }

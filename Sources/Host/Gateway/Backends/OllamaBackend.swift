@@ -6,7 +6,8 @@ internal import NIOHTTP1
 
 /// Talks to Ollama natively. Ollama streams NDJSON (one JSON object per line), not SSE; each line
 /// becomes one OpenAI `chat.completion.chunk`. Token counts come from `prompt_eval_count` and
-/// `eval_count`.
+/// `eval_count`. A reasoning model's thinking (`message.thinking`) comes out as `reasoning` in
+/// messages and deltas, and `reasoning_effort` becomes `think`, as Ollama's own `/v1` maps them.
 struct OllamaBackend: ChatBackend {
     let client: UpstreamClient
     var name: String { "ollama" }
@@ -23,6 +24,7 @@ struct OllamaBackend: ChatBackend {
         let prompt = (reply["prompt_eval_count"]).flatMap(JSONNumbers.int) ?? 0
         let completion = (reply["eval_count"]).flatMap(JSONNumbers.int) ?? 0
         var assistant: [String: Any] = ["role": "assistant", "content": text]
+        if let thinking = message["thinking"] as? String, !thinking.isEmpty { assistant["reasoning"] = thinking }
         if !toolCalls.isEmpty { assistant["tool_calls"] = toolCalls }
         let json = OpenAIShapes.data([
             "id": OpenAIShapes.completionID(), "object": "chat.completion", "created": OpenAIShapes.now(),
@@ -90,8 +92,10 @@ struct OllamaBackend: ChatBackend {
     // MARK: OpenAI -> Ollama
 
     /// The `/api/chat` body for an OpenAI request: messages converted, sampling parameters
-    /// moved into `options` (`max_tokens` becomes `num_predict`; `temperature: 0` is kept).
-    /// - Throws: a 400 when `tool_choice` names a function that is not in `tools`.
+    /// moved into `options` (`max_tokens` becomes `num_predict`; `temperature: 0` is kept),
+    /// `reasoning_effort` (or `reasoning.effort`) into `think`.
+    /// - Throws: a 400 when `tool_choice` names a function that is not in `tools`, or the
+    ///   reasoning effort is not one Ollama knows.
     static func translate(_ request: ChatRequest, stream: Bool) throws(OpenAIError) -> Data {
         var out: [String: Any] = ["model": request.model, "stream": stream]
         var toolNames: [String: String] = [:]
@@ -120,7 +124,25 @@ struct OllamaBackend: ChatBackend {
             }
         }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
+        if let think = try think(request.body) { out["think"] = think }
         return OpenAIShapes.data(out)
+    }
+
+    /// Ollama's `think` for a request: from OpenAI's `reasoning.effort` or `reasoning_effort`
+    /// (`"none"` turns thinking off; `"low"`, `"medium"` and `"high"` pass as they are), else
+    /// Ollama's own `think` if the client sent it; nil leaves the model's default.
+    static func think(_ body: [String: Any]) throws(OpenAIError) -> Any? {
+        let field = (body["reasoning"] as? [String: Any])?["effort"] != nil ? "reasoning.effort" : "reasoning_effort"
+        let value = (body["reasoning"] as? [String: Any])?["effort"] ?? body["reasoning_effort"]
+        guard let value, !(value is NSNull) else { return body["think"].flatMap { $0 is NSNull ? nil : $0 } }
+        switch value as? String {
+        case "none": return false
+        case let effort? where ["low", "medium", "high"].contains(effort): return effort
+        default:
+            throw OpenAIError(
+                .badRequest, "'\(field)' must be one of \"low\", \"medium\", \"high\" or \"none\" for Ollama (got \(OpenAIShapes.describe(value)))",
+                code: "invalid_reasoning_effort")
+        }
     }
 
     /// The tools to offer Ollama, which has no `tool_choice`: none for `"none"`; only the named
@@ -157,6 +179,10 @@ struct OllamaBackend: ChatBackend {
             out["content"] = ""
         }
         if !images.isEmpty { out["images"] = images }
+        // An earlier answer's reasoning, sent back (Ollama's `/v1` name; DeepSeek's and vLLM's too).
+        if let thinking = message["reasoning"] as? String ?? message["reasoning_content"] as? String, !thinking.isEmpty {
+            out["thinking"] = thinking
+        }
         if let calls = message["tool_calls"] as? [[String: Any]] {
             out["tool_calls"] = calls.map { call -> [String: Any] in
                 let function = call["function"] as? [String: Any] ?? [:]
@@ -218,6 +244,7 @@ struct OllamaBackend: ChatBackend {
             let message = line["message"] as? [String: Any] ?? [:]
             var delta: [String: Any] = [:]
             if let content = message["content"] as? String, !content.isEmpty { delta["content"] = content }
+            if let thinking = message["thinking"] as? String, !thinking.isEmpty { delta["reasoning"] = thinking }
             var calls = OllamaBackend.openAIToolCalls(message["tool_calls"])
             if !calls.isEmpty {
                 sawToolCalls = true
