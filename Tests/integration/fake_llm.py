@@ -9,6 +9,7 @@ Special model names change behaviour:
   missing       404 like Ollama/OpenAI for an unknown model
   broken        500 with an error body
   tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
+  tools-with-ids  the same, the calls carrying ids (Ollama since 0.12; without them before)
   split         (OpenAI SSE) send every event in 5-byte pieces, each its own HTTP chunk
   truncated     (streams) end the HTTP body cleanly but early: Ollama without its "done": true
                 line, OpenAI without `data: [DONE]`
@@ -69,9 +70,9 @@ class FakeLLM:
             return [r for r in self.requests if r[1] == path]
 
     def answer(self, model, messages):
-        if model == "tools" and not any(m.get("role") == "tool" for m in messages):
+        if model.startswith("tools") and not any(m.get("role") == "tool" for m in messages):
             return None
-        if model == "tools":
+        if model.startswith("tools"):
             tool_result = next(m for m in reversed(messages) if m.get("role") == "tool")
             return f"The tool said: {tool_result.get('content')}"
         return "Echo: " + last_user_text(messages)
@@ -127,7 +128,8 @@ class FakeLLM:
                 elif self.path == "/api/tags":
                     self._send(200, {"models": [
                         {"name": "llama3.2:1b", "model": "llama3.2:1b", "modified_at": "2026-01-02T03:04:05.123456789Z", "size": 1},
-                        {"name": "qwen3:0.6b", "model": "qwen3:0.6b", "modified_at": "2026-02-03T04:05:06Z", "size": 2}]})
+                        {"name": "qwen3:0.6b", "model": "qwen3:0.6b", "modified_at": "2026-02-03T04:05:06Z", "size": 2},
+                        {"name": "hf.co/org/repo:Q4_K_M", "model": "hf.co/org/repo:Q4_K_M", "modified_at": "2026-02-03T04:05:06Z", "size": 3}]})
                 elif self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [
                         {"id": "smollm2", "object": "model", "created": 1700000000, "owned_by": "llamacpp"}]})
@@ -169,7 +171,7 @@ class FakeLLM:
                     return self._openai_chat(body)
                 if self.path == "/api/embed":
                     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-                    return self._send(200, {"model": model, "embeddings": [[0.1, 0.2, float(len(t))] for t in inputs],
+                    return self._send(200, {"model": model, "embeddings": [[0.1, 0.2, float(len(t))][:body.get("dimensions")] for t in inputs],
                                             "prompt_eval_count": sum(len(t.split()) for t in inputs)})
                 if self.path == "/v1/embeddings":
                     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -193,6 +195,8 @@ class FakeLLM:
                 prompt = prompt_tokens(body["messages"])
                 done_reason = "length" if truncated else "stop"
                 tool_calls = [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}] if text is None else None
+                if tool_calls and model == "tools-with-ids":
+                    tool_calls[0]["id"] = "call_ollama_7"
                 thinking = ["Let", " me", " think."] if model == "thinker" and body.get("think") is not False else []
                 if not body.get("stream", True):
                     if model.startswith("slow"):

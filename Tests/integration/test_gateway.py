@@ -1,10 +1,12 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client, in front of a stand-in
 upstream speaking Ollama's NDJSON or OpenAI's SSE."""
+import base64
 import json
 import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -96,6 +98,14 @@ def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
     sent = fake_llm.calls("/api/chat")[-1][3]["messages"]
     assert sent[1]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}]
     assert sent[2] == {"role": "tool", "content": "12:00", "tool_name": "get_time"}
+    # Ollama's call ids are kept (made up above, where the calls had none); a tool result
+    # naming its function without a call id is named too.
+    assert call.id.startswith("call_")
+    with_id = client.chat.completions.create(model="tools-with-ids", messages=[{"role": "user", "content": "time?"}], tools=tools)
+    assert with_id.choices[0].message.tool_calls[0].id == "call_ollama_7"
+    client.chat.completions.create(model="tools", tools=tools, messages=[
+        {"role": "user", "content": "time?"}, {"role": "tool", "name": "get_time", "content": "12:00"}])
+    assert fake_llm.calls("/api/chat")[-1][3]["messages"][1] == {"role": "tool", "content": "12:00", "tool_name": "get_time"}
 
     stream = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "time?"}], tools=tools, stream=True)
     deltas = [c.choices[0].delta for c in stream if c.choices]
@@ -120,10 +130,33 @@ def test_models_and_embeddings(gateway, backend):
     server = gateway(backend)
     client = client_for(server)
     ids = [m.id for m in client.models.list()]
-    assert ids == (["llama3.2:1b", "qwen3:0.6b"] if backend == "ollama" else ["smollm2"])
+    assert ids == (["llama3.2:1b", "qwen3:0.6b", "hf.co/org/repo:Q4_K_M"] if backend == "ollama" else ["smollm2"])
+    for model_id in ids:
+        model = client.models.retrieve(model_id)
+        assert model.id == model_id and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["message"] == "the model 'no-such-model' does not exist"
     embedding = client.embeddings.create(model="nomic", input=["a b", "c"])
     assert len(embedding.data) == 2 and embedding.data[1].index == 1
     assert len(embedding.data[0].embedding) >= 2
+
+
+def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
+    server = gateway("ollama")
+    client = client_for(server)
+    # The SDK asks for base64 unless told otherwise: little-endian float32s, which it decodes.
+    sdk = client.embeddings.create(model="nomic", input=["a b", "c"])
+    assert fake_llm.calls("/api/embed")[-1][3] == {"model": "nomic", "input": ["a b", "c"]}
+    assert [list(d.embedding) for d in sdk.data] == [pytest.approx([0.1, 0.2, 3.0]), pytest.approx([0.1, 0.2, 1.0])]
+    raw = server.client.post("/v1/embeddings", json={"model": "nomic", "input": "a b", "encoding_format": "base64"}).json()
+    assert struct.unpack("<3f", base64.b64decode(raw["data"][0]["embedding"])) == pytest.approx((0.1, 0.2, 3.0))
+    # Floats when asked; `dimensions` reaches Ollama.
+    floats = client.embeddings.create(model="nomic", input="a b", encoding_format="float", dimensions=2)
+    assert fake_llm.calls("/api/embed")[-1][3]["dimensions"] == 2 and floats.data[0].embedding == [0.1, 0.2]
+    bad = server.client.post("/v1/embeddings", json={"model": "nomic", "input": "x", "encoding_format": "hex"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_encoding_format"
+    assert bad.json()["error"]["message"] == "'encoding_format' must be \"float\" or \"base64\" (got \"hex\")"
 
 
 @both_backends

@@ -5,7 +5,7 @@ internal import Hummingbird
 internal import Logging
 internal import NIOCore
 
-/// Registers `/v1/chat/completions`, `/v1/models`, `/v1/embeddings` and `/health/ready`.
+/// Registers `/v1/chat/completions`, `/v1/models` (and `/v1/models/<id>`), `/v1/embeddings` and `/health/ready`.
 struct GatewayRoutes {
     let chat: ChatService
     let maxBodyBytes: Int
@@ -27,6 +27,17 @@ struct GatewayRoutes {
         }
         router.get("/v1/models") { _, context in
             Response.json(try await chat.backend.models(requestID: context.requestID))
+        }
+        router.get("/v1/models/**") { request, context in
+            // Model ids may hold slashes and colons (hf.co/org/repo:Q4_K_M): all of the rest of the path.
+            let rawID = request.uri.path.dropFirst("/v1/models/".count)
+            let id = rawID.removingPercentEncoding ?? String(rawID)
+            let list = try await chat.backend.models(requestID: context.requestID)
+            let models = ((try? JSONSerialization.jsonObject(with: list)) as? [String: Any])?["data"] as? [[String: Any]] ?? []
+            guard let model = models.first(where: { $0["id"] as? String == id }) else {
+                throw OpenAIError(.notFound, "the model '\(id)' does not exist", type: "invalid_request_error", code: "model_not_found")
+            }
+            return try Response.json(object: model)
         }
         router.post("/v1/embeddings") { request, context in
             let body = try await request.body.collect(upTo: maxBodyBytes)

@@ -69,20 +69,49 @@ struct OllamaBackend: ChatBackend {
         return OpenAIShapes.data(["object": "list", "data": models])
     }
 
+    /// `/api/embed`, with `dimensions` passed on and each vector returned as floats or, when
+    /// `encoding_format` is `"base64"` (what OpenAI's SDKs ask for by default), as the base64 of
+    /// its little-endian float32s.
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
         guard let model = body["model"] as? String, let input = body["input"] else {
             throw OpenAIError(.badRequest, "embeddings need 'model' and 'input'", code: "invalid_request")
         }
-        let ollamaBody = OpenAIShapes.data(["model": model, "input": input])
-        let reply = try await client.call(.POST, "/api/embed", json: ollamaBody, requestID: requestID, backend: name)
+        let base64: Bool
+        switch body["encoding_format"] {
+        case nil, is NSNull, "float" as String: base64 = false
+        case "base64" as String: base64 = true
+        case let other?:
+            throw OpenAIError(
+                .badRequest, "'encoding_format' must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))", code: "invalid_encoding_format")
+        }
+        var request: [String: Any] = ["model": model, "input": input]
+        if let dimensions = body["dimensions"], !(dimensions is NSNull) {
+            guard let count = JSONNumbers.int(dimensions), count > 0 else {
+                throw OpenAIError(.badRequest, "'dimensions' must be a positive integer", code: "invalid_dimensions")
+            }
+            request["dimensions"] = count
+        }
+        let reply = try await client.call(.POST, "/api/embed", json: OpenAIShapes.data(request), requestID: requestID, backend: name)
         let object = (try? JSONSerialization.jsonObject(with: Data(reply.readableBytesView)) as? [String: Any]) ?? [:]
         let vectors = object["embeddings"] as? [Any] ?? []
         let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
         return OpenAIShapes.data([
             "object": "list", "model": model,
-            "data": vectors.enumerated().map { ["object": "embedding", "index": $0.offset, "embedding": $0.element] },
+            "data": vectors.enumerated().map { index, vector in
+                ["object": "embedding", "index": index, "embedding": base64 ? Self.base64Float32(vector) : vector]
+            },
             "usage": ["prompt_tokens": prompt, "total_tokens": prompt],
         ])
+    }
+
+    /// A vector as OpenAI's base64 encoding: its numbers as little-endian float32s, base64-encoded.
+    static func base64Float32(_ vector: Any) -> String {
+        var bytes: [UInt8] = []
+        for value in vector as? [Any] ?? [] {
+            let bits = Float(JSONNumbers.double(value) ?? 0).bitPattern.littleEndian
+            withUnsafeBytes(of: bits) { bytes.append(contentsOf: $0) }
+        }
+        return Data(bytes).base64EncodedString()
     }
 
     func checkReady(requestID: String) async throws {
@@ -197,7 +226,10 @@ struct OllamaBackend: ChatBackend {
                 return ["function": ["name": name, "arguments": arguments]]
             }
         }
-        if let id = message["tool_call_id"] as? String, let name = toolNames[id] { out["tool_name"] = name }
+        // A tool result names its function: from the call it answers, else its own `name`.
+        if let name = (message["tool_call_id"] as? String).flatMap({ toolNames[$0] }) ?? (out["role"] as? String == "tool" ? message["name"] as? String : nil) {
+            out["tool_name"] = name
+        }
         return out
     }
 
@@ -208,8 +240,10 @@ struct OllamaBackend: ChatBackend {
         return calls.enumerated().map { index, call in
             let function = call["function"] as? [String: Any] ?? [:]
             let arguments = function["arguments"].flatMap { try? JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]) }
+            // Ollama gives calls ids since 0.12; earlier ones get one made up.
+            let id = (call["id"] as? String).flatMap { $0.isEmpty ? nil : $0 } ?? "call_\(UUID().uuidString.prefix(8).lowercased())_\(index)"
             return [
-                "id": "call_\(UUID().uuidString.prefix(8).lowercased())_\(index)", "type": "function",
+                "id": id, "type": "function",
                 "function": ["name": function["name"] as? String ?? "", "arguments": arguments.map { String(decoding: $0, as: UTF8.self) } ?? "{}"],
             ]
         }
