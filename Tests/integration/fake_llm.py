@@ -49,6 +49,7 @@ class FakeLLM:
     def __init__(self, port=0):
         self.requests = []  # (method, path, headers dict lower-case, parsed json or None)
         self.peers = []  # the client port of each request, to tell reused connections apart
+        self.abandoned = []  # the path of each stream whose reader hung up before its end
         self.lock = threading.Lock()
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
@@ -114,8 +115,13 @@ class FakeLLM:
                 self.end_headers()
 
             def _chunk(self, data: bytes):
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
+                try:
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    with fake.lock:
+                        fake.abandoned.append(self.path)  # the gateway hung up mid-stream
+                    raise
 
             def _end_chunked(self):
                 self.wfile.write(b"0\r\n\r\n")

@@ -468,6 +468,22 @@ def test_request_validation_errors_sent_as_500_are_the_clients_400(gateway):
 
 
 @both_backends
+def test_a_client_leaving_mid_stream_stops_the_upstream_generating(gateway, fake_llm, backend):
+    server = gateway(backend, extra_config="cache: {enabled: false}\n")
+    words = " ".join(["word"] * 20)  # 21 tokens 0.2 s apart: 4 s if nobody hangs up
+    with server.client.stream("POST", "/v1/chat/completions", json={
+            "model": "slow-model", "stream": True, "messages": [{"role": "user", "content": words}]}) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    # The gateway closes its upstream connection, so the upstream's next writes fail (a real
+    # Ollama or llama.cpp server then stops generating) rather than being read to the end.
+    deadline = time.monotonic() + 3
+    while not fake_llm.abandoned:
+        assert time.monotonic() < deadline, "the upstream went on streaming to the gateway"
+        time.sleep(0.05)
+    assert fake_llm.abandoned == [CHAT_PATH[backend]]
+
+
+@both_backends
 def test_streams_are_bounded_by_silence_not_by_total_length(gateway, backend):
     server = gateway(backend, env={"TIMEOUT": "1s"})
     body = {"messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}
