@@ -56,6 +56,16 @@ import Testing
         #expect(config.shutdownTimeout == 3)
     }
 
+    @Test func theExampleConfigIsValidAndHoldsTheDefaults() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let text = try String(contentsOf: root.appendingPathComponent("gatehouse.example.yaml"), encoding: .utf8)
+        var config = GatehouseConfig()
+        #expect(config.apply(yaml: text, file: "gatehouse.example.yaml").map(\.description) == [])
+        let defaults = GatehouseConfig()
+        #expect(config.port == defaults.port && config.idleTimeout == defaults.idleTimeout && config.trustedProxies == defaults.trustedProxies)
+        #expect(config.shutdownTimeout == defaults.shutdownTimeout && config.maxBodyBytes == defaults.maxBodyBytes)
+    }
+
     @Test func idleTimeoutDefaultsToNginxsAndZeroTurnsItOff() {
         var config = GatehouseConfig()
         #expect(config.idleTimeout == 75)
@@ -178,22 +188,23 @@ import Testing
         var routed = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
         routed[metadataKey: "request_id"] = "r-9"
         routed[metadataKey: "status"] = "overridden"
-        let metadata: Logger.Metadata = ["method": "POST", "path": "/v1/x?key=sk-abcdefgh123", "status": .stringConvertible(201), "latency_ms": "1.005"]
+        let metadata: Logger.Metadata = ["method": "POST", "path": "/v1/x?key=sk-abcdefgh123", "status": .stringConvertible(201), "latency_ms": "1.005", "client": "10.0.0.7"]
         routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
-        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil)
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil, client: "10.0.0.7")
         // The pass-through's way: the id given directly, not in the handler's metadata.
         var plain = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
         plain[metadataKey: "status"] = "overridden"
-        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9")
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9", client: "10.0.0.7")
         // The usual metadata (none, or only the request id) takes the direct way; same line.
         routed[metadataKey: "status"] = nil
         plain[metadataKey: "status"] = nil
         routed.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
-        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil)
-        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9")
+        routed.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: nil, client: "10.0.0.7")
+        plain.logAccess(method: "POST", path: "/v1/x?key=sk-abcdefgh123", status: 201, latency: .microseconds(1005), requestID: "r-9", client: "10.0.0.7")
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { $0.replacing(/"ts":"[^"]*"/, with: "") }
         #expect(lines.count == 6 && Set(lines).count == 1)
         #expect(lines[0].contains(#""path":"/v1/x?key=[REDACTED]""#) && lines[0].contains(#""status":"201""#))
+        #expect(lines[0].hasPrefix(#"{"client":"10.0.0.7","label":"gatehouse","#))
     }
 
     @Test func linesLoggedOnAnEventLoopAreWrittenInOrderAtTheEndOfItsRound() throws {
@@ -204,9 +215,9 @@ import Testing
         defer { try? group.syncShutdownGracefully() }
         let long = String(repeating: "x", count: Int(PIPE_BUF))  // longer than one write may be
         let lineCounts = try group.next().submit { () -> Int in
-            for index in 0..<40 { handler.logAccess(method: "GET", path: "/\(index)", status: 200, latency: .microseconds(1), requestID: nil) }
+            for index in 0..<40 { handler.logAccess(method: "GET", path: "/\(index)", status: 200, latency: .microseconds(1), requestID: nil, client: "127.0.0.1") }
             handler.log(event: LogEvent(level: .info, message: "\(long)", metadata: nil, source: "s", file: "f", function: "f", line: 1))
-            handler.logAccess(method: "GET", path: "/last", status: 200, latency: .microseconds(1), requestID: nil)
+            handler.logAccess(method: "GET", path: "/last", status: 200, latency: .microseconds(1), requestID: nil, client: "127.0.0.1")
             // Still in the loop's round: the long line went out after the lines before it; the last waits.
             return (try? String(contentsOfFile: path, encoding: .utf8))?.split(separator: "\n").count ?? 0
         }.wait()

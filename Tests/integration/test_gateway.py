@@ -205,6 +205,32 @@ def test_rate_limit_answers_429_with_retry_after(gateway):
 
 
 @both_backends
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited_and_logged(gateway, backend):
+    limits = "rate_limit: {requests_per_second: 0.1, burst: 2}\ncache: {enabled: false}\n"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    def statuses(server, client_ip, count=3):
+        forwarded = {"X-Forwarded-For": f"6.6.6.6, {client_ip}"}  # the left part is whatever the client claimed
+        return [server.client.post("/v1/chat/completions", json=body, headers=forwarded).status_code if i % 2 == 0
+                else server.client.get("/v1/models", headers=forwarded).status_code for i in range(count)]
+
+    proxied = gateway(backend, extra_config=limits + "server: {trusted_proxies: [127.0.0.1]}\n")
+    # Each forwarded client has its own bucket, on chat completions and the router alike.
+    assert statuses(proxied, "203.0.113.1") == [200, 200, 429]
+    assert statuses(proxied, "203.0.113.2") == [200, 200, 429]
+    deadline = time.monotonic() + 5  # access lines are written at the end of their loop's round
+    while len(access := [l for l in proxied.log_lines() if l.get("msg") == "request" and l["path"] != "/health/live"]) < 6:
+        assert time.monotonic() < deadline, access
+        time.sleep(0.05)
+    assert [l["client"] for l in access] == ["203.0.113.1"] * 3 + ["203.0.113.2"] * 3, access
+    proxied.stop()
+    # Without trusted proxies the header means nothing: every request is the peer's.
+    direct = gateway(backend, extra_config=limits)
+    assert statuses(direct, "203.0.113.1", 2) + statuses(direct, "203.0.113.2", 1) == [200, 200, 429]
+    assert {l["client"] for l in direct.log_lines() if l.get("msg") == "request"} == {"127.0.0.1"}  # the probe's too
+
+
+@both_backends
 def test_rate_limit_applies_to_chat_completions(gateway, backend):
     server = gateway(backend, extra_config="rate_limit: {requests_per_second: 0.5, burst: 2}\n")
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}

@@ -60,6 +60,14 @@ extension GatehouseConfig {
         if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
         if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
         if let timeout = seconds("GATEHOUSE_IDLE_TIMEOUT") { idleTimeout = timeout }
+        if let text = value("GATEHOUSE_TRUSTED_PROXIES") {
+            let ranges = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            if let wrong = ranges.first(where: { IPRange($0) == nil }) {
+                bad("GATEHOUSE_TRUSTED_PROXIES", "must be IP addresses or CIDR ranges separated by commas ('\(wrong)' is neither)")
+            } else {
+                trustedProxies = ranges
+            }
+        }
         if let file = value("LOG_FILE") { logFile = file }
         if let debug = flag("DEBUG"), debug { logLevel = "debug" }
         if let directory = value("GATEHOUSE_PLUGINS_DIR") { pluginsDirectory = directory }

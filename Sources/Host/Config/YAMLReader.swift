@@ -130,6 +130,28 @@ final class YAMLReader {
         return flag
     }
 
+    /// IP addresses or CIDR ranges: a YAML list of strings, or one string of them separated by commas.
+    func ipRanges(_ mapping: Node.Mapping, _ key: String, at path: String) -> [String]? {
+        guard let value = node(mapping, key) else { return nil }
+        let items: [Node]
+        if let sequence = value.sequence { items = Array(sequence) } else { items = [value] }
+        var ranges: [String] = []
+        for item in items {
+            guard let text = item.scalar?.string else {
+                problem(join(path, key), item, "must be a list of IP addresses or CIDR ranges (got \(Self.describe(item)))")
+                return nil
+            }
+            for part in text.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !part.isEmpty {
+                guard IPRange(part) != nil else {
+                    problem(join(path, key), item, "'\(part)' is not an IP address or CIDR range (like 10.0.0.0/8 or ::1)")
+                    return nil
+                }
+                ranges.append(part)
+            }
+        }
+        return ranges
+    }
+
     /// A duration: a number of seconds, or a string like "250ms", "30s", "5m", "1h".
     func duration(_ mapping: Node.Mapping, _ key: String, at path: String) -> Double? {
         guard let value = node(mapping, key) else { return nil }

@@ -51,16 +51,18 @@ public struct JSONLogHandler: LogHandler {
     }
 
     /// The access-log line of one request: exactly the line `log(event:)` writes for
-    /// `info("request", metadata: ["method", "path", "status", "latency_ms"])`, with `requestID`
+    /// `info("request", metadata: ["client", "method", "path", "status", "latency_ms"])`, with `requestID`
     /// (when given) as if it were handler metadata, but without building metadata dictionaries
     /// (every request writes one). The caller has checked the level.
-    func logAccess(method: String, path: String, status: Int, latency: Duration, requestID: String?) {
+    func logAccess(method: String, path: String, status: Int, latency: Duration, requestID: String?, client: String) {
         // The usual case, no metadata but the request id: the keys' sorted order is known, so
         // the line is written straight into the sink's buffer (no field list, no sort, no copy).
         if metadata.isEmpty || (metadata.count == 1 && metadata["request_id"] != nil) {
             let id = requestID ?? metadata["request_id"].map(Self.plain)
             sink.writeLine { line in
-                line.append(contentsOf: #"{"label":"#.utf8)
+                line.append(contentsOf: #"{"client":"#.utf8)
+                Self.appendQuoted(client, to: &line)
+                line.append(contentsOf: #","label":"#.utf8)
                 Self.appendQuoted(label, to: &line)
                 line.append(contentsOf: #","latency_ms":""#.utf8)
                 Self.appendMilliseconds(latency, to: &line)
@@ -83,6 +85,7 @@ public struct JSONLogHandler: LogHandler {
         var fields: [(key: String, value: String)] = [
             ("level", "info"), ("msg", "request"), ("label", label), ("method", Redactor.redact(text: method)),
             ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
+            ("client", client),
         ]
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
             fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
@@ -130,7 +133,7 @@ public struct JSONLogHandler: LogHandler {
         }
     }
 
-    private static let accessKeys: Set<String> = ["method", "path", "status", "latency_ms"]
+    private static let accessKeys: Set<String> = ["client", "method", "path", "status", "latency_ms"]
 
     /// Writes `fields` and the timestamp as one JSON object line, keys in sorted order.
     private func write(_ fields: inout [(key: String, value: String)]) {

@@ -26,7 +26,9 @@ public struct AccessLogMiddleware: RouterMiddleware {
         } catch {
             response = Self.response(for: error, request: request, context: context)
         }
-        Self.log(context.logger, method: request.method.rawValue, path: request.uri.path, status: response.status.code, elapsed: ContinuousClock.now - start)
+        Self.log(
+            context.logger, method: request.method.rawValue, path: request.uri.path, status: response.status.code, elapsed: ContinuousClock.now - start,
+            client: context.remoteAddress)
         if let metrics {
             let route = context.endpointPath ?? "unmatched"
             let method = request.method.rawValue
@@ -44,16 +46,17 @@ public struct AccessLogMiddleware: RouterMiddleware {
     }
 
     /// The access-log line of one request (also written by the chat pass-through, which passes
-    /// `requestID` instead of keeping it in the logger's metadata).
-    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, requestID: String? = nil) {
+    /// `requestID` instead of keeping it in the logger's metadata). `client` is the client's
+    /// address (behind trusted proxies, the one they forwarded).
+    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, requestID: String? = nil, client: String) {
         guard logger.logLevel <= .info else { return }
         if let handler = logger.handler as? JSONLogHandler {
-            handler.logAccess(method: method, path: path, status: status, latency: elapsed, requestID: requestID)
+            handler.logAccess(method: method, path: path, status: status, latency: elapsed, requestID: requestID, client: client)
             return
         }
         var metadata: Logger.Metadata = [
             "method": .string(method), "path": .string(path), "status": .stringConvertible(status),
-            "latency_ms": .string(JSONLogHandler.milliseconds(elapsed)),
+            "latency_ms": .string(JSONLogHandler.milliseconds(elapsed)), "client": .string(client),
         ]
         if let requestID { metadata["request_id"] = .string(requestID) }
         logger.info("request", metadata: metadata)

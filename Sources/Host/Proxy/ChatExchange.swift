@@ -646,9 +646,10 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func logAccess() {
         let elapsed = ContinuousClock.now - started
         if let handler = passThrough.accessLogHandler {
-            handler.logAccess(method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, requestID: requestID)
+            handler.logAccess(method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, requestID: requestID, client: remoteAddress)
         } else {
-            AccessLogMiddleware.log(passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: elapsed, requestID: requestID)
+            AccessLogMiddleware.log(
+                passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: elapsed, requestID: requestID, client: remoteAddress)
         }
     }
 

@@ -36,6 +36,8 @@ final class ChatPassThrough: Sendable {
     /// profiles); nil when the level hides access lines or another handler is installed.
     let accessLogHandler: JSONLogHandler?
     let serverName: String
+    /// Who a request comes from behind trusted proxies (as the router's ClientAddressMiddleware).
+    let clientAddresses: ClientAddressResolver
     private let loops = Mutex<[ObjectIdentifier: NIOLoopBound<PassThroughLoop>]>([:])
 
     /// Nil unless the backend is `openai` over plain HTTP (https upstreams, and Ollama's
@@ -66,6 +68,7 @@ final class ChatPassThrough: Sendable {
         self.logger = logger
         accessLogHandler = logger.logLevel <= .info ? logger.handler as? JSONLogHandler : nil
         self.serverName = serverName
+        clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
     }
 
     /// A handler for one new connection (added to every HTTP/1 channel's pipeline), which
@@ -261,7 +264,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     rawWriter.write(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
                     rawWriter.flushNow()
                 }
-                exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: remoteAddress)
+                let client =
+                    passThrough.clientAddresses.isEnabled
+                    ? passThrough.clientAddresses.clientAddress(peer: remoteAddress, forwardedFor: head.headers["X-Forwarded-For"]) : remoteAddress
+                exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: client)
             } else {
                 reader = .router
                 routerResponsesPending += 1

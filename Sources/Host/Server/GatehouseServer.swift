@@ -43,6 +43,8 @@ public struct GatehouseServer: Sendable {
         // Order matters: ids first, then the access log (sees every final response), then
         // auth and rate limits, then plugins' middleware, then the routes.
         let router = Router(context: GatehouseRequestContext.self)
+        let clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
+        if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
