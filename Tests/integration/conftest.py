@@ -65,7 +65,8 @@ class PluginsDir:
 class Gatehouse:
     """A running gatehouse process with its log captured to a file."""
 
-    def __init__(self, tmp: Path, plugins: Path, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1"):
+    def __init__(self, tmp: Path, plugins: Path, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1",
+                 preexec_fn=None):
         self.port = free_port()
         self.base = f"http://{host}:{self.port}"
         self.log_path = tmp / f"gatehouse-{self.port}.log"
@@ -77,7 +78,8 @@ class Gatehouse:
         self.args = [str(GATEHOUSE), "serve", "--config", str(config_path), "--plugins-dir", str(plugins),
                      "--port", str(self.port), *extra_args]
         self.log_file = open(self.log_path, "w")
-        self.process = subprocess.Popen(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
+        self.process = subprocess.Popen(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
+                                        preexec_fn=preexec_fn)
         self.client = httpx.Client(base_url=self.base, timeout=30)
         self.wait_ready()
 
@@ -152,11 +154,13 @@ def plugins_dir(tmp_path) -> PluginsDir:
 
 @pytest.fixture
 def start(tmp_path, built):
-    """start(plugins_dir, config_yaml="", env=None, extra_args=(), host="127.0.0.1") -> Gatehouse (reached at host); stopped after the test."""
+    """start(plugins_dir, config_yaml="", env=None, extra_args=(), host="127.0.0.1", preexec_fn=None) -> Gatehouse (reached at
+    host; preexec_fn runs in the child before exec); stopped after the test."""
     servers = []
 
-    def _start(plugins: PluginsDir, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1") -> Gatehouse:
-        server = Gatehouse(tmp_path, plugins.path, config, env, extra_args, host)
+    def _start(plugins: PluginsDir, config: str = "", env: dict | None = None, extra_args=(), host="127.0.0.1",
+               preexec_fn=None) -> Gatehouse:
+        server = Gatehouse(tmp_path, plugins.path, config, env, extra_args, host, preexec_fn)
         servers.append(server)
         return server
 

@@ -832,6 +832,18 @@ def test_the_bind_address_is_configurable(start, plugins_dir, how):
     assert started and started[0]["address"] == f"127.0.0.2:{server.port}", started
 
 
+def test_the_open_files_soft_limit_is_raised_to_the_hard_limit(start, plugins_dir):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > 256, "this test needs a hard limit above 256"
+    # As under a service manager whose soft limit is low: the gateway raises its own.
+    server = start(plugins_dir, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    limits = next(l for l in open(f"/proc/{server.process.pid}/limits") if l.startswith("Max open files")).split()
+    assert limits[3:5] == [str(hard), str(hard)], limits
+    listening = next(l for l in server.log_lines() if l.get("msg") == "listening")
+    assert listening["open_files_limit"] == str(hard)
+
+
 def test_port_in_use_is_one_clear_line(gateway, tmp_path):
     server = gateway()
     result = subprocess.run([GATEHOUSE, "serve", "--port", str(server.port), "--plugins-dir", str(tmp_path)],

@@ -25,6 +25,7 @@ public struct GatehouseServer: Sendable {
     /// plugins down.
     public func run() async throws {
         try config.validate()
+        let openFiles = OpenFilesLimit.raiseToHardLimit()
         let metrics = GatehouseMetrics()
         let upstream = UpstreamClient(config: config.upstream)
         let chat = ChatService(config: config, client: upstream, metrics: metrics)
@@ -69,6 +70,7 @@ public struct GatehouseServer: Sendable {
                         "backend": .string(config.upstream.backend.rawValue), "upstream": .string(config.upstream.url),
                         "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
                         "chat_pass_through": .stringConvertible(passThrough != nil),
+                        "open_files_limit": .string(openFiles.map { String($0) } ?? "unknown"),
                     ])
             },
             logger: logger
