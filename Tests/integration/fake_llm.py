@@ -173,6 +173,8 @@ class FakeLLM:
                     body = {**body, "stream": False}
                 if self.path == "/api/chat":
                     return self._ollama_chat(body)
+                if self.path in ("/api/generate", "/v1/completions"):
+                    return self._text_completion(body)
                 if self.path == "/v1/chat/completions":
                     return self._openai_chat(body)
                 if self.path == "/api/embed":
@@ -194,6 +196,42 @@ class FakeLLM:
                 if truncated:
                     words = words[:limit]
                 return text, [w if i == 0 else " " + w for i, w in enumerate(words)], truncated
+
+            def _text_completion(self, body):
+                """Ollama's /api/generate (NDJSON stream by default) or OpenAI's /v1/completions (SSE
+                when asked): "Echo: <prompt>", a token per word."""
+                ollama = self.path == "/api/generate"
+                model, prompt = body["model"], body.get("prompt") or ""
+                prompt = " ".join(prompt) if isinstance(prompt, list) else prompt
+                words = ("Echo: " + prompt + body.get("suffix", "")).split(" ")
+                limit = (body.get("options") or {}).get("num_predict") if ollama else body.get("max_tokens")
+                finish = "length" if limit is not None and len(words) > limit else "stop"
+                tokens = [w if i == 0 else " " + w for i, w in enumerate(words[:limit] if limit else words)]
+                counts = len(prompt.split()) or 1, len(tokens)
+                if not body.get("stream", ollama):
+                    if ollama:
+                        return self._send(200, {"model": model, "created_at": "2026-11-23T10:00:00Z", "response": "".join(tokens), "done": True,
+                                                "done_reason": finish, "prompt_eval_count": counts[0], "eval_count": counts[1]})
+                    return self._send(200, {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
+                                            "choices": [{"text": "".join(tokens), "index": 0, "logprobs": None, "finish_reason": finish}],
+                                            "usage": {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": sum(counts)}})
+                self._start_chunked("application/x-ndjson" if ollama else "text/event-stream")
+                base = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model}
+                for token in tokens:
+                    if ollama:
+                        self._chunk(json.dumps({"model": model, "response": token, "done": False}).encode() + b"\n")
+                    else:
+                        self._chunk(b"data: " + json.dumps({**base, "choices": [{"text": token, "index": 0, "finish_reason": None}]}).encode() + b"\n\n")
+                if ollama:
+                    self._chunk(json.dumps({"model": model, "response": "", "done": True, "done_reason": finish,
+                                            "prompt_eval_count": counts[0], "eval_count": counts[1]}).encode() + b"\n")
+                else:
+                    self._chunk(b"data: " + json.dumps({**base, "choices": [{"text": "", "index": 0, "finish_reason": finish}]}).encode() + b"\n\n")
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        usage = {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": sum(counts)}
+                        self._chunk(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
+                    self._chunk(b"data: [DONE]\n\n")
+                self._end_chunked()
 
             def _ollama_chat(self, body):
                 model = body["model"]

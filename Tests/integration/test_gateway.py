@@ -78,6 +78,40 @@ def test_streaming_chat_arrives_in_chunks_and_ends_with_done(gateway, fake_llm, 
     assert not any('"usage"' in line and '"choices": []' in line for line in lines)  # not asked for
 
 
+@both_backends
+def test_legacy_text_completions_whole_and_streamed(gateway, fake_llm, backend):
+    server = gateway(backend)
+    client = client_for(server)
+    path = "/api/generate" if backend == "ollama" else "/v1/completions"
+    whole = client.completions.create(model="m", prompt="hello there", max_tokens=5, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text == "Echo: hello there"
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.prompt_tokens == 2 and whole.usage.completion_tokens == 3
+    sent = fake_llm.calls(path)[-1][3]
+    if backend == "ollama":
+        assert sent["prompt"] == "hello there" and sent["stream"] is False
+        assert sent["options"] == {"num_predict": 5, "temperature": 0}
+    cut = client.completions.create(model="m", prompt="hello there", max_tokens=1)
+    assert cut.choices[0].text == "Echo:" and cut.choices[0].finish_reason == "length"
+    # Fill in the middle: the suffix reaches the upstream.
+    client.completions.create(model="m", prompt="def f(", suffix=" return x")
+    assert fake_llm.calls(path)[-1][3]["suffix"] == " return x"
+    chunks = list(client.completions.create(model="m", prompt="hello there", stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: hello there"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    # The client's errors, named; an Ollama upstream takes only one string prompt.
+    missing = server.client.post("/v1/completions", json={"model": "m"})
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_prompt"
+    listed = server.client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]})
+    if backend == "ollama":
+        assert listed.status_code == 400 and listed.json()["error"]["code"] == "invalid_prompt"
+    else:  # passed through as it came
+        assert listed.status_code == 200 and listed.json()["choices"][0]["text"] == "Echo: a b"
+    # Completion tokens counted from every answer, whole and streamed: 3 + 1 + 5 + 3 (+ 3).
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == (12 if backend == "ollama" else 15)
+
+
 def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
     server = gateway("ollama")
     client = client_for(server)

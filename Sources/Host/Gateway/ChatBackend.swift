@@ -29,6 +29,13 @@ protocol ChatBackend: Sendable {
     /// so the client gets a proper error status instead of an empty 200.
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error>
 
+    /// `POST /v1/completions` (legacy text completions), whole: `json` is OpenAI's `text_completion`.
+    func textCompletion(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion
+
+    /// `POST /v1/completions` streamed: `text_completion` chunks, then usage. Throws before any
+    /// event if the upstream is unreachable or refuses, as `stream` does.
+    func textCompletionStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error>
+
     /// `GET /v1/models` in OpenAI's shape.
     func models(requestID: String) async throws -> Data
 
@@ -43,6 +50,10 @@ protocol ChatBackend: Sendable {
 enum OpenAIShapes {
     static func completionID() -> String {
         "chatcmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+    }
+
+    static func textCompletionID() -> String {
+        "cmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
     }
 
     static func now() -> Int { Int(Date().timeIntervalSince1970) }
@@ -66,9 +77,9 @@ enum OpenAIShapes {
     }
 
     /// A final usage-only chunk, as OpenAI sends when `stream_options.include_usage` is set.
-    static func usageChunk(id: String, model: String, created: Int, prompt: Int, completion: Int) -> Data {
+    static func usageChunk(id: String, model: String, created: Int, prompt: Int, completion: Int, object: String = "chat.completion.chunk") -> Data {
         data([
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [Any](),
+            "id": id, "object": object, "created": created, "model": model, "choices": [Any](),
             "usage": usage(prompt: prompt, completion: completion),
         ])
     }

@@ -47,12 +47,34 @@ final class ChatService: Sendable {
     /// A streamed completion; token counts and the upstream time are recorded when it ends.
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now
-        let events = try await backend.stream(request, requestID: requestID)
+        return measured(try await backend.stream(request, requestID: requestID), operation: "chat_stream", started: started)
+    }
+
+    /// A legacy text completion (`/v1/completions`). Not cached: it serves code completion,
+    /// where the same prompt rarely comes twice.
+    func textComplete(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
+        let started = ContinuousClock.now
+        let completion = try await backend.textCompletion(request, requestID: requestID)
+        metrics?.recordUpstream(backend: backend.name, operation: "completion", duration: ContinuousClock.now - started)
+        metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
+        return completion
+    }
+
+    /// A streamed legacy text completion, measured as chat streams are.
+    func textStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+        let started = ContinuousClock.now
+        return measured(try await backend.textCompletionStream(request, requestID: requestID), operation: "completion_stream", started: started)
+    }
+
+    /// `events`, recording its token counts as they come and the upstream time when it ends.
+    private func measured(
+        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, operation: String, started: ContinuousClock.Instant
+    ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         guard let metrics else { return events }
         let backendName = backend.name
         return EventPump(
             events.makeAsyncIterator(), mapError: { $0 },
-            onFinish: { metrics.recordUpstream(backend: backendName, operation: "chat_stream", duration: ContinuousClock.now - started) },
+            onFinish: { metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started) },
             endedEarly: { _ in nil }  // the backend's own pump has judged the ending
         ) { event in
             if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }

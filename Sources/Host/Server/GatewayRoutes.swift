@@ -1,11 +1,11 @@
-// The OpenAI-compatible surface: chat completions (JSON and SSE), models, embeddings, readiness.
+// The OpenAI-compatible surface: chat and text completions (JSON and SSE), models, embeddings, readiness.
 internal import Foundation
 internal import HTTPTypes
 internal import Hummingbird
 internal import Logging
 internal import NIOCore
 
-/// Registers `/v1/chat/completions`, `/v1/models` (and `/v1/models/<id>`), `/v1/embeddings` and `/health/ready`.
+/// Registers `/v1/chat/completions`, `/v1/completions`, `/v1/models` (and `/v1/models/<id>`), `/v1/embeddings` and `/health/ready`.
 struct GatewayRoutes {
     let chat: ChatService
     let maxBodyBytes: Int
@@ -17,13 +17,22 @@ struct GatewayRoutes {
             let body = try await request.body.collect(upTo: maxBodyBytes)
             let chatRequest = try ChatRequest.parse(body)
             if chatRequest.stream {
-                return try await streamResponse(chatRequest, context: context)
+                return streamResponse(try await chat.stream(chatRequest, requestID: context.requestID), context: context)
             }
             let (completion, hit) = try await chat.complete(chatRequest, requestID: context.requestID)
             return Response(
                 status: .ok,
                 headers: [.contentType: "application/json", Self.cacheHeader: chat.cache == nil ? "BYPASS" : hit ? "HIT" : "MISS"],
                 body: .init(byteBuffer: ByteBuffer(data: completion.json)))
+        }
+        router.post("/v1/completions") { request, context in
+            let completionRequest = try TextCompletionRequest.parse(try await request.body.collect(upTo: maxBodyBytes))
+            if completionRequest.stream {
+                return streamResponse(try await chat.textStream(completionRequest, requestID: context.requestID), context: context)
+            }
+            let completion = try await chat.textComplete(completionRequest, requestID: context.requestID)
+            return Response(
+                status: .ok, headers: [.contentType: "application/json", Self.cacheHeader: "BYPASS"], body: .init(byteBuffer: ByteBuffer(data: completion.json)))
         }
         router.get("/v1/models") { _, context in
             Response.json(try await chat.backend.models(requestID: context.requestID))
@@ -60,10 +69,9 @@ struct GatewayRoutes {
     }
 
     /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
-    /// before the first byte become ordinary error responses (thrown from `chat.stream`); a
-    /// failure mid-stream becomes an `error` event, as OpenAI's API does.
-    private func streamResponse(_ request: ChatRequest, context: GatehouseRequestContext) async throws -> Response {
-        let events = try await chat.stream(request, requestID: context.requestID)
+    /// before the first byte become ordinary error responses (thrown where the stream is
+    /// opened); a failure mid-stream becomes an `error` event, as OpenAI's API does.
+    private func streamResponse(_ events: AsyncThrowingStream<ChatStreamEvent, any Error>, context: GatehouseRequestContext) -> Response {
         let requestID = context.requestID
         let logger = context.logger
         let body = ResponseBody { writer in

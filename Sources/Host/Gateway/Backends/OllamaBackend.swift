@@ -58,6 +58,74 @@ struct OllamaBackend: ChatBackend {
         }.stream
     }
 
+    // MARK: Text completions, on /api/generate
+
+    func textCompletion(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
+        let body = try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name)
+        guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
+            throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
+        }
+        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        let prompt = reply["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
+        let completion = reply["eval_count"].flatMap(JSONNumbers.int) ?? 0
+        let json = OpenAIShapes.data([
+            "id": OpenAIShapes.textCompletionID(), "object": "text_completion", "created": OpenAIShapes.now(),
+            "model": reply["model"] as? String ?? request.model,
+            "choices": [["index": 0, "text": reply["response"] as? String ?? "", "logprobs": NSNull(), "finish_reason": Self.finishReason(reply, hasToolCalls: false)]],
+            "usage": OpenAIShapes.usage(prompt: prompt, completion: completion),
+        ])
+        return ChatCompletion(json: json, promptTokens: prompt, completionTokens: completion)
+    }
+
+    func textCompletionStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+        let body = try await client.openStream("/api/generate", json: Self.generateBody(request, stream: true), requestID: requestID, backend: name)
+        let client = self.client
+        let (id, created, model, includeUsage) = (OpenAIShapes.textCompletionID(), OpenAIShapes.now(), request.model, request.includeUsage)
+        func chunk(_ text: String, finishReason: String?) -> Data {
+            OpenAIShapes.data([
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [["index": 0, "text": text, "logprobs": NSNull(), "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
+            ])
+        }
+        return EventPump(
+            NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/generate") },
+            endedEarly: { _ in OpenAIError(.badGateway, "ollama ended the stream before its final message (\"done\": true)", code: "upstream_invalid") }
+        ) { line in
+            guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
+                throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
+            }
+            if let error = object["error"] as? String { throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error") }
+            var events: [ChatStreamEvent] = []
+            if let text = object["response"] as? String, !text.isEmpty { events.append(.chunk(chunk(text, finishReason: nil))) }
+            let done = JSONNumbers.bool(object["done"] ?? false) == true
+            if done {
+                events.append(.chunk(chunk("", finishReason: Self.finishReason(object, hasToolCalls: false))))
+                let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
+                let completion = object["eval_count"].flatMap(JSONNumbers.int) ?? 0
+                events.append(.usage(prompt: prompt, completion: completion))
+                if includeUsage {
+                    events.append(.chunk(OpenAIShapes.usageChunk(id: id, model: model, created: created, prompt: prompt, completion: completion, object: "text_completion")))
+                }
+            }
+            return (events, done)
+        }.stream
+    }
+
+    /// The `/api/generate` body: the prompt (and `suffix`, for fill-in-the-middle) with the
+    /// sampling parameters in `options`, as Ollama's own `/v1/completions` sends it.
+    /// - Throws: a 400 when `prompt` is not one string (Ollama takes no lists of prompts or tokens).
+    static func generateBody(_ request: TextCompletionRequest, stream: Bool) throws(OpenAIError) -> Data {
+        guard let prompt = request.body["prompt"] as? String else {
+            throw OpenAIError(.badRequest, "'prompt' must be a string for Ollama (lists of prompts or of tokens are not supported)", code: "invalid_prompt")
+        }
+        var out: [String: Any] = ["model": request.model, "prompt": prompt, "stream": stream]
+        if let suffix = request.body["suffix"] as? String { out["suffix"] = suffix }
+        let options = Self.options(request.body, maxTokens: request.body["max_tokens"].flatMap(JSONNumbers.int))
+        if !options.isEmpty { out["options"] = options }
+        if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
+        return OpenAIShapes.data(out)
+    }
+
     func models(requestID: String) async throws -> Data {
         let body = try await client.call(.GET, "/api/tags", requestID: requestID, backend: name, timeout: min(client.timeout, 30))
         let tags = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any]) ?? [:]
@@ -129,18 +197,7 @@ struct OllamaBackend: ChatBackend {
         var out: [String: Any] = ["model": request.model, "stream": stream]
         var toolNames: [String: String] = [:]
         out["messages"] = request.messages.map { convert($0, toolNames: &toolNames) }
-        var options: [String: Any] = [:]
-        for (openAI, ollama) in [
-            ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
-            ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"), ("min_p", "min_p"),
-            ("repeat_penalty", "repeat_penalty"),
-        ] {
-            if let value = request.body[openAI], !(value is NSNull) { options[ollama] = value }
-        }
-        if let maxTokens = request.maxTokens { options["num_predict"] = maxTokens }
-        if let stop = request.body["stop"] {
-            if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
-        }
+        let options = Self.options(request.body, maxTokens: request.maxTokens)
         if !options.isEmpty { out["options"] = options }
         if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
             out["tools"] = offered
@@ -172,6 +229,20 @@ struct OllamaBackend: ChatBackend {
                 .badRequest, "'\(field)' must be one of \"low\", \"medium\", \"high\" or \"none\" for Ollama (got \(OpenAIShapes.describe(value)))",
                 code: "invalid_reasoning_effort")
         }
+    }
+
+    /// Ollama's `options` for OpenAI's sampling parameters (`max_tokens` becomes `num_predict`,
+    /// a single `stop` string a list; `temperature: 0` is kept).
+    static func options(_ body: [String: Any], maxTokens: Int?) -> [String: Any] {
+        var options: [String: Any] = [:]
+        for key in ["temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "min_p", "repeat_penalty"] {
+            if let value = body[key], !(value is NSNull) { options[key] = value }
+        }
+        if let maxTokens { options["num_predict"] = maxTokens }
+        if let stop = body["stop"] {
+            if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
+        }
+        return options
     }
 
     /// The tools to offer Ollama, which has no `tool_choice`: none for `"none"`; only the named

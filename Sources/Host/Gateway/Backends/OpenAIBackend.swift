@@ -42,10 +42,14 @@ struct OpenAIBackend: ChatBackend {
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let body = try await client.openStream(
             "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
+        return relay(body, path: "/v1/chat/completions", forwardUsage: request.includeUsage)
+    }
+
+    /// An upstream SSE body as events: chunks pass through as bytes, usage and errors are read.
+    private func relay(_ body: HTTPClientResponse.Body, path: String, forwardUsage: Bool) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let client = self.client
-        let forwardUsage = request.includeUsage
         return EventPump(
-            SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: "/v1/chat/completions") },
+            SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: path) },
             endedEarly: { eventsSeen in
                 // Events without [DONE] are a complete answer from a lax server; none at all is not one.
                 eventsSeen > 0 ? nil : OpenAIError(.badGateway, "openai upstream ended the stream without sending any event", code: "upstream_invalid")
@@ -100,6 +104,24 @@ struct OpenAIBackend: ChatBackend {
 
     private static let usageKey = Array(#""usage""#.utf8)
     private static let errorKey = Array(#""error""#.utf8)
+
+    func textCompletion(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
+        var body = request.body
+        body["stream"] = false
+        body.removeValue(forKey: "stream_options")
+        return try Self.completion(from: try await client.call(.POST, "/v1/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name))
+    }
+
+    /// Passed through as chat streams are: chunks as bytes, usage read where it is sent.
+    func textCompletionStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+        var body = request.body
+        body["stream"] = true
+        var options = body["stream_options"] as? [String: Any] ?? [:]
+        options["include_usage"] = true
+        body["stream_options"] = options
+        let upstream = try await client.openStream("/v1/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name)
+        return relay(upstream, path: "/v1/completions", forwardUsage: request.includeUsage)
+    }
 
     func models(requestID: String) async throws -> Data {
         Data(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name).readableBytesView)
