@@ -95,5 +95,15 @@ try:
 except openai.BadRequestError as error:
     assert error.body["code"] == "upstream_rejected", error.body
     print("upstream validation error (HTTP 500 upstream) reported as 400:", error.body["message"][:200])
+# Legacy text completions and one model's details, through the router.
+assert client.models.retrieve(models[0]).id == models[0]
+started = time.monotonic()
+completion = client.completions.create(model=models[0], prompt="The sky is", max_tokens=12, temperature=0)
+print(f"text completion ({time.monotonic() - started:.1f} s, {completion.usage.completion_tokens} tokens): {completion.choices[0].text!r}")
+assert completion.choices[0].text.strip() and completion.usage.completion_tokens > 0
+pieces = [c.choices[0].text for c in client.completions.create(
+    model=models[0], prompt="The sky is", max_tokens=12, temperature=0, stream=True) if c.choices]
+print(f"text completion streamed ({len(pieces)} chunks): {''.join(pieces)!r}")
+assert "".join(pieces).strip(), "empty text stream"
 print("e2e: OK")
 PY
