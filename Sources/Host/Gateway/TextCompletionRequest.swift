@@ -27,10 +27,10 @@ struct TextCompletionRequest: @unchecked Sendable {
                 ? OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model")
                 : OpenAIError(.badRequest, "'model' must be a non-empty string", code: "invalid_model")
         }
+        // Its form (a string, or lists of strings or tokens) is the backend's to accept.
         guard let prompt = body["prompt"], !(prompt is NSNull) else {
             throw OpenAIError(.badRequest, "missing required field 'prompt'", code: "missing_prompt")
         }
-        _ = prompt
         if let value = body["max_tokens"], !(value is NSNull) {
             guard let count = JSONNumbers.int(value), count > 0 else {
                 throw OpenAIError(.badRequest, "'max_tokens' must be a positive integer", code: "invalid_max_tokens")
