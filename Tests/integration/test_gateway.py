@@ -216,6 +216,25 @@ def test_api_key_auth(gateway, backend):
     assert "s3cret-key" not in server.log()
 
 
+@both_backends
+def test_the_upstream_key_goes_upstream_and_the_clients_key_never_does(start, plugins_dir, fake_llm, backend):
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for upstream_key in ("up-key", None):
+        key_line = f", api_key: {upstream_key}" if upstream_key else ""
+        server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: \"{fake_llm.url}\"{key_line}}}\ncache: {{enabled: false}}\n",
+                       env={"API_KEY": "client-key"})
+        before = len(fake_llm.requests)
+        assert server.client.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer client-key"}).status_code == 200
+        assert server.client.post("/v1/chat/completions", json={**chat, "stream": True}, headers={"X-API-Key": "client-key"}).status_code == 200
+        assert server.client.get("/v1/models", headers={"Authorization": "Bearer client-key"}).status_code == 200
+        seen = fake_llm.requests[before:]
+        assert len(seen) == 3
+        for _, _, headers, _ in seen:
+            assert headers.get("authorization") == (f"Bearer {upstream_key}" if upstream_key else None), headers
+            assert not any("client-key" in value for value in headers.values()), headers
+        server.stop()
+
+
 def test_rate_limit_answers_429_with_retry_after(gateway):
     server = gateway(extra_config="rate_limit: {requests_per_second: 0.5, burst: 3}\n")
     statuses = [server.client.get("/v1/models") for _ in range(8)]

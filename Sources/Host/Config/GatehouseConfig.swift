@@ -31,7 +31,8 @@ public struct GatehouseConfig: Sendable {
     public struct Upstream: Sendable {
         public var backend = Backend.ollama
         public var url = "http://127.0.0.1:11434"
-        /// Sent as `Authorization: Bearer` to OpenAI-compatible backends.
+        /// Sent upstream as `Authorization: Bearer` (to either backend: an Ollama may sit behind an
+        /// authenticating proxy). The client's own key is never forwarded.
         public var apiKey: String?
         /// Seconds: the deadline of a non-streamed upstream call, and the longest silence allowed
         /// between the chunks of a stream (whose total length is capped at an hour).
