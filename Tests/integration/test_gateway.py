@@ -802,8 +802,12 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
             assert lines[-1] == "data: [DONE]" and len(lines) == 6
         with pytest.raises(httpx.TransportError):
             httpx.get(f"https://localhost:{port}/health", verify=True)  # untrusted by the system store
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}/health")  # plain HTTP is not served
+        # Plain HTTP is not served: it gets a 400 saying so, in plain HTTP, and the close.
+        plain = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Connection": "keep-alive"})
+        assert plain.status_code == 400 and plain.headers["connection"] == "close"
+        assert plain.json()["error"]["code"] == "plain_http_on_tls_port" and "use https://" in plain.json()["error"]["message"]
+        # TLS still works after that.
+        assert httpx.get(f"https://localhost:{port}/health", verify=context).status_code == 200
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)

@@ -100,14 +100,16 @@ public struct GatehouseServer: Sendable {
 
     static let serverName = "Gatehouse"
 
-    /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key;
-    /// with the chat pass-through in every connection's pipeline when the backend allows it.
+    /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key
+    /// (where a plain-HTTP request gets a readable 400); with the chat pass-through in every
+    /// connection's pipeline when the backend allows it.
     private func makeServerBuilder(passThrough: ChatPassThrough?) throws -> HTTPServerBuilder {
         let idleTimeout = config.idleTimeout > 0 ? Duration.nanoseconds(Int64(config.idleTimeout * 1e9)) : nil
-        let http1 = HTTPServerBuilder { responder in
-            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: config.maxBodyBytes)
+        let maxBodyBytes = config.maxBodyBytes
+        let http1 = { @Sendable (responder: @escaping HTTPChannelHandler.Responder) in
+            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes)
         }
-        guard config.tls.enabled else { return http1 }
+        guard config.tls.enabled else { return HTTPServerBuilder { http1($0) } }
         let chain: [NIOSSLCertificateSource]
         let key: NIOSSLPrivateKey
         do {
@@ -122,7 +124,9 @@ public struct GatehouseServer: Sendable {
         }
         guard !chain.isEmpty else { throw StartupError("TLS certificate file \(config.tls.certFile) holds no certificate") }
         let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
-        return try .tls(http1, tlsConfiguration: tls)
+        let logger = self.logger
+        // Built once, when the server starts (so is the TLS context).
+        return HTTPServerBuilder { responder in PlainHTTPOnTLSPort(base: try TLSChannel(http1(responder), tlsConfiguration: tls), logger: logger) }
     }
 
     /// Turns a bind failure into the one-line message a user needs.

@@ -1,0 +1,58 @@
+// A plain-HTTP request sent to the TLS port gets a readable 400 naming the mistake, instead of a failed handshake.
+public import HummingbirdCore
+public import Logging
+public import NIOCore
+
+/// Wraps the TLS child channel: before TLS sees a connection's first bytes, a request that is
+/// plain HTTP (it starts with a method's letters, where a TLS client sends a handshake record,
+/// 0x16) is answered in plain HTTP with an OpenAI-shaped 400 and closed, as nginx answers "The
+/// plain HTTP request was sent to HTTPS port". Anything else goes to TLS untouched.
+struct PlainHTTPOnTLSPort<Base: ServerChildChannel>: ServerChildChannel {
+    typealias Value = Base.Value
+    let base: Base
+    let logger: Logger
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(PlainHTTPDetector(logger: self.logger))
+        }.flatMap {
+            base.setup(channel: channel, logger: logger)
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await base.handle(value: value, logger: logger)
+    }
+}
+
+/// Looks at a connection's first read only, then leaves the pipeline.
+final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    private let logger: Logger
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = unwrapInboundIn(data)
+        guard let first = bytes.getInteger(at: bytes.readerIndex, as: UInt8.self), (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(first) else {
+            context.fireChannelRead(data)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            return
+        }
+        let failure = OpenAIError(
+            .badRequest, "this port speaks HTTPS: the request was sent as plain HTTP (use https://)", code: "plain_http_on_tls_port")
+        let requestID = RequestIDGenerator.next()
+        logger.info(
+            "plain HTTP request on the TLS port",
+            metadata: ["client": .string(context.channel.remoteAddress?.ipAddress ?? "unknown"), "request_id": .string(requestID)])
+        let body = failure.body(requestID: requestID)
+        var response = context.channel.allocator.buffer(capacity: 256 + body.count)
+        response.writeString(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nX-Request-ID: \(requestID)\r\nConnection: close\r\n\r\n")
+        response.writeBytes(body)
+        context.writeAndFlush(wrapOutboundOut(response)).whenComplete { _ in context.close(promise: nil) }
+    }
+}
