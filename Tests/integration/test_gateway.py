@@ -729,7 +729,15 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
     # Behind a request still being answered: that answer first, then the error.
     health, after = responses(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\nNOT HTTP\r\n\r\n")
     assert health[0] == 200 and error_of(after, 400, "malformed_http")
-    assert sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) >= 3
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    chat, after = responses(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%sNOT HTTP\r\n\r\n" % (len(body), body))
+    assert chat[0] == 200 and b"Echo: hi" in chat[2] and "connection" not in chat[1], chat
+    assert error_of(after, 400, "malformed_http")
+    deadline = time.monotonic() + 5  # log lines are written at the end of their loop's round
+    while sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) < 4:  # big, garbage, two after
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
     # Everything else keeps serving.
     assert client_for(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "Echo: hi"
 

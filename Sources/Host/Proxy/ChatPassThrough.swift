@@ -143,9 +143,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var routerMethods = CircularBuffer<HTTPMethod>()
     /// The router response being written answers a HEAD request: it has no body.
     private var suppressingBody = false
-    /// The parser rejected what followed the exchange in progress: close when it has ended.
+    /// The parser rejected the body of the exchange in progress: close when it has answered.
     private var closeAfterExchange = false
-    /// What the parser rejected after router requests whose responses were still to be written.
+    /// What the parser rejected after requests whose answers were still to be written (the
+    /// exchange's, or the router's): answered when they have been.
     private var rejectedAfterPending: HTTPParserError?
     private let idleTimeout: TimeAmount?
     /// When the client last sent a request part, or was last sent the end of an answer.
@@ -346,18 +347,15 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// A request NIO's parser rejected: the parser cannot find the next one, so the connection
     /// closes once the error is answered. In a body the router is reading, the router answers
     /// (its read fails); in the body of an exchange, the exchange answers; after requests still
-    /// being answered, the error is answered when they have been (after an exchange, the
-    /// connection just closes).
+    /// being answered, the error is answered when they have been.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
         queued.removeAll()
-        if let exchange {
+        if let exchange, reader == .exchange {
+            reader = .none
             closeAfterExchange = true
-            if reader == .exchange {
-                reader = .none
-                exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
-            }
-        } else if routerResponsesPending > 0 {
+            exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
+        } else if exchange != nil || routerResponsesPending > 0 {
             rejectedAfterPending = parserError
         } else {
             answerRejected(parserError, context)
@@ -393,7 +391,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     // MARK: For the exchange
 
     /// Whether the client connection closes after the response in progress (shutdown, or the
-    /// parser rejected what followed the request).
+    /// parser rejected the request's body).
     var closesAfterAnswer: Bool { quiesceHeld || closeAfterExchange }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
@@ -421,6 +419,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         } else if closeConnection {
             queued.removeAll()
             context.close(promise: nil)
+        } else if let rejected = rejectedAfterPending {
+            rejectedAfterPending = nil
+            answerRejected(rejected, context)
         } else {
             drain()
         }
