@@ -13,16 +13,12 @@ struct OllamaBackend: ChatBackend {
     var name: String { "ollama" }
 
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
-        let body = try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name)
-        guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
-            throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
-        }
-        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        let reply = try Self.replyObject(
+            try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name))
         let message = reply["message"] as? [String: Any] ?? [:]
         let text = message["content"] as? String ?? ""
         let toolCalls = Self.openAIToolCalls(message["tool_calls"])
-        let prompt = (reply["prompt_eval_count"]).flatMap(JSONNumbers.int) ?? 0
-        let completion = (reply["eval_count"]).flatMap(JSONNumbers.int) ?? 0
+        let (prompt, completion) = Self.tokenCounts(reply)
         var assistant: [String: Any] = ["role": "assistant", "content": text]
         if let thinking = message["thinking"] as? String, !thinking.isEmpty { assistant["reasoning"] = thinking }
         if !toolCalls.isEmpty { assistant["tool_calls"] = toolCalls }
@@ -39,12 +35,32 @@ struct OllamaBackend: ChatBackend {
         let body = try await client.openStream("/api/chat", json: Self.translate(request, stream: true), requestID: requestID, backend: name)
         let id = OpenAIShapes.completionID()
         let created = OpenAIShapes.now()
-        let client = self.client
         let translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
+        return events(body, path: "/api/chat") { line in (translator.events(for: line), Self.isDone(line)) }
+    }
+
+    // MARK: Ollama's replies
+
+    /// A whole reply as a JSON object.
+    /// - Throws: 502 when it is not one, or when it is Ollama's `{"error": …}`.
+    static func replyObject(_ body: ByteBuffer) throws -> [String: Any] {
+        guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
+            throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
+        }
+        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        return reply
+    }
+
+    /// An NDJSON stream (`/api/chat`, `/api/generate`) as events: each line a JSON object, given
+    /// to `transform` (which says whether it was the last), Ollama's mid-stream `{"error": …}`
+    /// thrown, and a stream without its `"done": true` line reported as cut short.
+    private func events(
+        _ body: HTTPClientResponse.Body, path: String, transform: @escaping ([String: Any]) -> (events: [ChatStreamEvent], isLast: Bool)
+    ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+        let client = self.client
         return EventPump(
-            NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/chat") },
+            NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: path) },
             endedEarly: { _ in
-                // Ollama always ends with a "done": true line; a stream without it was cut short.
                 OpenAIError(.badGateway, "ollama ended the stream before its final message (\"done\": true)", code: "upstream_invalid")
             }
         ) { line in
@@ -54,20 +70,26 @@ struct OllamaBackend: ChatBackend {
             if let error = object["error"] as? String {
                 throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error")
             }
-            return (translator.events(for: object), JSONNumbers.bool(object["done"] ?? false) == true)
+            return transform(object)
         }.stream
+    }
+
+    /// Whether a stream line is Ollama's last (`"done": true`).
+    static func isDone(_ line: [String: Any]) -> Bool {
+        JSONNumbers.bool(line["done"] ?? false) == true
+    }
+
+    /// The token counts of a reply, or of a stream's last line (`prompt_eval_count`, `eval_count`).
+    static func tokenCounts(_ reply: [String: Any]) -> (prompt: Int, completion: Int) {
+        (reply["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0, reply["eval_count"].flatMap(JSONNumbers.int) ?? 0)
     }
 
     // MARK: Text completions, on /api/generate
 
     func textCompletion(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
-        let body = try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name)
-        guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
-            throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
-        }
-        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
-        let prompt = reply["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
-        let completion = reply["eval_count"].flatMap(JSONNumbers.int) ?? 0
+        let reply = try Self.replyObject(
+            try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name))
+        let (prompt, completion) = Self.tokenCounts(reply)
         let json = OpenAIShapes.data([
             "id": OpenAIShapes.textCompletionID(), "object": "text_completion", "created": OpenAIShapes.now(),
             "model": reply["model"] as? String ?? request.model,
@@ -79,7 +101,6 @@ struct OllamaBackend: ChatBackend {
 
     func textCompletionStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let body = try await client.openStream("/api/generate", json: Self.generateBody(request, stream: true), requestID: requestID, backend: name)
-        let client = self.client
         let (id, created, model, includeUsage) = (OpenAIShapes.textCompletionID(), OpenAIShapes.now(), request.model, request.includeUsage)
         func chunk(_ text: String, finishReason: String?) -> Data {
             OpenAIShapes.data([
@@ -87,28 +108,20 @@ struct OllamaBackend: ChatBackend {
                 "choices": [["index": 0, "text": text, "logprobs": NSNull(), "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
             ])
         }
-        return EventPump(
-            NDJSONLines(body).makeAsyncIterator(), mapError: { client.map($0, path: "/api/generate") },
-            endedEarly: { _ in OpenAIError(.badGateway, "ollama ended the stream before its final message (\"done\": true)", code: "upstream_invalid") }
-        ) { line in
-            guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
-                throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
-            }
-            if let error = object["error"] as? String { throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error") }
+        return events(body, path: "/api/generate") { line in
             var events: [ChatStreamEvent] = []
-            if let text = object["response"] as? String, !text.isEmpty { events.append(.chunk(chunk(text, finishReason: nil))) }
-            let done = JSONNumbers.bool(object["done"] ?? false) == true
+            if let text = line["response"] as? String, !text.isEmpty { events.append(.chunk(chunk(text, finishReason: nil))) }
+            let done = Self.isDone(line)
             if done {
-                events.append(.chunk(chunk("", finishReason: Self.finishReason(object, hasToolCalls: false))))
-                let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
-                let completion = object["eval_count"].flatMap(JSONNumbers.int) ?? 0
+                events.append(.chunk(chunk("", finishReason: Self.finishReason(line, hasToolCalls: false))))
+                let (prompt, completion) = Self.tokenCounts(line)
                 events.append(.usage(prompt: prompt, completion: completion))
                 if includeUsage {
                     events.append(.chunk(OpenAIShapes.usageChunk(id: id, model: model, created: created, prompt: prompt, completion: completion, object: "text_completion")))
                 }
             }
             return (events, done)
-        }.stream
+        }
     }
 
     /// The `/api/generate` body: the prompt (and `suffix`, for fill-in-the-middle) with the
@@ -162,7 +175,7 @@ struct OllamaBackend: ChatBackend {
         let reply = try await client.call(.POST, "/api/embed", json: OpenAIShapes.data(request), requestID: requestID, backend: name)
         let object = (try? JSONSerialization.jsonObject(with: Data(reply.readableBytesView)) as? [String: Any]) ?? [:]
         let vectors = object["embeddings"] as? [Any] ?? []
-        let prompt = object["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
+        let prompt = Self.tokenCounts(object).prompt
         return OpenAIShapes.data([
             "object": "list", "model": model,
             "data": vectors.enumerated().map { index, vector in
@@ -359,7 +372,7 @@ struct OllamaBackend: ChatBackend {
                 }
                 delta["tool_calls"] = calls
             }
-            let done = JSONNumbers.bool(line["done"] ?? false) == true
+            let done = OllamaBackend.isDone(line)
             // The first chunk carries the role, as OpenAI's do.
             if !sentRole && (!delta.isEmpty || !done) {
                 delta["role"] = "assistant"
@@ -369,8 +382,7 @@ struct OllamaBackend: ChatBackend {
             if !delta.isEmpty { events.append(.chunk(chunk(delta: delta, finishReason: nil))) }
             if done {
                 events.append(.chunk(chunk(delta: [:], finishReason: OllamaBackend.finishReason(line, hasToolCalls: sawToolCalls))))
-                let prompt = line["prompt_eval_count"].flatMap(JSONNumbers.int) ?? 0
-                let completion = line["eval_count"].flatMap(JSONNumbers.int) ?? 0
+                let (prompt, completion) = OllamaBackend.tokenCounts(line)
                 events.append(.usage(prompt: prompt, completion: completion))
                 if includeUsage {
                     events.append(.chunk(OpenAIShapes.usageChunk(id: id, model: model, created: created, prompt: prompt, completion: completion)))
