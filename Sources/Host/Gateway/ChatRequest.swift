@@ -19,30 +19,15 @@ struct ChatRequest: @unchecked Sendable {
     /// Parses and validates a request body.
     /// - Throws: `OpenAIError` 400 naming the field that is wrong.
     static func parse(_ buffer: ByteBuffer) throws -> ChatRequest {
-        let object: Any
-        do {
-            object = try JSONSerialization.jsonObject(with: Data(buffer.readableBytesView), options: [.fragmentsAllowed])
-        } catch {
-            throw OpenAIError(.badRequest, "request body is not valid JSON: \(JSONErrors.describe(error))", code: "invalid_json")
-        }
-        guard let body = object as? [String: Any] else {
-            throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
-        }
-        var request = try ChatRequest(body: body)
+        var request = try ChatRequest(body: RequestFields.object(buffer))
         request.raw = Data(buffer.readableBytesView)
         return request
     }
 
     /// Validates an already-decoded request object (also used for plugins' LLM calls).
     init(body: [String: Any]) throws {
-        func invalid(_ field: String, _ message: String) -> OpenAIError {
-            OpenAIError(.badRequest, "'\(field)' \(message)", code: "invalid_\(field)")
-        }
-        guard let model = body["model"] as? String, !model.isEmpty else {
-            throw body["model"] == nil
-                ? OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model")
-                : invalid("model", "must be a non-empty string")
-        }
+        let invalid = RequestFields.invalid
+        let model = try RequestFields.model(body)
         guard let messages = body["messages"] as? [Any] else {
             throw body["messages"] == nil
                 ? OpenAIError(.badRequest, "missing required field 'messages'", code: "missing_messages")
@@ -61,19 +46,12 @@ struct ChatRequest: @unchecked Sendable {
                 throw invalid("temperature", "must be a number between 0 and 2")
             }
         }
-        for field in ["max_tokens", "max_completion_tokens"] {
-            if let value = body[field], !(value is NSNull) {
-                guard let count = JSONNumbers.int(value), count > 0 else { throw invalid(field, "must be a positive integer") }
-            }
-        }
-        if let value = body["stream"], !(value is NSNull), JSONNumbers.bool(value) == nil {
-            throw invalid("stream", "must be true or false")
-        }
+        for field in ["max_tokens", "max_completion_tokens"] { try RequestFields.checkPositiveInteger(body, field) }
         self.body = body
         self.model = model
         self.messages = checked
-        self.stream = body["stream"].flatMap(JSONNumbers.bool) ?? false
-        self.includeUsage = ((body["stream_options"] as? [String: Any])?["include_usage"]).flatMap(JSONNumbers.bool) ?? false
+        self.stream = try RequestFields.stream(body)
+        self.includeUsage = RequestFields.includeUsage(body)
     }
 
     /// `max_completion_tokens` (newer clients) or `max_tokens`.
@@ -93,6 +71,56 @@ struct ChatRequest: @unchecked Sendable {
         for field in ["stream", "stream_options", "user"] { keyed.removeValue(forKey: field) }
         CanonicalJSON.append(keyed, to: &canonical)
         return Hex.string(SHA256.hash(data: canonical))
+    }
+}
+
+/// The checks every completion request shares (chat and legacy text completions alike), each
+/// failing with a 400 that names the field.
+enum RequestFields {
+    /// A 400 for `field`: `'field' <message>`, code `invalid_<field>`.
+    static func invalid(_ field: String, _ message: String) -> OpenAIError {
+        OpenAIError(.badRequest, "'\(field)' \(message)", code: "invalid_\(field)")
+    }
+
+    /// The request body as a JSON object.
+    static func object(_ buffer: ByteBuffer) throws(OpenAIError) -> [String: Any] {
+        let object: Any
+        do {
+            object = try JSONSerialization.jsonObject(with: Data(buffer.readableBytesView), options: [.fragmentsAllowed])
+        } catch {
+            throw OpenAIError(.badRequest, "request body is not valid JSON: \(JSONErrors.describe(error))", code: "invalid_json")
+        }
+        guard let body = object as? [String: Any] else {
+            throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
+        }
+        return body
+    }
+
+    /// `model`: required, a non-empty string.
+    static func model(_ body: [String: Any]) throws(OpenAIError) -> String {
+        guard let model = body["model"] as? String, !model.isEmpty else {
+            throw body["model"] == nil
+                ? OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model")
+                : invalid("model", "must be a non-empty string")
+        }
+        return model
+    }
+
+    /// `field`, when present and not null, must be a positive integer (`max_tokens` and kin).
+    static func checkPositiveInteger(_ body: [String: Any], _ field: String) throws(OpenAIError) {
+        guard let value = body[field], !(value is NSNull) else { return }
+        guard let count = JSONNumbers.int(value), count > 0 else { throw invalid(field, "must be a positive integer") }
+    }
+
+    /// `stream`: true or false, absent meaning false.
+    static func stream(_ body: [String: Any]) throws(OpenAIError) -> Bool {
+        if let value = body["stream"], !(value is NSNull), JSONNumbers.bool(value) == nil { throw invalid("stream", "must be true or false") }
+        return body["stream"].flatMap(JSONNumbers.bool) ?? false
+    }
+
+    /// `stream_options.include_usage`: the client wants a final usage chunk.
+    static func includeUsage(_ body: [String: Any]) -> Bool {
+        ((body["stream_options"] as? [String: Any])?["include_usage"]).flatMap(JSONNumbers.bool) ?? false
     }
 }
 
