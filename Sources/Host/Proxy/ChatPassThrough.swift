@@ -365,12 +365,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private func answerRejected(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
         guard let rawWriter else { return }
         let (failure, requestID) = HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger)
-        let body = ByteBuffer(data: failure.body(requestID: requestID))
-        var head = ResponseHead(version: .http1_1, status: failure.status.code)
-        for (name, value) in [("Content-Type", "application/json"), ("Content-Length", String(body.readableBytes)), ("X-Request-ID", requestID), ("Connection", "close")] {
-            head.add(name, value)
-        }
-        rawWriter.write(head.finish(appending: body))
+        rawWriter.write(failure.closingResponseBytes(requestID: requestID))
         rawWriter.flushNow()
         context.close(promise: nil)
     }

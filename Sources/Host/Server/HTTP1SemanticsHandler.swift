@@ -83,7 +83,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         let body = ByteBuffer(data: failure.body(requestID: requestID))
         let head = HTTPResponseHead(
             version: .http1_1, status: HTTPResponseStatus(statusCode: failure.status.code),
-            headers: ["Content-Type": "application/json", "Content-Length": String(body.readableBytes), "X-Request-ID": requestID, "Connection": "close"])
+            headers: HTTPHeaders(failure.closingHeaderFields(requestID: requestID, bodyLength: body.readableBytes).map { ($0.name, $0.value) }))
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)

@@ -2,6 +2,7 @@
 internal import Foundation
 public import HTTPTypes
 public import Hummingbird
+internal import NIOCore
 internal import NIOHTTP1
 
 /// A client-visible error, rendered the way OpenAI's API renders errors.
@@ -80,5 +81,22 @@ extension OpenAIError {
         default: problem = "rejected by the HTTP/1.1 parser (conflicting or unsupported framing headers, or invalid syntax)"
         }
         return OpenAIError(.badRequest, "malformed HTTP request: \(problem)", code: "malformed_http")
+    }
+}
+
+extension OpenAIError {
+    /// The header fields of this error sent as a response after which the connection closes
+    /// (a request the server cannot read past).
+    func closingHeaderFields(requestID: String, bodyLength: Int) -> [(name: String, value: String)] {
+        [("Content-Type", "application/json"), ("Content-Length", String(bodyLength)), ("X-Request-ID", requestID), ("Connection", "close")]
+    }
+
+    /// This error as a whole HTTP/1.1 response that closes the connection, as bytes, for the
+    /// handlers that write below NIO's encoder.
+    func closingResponseBytes(requestID: String) -> ByteBuffer {
+        let body = ByteBuffer(data: body(requestID: requestID))
+        var head = ResponseHead(version: .http1_1, status: status.code)
+        for field in closingHeaderFields(requestID: requestID, bodyLength: body.readableBytes) { head.add(field.name, field.value) }
+        return head.finish(appending: body)
     }
 }

@@ -48,11 +48,6 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
         logger.info(
             "plain HTTP request on the TLS port",
             metadata: ["client": .string(context.channel.remoteAddress?.ipAddress ?? "unknown"), "request_id": .string(requestID)])
-        let body = failure.body(requestID: requestID)
-        var response = context.channel.allocator.buffer(capacity: 256 + body.count)
-        response.writeString(
-            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nX-Request-ID: \(requestID)\r\nConnection: close\r\n\r\n")
-        response.writeBytes(body)
-        context.writeAndFlush(wrapOutboundOut(response)).whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(failure.closingResponseBytes(requestID: requestID))).whenComplete { _ in context.close(promise: nil) }
     }
 }
