@@ -61,9 +61,9 @@ extension GatehouseConfig {
         if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
         if let timeout = seconds("GATEHOUSE_IDLE_TIMEOUT") { idleTimeout = timeout }
         if let text = value("GATEHOUSE_TRUSTED_PROXIES") {
-            let ranges = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-            if let wrong = ranges.first(where: { IPRange($0) == nil }) {
-                bad("GATEHOUSE_TRUSTED_PROXIES", "must be IP addresses or CIDR ranges separated by commas ('\(wrong)' is neither)")
+            let (ranges, invalid) = IPRange.list(text)
+            if let invalid {
+                bad("GATEHOUSE_TRUSTED_PROXIES", "must be IP addresses or CIDR ranges separated by commas ('\(invalid)' is neither)")
             } else {
                 trustedProxies = ranges
             }

@@ -141,13 +141,12 @@ final class YAMLReader {
                 problem(join(path, key), item, "must be a list of IP addresses or CIDR ranges (got \(Self.describe(item)))")
                 return nil
             }
-            for part in text.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !part.isEmpty {
-                guard IPRange(part) != nil else {
-                    problem(join(path, key), item, "'\(part)' is not an IP address or CIDR range (like 10.0.0.0/8 or ::1)")
-                    return nil
-                }
-                ranges.append(part)
+            let (parts, invalid) = IPRange.list(text)
+            if let invalid {
+                problem(join(path, key), item, "'\(invalid)' is not an IP address or CIDR range (like 10.0.0.0/8 or ::1)")
+                return nil
             }
+            ranges += parts
         }
         return ranges
     }

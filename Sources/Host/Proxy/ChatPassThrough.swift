@@ -44,7 +44,7 @@ final class ChatPassThrough: Sendable {
     /// translation, stay on the router path).
     init?(
         config: GatehouseConfig, chat: ChatService, limiter: RateLimiter?, middleware: MiddlewareTable, metrics: GatehouseMetrics?,
-        logger: Logger, serverName: String
+        clientAddresses: ClientAddressResolver, logger: Logger, serverName: String
     ) {
         guard config.upstream.backend == .openai, let target = UpstreamTarget(url: config.upstream.url) else { return nil }
         self.target = target
@@ -68,7 +68,7 @@ final class ChatPassThrough: Sendable {
         self.logger = logger
         accessLogHandler = logger.logLevel <= .info ? logger.handler as? JSONLogHandler : nil
         self.serverName = serverName
-        clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
+        self.clientAddresses = clientAddresses
     }
 
     /// A handler for one new connection (added to every HTTP/1 channel's pipeline), which

@@ -35,16 +35,17 @@ public struct GatehouseServer: Sendable {
             config.rateLimit.requestsPerSecond > 0
             ? RateLimiter(rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst, globalRate: config.rateLimit.globalRequestsPerSecond)
             : nil
+        // Both paths name a request's client the same way (behind trusted proxies, the forwarded one).
+        let clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
         let passThrough = ChatPassThrough(
-            config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, logger: logger,
-            serverName: Self.serverName)
+            config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, clientAddresses: clientAddresses,
+            logger: logger, serverName: Self.serverName)
         let server = try makeServerBuilder(passThrough: passThrough)
         registry.loadAll()
 
         // Order matters: ids first, then the access log (sees every final response), then
         // auth and rate limits, then plugins' middleware, then the routes.
         let router = Router(context: GatehouseRequestContext.self)
-        let clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
         if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
