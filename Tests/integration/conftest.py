@@ -202,6 +202,21 @@ def metric_value(text: str, name: str, **labels) -> float:
     raise KeyError(f"{name}{labels} not in /metrics")
 
 
+def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10) -> tuple[bytes, bool]:
+    """Sends raw bytes on one connection and reads until `until` has been seen, or until the
+    server closes the connection when `until` is None. Returns what was read and whether the
+    server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        received = b""
+        while until is None or until not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received, True
+            received += chunk
+        return received, False
+
+
 def stream_events(server, model, headers=None, text="a b c"):
     """The data payloads of a streamed chat completion asking `model` for `text` (status 200 asserted)."""
     response = server.client.post(

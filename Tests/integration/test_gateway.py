@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, free_port, metric_value, stream_events, streamed_text
+from conftest import GATEHOUSE, free_port, metric_value, raw_exchange, stream_events, streamed_text
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -659,11 +659,7 @@ def test_http_1_0_clients_and_connection_close_are_honoured(gateway, backend):
     def until_closed(payload: bytes) -> tuple[bytes, list[bytes], bytes]:
         """Sends `payload` and reads until the server closes (which it must, within 10 s):
         the status line, the header lines, the body."""
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(payload)
-            received = b""
-            while chunk := sock.recv(65536):
-                received += chunk
+        received, _ = raw_exchange(server.port, payload, until=None)
         head, _, body = received.partition(b"\r\n\r\n")
         status, *fields = head.split(b"\r\n")
         return status, [f.lower() for f in fields], body
@@ -749,13 +745,9 @@ def test_idle_client_connections_are_closed(gateway, backend):
 
     def closed_after(payload: bytes) -> tuple[float, bytes]:
         """Sends `payload`, then reads until the server closes; the seconds that took and what was read."""
-        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
-            started = time.monotonic()
-            sock.sendall(payload)
-            received = b""
-            while chunk := sock.recv(65536):
-                received += chunk
-            return time.monotonic() - started, received
+        started = time.monotonic()
+        received, _ = raw_exchange(server.port, payload, until=None, timeout=15)
+        return time.monotonic() - started, received
 
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n" % len(chat))

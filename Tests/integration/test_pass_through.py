@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVICES_SO, stream_events, streamed_text
+from conftest import SERVICES_SO, raw_exchange, stream_events, streamed_text
 from test_plugin_services import metric_value
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -30,21 +30,6 @@ def openai_gateway(gateway):
     def _start(extra_config: str = "cache: {enabled: false}\n", env=None):
         return gateway("openai", extra_config=extra_config, env=env)
     return _start
-
-
-def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10) -> tuple[bytes, bool]:
-    """Sends raw bytes on one connection and reads until `until` has been seen, or until the
-    server closes the connection when `until` is None. Returns what was read and whether the
-    server closed the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        received = b""
-        while until is None or until not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return received, True
-            received += chunk
-        return received, False
 
 
 def in_flight(server) -> float:
