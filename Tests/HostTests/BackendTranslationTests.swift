@@ -76,19 +76,65 @@ import Testing
 
     @Test func convertsContentPartsImagesAndToolCalls() throws {
         var names: [String: String] = [:]
-        let parts = OllamaBackend.convert(
+        let parts = try OllamaBackend.convert(
             ["role": "user", "content": [["type": "text", "text": "look"], ["type": "image_url", "image_url": ["url": "data:image/png;base64,AAAA"]]]],
-            toolNames: &names)
+            at: 0, toolNames: &names)
         #expect(parts["content"] as? String == "look")
         #expect(parts["images"] as? [String] == ["AAAA"])
-        let call = OllamaBackend.convert(
+        let call = try OllamaBackend.convert(
             ["role": "assistant", "content": NSNull(), "tool_calls": [["id": "c1", "type": "function", "function": ["name": "f", "arguments": #"{"a":1}"#]]]],
-            toolNames: &names)
+            at: 1, toolNames: &names)
         #expect(call["content"] as? String == "")
         let function = try #require((call["tool_calls"] as? [[String: Any]])?.first?["function"] as? [String: Any])
         #expect((function["arguments"] as? [String: Any])?["a"] as? Int == 1)
-        let result = OllamaBackend.convert(["role": "tool", "tool_call_id": "c1", "content": "42"], toolNames: &names)
+        let result = try OllamaBackend.convert(["role": "tool", "tool_call_id": "c1", "content": "42"], at: 2, toolNames: &names)
         #expect(result["tool_name"] as? String == "f")
+        let noArguments = try OllamaBackend.convert(
+            ["role": "assistant", "tool_calls": [["id": "c2", "type": "function", "function": ["name": "g", "arguments": ""]]]], at: 3, toolNames: &names)
+        let empty = try #require((noArguments["tool_calls"] as? [[String: Any]])?.first?["function"] as? [String: Any])
+        #expect((empty["arguments"] as? [String: Any])?.isEmpty == true)
+    }
+
+    @Test func refusesWhatOllamaCannotTakeNamingTheMessageAndPart() throws {
+        func refusal(_ message: [String: Any]) -> OpenAIError? {
+            var names: [String: String] = [:]
+            do {
+                _ = try OllamaBackend.convert(message, at: 4, toolNames: &names)
+                return nil
+            } catch { return error }
+        }
+        func image(_ url: String) -> [String: Any] {
+            ["role": "user", "content": [["type": "text", "text": "look"], ["type": "image_url", "image_url": ["url": url]]]]
+        }
+        let fetched = try #require(refusal(image("https://example.com/cat.png")))
+        #expect(fetched.code == "invalid_image" && fetched.status == .badRequest)
+        #expect(fetched.message.hasPrefix("'messages' item 4, content part 1: Ollama takes images only as base64 data URLs"))
+        #expect(fetched.message.hasSuffix("not a URL to fetch"))
+        #expect(try #require(refusal(image("data:image/gif;base64,R0lGOD"))).message.hasSuffix("not data:image/gif;base64"))
+        #expect(refusal(image("data:image/png;base64,not*base64"))?.code == "invalid_image")
+        #expect(refusal(image("data:image/webp;base64,AAAA")) == nil && refusal(image("data:;base64,AAAA")) == nil)
+        let audio = try #require(refusal(["role": "user", "content": [["type": "input_audio", "input_audio": ["data": "AAAA", "format": "wav"]]]]))
+        #expect(audio.code == "unsupported_content")
+        #expect(audio.message == "'messages' item 4, content part 0 has type 'input_audio', which Ollama cannot take (only 'text' and 'image_url')")
+        #expect(refusal(["role": "user", "content": 42])?.message == "'messages' item 4: 'content' must be a string or a list of content parts (got 42)")
+        let arguments = try #require(refusal(
+            ["role": "assistant", "content": "", "tool_calls": [["id": "c", "type": "function", "function": ["name": "f", "arguments": "{\"a\":"]]]]))
+        #expect(arguments.code == "invalid_tool_call_arguments")
+        #expect(arguments.message == "'messages' item 4, tool call 0: 'function.arguments' is not a JSON object")
+    }
+
+    @Test func refusesMoreThanOneChoice() throws {
+        func translate(_ n: String) throws -> Data {
+            try OllamaBackend.translate(ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],"n":\#(n)}"#)), stream: false)
+        }
+        #expect(throws: Never.self) { try translate("1") }
+        #expect(throws: Never.self) { try translate("null") }
+        do {
+            _ = try translate("3")
+            Issue.record("n=3 was accepted")
+        } catch let error as OpenAIError {
+            #expect(error.code == "invalid_n" && error.message == "'n' must be 1 for Ollama, which answers one choice per request (got 3)")
+        }
     }
 
     @Test func streamTranslatorSendsRoleFirstThenContentThenFinishAndUsage() throws {

@@ -502,6 +502,42 @@ def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     assert len(fake_llm.calls("/api/chat")) == 2
 
 
+def test_ollama_refuses_what_it_cannot_take_instead_of_dropping_it(gateway, fake_llm):
+    # Ollama fetches no image URLs, takes no audio and answers one choice: the client hears so
+    # before anything reaches the model, instead of an answer to a question it did not ask.
+    server = gateway("ollama", extra_config="cache: {enabled: false}\n")
+    client = client_for(server)
+    png = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": png}}]}])
+    sent = fake_llm.calls("/api/chat")[-1][3]["messages"][0]
+    assert sent["content"] == "what is this?" and base64.b64decode(sent["images"][0]) == b"\x89PNG fake"
+    before = len(fake_llm.calls("/api/chat"))
+    refusals = [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "invalid_image",
+         "'messages' item 1, content part 0: Ollama takes images only as base64 data URLs of JPEG, PNG or WebP "
+         "(data:image/png;base64,…), not a URL to fetch"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+         "unsupported_content",
+         "'messages' item 0, content part 0 has type 'input_audio', which Ollama cannot take (only 'text' and 'image_url')"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "invalid_n",
+         "'n' must be 1 for Ollama, which answers one choice per request (got 2)"),
+        ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+         "invalid_tool_call_arguments", "'messages' item 0, tool call 0: 'function.arguments' is not a JSON object"),
+    ]
+    for body, code, message in refusals:
+        for stream in (False, True):
+            response = server.client.post("/v1/chat/completions", json={"model": "m", "stream": stream, **body})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == code and response.json()["error"]["message"] == message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", n=3, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.body["code"] == "invalid_n"
+    assert len(fake_llm.calls("/api/chat")) == before
+
+
 def test_ollama_reasoning_maps_to_and_from_think(gateway, fake_llm):
     server = gateway("ollama", extra_config="cache: {enabled: false}\n")
     client = client_for(server)

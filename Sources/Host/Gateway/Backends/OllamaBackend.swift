@@ -133,6 +133,7 @@ struct OllamaBackend: ChatBackend {
         }
         var out: [String: Any] = ["model": request.model, "prompt": prompt, "stream": stream]
         if let suffix = request.body["suffix"] as? String { out["suffix"] = suffix }
+        try checkSingleChoice(request.body)
         let options = Self.options(request.body, maxTokens: request.body["max_tokens"].flatMap(JSONNumbers.int))
         if !options.isEmpty { out["options"] = options }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
@@ -204,12 +205,17 @@ struct OllamaBackend: ChatBackend {
     /// The `/api/chat` body for an OpenAI request: messages converted, sampling parameters
     /// moved into `options` (`max_tokens` becomes `num_predict`; `temperature: 0` is kept),
     /// `reasoning_effort` (or `reasoning.effort`) into `think`.
-    /// - Throws: a 400 when `tool_choice` names a function that is not in `tools`, or the
-    ///   reasoning effort is not one Ollama knows.
+    /// - Throws: a 400 when `tool_choice` names a function that is not in `tools`, the
+    ///   reasoning effort is not one Ollama knows, `n` asks for more than one choice, or a
+    ///   message holds what Ollama cannot take (see `convert`): dropping it would answer a
+    ///   different question than the client asked.
     static func translate(_ request: ChatRequest, stream: Bool) throws(OpenAIError) -> Data {
         var out: [String: Any] = ["model": request.model, "stream": stream]
         var toolNames: [String: String] = [:]
-        out["messages"] = request.messages.map { convert($0, toolNames: &toolNames) }
+        var messages: [[String: Any]] = []
+        for (index, message) in request.messages.enumerated() { messages.append(try convert(message, at: index, toolNames: &toolNames)) }
+        out["messages"] = messages
+        try checkSingleChoice(request.body)
         let options = Self.options(request.body, maxTokens: request.maxTokens)
         if !options.isEmpty { out["options"] = options }
         if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
@@ -272,24 +278,67 @@ struct OllamaBackend: ChatBackend {
         return chosen
     }
 
-    /// One OpenAI message as Ollama expects it: string content, base64 `images`, tool-call
-    /// arguments as objects, tool results named.
-    static func convert(_ message: [String: Any], toolNames: inout [String: String]) -> [String: Any] {
+    /// Ollama answers one choice per request whatever `n` asks (its own `/v1` ignores `n`), so
+    /// more than one is refused rather than silently answered with one.
+    static func checkSingleChoice(_ body: [String: Any]) throws(OpenAIError) {
+        guard let n = body["n"], !(n is NSNull) else { return }
+        guard JSONNumbers.int(n) == 1 else {
+            throw RequestFields.invalid("n", "must be 1 for Ollama, which answers one choice per request (got \(OpenAIShapes.describe(n)))")
+        }
+    }
+
+    /// The image types Ollama's `/v1` takes as data URLs (a bare `data:;base64,` too, as its
+    /// `/api/chat` takes unadorned base64).
+    static let imageDataURLPrefixes = ["data:;base64,"] + ["jpeg", "jpg", "png", "webp"].map { "data:image/\($0);base64," }
+
+    /// One OpenAI message (item `index` of `messages`) as Ollama expects it: string content,
+    /// base64 `images`, tool-call arguments as objects, tool results named.
+    /// - Throws: a 400 naming the message and part Ollama cannot take, where Ollama's own `/v1`
+    ///   refuses it too: content that is neither a string nor a list of parts, a part that is
+    ///   not `text` or `image_url`, an image that is not a base64 data URL of a JPEG, PNG or
+    ///   WebP (Ollama fetches no URLs), tool-call arguments that are not a JSON object.
+    static func convert(_ message: [String: Any], at index: Int, toolNames: inout [String: String]) throws(OpenAIError) -> [String: Any] {
+        func invalid(_ what: String, code: String = "invalid_messages") -> OpenAIError {
+            OpenAIError(.badRequest, "'messages' item \(index)\(what)", code: code)
+        }
         var out: [String: Any] = ["role": message["role"] as? String ?? "user"]
         var images: [String] = []
         switch message["content"] {
         case let text as String:
             out["content"] = text
-        case let parts as [[String: Any]]:
+        case let parts as [Any]:
             var texts: [String] = []
-            for part in parts {
-                if let text = part["text"] as? String { texts.append(text) }
-                let url = (part["image_url"] as? [String: Any])?["url"] as? String ?? part["image_url"] as? String
-                if let url, url.hasPrefix("data:"), let comma = url.firstIndex(of: ",") { images.append(String(url[url.index(after: comma)...])) }
+            for (partIndex, part) in parts.enumerated() {
+                let at = ", content part \(partIndex)"
+                guard let part = part as? [String: Any] else { throw invalid("\(at) must be an object") }
+                switch part["type"] as? String {
+                case "text":
+                    guard let text = part["text"] as? String else { throw invalid("\(at): 'text' must be a string") }
+                    texts.append(text)
+                case "image_url":
+                    guard let url = (part["image_url"] as? [String: Any])?["url"] as? String ?? part["image_url"] as? String else {
+                        throw invalid("\(at): 'image_url.url' must be a string")
+                    }
+                    guard let prefix = imageDataURLPrefixes.first(where: { url.hasPrefix($0) }) else {
+                        let given = url.hasPrefix("data:") ? String(url.prefix(while: { $0 != "," }).prefix(40)) : "a URL to fetch"
+                        throw invalid(
+                            "\(at): Ollama takes images only as base64 data URLs of JPEG, PNG or WebP (data:image/png;base64,…), not \(given)",
+                            code: "invalid_image")
+                    }
+                    let payload = String(url.dropFirst(prefix.count))
+                    guard Data(base64Encoded: payload) != nil else { throw invalid("\(at): the image's data URL is not valid base64", code: "invalid_image") }
+                    images.append(payload)
+                case let type:
+                    throw invalid(
+                        "\(at) has type \(type.map { "'\($0)'" } ?? "missing"), which Ollama cannot take (only 'text' and 'image_url')",
+                        code: "unsupported_content")
+                }
             }
             out["content"] = texts.joined(separator: "\n")
-        default:
+        case nil, is NSNull:
             out["content"] = ""
+        case let other?:
+            throw invalid(": 'content' must be a string or a list of content parts (got \(OpenAIShapes.describe(other)))")
         }
         if !images.isEmpty { out["images"] = images }
         // An earlier answer's reasoning, sent back (Ollama's `/v1` name; DeepSeek's and vLLM's too).
@@ -297,18 +346,32 @@ struct OllamaBackend: ChatBackend {
             out["thinking"] = thinking
         }
         if let calls = message["tool_calls"] as? [[String: Any]] {
-            out["tool_calls"] = calls.map { call -> [String: Any] in
+            var converted: [[String: Any]] = []
+            for (callIndex, call) in calls.enumerated() {
                 let function = call["function"] as? [String: Any] ?? [:]
                 let name = function["name"] as? String ?? ""
                 if let id = call["id"] as? String { toolNames[id] = name }
-                var arguments: Any = [String: Any]()
-                if let text = function["arguments"] as? String, let parsed = try? JSONSerialization.jsonObject(with: Data(text.utf8)) {
-                    arguments = parsed
-                } else if let object = function["arguments"] as? [String: Any] {
+                let arguments: Any
+                switch function["arguments"] {
+                case let object as [String: Any]:
                     arguments = object
+                case let text as String where text.allSatisfy(\.isWhitespace):
+                    arguments = [String: Any]()  // no arguments
+                case let text as String:
+                    guard let object = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] else {
+                        throw invalid(", tool call \(callIndex): 'function.arguments' is not a JSON object", code: "invalid_tool_call_arguments")
+                    }
+                    arguments = object
+                case nil, is NSNull:
+                    arguments = [String: Any]()
+                case let other?:
+                    throw invalid(
+                        ", tool call \(callIndex): 'function.arguments' must be a JSON object or its text (got \(OpenAIShapes.describe(other)))",
+                        code: "invalid_tool_call_arguments")
                 }
-                return ["function": ["name": name, "arguments": arguments]]
+                converted.append(["function": ["name": name, "arguments": arguments]])
             }
+            out["tool_calls"] = converted
         }
         // A tool result names its function: from the call it answers, else its own `name`.
         if let name = (message["tool_call_id"] as? String).flatMap({ toolNames[$0] }) ?? (out["role"] as? String == "tool" ? message["name"] as? String : nil) {
