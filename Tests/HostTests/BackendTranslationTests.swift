@@ -224,3 +224,22 @@ import Testing
         #expect(ByteSearch.contains(Array("key".utf8), in: "x-api-key"))
     }
 }
+
+@Suite struct UpstreamStatusErrorTests {
+    @Test func passesOnTheUpstreamsRetryAfterForBusyAnswersOnly() {
+        let body = ByteBuffer(string: #"{"error":{"message":"slow down"}}"#)
+        func retryAfter(_ status: Int, _ value: String?) -> String? {
+            UpstreamClient.upstreamStatusError(status: status, body: body, backend: "openai", retryAfter: value).headers[.retryAfter]
+        }
+        #expect(retryAfter(429, "7") == "7")
+        #expect(retryAfter(503, " 30 ") == "30")
+        #expect(retryAfter(503, "Wed, 21 Oct 2026 07:28:00 GMT") == "Wed, 21 Oct 2026 07:28:00 GMT")
+        #expect(retryAfter(500, "7") == nil)
+        #expect(retryAfter(429, "soon") == nil)
+        #expect(retryAfter(429, "7\r\nX-Injected: 1") == nil)
+        #expect(retryAfter(429, nil) == nil)
+        let unavailable = UpstreamClient.upstreamStatusError(status: 503, body: body, backend: "openai")
+        #expect(unavailable.status == .serviceUnavailable && unavailable.code == "upstream_unavailable")
+        #expect(unavailable.message == "openai is unavailable: slow down")
+    }
+}

@@ -17,7 +17,8 @@ Special model names change behaviour:
   plain-json    (OpenAI) ignore "stream": true and answer one application/json completion
   invalid       500 the way llama-cpp-python reports a request validation error
   denied        401: the upstream refuses the gateway's credentials
-  busy          429: the upstream is rate limiting
+  busy          429 with Retry-After: 7: the upstream is rate limiting
+  overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
   crash         (streams) two tokens, then the backend's own mid-stream error
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
@@ -100,10 +101,12 @@ class FakeLLM:
                     fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     fake.peers.append(self.client_address[1])
 
-            def _send(self, status, obj, content_type="application/json"):
+            def _send(self, status, obj, content_type="application/json", headers=()):
                 data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("content-type", content_type)
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -163,7 +166,10 @@ class FakeLLM:
                 if model == "denied":
                     return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
                 if model == "busy":
-                    return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}})
+                    return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
+                                      headers=[("Retry-After", "7")])
+                if model == "overloaded":
+                    return self._send(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
                 if model == "garbage":
                     return self._send(200, b"<html>upstream proxy error</html>")
                 if model == "silent" and body.get("stream", self.path == "/api/chat"):

@@ -470,6 +470,13 @@ def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, bac
         busy = chat("busy", stream)
         assert busy.status_code == 429 and busy.json()["error"]["code"] == "upstream_rate_limited"
         assert busy.json()["error"]["message"] == f"{backend} is rate limiting: Rate limit reached for requests"
+        assert busy.headers["retry-after"] == "7"  # the upstream's wait, passed on for the client's SDK
+        # Overloaded is not broken: a 503, for the client to come back.
+        overloaded = chat("overloaded", stream)
+        assert overloaded.status_code == 503 and overloaded.json()["error"]["code"] == "upstream_unavailable"
+        assert overloaded.json()["error"]["message"] == (
+            f"{backend} is unavailable: server busy, please try again.  maximum pending requests exceeded")
+        assert "retry-after" not in overloaded.headers
     garbage = chat("garbage")
     assert garbage.status_code == 502 and garbage.json()["error"]["code"] == "upstream_invalid"
     assert garbage.json()["error"]["message"] == {"ollama": "ollama sent a reply that is not a JSON object",

@@ -58,7 +58,8 @@ final class UpstreamClient: Sendable {
         let response = try await send(method, path, json: json, requestID: requestID, timeout: timeout)
         let body = try await collect(response, path: path)
         guard response.status == .ok else {
-            throw Self.upstreamStatusError(status: Int(response.status.code), body: body, backend: backend)
+            throw Self.upstreamStatusError(
+                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
         }
         return body
     }
@@ -73,7 +74,8 @@ final class UpstreamClient: Sendable {
         let response = try await send(.POST, path, json: json, requestID: requestID, timeout: max(timeout, Self.streamDeadline))
         guard response.status == .ok else {
             let body = try await collect(response, path: path)
-            throw Self.upstreamStatusError(status: Int(response.status.code), body: body, backend: backend)
+            throw Self.upstreamStatusError(
+                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
         }
         return response.body
     }
@@ -94,7 +96,25 @@ final class UpstreamClient: Sendable {
     }
 
     /// An upstream error status as a gateway error, keeping the upstream's own message.
-    static func upstreamStatusError(status: Int, body: ByteBuffer, backend: String) -> OpenAIError {
+    /// The upstream's `Retry-After` (a 429's or a 503's, in seconds or as an HTTP date) goes to
+    /// the client with the error, so its SDK waits as long as the upstream asked.
+    static func upstreamStatusError(status: Int, body: ByteBuffer, backend: String, retryAfter: String? = nil) -> OpenAIError {
+        var error = errorForStatus(status, body: body, backend: backend)
+        if let retryAfter = retryAfter?.trimmingCharacters(in: .whitespaces), [429, 503].contains(status), isRetryAfterValue(retryAfter) {
+            error.headers[.retryAfter] = retryAfter
+        }
+        return error
+    }
+
+    /// A `Retry-After` value worth passing on: whole seconds, or an HTTP date (RFC 9110 10.2.3),
+    /// and nothing that could break the header line.
+    static func isRetryAfterValue(_ value: String) -> Bool {
+        guard !value.isEmpty, value.utf8.count <= 64 else { return false }
+        if value.utf8.allSatisfy({ (0x30...0x39).contains($0) }) { return true }
+        return value.utf8.allSatisfy { (0x20...0x7E).contains($0) } && value.contains("GMT")
+    }
+
+    private static func errorForStatus(_ status: Int, body: ByteBuffer, backend: String) -> OpenAIError {
         let message = upstreamMessage(body) ?? "HTTP \(status)"
         switch status {
         case 400, 404, 422:
@@ -111,6 +131,10 @@ final class UpstreamClient: Sendable {
             return OpenAIError(
                 .badRequest, "\(backend) rejected the request (it answered HTTP 500, but as a validation error): \(message)",
                 code: "upstream_rejected")
+        case 503:
+            // Overloaded, not broken (Ollama past OLLAMA_MAX_QUEUE, vLLM or a load balancer with
+            // no capacity): a 503 tells the client to come back, as the upstream did.
+            return OpenAIError(.serviceUnavailable, "\(backend) is unavailable: \(message)", code: "upstream_unavailable")
         default:
             return OpenAIError(.badGateway, "\(backend) failed with HTTP \(status): \(message)", code: "upstream_error")
         }

@@ -403,7 +403,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func replyCollected() {
         guard let head = upstreamResponse else { return }
         guard head.status == .ok else {
-            answer(UpstreamClient.upstreamStatusError(status: Int(head.status.code), body: reply, backend: passThrough.backendName))
+            answer(UpstreamClient.upstreamStatusError(
+                status: Int(head.status.code), body: reply, backend: passThrough.backendName, retryAfter: head.headers.first(name: "Retry-After")))
             return
         }
         do {
