@@ -359,6 +359,35 @@ def test_response_cache_hits_skip_the_upstream(gateway, fake_llm, backend):
 
 
 @both_backends
+def test_clients_cache_control_skips_the_cache(gateway, fake_llm, backend):
+    # A client that distrusts a cached answer asks for a fresh one, as HTTP caches let it.
+    server = gateway(backend)
+    body = {"model": "m", "messages": [{"role": "user", "content": "fresh please"}]}
+    post = lambda cache_control=None: server.client.post(
+        "/v1/chat/completions", json=body, headers={"Cache-Control": cache_control} if cache_control else {})
+    upstream_calls = lambda: len(fake_llm.calls(CHAT_PATH[backend]))
+    assert post().headers["x-cache"] == "MISS" and post().headers["x-cache"] == "HIT" and upstream_calls() == 1
+    # no-cache (any case, among other directives) goes upstream and stores the fresh answer.
+    refreshed = post("max-stale=5, No-Cache")
+    assert refreshed.status_code == 200 and refreshed.headers["x-cache"] == "REFRESH" and upstream_calls() == 2
+    assert refreshed.json()["choices"][0]["message"]["content"] == "Echo: fresh please"
+    assert post("max-age=0").headers["x-cache"] == "REFRESH" and upstream_calls() == 3
+    assert post().headers["x-cache"] == "HIT" and upstream_calls() == 3
+    # no-store goes upstream and stores nothing: the next plain request is still a miss.
+    body = {"model": "m", "messages": [{"role": "user", "content": "do not keep this"}]}
+    assert post("no-store").headers["x-cache"] == "BYPASS" and upstream_calls() == 4
+    assert post().headers["x-cache"] == "MISS" and upstream_calls() == 5
+    # The openai client sends it through extra_headers.
+    answer = client_for(server).chat.completions.with_raw_response.create(
+        model="m", messages=body["messages"], extra_headers={"Cache-Control": "no-cache"})
+    assert answer.headers["x-cache"] == "REFRESH" and upstream_calls() == 6
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_cache_skipped_total") == 4
+    assert metric_value(metrics, "gatehouse_cache_hits_total") == 2
+    assert metric_value(metrics, "gatehouse_cache_misses_total") == 2
+
+
+@both_backends
 def test_cache_can_be_disabled(gateway, fake_llm, backend):
     server = gateway(backend, extra_config="cache: {enabled: false}\n")
     body = {"model": "m", "messages": [{"role": "user", "content": "again"}]}

@@ -28,20 +28,22 @@ final class ChatService: Sendable {
         self.init(backend: backend, cache: cache, metrics: metrics)
     }
 
-    /// A non-streaming completion; `cacheHit` tells whether the upstream was skipped.
-    func complete(_ request: ChatRequest, requestID: String) async throws -> (completion: ChatCompletion, cacheHit: Bool) {
+    /// A non-streaming completion, through the cache as `cacheUse` allows; the outcome says
+    /// whether the upstream was skipped (`.hit`).
+    func complete(_ request: ChatRequest, requestID: String, cacheUse: CacheUse = .normal) async throws -> (completion: ChatCompletion, cache: CacheOutcome) {
         let key = cache.map { _ in request.cacheKey(backend: backend.name) }
-        if let key, let cached = cache?.get(key) {
+        if let key, cacheUse == .normal, let cached = cache?.get(key) {
             metrics?.cacheHits.increment()
-            return (cached, true)
+            return (cached, .hit)
         }
-        if key != nil { metrics?.cacheMisses.increment() }
+        if key != nil { metrics?.recordCacheMiss(cacheUse) }
         let started = ContinuousClock.now
         let completion = try await backend.complete(request, requestID: requestID)
         metrics?.recordUpstream(backend: backend.name, operation: "chat", duration: ContinuousClock.now - started)
         metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
-        if let key { cache?.put(key, completion) }
-        return (completion, false)
+        guard let key, cacheUse != .bypass else { return (completion, .bypass) }
+        cache?.put(key, completion)
+        return (completion, cacheUse == .refresh ? .refresh : .miss)
     }
 
     /// A streamed completion; token counts and the upstream time are recorded when it ends.

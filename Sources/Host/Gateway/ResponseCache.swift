@@ -93,3 +93,42 @@ final class ResponseCache: Sendable {
         node.newer = nil
     }
 }
+
+/// How one request may use the response cache, as its client's `Cache-Control` asks (RFC 9111
+/// 5.2.1): a client that distrusts a cached answer can get a fresh one without turning the
+/// cache off for everyone.
+enum CacheUse: Sendable, Equatable {
+    /// Answer from the cache when it can; store what the upstream answers.
+    case normal
+    /// `no-cache` (or `max-age=0`): go upstream, and store the fresh answer for later requests.
+    case refresh
+    /// `no-store`: go upstream and store nothing.
+    case bypass
+
+    /// The use a `Cache-Control` request header asks for (directives are case-insensitive).
+    init(cacheControl: String?) {
+        guard let cacheControl else {
+            self = .normal
+            return
+        }
+        let directives = cacheControl.lowercased().split(separator: ",").map { $0.filter { !$0.isWhitespace } }
+        if directives.contains("no-store") {
+            self = .bypass
+        } else if directives.contains("no-cache") || directives.contains("max-age=0") {
+            self = .refresh
+        } else {
+            self = .normal
+        }
+    }
+}
+
+/// What the cache did for a non-streaming chat completion: the `X-Cache` response header.
+enum CacheOutcome: String, Sendable {
+    case hit = "HIT"
+    case miss = "MISS"
+    /// Fetched fresh at the client's request (`no-cache`) and stored.
+    case refresh = "REFRESH"
+    /// The cache is off, or the client asked it be left alone (`no-store`).
+    case bypass = "BYPASS"
+}
+

@@ -25,6 +25,7 @@ public final class GatehouseMetrics: Sendable {
     private let upstreamDurations = Mutex<[String: DurationHistogram]>([:])
     let cacheHits: Counter
     let cacheMisses: Counter
+    let cacheSkips: Counter
     let tokensIn: Counter
     let tokensOut: Counter
     let inFlight: Gauge
@@ -33,6 +34,8 @@ public final class GatehouseMetrics: Sendable {
         self.registry = registry
         cacheHits = registry.counter(name: "gatehouse_cache_hits_total", help: "Chat completions answered from the response cache.")
         cacheMisses = registry.counter(name: "gatehouse_cache_misses_total", help: "Cacheable chat completions that went upstream.")
+        cacheSkips = registry.counter(
+            name: "gatehouse_cache_skipped_total", help: "Chat completions sent upstream because the client's Cache-Control said no-cache or no-store.")
         tokensIn = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "prompt")], help: "LLM tokens reported by the upstream.")
         tokensOut = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "completion")], help: "LLM tokens reported by the upstream.")
         inFlight = registry.gauge(name: "gatehouse_http_requests_in_flight", help: "HTTP requests being served.")
@@ -82,6 +85,11 @@ public final class GatehouseMetrics: Sendable {
             histograms[key] = histogram
             return histogram
         }
+    }
+
+    /// A cacheable completion that goes upstream: a miss, or a skip when its client asked so.
+    func recordCacheMiss(_ use: CacheUse) {
+        (use == .normal ? cacheMisses : cacheSkips).increment()
     }
 
     func recordTokens(prompt: Int, completion: Int) {

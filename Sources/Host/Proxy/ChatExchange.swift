@@ -62,7 +62,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var bodyTooLarge = false
     private var stream = false
     private var includeUsage = false
+    /// Where the answer is stored when it comes (nil: not cached), and what `X-Cache` says of it.
     private var cacheKey: String?
+    private var cacheOutcome = CacheOutcome.bypass
 
     /// The upstream request's body: the client's bytes as they came, or a rebuilt body.
     private var upstreamRequest: ByteBuffer?
@@ -159,14 +161,18 @@ final class ChatExchange: UpstreamResponseDelegate {
                 stream = request.stream
                 includeUsage = request.includeUsage
                 if !stream, let cache = passThrough.cache {
+                    let use = CacheUse(cacheControl: head.headers.first(name: "Cache-Control"))
                     let key = request.cacheKey(backend: passThrough.backendName)
-                    if let cached = cache.get(key) {
+                    if use == .normal, let cached = cache.get(key) {
                         passThrough.metrics?.cacheHits.increment()
-                        answer(.ok, contentType: "application/json", cache: "HIT", body: ByteBuffer(data: cached.json))
+                        answer(.ok, contentType: "application/json", cache: CacheOutcome.hit.rawValue, body: ByteBuffer(data: cached.json))
                         return
                     }
-                    passThrough.metrics?.cacheMisses.increment()
-                    cacheKey = key
+                    passThrough.metrics?.recordCacheMiss(use)
+                    if use != .bypass {
+                        cacheKey = key
+                        cacheOutcome = use == .refresh ? .refresh : .miss
+                    }
                 }
                 upstreamRequest = ByteBuffer(data: OpenAIBackend.upstreamBody(request, stream: stream))
             }
@@ -413,7 +419,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             if let cacheKey, let cache = passThrough.cache {
                 cache.put(cacheKey, ChatCompletion(json: Data(reply.readableBytesView), promptTokens: tokens.prompt, completionTokens: tokens.completion))
             }
-            answer(.ok, contentType: "application/json", cache: passThrough.cache == nil ? "BYPASS" : "MISS", body: reply)
+            answer(.ok, contentType: "application/json", cache: cacheOutcome.rawValue, body: reply)
         } catch {
             answer(error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)"))
         }

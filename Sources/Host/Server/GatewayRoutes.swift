@@ -19,10 +19,11 @@ struct GatewayRoutes {
             if chatRequest.stream {
                 return streamResponse(try await chat.stream(chatRequest, requestID: context.requestID), context: context)
             }
-            let (completion, hit) = try await chat.complete(chatRequest, requestID: context.requestID)
+            let (completion, outcome) = try await chat.complete(
+                chatRequest, requestID: context.requestID, cacheUse: CacheUse(cacheControl: request.headers[.cacheControl]))
             return Response(
                 status: .ok,
-                headers: [.contentType: "application/json", Self.cacheHeader: chat.cache == nil ? "BYPASS" : hit ? "HIT" : "MISS"],
+                headers: [.contentType: "application/json", Self.cacheHeader: outcome.rawValue],
                 body: .init(byteBuffer: ByteBuffer(data: completion.json)))
         }
         router.post("/v1/completions") { request, context in
