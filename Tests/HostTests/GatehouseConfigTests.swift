@@ -134,19 +134,35 @@ import Testing
         #expect(yamlProblems.contains { $0.contains("rate_limit.requests_per_second") && $0.contains("must be a number") })
     }
 
-    @Test func ollamaHostWithoutSchemeOrPortMeansOllamasDefaultPort() {
+    /// Checks that each key of `cases`, as the environment `variable` (and, when `yaml`, as
+    /// `upstream.url`), becomes the upstream URL that is its value.
+    func expectUpstreamURLs(_ cases: [String: String], variable: String, yaml: Bool) {
+        for (value, expected) in cases {
+            var fromEnvironment = GatehouseConfig()
+            #expect(fromEnvironment.apply(environment: [variable: value]).isEmpty)
+            #expect(fromEnvironment.upstream.url == expected, "\(value)")
+            guard yaml else { continue }
+            var fromYAML = GatehouseConfig()
+            #expect(fromYAML.apply(yaml: "upstream: {url: \"\(value)\"}\n", file: "g.yaml").isEmpty)
+            #expect(fromYAML.upstream.url == expected, "\(value)")
+        }
+    }
+
+    @Test func upstreamURLsAreReadAsOllamaReadsThemWithoutAFinalV1() {
         // Ollama's own reading of OLLAMA_HOST: a bare host gets 11434; an explicit scheme keeps
         // the scheme's port, as in any URL.
-        let cases = [
+        expectUpstreamURLs([
             "10.1.2.3": "http://10.1.2.3:11434", "localhost:8080": "http://localhost:8080",
             "[::1]": "http://[::1]:11434", "[::1]:9000": "http://[::1]:9000",
-            "http://ollama.internal": "http://ollama.internal", "https://api.example.com/v1": "https://api.example.com/v1",
-        ]
-        for (value, expected) in cases {
-            var config = GatehouseConfig()
-            #expect(config.apply(environment: ["OLLAMA_HOST": value]).isEmpty)
-            #expect(config.upstream.url == expected, "\(value)")
-        }
+            "http://ollama.internal": "http://ollama.internal", "https://api.example.com/": "https://api.example.com",
+        ], variable: "OLLAMA_HOST", yaml: false)
+        // A final /v1, as OpenAI's SDKs and vLLM's and llama.cpp's docs spell base URLs, is
+        // dropped: the gateway adds the API paths itself.
+        expectUpstreamURLs([
+            "https://api.openai.com/v1": "https://api.openai.com", "http://127.0.0.1:8000/v1/": "http://127.0.0.1:8000",
+            "https://api.groq.com/openai/v1": "https://api.groq.com/openai", "http://h:1/llm/": "http://h:1/llm",
+            "http://h:1/v10": "http://h:1/v10", "http://[::1]:8080/v1": "http://[::1]:8080",
+        ], variable: "GATEHOUSE_UPSTREAM_URL", yaml: true)
     }
 
     @Test func redactsSecrets() {

@@ -486,6 +486,18 @@ def test_a_stream_the_upstream_ends_too_early_ends_with_an_error_event(gateway, 
 
 
 @both_backends
+def test_an_upstream_base_url_ending_in_v1_works(gateway, fake_llm, backend):
+    # As OpenAI's SDKs and vLLM's docs spell base URLs; the gateway adds /v1/... itself.
+    server = gateway(backend, env={"GATEHOUSE_UPSTREAM_URL": fake_llm.url + "/v1/"})
+    client = client_for(server)
+    assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "via v1"}]).choices[0].message.content == "Echo: via v1"
+    chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "streamed"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: streamed"
+    assert [m.id for m in client.models.list()]
+    assert fake_llm.requests and not any(path.startswith("/v1/v1") for _, path, *_ in fake_llm.requests)
+
+
+@both_backends
 def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, backend):
     server = gateway(backend)
 

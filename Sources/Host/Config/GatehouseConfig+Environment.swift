@@ -42,7 +42,7 @@ extension GatehouseConfig {
 
         if let url = value("OLLAMA_HOST") ?? value("GATEHOUSE_UPSTREAM_URL") {
             let withScheme = url.contains("://") ? url : Self.ollamaHostURL(url)
-            if Self.isHTTPURL(withScheme) { upstream.url = withScheme } else { bad("OLLAMA_HOST", "must be a host:port or http(s) URL (got \"\(url)\")") }
+            if Self.isHTTPURL(withScheme) { upstream.url = Self.upstreamBaseURL(withScheme) } else { bad("OLLAMA_HOST", "must be a host:port or http(s) URL (got \"\(url)\")") }
         }
         if let name = value("GATEHOUSE_BACKEND") {
             if let backend = Backend(rawValue: name.lowercased()) { upstream.backend = backend } else { bad("GATEHOUSE_BACKEND", "must be ollama or openai (got \"\(name)\")") }

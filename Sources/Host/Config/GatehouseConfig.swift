@@ -171,7 +171,7 @@ extension GatehouseConfig {
             }
             if let url = reader.string(upstreamNode, "url", at: "upstream") {
                 if Self.isHTTPURL(url) {
-                    upstream.url = url
+                    upstream.url = Self.upstreamBaseURL(url)
                 } else {
                     reader.problem("upstream.url", upstreamNode["url"], "must be an http:// or https:// URL (got \"\(url)\")")
                 }
@@ -229,6 +229,20 @@ extension GatehouseConfig {
     public static let pluginEnvironmentPrefix = "GATEHOUSE_PLUGIN_"
 
     static let logLevels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+
+    /// An upstream URL as the gateway uses it: no trailing slash, and no final `/v1`. The
+    /// gateway adds `/v1/...` (and Ollama's `/api/...`) itself, while OpenAI's SDKs and the docs
+    /// of vLLM and llama.cpp spell base URLs with `/v1`; taken as written, such a URL sent
+    /// every request to `/v1/v1/...` and got a 404 that read like an unknown model.
+    static func upstreamBaseURL(_ url: String) -> String {
+        guard var components = URLComponents(string: url) else { return url }
+        var path = components.path
+        while path.hasSuffix("/") { path.removeLast() }
+        if path.hasSuffix("/v1") { path.removeLast(3) }
+        while path.hasSuffix("/") { path.removeLast() }
+        components.path = path
+        return components.string ?? url
+    }
 
     static func isHTTPURL(_ text: String) -> Bool {
         guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), url.host != nil else { return false }
