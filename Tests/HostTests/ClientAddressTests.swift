@@ -50,3 +50,36 @@ import Testing
         #expect(env.contains { $0.contains("key 'GATEHOUSE_TRUSTED_PROXIES': must be IP addresses or CIDR ranges separated by commas ('proxy.local' is neither)") })
     }
 }
+
+@Suite struct CORSPolicyTests {
+    @Test func originsAreSchemeHostAndPortOrAStar() {
+        for valid in ["*", "https://app.example.com", "http://localhost:3000", "http://[::1]:8080", "chrome-extension://abcdef"] {
+            #expect(CORSPolicy.isValidEntry(valid), "\(valid)")
+        }
+        for invalid in ["app.example.com", "https://app.example.com/", "https://a/b", "https://", "://x", "https://user@x", ""] {
+            #expect(!CORSPolicy.isValidEntry(invalid), "\(invalid)")
+        }
+    }
+
+    @Test func allowsListedOriginsCaseInsensitivelyAndEchoesThem() throws {
+        #expect(CORSPolicy(origins: []) == nil)
+        let policy = try #require(CORSPolicy(origins: ["https://App.example.com"]))
+        #expect(policy.allowedOrigin("https://app.EXAMPLE.com") == "https://app.EXAMPLE.com")
+        #expect(policy.allowedOrigin("https://other.example.com") == nil && policy.allowedOrigin(nil) == nil)
+        #expect(try #require(CORSPolicy(origins: ["http://a", "*"])).allowedOrigin("https://anything") == "*")
+        var fields: [String] = []
+        policy.responseFields(origin: "https://evil") { fields.append("\($0): \($1)") }
+        #expect(fields == ["Vary: Origin"])
+    }
+
+    @Test func configReadsOriginsFromYAMLAndTheEnvironmentAndNamesABadOne() {
+        var config = GatehouseConfig()
+        #expect(config.apply(yaml: "server: {cors_origins: [\"https://a.example\", \"http://b:1, http://c\"]}\n", file: "g.yaml").isEmpty)
+        #expect(config.corsOrigins == ["https://a.example", "http://b:1", "http://c"])
+        #expect(config.apply(environment: ["GATEHOUSE_CORS_ORIGINS": " * "]).isEmpty && config.corsOrigins == ["*"])
+        let yaml = config.apply(yaml: "server: {cors_origins: [\"https://a.example/\"]}\n", file: "g.yaml").map(\.description)
+        #expect(yaml.count == 1 && yaml[0].contains("server.cors_origins") && yaml[0].contains("'https://a.example/' is not a web origin"))
+        let environment = config.apply(environment: ["GATEHOUSE_CORS_ORIGINS": "a.example"]).map(\.description)
+        #expect(environment.count == 1 && environment[0].contains("GATEHOUSE_CORS_ORIGINS") && environment[0].contains("'a.example'"))
+    }
+}

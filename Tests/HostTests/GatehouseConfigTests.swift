@@ -63,6 +63,7 @@ import Testing
         #expect(config.apply(yaml: text, file: "gatehouse.example.yaml").map(\.description) == [])
         let defaults = GatehouseConfig()
         #expect(config.port == defaults.port && config.idleTimeout == defaults.idleTimeout && config.trustedProxies == defaults.trustedProxies)
+        #expect(config.corsOrigins == defaults.corsOrigins)
         #expect(config.shutdownTimeout == defaults.shutdownTimeout && config.maxBodyBytes == defaults.maxBodyBytes)
     }
 

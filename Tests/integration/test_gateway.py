@@ -194,6 +194,60 @@ def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
 
 
 @both_backends
+def test_browser_pages_from_configured_origins_may_call_the_api(gateway, backend):
+    # CORS: a page on an allowed origin gets its preflight answered (before auth: browsers
+    # send preflights without the key) and may read every answer, errors included.
+    app = "https://App.Example.com"
+    server = gateway(backend, env={"API_KEY": "k"}, extra_config="server: {cors_origins: [https://app.example.com, 'http://localhost:3000']}\n")
+    preflight = server.client.options("/v1/chat/completions", headers={
+        "Origin": app, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == app
+    assert preflight.headers["access-control-allow-methods"] == "POST"
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+    assert preflight.headers["access-control-max-age"] == "600" and preflight.headers["vary"] == "Origin"
+    assert "access-control-allow-credentials" not in preflight.headers and preflight.headers["x-request-id"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "from a page"}]}
+    keyed = {"Origin": app, "Authorization": "Bearer k"}
+    whole = server.client.post("/v1/chat/completions", json=body, headers=keyed)
+    assert whole.json()["choices"][0]["message"]["content"] == "Echo: from a page"
+    events = stream_events(server, "m", headers=keyed, text="from a page")
+    assert streamed_text(events[:-1]) == "Echo: from a page"
+    streamed = server.client.post("/v1/chat/completions", json={**body, "stream": True}, headers=keyed)
+    for answer in (whole, streamed):
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == app and answer.headers["vary"] == "Origin"
+        assert answer.headers["access-control-expose-headers"] == "X-Request-ID, X-Cache, Retry-After"
+    refused = server.client.post("/v1/chat/completions", json=body, headers={"Origin": app})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
+    assert server.client.get("/v1/models", headers={**keyed, "Origin": "http://localhost:3000"}).headers[
+        "access-control-allow-origin"] == "http://localhost:3000"
+    # Another origin: its preflight is refused with the reason; its answers say nothing to the browser.
+    other = server.client.options("/v1/chat/completions", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 403 and other.json()["error"]["code"] == "origin_not_allowed"
+    assert other.json()["error"]["message"] == (
+        "origin https://evil.example may not call this API from a browser: it is not in server.cors_origins")
+    answer = server.client.post("/v1/chat/completions", json=body, headers={**keyed, "Origin": "https://evil.example"})
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers and answer.headers["vary"] == "Origin"
+    assert "access-control-allow-origin" not in server.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).headers
+
+
+@both_backends
+def test_cors_is_off_unless_configured_and_star_allows_every_origin(gateway, backend):
+    server = gateway(backend)
+    preflight = server.client.options("/v1/chat/completions", headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 404 and "access-control-allow-origin" not in preflight.headers
+    answer = server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                                headers={"Origin": "https://a.example"})
+    assert answer.status_code == 200 and not any(name.startswith("access-control-") for name in answer.headers)
+    starred = gateway(backend, env={"GATEHOUSE_CORS_ORIGINS": "*"})
+    answer = starred.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                                 headers={"Origin": "https://a.example"})
+    assert answer.headers["access-control-allow-origin"] == "*" and "vary" not in answer.headers
+    assert starred.client.options("/v1/models", headers={"Origin": "null", "Access-Control-Request-Method": "GET"}).status_code == 204
+
+
+@both_backends
 def test_api_key_auth(gateway, backend):
     server = gateway(backend, env={"API_KEY": "s3cret-key"})
     with pytest.raises(openai.AuthenticationError) as missing:

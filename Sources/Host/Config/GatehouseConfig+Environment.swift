@@ -68,6 +68,14 @@ extension GatehouseConfig {
                 trustedProxies = ranges
             }
         }
+        if let text = value("GATEHOUSE_CORS_ORIGINS") {
+            let origins = YAMLReader.commaSeparated(text)
+            if let invalid = origins.first(where: { !CORSPolicy.isValidEntry($0) }) {
+                bad("GATEHOUSE_CORS_ORIGINS", "must be web origins (scheme://host[:port], no path) or * separated by commas ('\(invalid)' is neither)")
+            } else {
+                corsOrigins = origins
+            }
+        }
         if let file = value("LOG_FILE") { logFile = file }
         if let debug = flag("DEBUG"), debug { logLevel = "debug" }
         if let directory = value("GATEHOUSE_PLUGINS_DIR") { pluginsDirectory = directory }

@@ -70,6 +70,9 @@ public struct GatehouseConfig: Sendable {
     /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client for
     /// rate limits and logs; none by default, when the header is ignored.
     public var trustedProxies: [String] = []
+    /// Web origins (`https://app.example.com`, or `*`) whose pages may call the API from a
+    /// browser (CORS); none by default, when browsers keep pages from reading the answers.
+    public var corsOrigins: [String] = []
     public var tls = TLS()
     /// When set, clients must present it (`X-API-Key` or `Authorization: Bearer`).
     public var apiKey: String?
@@ -135,13 +138,18 @@ extension GatehouseConfig {
         guard let root = reader.root(of: text) else { return reader.problems }
         reader.checkKeys(root, at: "", allowed: ["server", "auth", "rate_limit", "upstream", "cache", "logging", "plugins_dir", "plugins"])
         if let server = reader.mapping(root, "server", at: "") {
-            reader.checkKeys(server, at: "server", allowed: ["host", "port", "max_body_bytes", "shutdown_timeout", "idle_timeout", "trusted_proxies", "tls"])
+            reader.checkKeys(server, at: "server", allowed: ["host", "port", "max_body_bytes", "shutdown_timeout", "idle_timeout", "trusted_proxies", "cors_origins", "tls"])
             host = reader.string(server, "host", at: "server") ?? host
             port = reader.int(server, "port", at: "server", range: 0...65535) ?? port
             maxBodyBytes = reader.int(server, "max_body_bytes", at: "server", range: 1...Int(Int32.max)) ?? maxBodyBytes
             shutdownTimeout = reader.duration(server, "shutdown_timeout", at: "server") ?? shutdownTimeout
             idleTimeout = reader.duration(server, "idle_timeout", at: "server") ?? idleTimeout
             trustedProxies = reader.ipRanges(server, "trusted_proxies", at: "server") ?? trustedProxies
+            corsOrigins =
+                reader.commaList(
+                    server, "cors_origins", at: "server", of: "web origins",
+                    each: "a web origin (scheme://host[:port], no path, like https://app.example.com) or *", isValid: CORSPolicy.isValidEntry)
+                ?? corsOrigins
             if let tlsNode = reader.mapping(server, "tls", at: "server") {
                 reader.checkKeys(tlsNode, at: "server.tls", allowed: ["enabled", "cert_file", "key_file"])
                 tls.enabled = reader.bool(tlsNode, "enabled", at: "server.tls") ?? tls.enabled

@@ -130,25 +130,40 @@ final class YAMLReader {
         return flag
     }
 
-    /// IP addresses or CIDR ranges: a YAML list of strings, or one string of them separated by commas.
+    /// A list of IP addresses or CIDR ranges: a YAML sequence, or one string of them separated by commas.
     func ipRanges(_ mapping: Node.Mapping, _ key: String, at path: String) -> [String]? {
+        commaList(
+            mapping, key, at: path, of: "IP addresses or CIDR ranges", each: "an IP address or CIDR range (like 10.0.0.0/8 or ::1)",
+            isValid: { IPRange($0) != nil })
+    }
+
+    /// A list of strings, each `isValid`: a YAML sequence, or one string of them separated by
+    /// commas (as the environment variable spells it). `what` names the items, `each` one of them.
+    func commaList(
+        _ mapping: Node.Mapping, _ key: String, at path: String, of what: String, each: String, isValid: (String) -> Bool
+    ) -> [String]? {
         guard let value = node(mapping, key) else { return nil }
         let items: [Node]
         if let sequence = value.sequence { items = Array(sequence) } else { items = [value] }
-        var ranges: [String] = []
+        var list: [String] = []
         for item in items {
             guard let text = item.scalar?.string else {
-                problem(join(path, key), item, "must be a list of IP addresses or CIDR ranges (got \(Self.describe(item)))")
+                problem(join(path, key), item, "must be a list of \(what) (got \(Self.describe(item)))")
                 return nil
             }
-            let (parts, invalid) = IPRange.list(text)
-            if let invalid {
-                problem(join(path, key), item, "'\(invalid)' is not an IP address or CIDR range (like 10.0.0.0/8 or ::1)")
+            let parts = Self.commaSeparated(text)
+            if let invalid = parts.first(where: { !isValid($0) }) {
+                problem(join(path, key), item, "'\(invalid)' is not \(each)")
                 return nil
             }
-            ranges += parts
+            list += parts
         }
-        return ranges
+        return list
+    }
+
+    /// The non-empty, trimmed items of a comma-separated list.
+    static func commaSeparated(_ text: String) -> [String] {
+        text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     }
 
     /// A duration: a number of seconds, or a string like "250ms", "30s", "5m", "1h".

@@ -1,7 +1,7 @@
 // The client's address behind trusted reverse proxies: X-Forwarded-For, read from the right, only from proxies we trust.
 internal import Foundation
 internal import HTTPTypes
-public import Hummingbird
+internal import Hummingbird
 #if canImport(Glibc)
 internal import Glibc
 #endif
@@ -29,7 +29,7 @@ struct IPRange: Sendable, Equatable {
     /// A comma-separated list of ranges (spaces and empty items ignored), and the first item
     /// that is not a range, if any.
     static func list(_ text: String) -> (ranges: [String], invalid: String?) {
-        let items = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let items = YAMLReader.commaSeparated(text)
         return (items, items.first { IPRange($0) == nil })
     }
 

@@ -38,6 +38,8 @@ final class ChatPassThrough: Sendable {
     let serverName: String
     /// Who a request comes from behind trusted proxies (as the router's ClientAddressMiddleware).
     let clientAddresses: ClientAddressResolver
+    /// The answers' CORS headers (as the router's `CORSMiddleware` adds them); nil when off.
+    let cors: CORSPolicy?
     private let loops = Mutex<[ObjectIdentifier: NIOLoopBound<PassThroughLoop>]>([:])
 
     /// Nil unless the backend is `openai` over plain HTTP (https upstreams, and Ollama's
@@ -69,6 +71,7 @@ final class ChatPassThrough: Sendable {
         accessLogHandler = logger.logLevel <= .info ? logger.handler as? JSONLogHandler : nil
         self.serverName = serverName
         self.clientAddresses = clientAddresses
+        cors = CORSPolicy(origins: config.corsOrigins)
     }
 
     /// A handler for one new connection (added to every HTTP/1 channel's pipeline), which

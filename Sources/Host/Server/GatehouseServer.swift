@@ -43,11 +43,13 @@ public struct GatehouseServer: Sendable {
         let server = try makeServerBuilder(passThrough: passThrough)
         registry.loadAll()
 
-        // Order matters: ids first, then the access log (sees every final response), then
-        // auth and rate limits, then plugins' middleware, then the routes.
+        // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
+        // the access log (sees every final response), then auth and rate limits, then plugins'
+        // middleware, then the routes.
         let router = Router(context: GatehouseRequestContext.self)
         if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
+        if let cors = CORSPolicy(origins: config.corsOrigins) { router.add(middleware: CORSMiddleware(policy: cors)) }
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
         if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
