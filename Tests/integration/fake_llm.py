@@ -20,6 +20,7 @@ Special model names change behaviour:
   busy          429 with Retry-After: 7: the upstream is rate limiting
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
+  few-vectors   (Ollama /api/embed) one vector fewer than the inputs
   crash         (streams) two tokens, then the backend's own mid-stream error
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
                 word per line, before the answer) unless the request has "think": false
@@ -185,6 +186,8 @@ class FakeLLM:
                     return self._openai_chat(body)
                 if self.path == "/api/embed":
                     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                    if model == "few-vectors":
+                        inputs = inputs[:-1]
                     return self._send(200, {"model": model, "embeddings": [[0.1, 0.2, float(len(t))][:body.get("dimensions")] for t in inputs],
                                             "prompt_eval_count": sum(len(t.split()) for t in inputs)})
                 if self.path == "/v1/embeddings":

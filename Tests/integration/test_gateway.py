@@ -191,6 +191,31 @@ def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
     bad = server.client.post("/v1/embeddings", json={"model": "nomic", "input": "x", "encoding_format": "hex"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_encoding_format"
     assert bad.json()["error"]["message"] == "'encoding_format' must be \"float\" or \"base64\" (got \"hex\")"
+    # Ollama embeds text: token arrays (which OpenAI takes) are refused before reaching it.
+    calls = len(fake_llm.calls("/api/embed"))
+    for given, detail in (([[1, 2, 3]], "a list of token lists"), ([1, 2, 3], "a list of tokens"), (7, "7")):
+        refused = server.client.post("/v1/embeddings", json={"model": "nomic", "input": given})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_input"
+        assert refused.json()["error"]["message"] == (
+            f"'input' must be a string or a list of strings for Ollama (token arrays are not supported; got {detail})")
+    assert server.client.post("/v1/embeddings", json={"model": "nomic", "input": []}).json()["error"]["message"] == (
+        "'input' must not be an empty list")
+    assert len(fake_llm.calls("/api/embed")) == calls
+    # A reply short of a vector per input is the upstream's fault, not an empty 200.
+    short = server.client.post("/v1/embeddings", json={"model": "few-vectors", "input": ["a", "b"]})
+    assert short.status_code == 502 and short.json()["error"]["code"] == "upstream_invalid"
+    assert short.json()["error"]["message"] == "ollama sent an embeddings reply without one vector of numbers for each of the 2 inputs"
+    garbage = server.client.post("/v1/embeddings", json={"model": "garbage", "input": "a"})
+    assert garbage.status_code == 502 and garbage.json()["error"]["message"] == "ollama sent a reply that is not a JSON object"
+
+
+def test_openai_list_replies_that_are_not_lists_are_the_upstreams_fault(gateway):
+    # Passed through as they come, once seen to be answers: never a 200 carrying the upstream's garbage.
+    server = gateway("openai")
+    assert server.client.post("/v1/embeddings", json={"model": "nomic", "input": "a"}).json()["data"][0]["embedding"] == [0.5, 1.0]
+    garbage = server.client.post("/v1/embeddings", json={"model": "garbage", "input": "a"})
+    assert garbage.status_code == 502 and garbage.json()["error"]["code"] == "upstream_invalid"
+    assert garbage.json()["error"]["message"] == "openai upstream sent a /v1/embeddings reply that is not a JSON object with a 'data' list"
 
 
 @both_backends

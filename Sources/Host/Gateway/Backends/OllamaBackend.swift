@@ -142,8 +142,10 @@ struct OllamaBackend: ChatBackend {
 
     func models(requestID: String) async throws -> Data {
         let body = try await client.call(.GET, "/api/tags", requestID: requestID, backend: name, timeout: min(client.timeout, 30))
-        let tags = (try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any]) ?? [:]
-        let models = (tags["models"] as? [[String: Any]] ?? []).map { model -> [String: Any] in
+        guard let list = try Self.replyObject(body)["models"] as? [[String: Any]] else {
+            throw OpenAIError(.badGateway, "ollama sent a /api/tags reply without its 'models' list", code: "upstream_invalid")
+        }
+        let models = list.map { model -> [String: Any] in
             let id = model["name"] as? String ?? model["model"] as? String ?? "unknown"
             let created = (model["modified_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) }.map { Int($0.timeIntervalSince1970) }
             return ["id": id, "object": "model", "created": created ?? 0, "owned_by": "ollama"]
@@ -166,6 +168,18 @@ struct OllamaBackend: ChatBackend {
             throw OpenAIError(
                 .badRequest, "'encoding_format' must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))", code: "invalid_encoding_format")
         }
+        // Ollama embeds text: one string or a list of them (OpenAI's token arrays it cannot take).
+        let inputCount: Int
+        switch input {
+        case is String: inputCount = 1
+        case let list as [Any] where !list.isEmpty && list.allSatisfy({ $0 is String }): inputCount = list.count
+        case let list as [Any] where list.isEmpty:
+            throw OpenAIError(.badRequest, "'input' must not be an empty list", code: "invalid_input")
+        default:
+            throw OpenAIError(
+                .badRequest, "'input' must be a string or a list of strings for Ollama (token arrays are not supported; got \(Self.describeInput(input)))",
+                code: "invalid_input")
+        }
         var request: [String: Any] = ["model": model, "input": input]
         if let dimensions = body["dimensions"], !(dimensions is NSNull) {
             guard let count = JSONNumbers.int(dimensions), count > 0 else {
@@ -174,16 +188,37 @@ struct OllamaBackend: ChatBackend {
             request["dimensions"] = count
         }
         let reply = try await client.call(.POST, "/api/embed", json: OpenAIShapes.data(request), requestID: requestID, backend: name)
-        let object = (try? JSONSerialization.jsonObject(with: Data(reply.readableBytesView)) as? [String: Any]) ?? [:]
-        let vectors = object["embeddings"] as? [Any] ?? []
+        let object = try Self.replyObject(reply)
+        // One vector of numbers per input, or the answer is not one: never a 200 short of vectors.
+        guard let vectors = object["embeddings"] as? [[Any]], vectors.count == inputCount,
+            vectors.allSatisfy({ $0.allSatisfy { JSONNumbers.double($0) != nil } })
+        else {
+            throw OpenAIError(
+                .badGateway, "ollama sent an embeddings reply without one vector of numbers for each of the \(inputCount) inputs",
+                code: "upstream_invalid")
+        }
         let prompt = Self.tokenCounts(object).prompt
         return OpenAIShapes.data([
             "object": "list", "model": model,
             "data": vectors.enumerated().map { index, vector in
-                ["object": "embedding", "index": index, "embedding": base64 ? Self.base64Float32(vector) : vector]
+                ["object": "embedding", "index": index, "embedding": base64 ? Self.base64Float32(vector) as Any : vector as Any]
             },
             "usage": ["prompt_tokens": prompt, "total_tokens": prompt],
         ])
+    }
+
+    /// What an unusable `input` was, briefly (token arrays can be long).
+    static func describeInput(_ input: Any) -> String {
+        switch input {
+        case let list as [Any]:
+            switch list.first {
+            case is [Any]: "a list of token lists"
+            case is NSNumber: "a list of tokens"
+            case let first?: "a list holding \(String(OpenAIShapes.describe(first).prefix(60)))"
+            case nil: "[]"
+            }
+        default: String(OpenAIShapes.describe(input).prefix(60))
+        }
     }
 
     /// A vector as OpenAI's base64 encoding: its numbers as little-endian float32s, base64-encoded.

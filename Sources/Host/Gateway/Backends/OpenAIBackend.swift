@@ -124,11 +124,22 @@ struct OpenAIBackend: ChatBackend {
     }
 
     func models(requestID: String) async throws -> Data {
-        Data(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name).readableBytesView)
+        try Self.listReply(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name), from: "/v1/models")
     }
 
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
-        Data(try await client.call(.POST, "/v1/embeddings", json: OpenAIShapes.data(body), requestID: requestID, backend: name).readableBytesView)
+        try Self.listReply(try await client.call(.POST, "/v1/embeddings", json: OpenAIShapes.data(body), requestID: requestID, backend: name), from: "/v1/embeddings")
+    }
+
+    /// A 200 list reply (`/v1/models`, `/v1/embeddings`), passed on as it came once it is seen
+    /// to be one: a JSON object with a `data` list.
+    /// - Throws: 502 naming the path, never a 200 that is not an answer.
+    static func listReply(_ body: ByteBuffer, from path: String) throws(OpenAIError) -> Data {
+        let data = Data(body.readableBytesView)
+        guard ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any])?["data"] is [Any] else {
+            throw OpenAIError(.badGateway, "openai upstream sent a \(path) reply that is not a JSON object with a 'data' list", code: "upstream_invalid")
+        }
+        return data
     }
 
     func checkReady(requestID: String) async throws {
