@@ -3,6 +3,7 @@ upstream speaking Ollama's NDJSON or OpenAI's SSE."""
 import base64
 import json
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -974,6 +975,89 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+def make_certificate(directory, name):
+    """A self-signed certificate for localhost (subject CN=name) and its key, as PEM files."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_certificate_reloads_on_sighup(tmp_path, fake_llm):
+    # A renewed certificate is served without a restart; a bad one never replaces a good one.
+    first, second = make_certificate(tmp_path, "first"), make_certificate(tmp_path, "second")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(first[0], cert), shutil.copy(first[1], key)
+    port, log_path = free_port(), tmp_path / "gatehouse.log"
+    env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key), "GATEHOUSE_BACKEND": "openai",
+           "OLLAMA_HOST": fake_llm.url, "PATH": "/usr/bin:/bin"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([GATEHOUSE, "serve", "--port", str(port), "--plugins-dir", str(tmp_path)],
+                                   env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+
+    def served_certificate():
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+    def der(path):
+        return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+    def log_messages():
+        return [json.loads(line).get("msg", "") for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert served_certificate() == der(first[0])
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        trusts_first = ssl.create_default_context(cafile=str(first[0]))
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=trusts_first) as kept:
+            assert kept.get("/health").status_code == 200
+            shutil.copy(second[0], cert), shutil.copy(second[1], key)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while served_certificate() != der(second[0]):
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            assert "SIGHUP: reloaded the TLS certificate; new connections get it" in log_messages()
+            # The connection opened before keeps its certificate and goes on serving.
+            assert kept.get("/health").status_code == 200
+        trusts_second = ssl.create_default_context(cafile=str(second[0]))
+        completion = httpx.post(f"https://localhost:{port}/v1/chat/completions", verify=trusts_second,
+                                json={"model": "m", "messages": [{"role": "user", "content": "renewed"}]})
+        assert completion.json()["choices"][0]["message"]["content"] == "Echo: renewed"
+        # A key that does not match the certificate: refused, said, and the served one stays.
+        shutil.copy(first[1], key)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP: TLS certificate not reloaded; still serving the previous one" not in log_messages():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        failure = [json.loads(l) for l in log_path.read_text().splitlines() if "not reloaded" in l][-1]
+        assert f"cannot use TLS certificate {cert} with key {key}" in failure["error"]
+        assert served_certificate() == der(second[0]) and process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+
+
+def test_sighup_without_tls_keeps_serving(gateway):
+    server = gateway("openai")
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not any(l.get("msg", "").startswith("SIGHUP: nothing to reload") for l in server.log_lines()):
+        assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+        time.sleep(0.05)
+    assert server.client.get("/health").status_code == 200 and server.process.poll() is None
 
 
 def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):

@@ -2,7 +2,6 @@
 internal import Foundation
 internal import Hummingbird
 internal import HummingbirdCore
-internal import HummingbirdTLS
 public import Logging
 internal import NIOCore
 internal import NIOPosix
@@ -22,8 +21,10 @@ public struct GatehouseServer: Sendable {
 
     /// Loads plugins, binds the listener and serves until SIGINT/SIGTERM; then stops accepting,
     /// lets in-flight requests (streams too) finish for up to `shutdownTimeout`, and shuts the
-    /// plugins down.
+    /// plugins down. SIGHUP reloads the TLS certificate (`ReloadOnHangup`).
     public func run() async throws {
+        // Until ReloadOnHangup traps it, a SIGHUP would end the process (its default action).
+        signal(SIGHUP, SIG_IGN)
         try config.validate()
         let openFiles = OpenFilesLimit.raiseToHardLimit()
         let metrics = GatehouseMetrics()
@@ -40,7 +41,8 @@ public struct GatehouseServer: Sendable {
         let passThrough = ChatPassThrough(
             config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, clientAddresses: clientAddresses,
             logger: logger, serverName: Self.serverName)
-        let server = try makeServerBuilder(passThrough: passThrough)
+        let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile) : nil
+        let server = makeServerBuilder(passThrough: passThrough, certificates: certificates)
         registry.loadAll()
 
         // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
@@ -82,7 +84,10 @@ public struct GatehouseServer: Sendable {
         // stops accepting and drains.
         let shutdownClock = ShutdownClock()
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [.init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore)],
+            services: [
+                .init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore),
+                .init(service: ReloadOnHangup(certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
+            ],
             gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         groupConfiguration.maximumGracefulShutdownDuration = Duration.milliseconds(Int64(config.shutdownTimeout * 1000))
         let serviceGroup = ServiceGroup(configuration: groupConfiguration)
@@ -106,30 +111,17 @@ public struct GatehouseServer: Sendable {
     /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key
     /// (where a plain-HTTP request gets a readable 400); with the chat pass-through in every
     /// connection's pipeline when the backend allows it.
-    private func makeServerBuilder(passThrough: ChatPassThrough?) throws -> HTTPServerBuilder {
+    private func makeServerBuilder(passThrough: ChatPassThrough?, certificates: TLSCertificates?) -> HTTPServerBuilder {
         let idleTimeout = config.idleTimeout > 0 ? Duration.nanoseconds(Int64(config.idleTimeout * 1e9)) : nil
         let maxBodyBytes = config.maxBodyBytes
         let http1 = { @Sendable (responder: @escaping HTTPChannelHandler.Responder) in
             GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes)
         }
-        guard config.tls.enabled else { return HTTPServerBuilder { http1($0) } }
-        let chain: [NIOSSLCertificateSource]
-        let key: NIOSSLPrivateKey
-        do {
-            chain = try NIOSSLCertificate.fromPEMFile(config.tls.certFile).map { .certificate($0) }
-        } catch {
-            throw StartupError("cannot load TLS certificate \(config.tls.certFile): \(error)")
-        }
-        do {
-            key = try NIOSSLPrivateKey(file: config.tls.keyFile, format: .pem)
-        } catch {
-            throw StartupError("cannot load TLS private key \(config.tls.keyFile): \(error)")
-        }
-        guard !chain.isEmpty else { throw StartupError("TLS certificate file \(config.tls.certFile) holds no certificate") }
-        let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+        guard let certificates else { return HTTPServerBuilder { http1($0) } }
         let logger = self.logger
-        // Built once, when the server starts (so is the TLS context).
-        return HTTPServerBuilder { responder in PlainHTTPOnTLSPort(base: try TLSChannel(http1(responder), tlsConfiguration: tls), logger: logger) }
+        return HTTPServerBuilder { responder in
+            ReloadableTLSChannel(base: http1(responder), certificates: certificates, serverLogger: logger)
+        }
     }
 
     /// Turns a bind failure into the one-line message a user needs.

@@ -1,30 +1,12 @@
 // A plain-HTTP request sent to the TLS port gets a readable 400 naming the mistake, instead of a failed handshake.
-public import HummingbirdCore
-public import Logging
-public import NIOCore
+internal import Logging
+internal import NIOCore
 
-/// Wraps the TLS child channel: before TLS sees a connection's first bytes, a request that is
-/// plain HTTP (it starts with a method's letters, where a TLS client sends a handshake record,
-/// 0x16) is answered in plain HTTP with an OpenAI-shaped 400 and closed, as nginx answers "The
-/// plain HTTP request was sent to HTTPS port". Anything else goes to TLS untouched.
-struct PlainHTTPOnTLSPort<Base: ServerChildChannel>: ServerChildChannel {
-    typealias Value = Base.Value
-    let base: Base
-    let logger: Logger
-
-    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
-        channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(PlainHTTPDetector(logger: self.logger))
-        }.flatMap {
-            base.setup(channel: channel, logger: logger)
-        }
-    }
-
-    func handle(value: Value, logger: Logger) async {
-        await base.handle(value: value, logger: logger)
-    }
-}
-
+/// Sits in front of TLS (`ReloadableTLSChannel` adds it): a request that is plain HTTP (it
+/// starts with a method's letters, where a TLS client sends a handshake record, 0x16) is
+/// answered in plain HTTP with an OpenAI-shaped 400 and closed, as nginx answers "The plain
+/// HTTP request was sent to HTTPS port". Anything else goes to TLS untouched.
+///
 /// Looks at a connection's first read only, then leaves the pipeline.
 final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
@@ -48,6 +30,7 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
         logger.info(
             "plain HTTP request on the TLS port",
             metadata: ["client": .string(context.channel.remoteAddress?.ipAddress ?? "unknown"), "request_id": .string(requestID)])
-        context.writeAndFlush(wrapOutboundOut(failure.closingResponseBytes(requestID: requestID))).whenComplete { _ in context.close(promise: nil) }
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(failure.closingResponseBytes(requestID: requestID))).whenComplete { _ in channel.close(promise: nil) }
     }
 }

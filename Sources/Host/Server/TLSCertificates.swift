@@ -1,0 +1,109 @@
+// The TLS certificate and key, read at start-up and again on SIGHUP, so a renewed certificate is served without a restart.
+internal import Foundation
+internal import HummingbirdCore
+internal import Logging
+internal import NIOCore
+internal import NIOSSL
+internal import ServiceLifecycle
+internal import Synchronization
+internal import UnixSignals
+
+/// The server's TLS context. A reload builds a whole new one from the files and swaps it in;
+/// each new connection takes the current one, connections already open keep theirs. A reload
+/// that fails (a file missing, unreadable, not PEM, or a key that does not match the
+/// certificate) leaves the served certificate as it was.
+final class TLSCertificates: Sendable {
+    let certFile: String
+    let keyFile: String
+    private let current: Mutex<NIOSSLContext>
+
+    /// Reads the files; a failure is the start-up error naming the file and what is wrong.
+    init(certFile: String, keyFile: String) throws(StartupError) {
+        self.certFile = certFile
+        self.keyFile = keyFile
+        current = Mutex(try Self.context(certFile: certFile, keyFile: keyFile).context)
+    }
+
+    /// The context new connections are served with.
+    var context: NIOSSLContext { current.withLock { $0 } }
+
+    /// Reads the files again and serves what they hold from the next connection on.
+    /// - Returns: when the new certificate expires (for the log).
+    /// - Throws: why the files could not be used; the served certificate stays.
+    func reload() throws(StartupError) -> Date {
+        let (context, expires) = try Self.context(certFile: certFile, keyFile: keyFile)
+        current.withLock { $0 = context }
+        return expires
+    }
+
+    private static func context(certFile: String, keyFile: String) throws(StartupError) -> (context: NIOSSLContext, expires: Date) {
+        let chain: [NIOSSLCertificate]
+        let key: NIOSSLPrivateKey
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certFile)
+        } catch {
+            throw StartupError("cannot load TLS certificate \(certFile): \(error)")
+        }
+        guard let leaf = chain.first else { throw StartupError("TLS certificate file \(certFile) holds no certificate") }
+        do {
+            key = try NIOSSLPrivateKey(file: keyFile, format: .pem)
+        } catch {
+            throw StartupError("cannot load TLS private key \(keyFile): \(error)")
+        }
+        let configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        do {
+            // BoringSSL checks here that the key belongs to the certificate.
+            return (try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter)))
+        } catch {
+            throw StartupError("cannot use TLS certificate \(certFile) with key \(keyFile): \(error)")
+        }
+    }
+}
+
+/// TLS in front of the base channel, with the context current when the connection is accepted
+/// (HummingbirdTLS's `TLSChannel` fixes its context when the server starts), and in front of
+/// TLS the answer to plain HTTP sent to this port (`PlainHTTPDetector`).
+struct ReloadableTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
+    typealias Value = Base.Value
+    let base: Base
+    let certificates: TLSCertificates
+    /// For the plain-HTTP detector's log line.
+    let serverLogger: Logger
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandlers(PlainHTTPDetector(logger: serverLogger), NIOSSLServerHandler(context: certificates.context))
+        }.flatMap {
+            base.setup(channel: channel, logger: logger)
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await base.handle(value: value, logger: logger)
+    }
+}
+
+/// Reads the TLS certificate and key again on each SIGHUP (what `systemctl reload` and
+/// certbot's deploy hooks send), logging the outcome. Without TLS there is nothing to reload,
+/// and it says so: either way SIGHUP no longer ends the process, its default action.
+struct ReloadOnHangup: Service {
+    let certificates: TLSCertificates?
+    let logger: Logger
+
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            guard let certificates else {
+                logger.notice("SIGHUP: nothing to reload (TLS is off; other settings take a restart)")
+                continue
+            }
+            do {
+                let expires = try certificates.reload()
+                logger.notice(
+                    "SIGHUP: reloaded the TLS certificate; new connections get it",
+                    metadata: ["cert_file": .string(certificates.certFile), "expires": .string(expires.formatted(.iso8601))])
+            } catch {
+                logger.error("SIGHUP: TLS certificate not reloaded; still serving the previous one", metadata: ["error": .string(error.description)])
+            }
+        }
+    }
+}
