@@ -24,6 +24,7 @@ Special model names change behaviour:
   crash         (streams) two tokens, then the backend's own mid-stream error
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
                 word per line, before the answer) unless the request has "think": false
+Ollama replies carry per-token `logprobs` when the request asks (`"logprobs": true`, `top_logprobs`).
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
@@ -31,6 +32,18 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def ollama_logprobs(body, tokens):
+    """Ollama's `logprobs` (since 0.12.11) for `tokens` when the request asked: each token's
+    logprob (-0.25 per word position), its bytes, and `top_logprobs` alternatives ("<alt>")."""
+    if not body.get("logprobs"):
+        return None
+    def entry(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    top = body.get("top_logprobs") or 0
+    return [{**entry(t, -0.25 * i), "top_logprobs": [entry(t, -0.25 * i), entry("<alt>", -3.0)][:top]}
+            for i, t in enumerate(tokens)]
 
 
 def last_user_text(messages):
@@ -219,16 +232,22 @@ class FakeLLM:
                 counts = len(prompt.split()) or 1, len(tokens)
                 if not body.get("stream", ollama):
                     if ollama:
-                        return self._send(200, {"model": model, "created_at": "2026-11-23T10:00:00Z", "response": "".join(tokens), "done": True,
-                                                "done_reason": finish, "prompt_eval_count": counts[0], "eval_count": counts[1]})
+                        reply = {"model": model, "created_at": "2026-11-23T10:00:00Z", "response": "".join(tokens), "done": True,
+                                 "done_reason": finish, "prompt_eval_count": counts[0], "eval_count": counts[1]}
+                        if ollama_logprobs(body, tokens):
+                            reply["logprobs"] = ollama_logprobs(body, tokens)
+                        return self._send(200, reply)
                     return self._send(200, {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
                                             "choices": [{"text": "".join(tokens), "index": 0, "logprobs": None, "finish_reason": finish}],
                                             "usage": {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": sum(counts)}})
                 self._start_chunked("application/x-ndjson" if ollama else "text/event-stream")
                 base = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model}
-                for token in tokens:
+                for index, token in enumerate(tokens):
                     if ollama:
-                        self._chunk(json.dumps({"model": model, "response": token, "done": False}).encode() + b"\n")
+                        line = {"model": model, "response": token, "done": False}
+                        if ollama_logprobs(body, tokens):
+                            line["logprobs"] = ollama_logprobs(body, tokens)[index:index + 1]
+                        self._chunk(json.dumps(line).encode() + b"\n")
                     else:
                         self._chunk(b"data: " + json.dumps({**base, "choices": [{"text": token, "index": 0, "finish_reason": None}]}).encode() + b"\n\n")
                 if ollama:
@@ -259,9 +278,12 @@ class FakeLLM:
                         message["thinking"] = "".join(thinking)
                     if tool_calls:
                         message["tool_calls"] = tool_calls
-                    return self._send(200, {"model": model, "created_at": "2026-11-23T10:00:00Z", "message": message,
-                                            "done": True, "done_reason": done_reason, "total_duration": 1000,
-                                            "prompt_eval_count": prompt, "eval_count": len(tokens)})
+                    reply = {"model": model, "created_at": "2026-11-23T10:00:00Z", "message": message,
+                             "done": True, "done_reason": done_reason, "total_duration": 1000,
+                             "prompt_eval_count": prompt, "eval_count": len(tokens)}
+                    if ollama_logprobs(body, tokens):
+                        reply["logprobs"] = ollama_logprobs(body, tokens)
+                    return self._send(200, reply)
                 self._start_chunked("application/x-ndjson")
                 for thought in thinking:
                     self._chunk(json.dumps({"model": model, "created_at": "2026-11-23T10:00:00Z", "done": False,
@@ -277,6 +299,8 @@ class FakeLLM:
                         return self._end_chunked()
                     line = {"model": model, "created_at": "2026-11-23T10:00:00Z",
                             "message": {"role": "assistant", "content": token}, "done": False}
+                    if ollama_logprobs(body, tokens):
+                        line["logprobs"] = ollama_logprobs(body, tokens)[index:index + 1]
                     self._chunk(json.dumps(line).encode() + b"\n")
                 if tool_calls:
                     self._chunk(json.dumps({"model": model, "message": {"role": "assistant", "content": "", "tool_calls": tool_calls},

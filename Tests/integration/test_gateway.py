@@ -666,6 +666,37 @@ def test_ollama_refuses_what_it_cannot_take_instead_of_dropping_it(gateway, fake
     assert len(fake_llm.calls("/api/chat")) == before
 
 
+def test_ollama_logprobs_come_back_in_openai_shapes(gateway, fake_llm):
+    # Ollama (since 0.12.11) gives each token's logprob and alternatives when asked.
+    server = gateway("ollama", extra_config="cache: {enabled: false}\n")
+    client = client_for(server)
+    ask = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "logprobs": True, "top_logprobs": 2}
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert fake_llm.calls("/api/chat")[-1][3]["logprobs"] is True and fake_llm.calls("/api/chat")[-1][3]["top_logprobs"] == 2
+    assert [(t.token, t.logprob) for t in choice.logprobs.content] == [("Echo:", 0.0), (" a", -0.25), (" b", -0.5)]
+    assert choice.logprobs.content[1].bytes == list(b" a")
+    assert [(t.token, t.logprob) for t in choice.logprobs.content[1].top_logprobs] == [(" a", -0.25), ("<alt>", -3.0)]
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.token for c in chunks for t in c.choices[0].logprobs.content] == ["Echo:", " a", " b"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: a b"
+    # Not asked, not sent: the choice's logprobs is null, as OpenAI's.
+    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "c"}]).choices[0]
+    assert plain.logprobs is None and "logprobs" not in fake_llm.calls("/api/chat")[-1][3]
+    # Legacy text completions ask with a number and get tokens, token_logprobs, top_logprobs, text_offset.
+    text = client.completions.create(model="m", prompt="x y", logprobs=1).choices[0]
+    assert fake_llm.calls("/api/generate")[-1][3]["top_logprobs"] == 1 and text.text == "Echo: x y"
+    assert text.logprobs.tokens == ["Echo:", " x", " y"] and text.logprobs.token_logprobs == [0.0, -0.25, -0.5]
+    assert text.logprobs.top_logprobs == [{"Echo:": 0.0}, {" x": -0.25}, {" y": -0.5}] and text.logprobs.text_offset == [0, 5, 7]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model="m", prompt="x y", logprobs=0, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [(l.tokens, l.text_offset) for l in streamed] == [(["Echo:"], [0]), ([" x"], [5]), ([" y"], [7])]
+    for body, field in (({**ask, "top_logprobs": 21}, "top_logprobs"), ({**ask, "logprobs": "yes"}, "logprobs")):
+        refused = server.client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == f"invalid_{field}", refused.text
+    refused = server.client.post("/v1/completions", json={"model": "m", "prompt": "x", "logprobs": True})
+    assert refused.status_code == 400 and refused.json()["error"]["message"] == "'logprobs' must be an integer from 0 to 20 (got true)"
+
+
 def test_ollama_reasoning_maps_to_and_from_think(gateway, fake_llm):
     server = gateway("ollama", extra_config="cache: {enabled: false}\n")
     client = client_for(server)

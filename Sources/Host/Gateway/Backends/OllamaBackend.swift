@@ -3,6 +3,7 @@ internal import AsyncHTTPClient
 internal import Foundation
 internal import NIOCore
 internal import NIOHTTP1
+internal import Synchronization
 
 /// Talks to Ollama natively. Ollama streams NDJSON (one JSON object per line), not SSE; each line
 /// becomes one OpenAI `chat.completion.chunk`. Token counts come from `prompt_eval_count` and
@@ -25,7 +26,12 @@ struct OllamaBackend: ChatBackend {
         let json = OpenAIShapes.data([
             "id": OpenAIShapes.completionID(), "object": "chat.completion", "created": OpenAIShapes.now(),
             "model": reply["model"] as? String ?? request.model,
-            "choices": [["index": 0, "message": assistant, "finish_reason": Self.finishReason(reply, hasToolCalls: !toolCalls.isEmpty)]],
+            "choices": [
+                [
+                    "index": 0, "message": assistant, "finish_reason": Self.finishReason(reply, hasToolCalls: !toolCalls.isEmpty),
+                    "logprobs": Self.chatLogprobs(reply["logprobs"]).map { ["content": $0] as Any } ?? NSNull(),
+                ]
+            ],
             "usage": OpenAIShapes.usage(prompt: prompt, completion: completion),
         ])
         return ChatCompletion(json: json, promptTokens: prompt, completionTokens: completion)
@@ -93,7 +99,12 @@ struct OllamaBackend: ChatBackend {
         let json = OpenAIShapes.data([
             "id": OpenAIShapes.textCompletionID(), "object": "text_completion", "created": OpenAIShapes.now(),
             "model": reply["model"] as? String ?? request.model,
-            "choices": [["index": 0, "text": reply["response"] as? String ?? "", "logprobs": NSNull(), "finish_reason": Self.finishReason(reply, hasToolCalls: false)]],
+            "choices": [
+                [
+                    "index": 0, "text": reply["response"] as? String ?? "", "finish_reason": Self.finishReason(reply, hasToolCalls: false),
+                    "logprobs": (Self.textLogprobs(reply["logprobs"], offset: 0)?.logprobs).map { $0 as Any } ?? NSNull(),
+                ]
+            ],
             "usage": OpenAIShapes.usage(prompt: prompt, completion: completion),
         ])
         return ChatCompletion(json: json, promptTokens: prompt, completionTokens: completion)
@@ -102,15 +113,22 @@ struct OllamaBackend: ChatBackend {
     func textCompletionStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let body = try await client.openStream("/api/generate", json: Self.generateBody(request, stream: true), requestID: requestID, backend: name)
         let (id, created, model, includeUsage) = (OpenAIShapes.textCompletionID(), OpenAIShapes.now(), request.model, request.includeUsage)
-        func chunk(_ text: String, finishReason: String?) -> Data {
+        func chunk(_ text: String, finishReason: String?, logprobs: Any = NSNull()) -> Data {
             OpenAIShapes.data([
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [["index": 0, "text": text, "logprobs": NSNull(), "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
+                "choices": [["index": 0, "text": text, "logprobs": logprobs, "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
             ])
         }
+        let textOffset = Mutex(0)  // where the next token starts in the text sent so far
         return events(body, path: "/api/generate") { line in
             var events: [ChatStreamEvent] = []
-            if let text = line["response"] as? String, !text.isEmpty { events.append(.chunk(chunk(text, finishReason: nil))) }
+            let text = line["response"] as? String ?? ""
+            if let (logprobs, end) = Self.textLogprobs(line["logprobs"], offset: textOffset.withLock { $0 }) {
+                textOffset.withLock { $0 = end }
+                events.append(.chunk(chunk(text, finishReason: nil, logprobs: logprobs)))
+            } else if !text.isEmpty {
+                events.append(.chunk(chunk(text, finishReason: nil)))
+            }
             let done = Self.isDone(line)
             if done {
                 events.append(.chunk(chunk("", finishReason: Self.finishReason(line, hasToolCalls: false))))
@@ -133,6 +151,14 @@ struct OllamaBackend: ChatBackend {
         }
         var out: [String: Any] = ["model": request.model, "prompt": prompt, "stream": stream]
         if let suffix = request.body["suffix"] as? String { out["suffix"] = suffix }
+        // Legacy completions ask with one number: how many alternatives to list per token.
+        if let count = request.body["logprobs"], !(count is NSNull) {
+            guard let top = JSONNumbers.int(count), (0...Self.maxTopLogprobs).contains(top), JSONNumbers.bool(count) == nil else {
+                throw RequestFields.invalid("logprobs", "must be an integer from 0 to \(Self.maxTopLogprobs) (got \(OpenAIShapes.describe(count)))")
+            }
+            out["logprobs"] = true
+            out["top_logprobs"] = top
+        }
         try checkSingleChoice(request.body)
         let options = Self.options(request.body, maxTokens: request.body["max_tokens"].flatMap(JSONNumbers.int))
         if !options.isEmpty { out["options"] = options }
@@ -265,6 +291,7 @@ struct OllamaBackend: ChatBackend {
         }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
         if let think = try think(request.body) { out["think"] = think }
+        try chatLogprobsRequest(request.body, into: &out)
         return OpenAIShapes.data(out)
     }
 
@@ -415,6 +442,66 @@ struct OllamaBackend: ChatBackend {
         return out
     }
 
+    // MARK: Log probabilities (Ollama 0.12.11 and later)
+
+    /// The most alternatives Ollama lists per token.
+    static let maxTopLogprobs = 20
+
+    /// OpenAI's chat `logprobs: true` and `top_logprobs` (0 to 20), as Ollama's fields of the same names.
+    static func chatLogprobsRequest(_ body: [String: Any], into out: inout [String: Any]) throws(OpenAIError) {
+        if let flag = body["logprobs"], !(flag is NSNull) {
+            guard let wanted = JSONNumbers.bool(flag) else { throw RequestFields.invalid("logprobs", "must be true or false") }
+            if wanted { out["logprobs"] = true }
+        }
+        if let count = body["top_logprobs"], !(count is NSNull) {
+            guard let top = JSONNumbers.int(count), (0...maxTopLogprobs).contains(top), JSONNumbers.bool(count) == nil else {
+                throw RequestFields.invalid("top_logprobs", "must be an integer from 0 to \(maxTopLogprobs) (got \(OpenAIShapes.describe(count)))")
+            }
+            out["top_logprobs"] = top
+        }
+    }
+
+    /// OpenAI's chat entries (`choices[].logprobs.content`) for the `logprobs` of an Ollama
+    /// reply or stream line, whose entries have the same fields; nil when there are none.
+    static func chatLogprobs(_ value: Any?) -> [[String: Any]]? {
+        guard let entries = value as? [[String: Any]], !entries.isEmpty else { return nil }
+        func token(_ entry: [String: Any]) -> [String: Any] {
+            ["token": entry["token"] as? String ?? "", "logprob": entry["logprob"] ?? 0, "bytes": entry["bytes"] as? [Any] ?? NSNull()]
+        }
+        return entries.map { entry in
+            var out = token(entry)
+            out["top_logprobs"] = (entry["top_logprobs"] as? [[String: Any]] ?? []).map(token)
+            return out
+        }
+    }
+
+    /// Legacy completions' `logprobs` for the entries of an Ollama reply or stream line: the
+    /// tokens, their logprobs, each position's alternatives (token to logprob) and where each
+    /// token starts in the text (from `offset`, the text before them). Nil when there are none.
+    /// - Returns: also the offset after these tokens, where a stream's next line starts.
+    static func textLogprobs(_ value: Any?, offset: Int) -> (logprobs: [String: Any], end: Int)? {
+        guard let entries = value as? [[String: Any]], !entries.isEmpty else { return nil }
+        var offsets: [Int] = []
+        var position = offset
+        for entry in entries {
+            offsets.append(position)
+            position += (entry["token"] as? String ?? "").count
+        }
+        let logprobs: [String: Any] = [
+            "tokens": entries.map { $0["token"] as? String ?? "" },
+            "token_logprobs": entries.map { $0["logprob"] ?? 0 },
+            "top_logprobs": entries.map { entry -> [String: Any] in
+                var alternatives: [String: Any] = [:]
+                for alternative in entry["top_logprobs"] as? [[String: Any]] ?? [] {
+                    if let token = alternative["token"] as? String { alternatives[token] = alternative["logprob"] ?? 0 }
+                }
+                return alternatives
+            },
+            "text_offset": offsets,
+        ]
+        return (logprobs, position)
+    }
+
     // MARK: Ollama -> OpenAI
 
     static func openAIToolCalls(_ value: Any?) -> [[String: Any]] {
@@ -477,7 +564,8 @@ struct OllamaBackend: ChatBackend {
                 if delta["content"] == nil && delta["tool_calls"] == nil { delta["content"] = "" }
                 sentRole = true
             }
-            if !delta.isEmpty { events.append(.chunk(chunk(delta: delta, finishReason: nil))) }
+            let logprobs = OllamaBackend.chatLogprobs(line["logprobs"])
+            if !delta.isEmpty || logprobs != nil { events.append(.chunk(chunk(delta: delta, finishReason: nil, logprobs: logprobs))) }
             if done {
                 events.append(.chunk(chunk(delta: [:], finishReason: OllamaBackend.finishReason(line, hasToolCalls: sawToolCalls))))
                 let (prompt, completion) = OllamaBackend.tokenCounts(line)
@@ -489,11 +577,10 @@ struct OllamaBackend: ChatBackend {
             return events
         }
 
-        func chunk(delta: [String: Any], finishReason: String?) -> Data {
-            OpenAIShapes.data([
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [["index": 0, "delta": delta, "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]],
-            ])
+        func chunk(delta: [String: Any], finishReason: String?, logprobs: [[String: Any]]? = nil) -> Data {
+            var choice: [String: Any] = ["index": 0, "delta": delta, "finish_reason": finishReason.map { $0 as Any } ?? NSNull()]
+            if let logprobs { choice["logprobs"] = ["content": logprobs] }
+            return OpenAIShapes.data(["id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]])
         }
     }
 }
