@@ -87,6 +87,8 @@ import Testing
         #expect(call["content"] as? String == "")
         let function = try #require((call["tool_calls"] as? [[String: Any]])?.first?["function"] as? [String: Any])
         #expect((function["arguments"] as? [String: Any])?["a"] as? Int == 1)
+        let instructions = try OllamaBackend.convert(["role": "developer", "content": "Answer in French."], at: 0, toolNames: &names)
+        #expect(instructions["role"] as? String == "system" && instructions["content"] as? String == "Answer in French.")
         let result = try OllamaBackend.convert(["role": "tool", "tool_call_id": "c1", "content": "42"], at: 2, toolNames: &names)
         #expect(result["tool_name"] as? String == "f")
         let noArguments = try OllamaBackend.convert(

@@ -636,10 +636,12 @@ def test_ollama_refuses_what_it_cannot_take_instead_of_dropping_it(gateway, fake
     server = gateway("ollama", extra_config="cache: {enabled: false}\n")
     client = client_for(server)
     png = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+    client.chat.completions.create(model="m", messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": png}}]}])
-    sent = fake_llm.calls("/api/chat")[-1][3]["messages"][0]
+    instructions, sent = fake_llm.calls("/api/chat")[-1][3]["messages"]
     assert sent["content"] == "what is this?" and base64.b64decode(sent["images"][0]) == b"\x89PNG fake"
+    # OpenAI's developer role is Ollama's system role (its chat templates would leave it out).
+    assert instructions == {"role": "system", "content": "Be brief."}
     before = len(fake_llm.calls("/api/chat"))
     refusals = [
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [

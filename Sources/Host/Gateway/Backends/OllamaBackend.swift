@@ -354,7 +354,8 @@ struct OllamaBackend: ChatBackend {
     static let imageDataURLPrefixes = ["data:;base64,"] + ["jpeg", "jpg", "png", "webp"].map { "data:image/\($0);base64," }
 
     /// One OpenAI message (item `index` of `messages`) as Ollama expects it: string content,
-    /// base64 `images`, tool-call arguments as objects, tool results named.
+    /// base64 `images`, tool-call arguments as objects, tool results named, `developer`
+    /// instructions as `system` ones.
     /// - Throws: a 400 naming the message and part Ollama cannot take, where Ollama's own `/v1`
     ///   refuses it too: content that is neither a string nor a list of parts, a part that is
     ///   not `text` or `image_url`, an image that is not a base64 data URL of a JPEG, PNG or
@@ -363,7 +364,10 @@ struct OllamaBackend: ChatBackend {
         func invalid(_ what: String, code: String = "invalid_messages") -> OpenAIError {
             OpenAIError(.badRequest, "'messages' item \(index)\(what)", code: code)
         }
-        var out: [String: Any] = ["role": message["role"] as? String ?? "user"]
+        // OpenAI's newer name for system instructions; Ollama's chat templates know only `system`
+        // and would leave a `developer` message out of the prompt.
+        let role = message["role"] as? String ?? "user"
+        var out: [String: Any] = ["role": role == "developer" ? "system" : role]
         var images: [String] = []
         switch message["content"] {
         case let text as String:
