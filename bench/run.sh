@@ -6,6 +6,8 @@
 #   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number;
 #   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds;
 #   NOISY_SPREAD=1.5 (default): a point whose direct rounds differ by more than this factor is flagged;
+#   BENCH_SSE_FRAMING=chunked (default: the stream comes chunked, as every LLM server streams) or
+#   length (the stream comes with a Content-Length, as rounds before 2026-12-05 measured it);
 #   BENCH_LAYOUT=free (default; the kernel places every process), one-cpu (all on CPU 0) or split
 #   (the proxies on CPU 0, wrk and the upstream on CPU 1): fixed layouts take the scheduler's
 #   placement out of the comparison, which decides the c=1 figures (docs/PERFORMANCE.md, eighth round).
@@ -22,6 +24,13 @@ UPSTREAM_SSE_PORT=19102
 NGINX_PORT=19103
 GATEHOUSE_PORT=19104
 LAYOUT=${BENCH_LAYOUT:-free}
+SSE_FRAMING=${BENCH_SSE_FRAMING:-chunked}
+case $SSE_FRAMING in
+    # SSI makes nginx treat the canned body as generated, so it sends it chunked (no length known).
+    chunked) SSE_CHUNKED="ssi on; ssi_types text/event-stream;" ;;
+    length) SSE_CHUNKED="" ;;
+    *) echo "bench: BENCH_SSE_FRAMING must be chunked or length, not '$SSE_FRAMING'"; exit 1 ;;
+esac
 case $LAYOUT in
     free) PROXY_CPUS="" PEER_CPUS="" ;;
     one-cpu) PROXY_CPUS=0 PEER_CPUS=0 ;;
@@ -61,6 +70,10 @@ done
 SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n"
 SSE+="data: [DONE]\n\n"
 
+# The stream is chunked by default, as llama.cpp's, vLLM's, Ollama's and OpenAI's streams are
+# (their length is not known until the model stops): with a Content-Length, nginx passed the
+# length on and sent no chunk framing, while Gatehouse frames every stream in chunks (it must be
+# able to end one with an error event), so the two proxies did not send the same bytes.
 # The canned upstreams run in their own nginx process, so both proxies pay the same hop to
 # another process (an earlier version served them from the proxy's own worker, which spared
 # nginx every cross-process wake-up that Gatehouse paid). Both proxies run as shipped: nginx
@@ -81,7 +94,7 @@ http {
     }
     server {
         listen 127.0.0.1:$UPSTREAM_SSE_PORT;
-        location / { default_type text/event-stream; return 200 '$SSE'; }
+        location / { default_type text/event-stream; $SSE_CHUNKED return 200 '$SSE'; }
     }
 }
 NGINX
@@ -160,6 +173,14 @@ run() {
         printf "%d %.6f %s %s %d %d %d\n", f[5], (f[1] > 0 ? f[5] / f[1] : 0), f[2], f[3], f[4], y[1] - x[1], y[2] - x[2] }'
 }
 
+# How the answer to a benchmark request at $1 is framed: chunked, length, or close.
+framing() {
+    curl -s -D - -o /dev/null -X POST -H "Content-Type: application/json" -d "$BENCH_BODY" "$1" | tr -d '\r' | awk '
+        tolower($1) == "transfer-encoding:" && tolower($2) == "chunked" { print "chunked"; found = 1; exit }
+        tolower($1) == "content-length:" { print "length"; found = 1; exit }
+        END { if (!found) print "close" }'
+}
+
 # Folds one target's rounds (lines from run) into
 #   "req/s p50 p99 errors cpu_user_us_per_request cpu_system_us_per_request min_round_req/s max_round_req/s":
 # req/s and CPU over all rounds together, p50 and p99 the median round's.
@@ -187,8 +208,8 @@ pin "$PEER_CPUS" $upstream_workers
 ROUNDS=${BENCH_ROUNDS:-6}
 ROUND_SECONDS=$(( DURATION / ROUNDS > 0 ? DURATION / ROUNDS : 1 ))
 
-printf "Gatehouse benchmark: %s, %s cores, %s rounds of %s s per target and point, %s; nginx %s workers; layout %s\n" \
-    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$ROUNDS" "$ROUND_SECONDS" "$(uname -m)" "$(wc -w <<<"$nginx_workers")" "$LAYOUT"
+printf "Gatehouse benchmark: %s, %s cores, %s rounds of %s s per target and point, %s; nginx %s workers; layout %s; sse framing %s\n" \
+    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$ROUNDS" "$ROUND_SECONDS" "$(uname -m)" "$(wc -w <<<"$nginx_workers")" "$LAYOUT" "$SSE_FRAMING"
 printf "%-7s %-4s %-10s %10s %9s %9s %7s %16s %19s\n" mode conc target "req/s" "p50 ms" "p99 ms" errors "cpu µs/req u+s" "rounds req/s"
 for mode in ${BENCH_MODES:-json sse}; do
     if [[ $mode == json ]]; then
@@ -199,6 +220,9 @@ for mode in ${BENCH_MODES:-json sse}; do
         export BENCH_BODY='{"model":"bench","messages":[{"role":"user","content":"Hello"}],"stream":true}'
     fi
     start_gatehouse "$upstream"
+    # How each target frames its answer, so a difference in what they send is seen, not assumed.
+    printf "%-7s framing: direct %s, nginx %s, gatehouse %s\n" "$mode" "$(framing "http://127.0.0.1:$upstream/v1/chat/completions")" \
+        "$(framing "http://127.0.0.1:$NGINX_PORT/$mode/v1/chat/completions")" "$(framing "http://127.0.0.1:$GATEHOUSE_PORT/v1/chat/completions")"
     for conc in 1 16 64; do
         : >"$WORK/direct.rounds"; : >"$WORK/nginx.rounds"; : >"$WORK/gatehouse.rounds"
         for round in $(seq 1 "$ROUNDS"); do
