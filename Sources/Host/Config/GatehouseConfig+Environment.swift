@@ -31,6 +31,15 @@ extension GatehouseConfig {
             }
             return parsed
         }
+        func list(_ name: String, of what: String, isValid: (String) -> Bool) -> [String]? {
+            guard let text = value(name) else { return nil }
+            let (items, invalid) = YAMLReader.commaSeparated(text, isValid: isValid)
+            if let invalid {
+                bad(name, "must be \(what) separated by commas ('\(invalid)' is neither)")
+                return nil
+            }
+            return items
+        }
         func integer(_ name: String, _ range: ClosedRange<Int>) -> Int? {
             guard let text = value(name) else { return nil }
             guard let number = Int(text), range.contains(number) else {
@@ -60,22 +69,8 @@ extension GatehouseConfig {
         if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
         if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
         if let timeout = seconds("GATEHOUSE_IDLE_TIMEOUT") { idleTimeout = timeout }
-        if let text = value("GATEHOUSE_TRUSTED_PROXIES") {
-            let (ranges, invalid) = IPRange.list(text)
-            if let invalid {
-                bad("GATEHOUSE_TRUSTED_PROXIES", "must be IP addresses or CIDR ranges separated by commas ('\(invalid)' is neither)")
-            } else {
-                trustedProxies = ranges
-            }
-        }
-        if let text = value("GATEHOUSE_CORS_ORIGINS") {
-            let origins = YAMLReader.commaSeparated(text)
-            if let invalid = origins.first(where: { !CORSPolicy.isValidEntry($0) }) {
-                bad("GATEHOUSE_CORS_ORIGINS", "must be web origins (scheme://host[:port], no path) or * separated by commas ('\(invalid)' is neither)")
-            } else {
-                corsOrigins = origins
-            }
-        }
+        trustedProxies = list("GATEHOUSE_TRUSTED_PROXIES", of: "IP addresses or CIDR ranges", isValid: { IPRange($0) != nil }) ?? trustedProxies
+        corsOrigins = list("GATEHOUSE_CORS_ORIGINS", of: "web origins (scheme://host[:port], no path) or *", isValid: CORSPolicy.isValidEntry) ?? corsOrigins
         if let file = value("LOG_FILE") { logFile = file }
         if let debug = flag("DEBUG"), debug { logLevel = "debug" }
         if let directory = value("GATEHOUSE_PLUGINS_DIR") { pluginsDirectory = directory }

@@ -151,8 +151,8 @@ final class YAMLReader {
                 problem(join(path, key), item, "must be a list of \(what) (got \(Self.describe(item)))")
                 return nil
             }
-            let parts = Self.commaSeparated(text)
-            if let invalid = parts.first(where: { !isValid($0) }) {
+            let (parts, invalid) = Self.commaSeparated(text, isValid: isValid)
+            if let invalid {
                 problem(join(path, key), item, "'\(invalid)' is not \(each)")
                 return nil
             }
@@ -161,9 +161,11 @@ final class YAMLReader {
         return list
     }
 
-    /// The non-empty, trimmed items of a comma-separated list.
-    static func commaSeparated(_ text: String) -> [String] {
-        text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    /// The non-empty, trimmed items of a comma-separated list, and the first that is not
+    /// `isValid` (nil when all are). Shared by the YAML lists and their environment variables.
+    static func commaSeparated(_ text: String, isValid: (String) -> Bool) -> (items: [String], invalid: String?) {
+        let items = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        return (items, items.first { !isValid($0) })
     }
 
     /// A duration: a number of seconds, or a string like "250ms", "30s", "5m", "1h".

@@ -41,9 +41,9 @@ final class ChatService: Sendable {
         let completion = try await backend.complete(request, requestID: requestID)
         metrics?.recordUpstream(backend: backend.name, operation: "chat", duration: ContinuousClock.now - started)
         metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
-        guard let key, cacheUse != .bypass else { return (completion, .bypass) }
+        guard let key, let stored = cacheUse.storedOutcome else { return (completion, .bypass) }
         cache?.put(key, completion)
-        return (completion, cacheUse == .refresh ? .refresh : .miss)
+        return (completion, stored)
     }
 
     /// A streamed completion; token counts and the upstream time are recorded when it ends.

@@ -120,6 +120,16 @@ enum CacheUse: Sendable, Equatable {
             self = .normal
         }
     }
+
+    /// What `X-Cache` says of an answer fetched upstream under this use: nil when it is not
+    /// stored (`no-store`), else a refresh or a plain miss.
+    var storedOutcome: CacheOutcome? {
+        switch self {
+        case .normal: .miss
+        case .refresh: .refresh
+        case .bypass: nil
+        }
+    }
 }
 
 /// What the cache did for a non-streaming chat completion: the `X-Cache` response header.

@@ -26,13 +26,6 @@ struct IPRange: Sendable, Equatable {
         bytes = address
     }
 
-    /// A comma-separated list of ranges (spaces and empty items ignored), and the first item
-    /// that is not a range, if any.
-    static func list(_ text: String) -> (ranges: [String], invalid: String?) {
-        let items = YAMLReader.commaSeparated(text)
-        return (items, items.first { IPRange($0) == nil })
-    }
-
     /// Whether `address` (as `parse` returns it) lies in this range.
     func contains(_ address: [UInt8]) -> Bool {
         guard address.count == bytes.count else { return false }

@@ -169,9 +169,9 @@ final class ChatExchange: UpstreamResponseDelegate {
                         return
                     }
                     passThrough.metrics?.recordCacheMiss(use)
-                    if use != .bypass {
+                    if let stored = use.storedOutcome {
                         cacheKey = key
-                        cacheOutcome = use == .refresh ? .refresh : .miss
+                        cacheOutcome = stored
                     }
                 }
                 upstreamRequest = ByteBuffer(data: OpenAIBackend.upstreamBody(request, stream: stream))

@@ -152,10 +152,7 @@ struct OllamaBackend: ChatBackend {
         var out: [String: Any] = ["model": request.model, "prompt": prompt, "stream": stream]
         if let suffix = request.body["suffix"] as? String { out["suffix"] = suffix }
         // Legacy completions ask with one number: how many alternatives to list per token.
-        if let count = request.body["logprobs"], !(count is NSNull) {
-            guard let top = JSONNumbers.int(count), (0...Self.maxTopLogprobs).contains(top), JSONNumbers.bool(count) == nil else {
-                throw RequestFields.invalid("logprobs", "must be an integer from 0 to \(Self.maxTopLogprobs) (got \(OpenAIShapes.describe(count)))")
-            }
+        if let top = try Self.alternativesCount(request.body, "logprobs") {
             out["logprobs"] = true
             out["top_logprobs"] = top
         }
@@ -457,12 +454,17 @@ struct OllamaBackend: ChatBackend {
             guard let wanted = JSONNumbers.bool(flag) else { throw RequestFields.invalid("logprobs", "must be true or false") }
             if wanted { out["logprobs"] = true }
         }
-        if let count = body["top_logprobs"], !(count is NSNull) {
-            guard let top = JSONNumbers.int(count), (0...maxTopLogprobs).contains(top), JSONNumbers.bool(count) == nil else {
-                throw RequestFields.invalid("top_logprobs", "must be an integer from 0 to \(maxTopLogprobs) (got \(OpenAIShapes.describe(count)))")
-            }
-            out["top_logprobs"] = top
+        if let top = try alternativesCount(body, "top_logprobs") { out["top_logprobs"] = top }
+    }
+
+    /// `field`, when present and not null: how many alternatives to list per token, an integer
+    /// from 0 to `maxTopLogprobs` (chat's `top_logprobs`, legacy completions' `logprobs`).
+    static func alternativesCount(_ body: [String: Any], _ field: String) throws(OpenAIError) -> Int? {
+        guard let count = body[field], !(count is NSNull) else { return nil }
+        guard let top = JSONNumbers.int(count), (0...maxTopLogprobs).contains(top), JSONNumbers.bool(count) == nil else {
+            throw RequestFields.invalid(field, "must be an integer from 0 to \(maxTopLogprobs) (got \(OpenAIShapes.describe(count)))")
         }
+        return top
     }
 
     /// OpenAI's chat entries (`choices[].logprobs.content`) for the `logprobs` of an Ollama
@@ -485,14 +487,15 @@ struct OllamaBackend: ChatBackend {
     /// - Returns: also the offset after these tokens, where a stream's next line starts.
     static func textLogprobs(_ value: Any?, offset: Int) -> (logprobs: [String: Any], end: Int)? {
         guard let entries = value as? [[String: Any]], !entries.isEmpty else { return nil }
+        let tokens = entries.map { $0["token"] as? String ?? "" }
         var offsets: [Int] = []
         var position = offset
-        for entry in entries {
+        for token in tokens {
             offsets.append(position)
-            position += (entry["token"] as? String ?? "").count
+            position += token.count
         }
         let logprobs: [String: Any] = [
-            "tokens": entries.map { $0["token"] as? String ?? "" },
+            "tokens": tokens,
             "token_logprobs": entries.map { $0["logprob"] ?? 0 },
             "top_logprobs": entries.map { entry -> [String: Any] in
                 var alternatives: [String: Any] = [:]
