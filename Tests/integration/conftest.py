@@ -202,6 +202,16 @@ def metric_value(text: str, name: str, **labels) -> float:
     raise KeyError(f"{name}{labels} not in /metrics")
 
 
+def wait_for_log(server, predicate, timeout: float = 5) -> dict:
+    """The first JSON log line of `server` matching `predicate`, polled for (log lines written on
+    an event loop reach the file at the end of its round); fails with the log after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (found := [line for line in server.log_lines() if predicate(line)]):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    return found[0]
+
+
 def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10) -> tuple[bytes, bool]:
     """Sends raw bytes on one connection and reads until `until` has been seen, or until the
     server closes the connection when `until` is None. Returns what was read and whether the

@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client, in front of a stand-in
 upstream speaking Ollama's NDJSON or OpenAI's SSE."""
 import base64
+import gzip
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, free_port, metric_value, raw_exchange, stream_events, streamed_text
+from conftest import GATEHOUSE, free_port, metric_value, raw_exchange, stream_events, streamed_text, wait_for_log
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -262,7 +263,8 @@ def test_browser_pages_from_configured_origins_may_call_the_api(gateway, backend
 def test_cors_is_off_unless_configured_and_star_allows_every_origin(gateway, backend):
     server = gateway(backend)
     preflight = server.client.options("/v1/chat/completions", headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
-    assert preflight.status_code == 404 and "access-control-allow-origin" not in preflight.headers
+    # Without CORS an OPTIONS is just a method the route does not take.
+    assert preflight.status_code == 405 and preflight.headers["allow"] == "POST" and "access-control-allow-origin" not in preflight.headers
     answer = server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
                                 headers={"Origin": "https://a.example"})
     assert answer.status_code == 200 and not any(name.startswith("access-control-") for name in answer.headers)
@@ -505,6 +507,70 @@ def test_client_errors_are_openai_shaped(gateway, backend):
         assert error["type"] and error["request_id"] == response.headers["x-request-id"]
     with pytest.raises(openai.BadRequestError):
         client_for(server).chat.completions.create(model="m", messages=[])
+
+
+@both_backends
+def test_a_known_path_with_the_wrong_method_is_405_naming_the_allowed_ones(gateway, backend):
+    server = gateway(backend)
+    cases = [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PUT", "/v1/completions", "POST"),
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("DELETE", "/v1/models/some/model:tag", "GET, HEAD"),
+        ("GET", "/v1/embeddings", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+        ("OPTIONS", "/metrics", "GET, HEAD"),
+    ]
+    for method, path, allowed in cases:
+        response = server.client.request(method, path)
+        assert response.status_code == 405, (method, path, response.status_code, response.text)
+        assert response.headers["allow"] == allowed, (method, path, response.headers)
+        error = response.json()["error"]
+        assert error["code"] == "method_not_allowed" and error["request_id"] == response.headers["x-request-id"]
+        assert error["message"] == f"{method} is not allowed on {path}; it takes {allowed}", error
+    # A path nothing serves stays a 404, whatever the method.
+    assert server.client.post("/v1/chat/completion").status_code == 404
+    assert server.client.delete("/nothing/here").json()["error"]["code"] == "route_not_found"
+    # Logged like every answer.
+    assert wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "405" and l.get("method") == "OPTIONS")
+
+
+@both_backends
+def test_head_answers_wherever_get_does_with_gets_headers(gateway, backend):
+    server = gateway(backend)
+    for path in ["/health", "/health/live", "/health/ready", "/v1/models", "/metrics"]:
+        get = server.client.get(path)
+        head = server.client.head(path)
+        assert get.status_code == head.status_code == 200, (path, get.status_code, head.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        # /metrics grows between the two requests (the GET is counted): same length only elsewhere.
+        if path != "/metrics":
+            assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content)), path
+    # A HEAD behind the key needs the key, as the GET does.
+    keyed = gateway(backend, env={"API_KEY": "sekrit"})
+    assert keyed.client.head("/v1/models").status_code == 401
+    assert keyed.client.head("/v1/models", headers={"authorization": "Bearer sekrit"}).status_code == 200
+    assert keyed.client.head("/health").status_code == 200
+
+
+@both_backends
+def test_compressed_request_bodies_get_415_not_a_json_error(gateway, fake_llm, backend):
+    server = gateway(backend)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "squeezed"}]}).encode()
+    for encoding, content in [("gzip", gzip.compress(body)), ("br", b"\x0b\x02\x80"), ("gzip, identity", gzip.compress(body))]:
+        for path in ["/v1/chat/completions", "/v1/embeddings"]:
+            response = server.client.post(path, content=content, headers={"content-type": "application/json", "content-encoding": encoding})
+            assert response.status_code == 415, (encoding, path, response.status_code, response.text)
+            assert response.headers["accept-encoding"] == "identity"
+            error = response.json()["error"]
+            assert error["code"] == "unsupported_content_encoding", error
+            assert error["message"] == f"request bodies must not be compressed (Content-Encoding: {encoding}); send the JSON uncompressed"
+    assert fake_llm.calls(CHAT_PATH[backend]) == []
+    # identity is no encoding at all.
+    plain = server.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json", "content-encoding": "identity"})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["choices"][0]["message"]["content"] == "Echo: squeezed"
 
 
 @both_backends

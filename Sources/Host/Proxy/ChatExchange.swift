@@ -132,7 +132,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         answer(error)
     }
 
-    /// The whole request is in: check it (in the router's order: key, rate, size, JSON), answer
+    /// The whole request is in: check it (in the router's order: key, rate, encoding, size, JSON), answer
     /// from the cache, or call the upstream.
     func requestEnded() {
         phase = .waiting
@@ -145,6 +145,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                     path: ChatPassThrough.path, chargingFailuresTo: passThrough.limiter, address: remoteAddress)
                 : nil
             if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+            if let refusal = ContentEncodingMiddleware.refusal(contentEncoding: head.headers.first(name: "Content-Encoding")) { throw refusal }
             guard !bodyTooLarge else {
                 throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
             }

@@ -46,20 +46,23 @@ public struct GatehouseServer: Sendable {
         registry.loadAll()
 
         // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
-        // the access log (sees every final response), then auth and rate limits, then plugins'
-        // middleware, then the routes.
-        let router = Router(context: GatehouseRequestContext.self)
+        // the access log (sees every final response), then auth and rate limits, the refusal of
+        // compressed bodies, then plugins' middleware, then the routes, then (for what no route took) the 405 check. HEAD is
+        // answered wherever GET is, with GET's headers.
+        let router = Router(context: GatehouseRequestContext.self, options: .autoGenerateHeadEndpoints)
         if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
         if let cors = CORSPolicy(origins: config.corsOrigins) { router.add(middleware: CORSMiddleware(policy: cors)) }
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
         if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
+        router.add(middleware: ContentEncodingMiddleware())
         router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)
         MetricsRoutes(metrics: metrics).register(on: router)
         GatewayRoutes(chat: chat, maxBodyBytes: config.maxBodyBytes).register(on: router)
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
+        router.add(middleware: MethodNotAllowedMiddleware(routes: router.routes))
 
         let address = "\(config.host):\(config.port)"
         let app = Application(

@@ -10,9 +10,5 @@ struct HealthRoutes {
         router.get("/health/live") { _, _ in
             try Response.json(object: ["status": "ok"])
         }
-        // Load balancers often probe with HEAD.
-        for path in ["/health", "/health/live"] {
-            router.head(RouterPath(path)) { _, _ in Response(status: .ok) }
-        }
     }
 }
