@@ -53,13 +53,13 @@ struct Serve: AsyncParsableCommand {
         do {
             sink = try config.logFile.map(LogSink.file) ?? .standardOutput
         } catch {
-            throw fail("cannot open log file \(config.logFile ?? ""): \(error.localizedDescription)")
+            throw fail("cannot open log file \(config.logFile ?? ""): \((error as? LogFileError)?.reason ?? "\(error)")")
         }
         let level = Logger.Level(rawValue: config.logLevel) ?? .info
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label, level: level, sink: sink) }
         let logger = Logger(label: "gatehouse")
         do {
-            try await GatehouseServer(config: config, logger: logger).run()
+            try await GatehouseServer(config: config, logger: logger, logSink: sink).run()
         } catch {
             logger.critical("gatehouse stopped", metadata: ["error": .string("\(error)")])
             throw fail("\(error)")

@@ -1159,6 +1159,58 @@ def test_sighup_without_tls_keeps_serving(gateway):
     assert server.client.get("/health").status_code == 200 and server.process.poll() is None
 
 
+def test_sighup_reopens_the_log_file_after_rotation(gateway, tmp_path):
+    log = tmp_path / "gatehouse-access.log"
+    server = gateway("openai", env={"LOG_FILE": str(log)})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    def lines(path):
+        text = path.read_text() if path.is_file() else ""  # the reopened file appears when the signal is handled
+        return [json.loads(raw) for raw in text.splitlines() if raw.startswith("{")]
+
+    def wait_for(path, predicate):
+        deadline = time.monotonic() + 10  # access lines reach the file at the end of their loop's round
+        while not any(predicate(line) for line in lines(path)):
+            assert time.monotonic() < deadline and server.process.poll() is None, lines(path)
+            time.sleep(0.05)
+
+    def request(request_id):
+        # Through the pass-through (chat) and the router (models): both write access lines.
+        assert server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id}).status_code == 200
+        assert server.client.get("/v1/models", headers={"x-request-id": request_id + "-models"}).status_code == 200
+
+    request("before")
+    wait_for(log, lambda l: l.get("request_id") == "before-models")
+    # logrotate's create mode: the file is renamed; until told, the gateway writes on into it.
+    rotated = tmp_path / "gatehouse-access.log.1"
+    log.rename(rotated)
+    request("renamed")
+    wait_for(rotated, lambda l: l.get("request_id") == "renamed-models")
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(log, lambda l: l.get("msg") == "SIGHUP: reopened the log file" and l.get("log_file") == str(log))
+    request("after")
+    wait_for(log, lambda l: l.get("request_id") == "after-models")
+    wait_for(log, lambda l: l.get("request_id") == "after" and l.get("path") == "/v1/chat/completions")
+    assert not any(l.get("request_id", "").startswith("after") for l in lines(rotated))
+    assert {l.get("request_id") for l in lines(rotated)} >= {"before", "renamed", "renamed-models"}
+
+    # copytruncate: the file is emptied under the gateway, which appends from its new end.
+    log.write_bytes(b"")
+    request("truncated")
+    wait_for(log, lambda l: l.get("request_id") == "truncated-models")
+    assert log.read_bytes().startswith(b"{"), log.read_bytes()[:80]
+
+    # A path that cannot be opened: said, and the open file goes on being written.
+    log.rename(rotated)
+    log.mkdir()
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(rotated, lambda l: l.get("msg") == "SIGHUP: log file not reopened; still writing to the one open"
+             and "Is a directory" in l.get("error", ""))
+    request("kept")
+    wait_for(rotated, lambda l: l.get("request_id") == "kept-models")
+    assert server.process.poll() is None
+
+
 def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):
     result = subprocess.run([GATEHOUSE, "serve", "--port", str(free_port()), "--plugins-dir", str(tmp_path)],
                             env={"TLS_ENABLED": "1", "TLS_CERT_FILE": "/nonexistent.pem", "TLS_KEY_FILE": "/nonexistent.key"},

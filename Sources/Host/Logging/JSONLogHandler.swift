@@ -264,25 +264,44 @@ private final class SecondText: @unchecked Sendable {
 public final class LogSink: Sendable {
     private let handle: Mutex<FileHandle>
     private let descriptor: Int32
+    /// The file's path; nil for standard output.
+    public let path: String?
     private let pending = ThreadSpecificVariable<PendingLines>()
 
-    public static let standardOutput = LogSink(handle: .standardOutput)
+    public static let standardOutput = LogSink(handle: .standardOutput, path: nil)
 
-    init(handle: FileHandle) {
+    init(handle: FileHandle, path: String?) {
         descriptor = handle.fileDescriptor
         self.handle = Mutex(handle)
+        self.path = path
     }
 
     /// Opens `path` for appending (created with mode 0640 if missing).
+    /// - Throws: `LogFileError` naming the path and the system's reason.
     public static func file(_ path: String) throws -> LogSink {
-        if !FileManager.default.fileExists(atPath: path) {
-            guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o640]) else {
-                throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
-            }
-        }
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
-        try handle.seekToEnd()
-        return LogSink(handle: handle)
+        LogSink(handle: FileHandle(fileDescriptor: try openForAppending(path), closeOnDealloc: true), path: path)
+    }
+
+    /// Opens the file at `path` again, and makes this sink write there from the next line on:
+    /// after a log rotation (logrotate's `create` mode, or `mv` then SIGHUP) the old path names
+    /// a new, empty file, while the open descriptor still wrote to the renamed one. The new file
+    /// takes this sink's descriptor number (`dup2`, atomic), so writers on every thread go on
+    /// without a lock: each line lands whole in the old file or the new. Does nothing for
+    /// standard output.
+    /// - Throws: `LogFileError` when the file cannot be opened; the sink keeps writing where it did.
+    public func reopen() throws {
+        guard let path else { return }
+        let fresh = try Self.openForAppending(path)
+        defer { close(fresh) }
+        guard dup2(fresh, descriptor) >= 0 else { throw LogFileError(path: path, reason: String(cString: strerror(errno))) }
+    }
+
+    /// `O_APPEND`, so every write lands at the end even when another process (logrotate's
+    /// `copytruncate`) has truncated the file meanwhile, instead of at a stale offset.
+    private static func openForAppending(_ path: String) throws(LogFileError) -> Int32 {
+        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640)
+        guard fd >= 0 else { throw LogFileError(path: path, reason: String(cString: strerror(errno))) }
+        return fd
     }
 
     /// Writes one line that `build` appends (whole, with its newline) to the bytes it is given:
@@ -351,6 +370,13 @@ public final class LogSink: Sendable {
             }
         }
     }
+}
+
+/// A log file that cannot be opened: its path and the system's reason.
+public struct LogFileError: Error, CustomStringConvertible {
+    public let path: String
+    public let reason: String
+    public var description: String { "cannot open \(path): \(reason)" }
 }
 
 /// One event-loop thread's lines not yet written. Only ever used on that thread (through the

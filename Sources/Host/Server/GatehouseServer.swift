@@ -13,15 +13,18 @@ internal import Synchronization
 public struct GatehouseServer: Sendable {
     public let config: GatehouseConfig
     public let logger: Logger
+    /// Where the log lines go, reopened on SIGHUP (nil: nothing to reopen).
+    public let logSink: LogSink?
 
-    public init(config: GatehouseConfig, logger: Logger) {
+    public init(config: GatehouseConfig, logger: Logger, logSink: LogSink? = nil) {
         self.config = config
         self.logger = logger
+        self.logSink = logSink
     }
 
     /// Loads plugins, binds the listener and serves until SIGINT/SIGTERM; then stops accepting,
     /// lets in-flight requests (streams too) finish for up to `shutdownTimeout`, and shuts the
-    /// plugins down. SIGHUP reloads the TLS certificate (`ReloadOnHangup`).
+    /// plugins down. SIGHUP reopens the log file and reloads the TLS certificate (`ReloadOnHangup`).
     public func run() async throws {
         // Until ReloadOnHangup traps it, a SIGHUP would end the process (its default action).
         signal(SIGHUP, SIG_IGN)
@@ -89,7 +92,7 @@ public struct GatehouseServer: Sendable {
         var groupConfiguration = ServiceGroupConfiguration(
             services: [
                 .init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore),
-                .init(service: ReloadOnHangup(certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
+                .init(service: ReloadOnHangup(logSink: logSink, certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
             ],
             gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         groupConfiguration.maximumGracefulShutdownDuration = Duration.milliseconds(Int64(config.shutdownTimeout * 1000))

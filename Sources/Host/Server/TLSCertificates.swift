@@ -4,9 +4,7 @@ internal import HummingbirdCore
 internal import Logging
 internal import NIOCore
 internal import NIOSSL
-internal import ServiceLifecycle
 internal import Synchronization
-internal import UnixSignals
 
 /// The server's TLS context. A reload builds a whole new one from the files and swaps it in;
 /// each new connection takes the current one, connections already open keep theirs. A reload
@@ -80,30 +78,5 @@ struct ReloadableTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
 
     func handle(value: Value, logger: Logger) async {
         await base.handle(value: value, logger: logger)
-    }
-}
-
-/// Reads the TLS certificate and key again on each SIGHUP (what `systemctl reload` and
-/// certbot's deploy hooks send), logging the outcome. Without TLS there is nothing to reload,
-/// and it says so: either way SIGHUP no longer ends the process, its default action.
-struct ReloadOnHangup: Service {
-    let certificates: TLSCertificates?
-    let logger: Logger
-
-    func run() async throws {
-        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
-            guard let certificates else {
-                logger.notice("SIGHUP: nothing to reload (TLS is off; other settings take a restart)")
-                continue
-            }
-            do {
-                let expires = try certificates.reload()
-                logger.notice(
-                    "SIGHUP: reloaded the TLS certificate; new connections get it",
-                    metadata: ["cert_file": .string(certificates.certFile), "expires": .string(expires.formatted(.iso8601))])
-            } catch {
-                logger.error("SIGHUP: TLS certificate not reloaded; still serving the previous one", metadata: ["error": .string(error.description)])
-            }
-        }
     }
 }
