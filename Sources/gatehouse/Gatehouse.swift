@@ -9,6 +9,7 @@ struct Gatehouse: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "gatehouse",
         abstract: "An OpenAI-compatible LLM gateway with a native plugin host.",
+        version: GatehouseVersion.description,
         subcommands: [Serve.self, Plugins.self],
         defaultSubcommand: Serve.self)
 }

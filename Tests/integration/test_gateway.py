@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, free_port, metric_value, raw_exchange, stream_events, streamed_text, wait_for_log
+from conftest import GATEHOUSE, ROOT, free_port, metric_value, raw_exchange, stream_events, streamed_text, wait_for_log
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -1285,6 +1285,19 @@ def test_the_bind_address_is_configurable(start, plugins_dir, how):
         httpx.get(f"http://127.0.0.1:{server.port}/health/live", timeout=2)
     started = [l for l in server.log_lines() if l.get("msg") == "listening"]
     assert started and started[0]["address"] == f"127.0.0.2:{server.port}", started
+
+
+def test_the_version_is_told_by_the_command_the_start_line_and_metrics(start, plugins_dir):
+    header = (ROOT / "Sources/PluginABI/include/gatehouse_plugin.h").read_text()
+    abi = ".".join(re.search(rf"#define GATEHOUSE_ABI_{part} (\d+)", header).group(1) for part in ("MAJOR", "MINOR"))
+    printed = subprocess.run([GATEHOUSE, "--version"], capture_output=True, text=True, timeout=30)
+    assert printed.returncode == 0, printed.stderr
+    match = re.fullmatch(rf"gatehouse (\d+\.\d+\.\d+) \(plugin ABI {re.escape(abi)}\)\n", printed.stdout)
+    assert match, printed.stdout
+    version = match.group(1)
+    server = start(plugins_dir)
+    assert next(l for l in server.log_lines() if l.get("msg") == "listening")["version"] == version
+    assert metric_value(server.client.get("/metrics").text, "gatehouse_build_info", version=version, plugin_abi=abi) == 1
 
 
 def test_the_open_files_soft_limit_is_raised_to_the_hard_limit(start, plugins_dir):

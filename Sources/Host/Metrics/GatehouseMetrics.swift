@@ -39,6 +39,10 @@ public final class GatehouseMetrics: Sendable {
         tokensIn = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "prompt")], help: "LLM tokens reported by the upstream.")
         tokensOut = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "completion")], help: "LLM tokens reported by the upstream.")
         inFlight = registry.gauge(name: "gatehouse_http_requests_in_flight", help: "HTTP requests being served.")
+        registry.gauge(
+            name: "gatehouse_build_info", labels: [("version", GatehouseVersion.release), ("plugin_abi", GatehouseVersion.pluginABI)],
+            help: "Always 1; the labels say which release and plugin ABI this process runs."
+        ).set(to: 1.0)
     }
 
     /// Counts one finished HTTP request.

@@ -77,7 +77,7 @@ public struct GatehouseServer: Sendable {
                 logger.info(
                     "listening",
                     metadata: [
-                        "address": .string(bound), "tls": .stringConvertible(config.tls.enabled),
+                        "address": .string(bound), "version": .string(GatehouseVersion.release), "tls": .stringConvertible(config.tls.enabled),
                         "backend": .string(config.upstream.backend.rawValue), "upstream": .string(config.upstream.url),
                         "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
                         "chat_pass_through": .stringConvertible(passThrough != nil),
