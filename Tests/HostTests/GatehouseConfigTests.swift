@@ -78,6 +78,19 @@ import Testing
         #expect(problems.contains { $0.contains("key 'server.idle_timeout': must be a duration") })
     }
 
+    @Test func upstreamConnectionLimitFromYAMLAndEnvironment() {
+        var config = GatehouseConfig()
+        #expect(config.upstream.maxConnections == 512)
+        #expect(config.apply(yaml: "upstream: {max_connections: 64}\n", file: "g.yaml").isEmpty)
+        #expect(config.upstream.maxConnections == 64)
+        #expect(config.apply(environment: ["GATEHOUSE_UPSTREAM_MAX_CONNECTIONS": "2000"]).isEmpty)
+        #expect(config.upstream.maxConnections == 2000)
+        let yaml = config.apply(yaml: "upstream: {max_connections: 0}\n", file: "g.yaml").map(\.description)
+        #expect(yaml.contains { $0.contains("key 'upstream.max_connections': must be between 1 and 100000") }, "\(yaml)")
+        let environment = config.apply(environment: ["GATEHOUSE_UPSTREAM_MAX_CONNECTIONS": "lots"]).map(\.description)
+        #expect(environment == ["environment: key 'GATEHOUSE_UPSTREAM_MAX_CONNECTIONS': must be an integer between 1 and 100000 (got \"lots\")"])
+    }
+
     @Test func invalidEnvironmentValuesNameTheVariable() {
         var config = GatehouseConfig()
         let problems = config.apply(environment: ["PORT": "eighty", "TLS_ENABLED": "perhaps", "TIMEOUT": "soon"]).map(\.description)

@@ -603,6 +603,37 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
 
 
 @both_backends
+def test_past_the_upstream_connection_limit_a_request_waits_then_gets_503_busy(start, plugins_dir, fake_llm, backend):
+    # The connections AsyncHTTPClient opens are limited: chat on the Ollama backend, embeddings
+    # (and models, plugins' calls) on both. The openai backend's plain-HTTP chat pass-through is not.
+    server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: '{fake_llm.url}', timeout: 4s, connect_timeout: 1s,"
+                                       f" max_connections: 2}}\n")
+    path, body = {"ollama": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                  "openai": ("/v1/embeddings", {"model": "m", "input": "x"})}[backend]
+    holders = [threading.Thread(target=server.client.post, args=(path,), kwargs={"json": {**body, "model": "hang"}}) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    deadline = time.monotonic() + 5
+    upstream_path = {"ollama": "/api/chat", "openai": "/v1/embeddings"}[backend]
+    while len([c for c in fake_llm.calls(upstream_path) if c[3].get("model") == "hang"]) < 2:
+        assert time.monotonic() < deadline, "the two hanging requests did not reach the upstream"
+        time.sleep(0.05)
+    started = time.monotonic()
+    busy = server.client.post(path, json=body)
+    waited = time.monotonic() - started
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["retry-after"] == "1"
+    error = busy.json()["error"]
+    assert error["code"] == "upstream_busy" and "(upstream.max_connections) is in use" in error["message"], error
+    assert 0.8 < waited < 3.5, waited  # it waited the connect timeout for a connection, no longer
+    for holder in holders:
+        holder.join()
+    # The hanging calls timed out (504) and gave their connections back.
+    again = server.client.post(path, json=body)
+    assert again.status_code == 200, again.text
+
+
+@both_backends
 def test_a_stream_the_upstream_ends_too_early_ends_with_an_error_event(gateway, backend):
     server = gateway(backend)
     # A clean HTTP ending without a single event is not an empty answer: it is an upstream failure.

@@ -57,6 +57,7 @@ extension GatehouseConfig {
             if let backend = Backend(rawValue: name.lowercased()) { upstream.backend = backend } else { bad("GATEHOUSE_BACKEND", "must be ollama or openai (got \"\(name)\")") }
         }
         if let key = value("GATEHOUSE_UPSTREAM_API_KEY") { upstream.apiKey = key }
+        if let count = integer("GATEHOUSE_UPSTREAM_MAX_CONNECTIONS", 1...100_000) { upstream.maxConnections = count }
         if let key = value("API_KEY") { apiKey = key }
         if let text = value("RATE_LIMIT_RPS") {
             if let rate = Double(text), rate.isFinite, rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }

@@ -38,6 +38,11 @@ public struct GatehouseConfig: Sendable {
         /// between the chunks of a stream (whose total length is capped at an hour).
         public var timeout = 300.0
         public var connectTimeout = 5.0
+        /// Connections AsyncHTTPClient keeps open to the upstream at most (the Ollama backend,
+        /// https upstreams, models, embeddings, plugins' calls). A request that finds them all
+        /// busy waits up to `connectTimeout` for one, then gets 503 `upstream_busy`. 512 is
+        /// Ollama's own default queue (`OLLAMA_MAX_QUEUE`), past which it answers 503 itself.
+        public var maxConnections = 512
     }
 
     public struct Cache: Sendable {
@@ -169,7 +174,7 @@ extension GatehouseConfig {
                 reader.double(limit, "global_requests_per_second", at: "rate_limit", minimum: 0) ?? rateLimit.globalRequestsPerSecond
         }
         if let upstreamNode = reader.mapping(root, "upstream", at: "") {
-            reader.checkKeys(upstreamNode, at: "upstream", allowed: ["backend", "url", "api_key", "timeout", "connect_timeout"])
+            reader.checkKeys(upstreamNode, at: "upstream", allowed: ["backend", "url", "api_key", "timeout", "connect_timeout", "max_connections"])
             if let name = reader.string(upstreamNode, "backend", at: "upstream") {
                 if let backend = Backend(rawValue: name) {
                     upstream.backend = backend
@@ -187,6 +192,7 @@ extension GatehouseConfig {
             upstream.apiKey = reader.string(upstreamNode, "api_key", at: "upstream") ?? upstream.apiKey
             upstream.timeout = reader.duration(upstreamNode, "timeout", at: "upstream") ?? upstream.timeout
             upstream.connectTimeout = reader.duration(upstreamNode, "connect_timeout", at: "upstream") ?? upstream.connectTimeout
+            upstream.maxConnections = reader.int(upstreamNode, "max_connections", at: "upstream", range: 1...100_000) ?? upstream.maxConnections
         }
         if let cacheNode = reader.mapping(root, "cache", at: "") {
             reader.checkKeys(cacheNode, at: "cache", allowed: ["enabled", "ttl", "max_entries", "max_bytes"])

@@ -18,7 +18,9 @@ final class UpstreamClient: Sendable {
         // `read` is an idle timeout between reads: a stream may run long, but not stall.
         configuration.timeout = .init(
             connect: .milliseconds(Int64(config.connectTimeout * 1000)), read: .milliseconds(Int64(config.timeout * 1000)))
-        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        // Past the limit a request waits for a free connection, at most the connect timeout
+        // (AsyncHTTPClient's `getConnectionFromPoolTimeout`, answered 503 `upstream_busy`).
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: config.maxConnections)
         configuration.httpVersion = .http1Only
         http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
         baseURL = config.url.hasSuffix("/") ? String(config.url.dropLast()) : config.url
@@ -167,6 +169,9 @@ enum UpstreamFailure: Error {
     /// Nothing read for the timeout.
     case silence
     case connectTimeout
+    /// Every connection `upstream.max_connections` allows was busy, and none came free within
+    /// the connect timeout.
+    case connectionsBusy
     /// The upstream closed the connection before the answer was complete.
     case closed
     /// The connection could not be made.
@@ -183,6 +188,7 @@ enum UpstreamFailure: Error {
             case .deadlineExceeded: self = .deadline; return
             case .readTimeout: self = .silence; return
             case .connectTimeout: self = .connectTimeout; return
+            case .getConnectionFromPoolTimeout: self = .connectionsBusy; return
             case .remoteConnectionClosed: self = .closed; return
             default: break
             }
@@ -203,7 +209,7 @@ enum UpstreamFailure: Error {
     var isConnectionLoss: Bool {
         switch self {
         case .closed, .failed: true
-        case .deadline, .silence, .connectTimeout, .unreachable: false
+        case .deadline, .silence, .connectTimeout, .connectionsBusy, .unreachable: false
         }
     }
 
@@ -216,6 +222,13 @@ enum UpstreamFailure: Error {
             OpenAIError(.gatewayTimeout, "upstream sent nothing for \(Self.seconds(timeout)) (\(target))", code: "upstream_timeout")
         case .connectTimeout:
             OpenAIError(.badGateway, "upstream unreachable: connect timed out (\(target))", code: "upstream_unreachable")
+        case .connectionsBusy:
+            // The upstream is not at fault, only saturated: a 503 with Retry-After, which the SDKs retry.
+            OpenAIError(
+                .serviceUnavailable,
+                "every upstream connection the gateway may open (upstream.max_connections) is in use, and none came free in time (\(target))",
+                code: "upstream_busy"
+            ).with(.retryAfter, "1")
         case .closed:
             OpenAIError(.badGateway, "upstream closed the connection (\(target))", code: "upstream_error")
         case .unreachable(let text):

@@ -84,9 +84,7 @@ struct APIKeyCheck: Sendable {
     }
 
     static func unauthorized(_ message: String, code: String) -> OpenAIError {
-        var error = OpenAIError(.unauthorized, message, code: code)
-        error.headers[.wwwAuthenticate] = "Bearer"
-        return error
+        OpenAIError(.unauthorized, message, code: code).with(.wwwAuthenticate, "Bearer")
     }
 }
 

@@ -19,11 +19,10 @@ struct ContentEncodingMiddleware: RouterMiddleware {
         guard let value else { return nil }
         let encodings = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
         guard encodings.contains(where: { $0 != "identity" }) else { return nil }
-        var error = OpenAIError(
+        return OpenAIError(
             .unsupportedMediaType,
             "request bodies must not be compressed (Content-Encoding: \(String(value.prefix(64)))); send the JSON uncompressed",
-            code: "unsupported_content_encoding")
-        error.headers[.acceptEncoding] = "identity"
-        return error
+            code: "unsupported_content_encoding"
+        ).with(.acceptEncoding, "identity")
     }
 }

@@ -31,10 +31,9 @@ struct MethodNotAllowedMiddleware: RouterMiddleware {
         let allowed = allowedMethods(for: request.uri.path)
         guard !allowed.isEmpty else { return try await next(request, context) }
         let list = allowed.map(\.rawValue).joined(separator: ", ")
-        var error = OpenAIError(
-            .methodNotAllowed, "\(request.method.rawValue) is not allowed on \(request.uri.path); it takes \(list)", code: "method_not_allowed")
-        error.headers[.allow] = list
-        throw error
+        throw OpenAIError(
+            .methodNotAllowed, "\(request.method.rawValue) is not allowed on \(request.uri.path); it takes \(list)", code: "method_not_allowed"
+        ).with(.allow, list)
     }
 
     /// The methods of every route whose pattern matches `path`, in a stable order; empty when none does.

@@ -21,13 +21,18 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         self.code = code
     }
 
+    /// This error with the response header `name` set to `value` (`Retry-After`, `Allow`, …).
+    func with(_ name: HTTPField.Name, _ value: String) -> OpenAIError {
+        var error = self
+        error.headers[name] = value
+        return error
+    }
+
     /// A 429 with `Retry-After` rounded up to whole seconds (at least 1).
     /// - Parameter message: builds the message from those seconds.
     static func rateLimited(wait: Double, code: String, message: (Int) -> String) -> OpenAIError {
         let seconds = max(1, Int(wait.rounded(.up)))
-        var error = OpenAIError(.tooManyRequests, message(seconds), code: code)
-        error.headers[.retryAfter] = String(seconds)
-        return error
+        return OpenAIError(.tooManyRequests, message(seconds), code: code).with(.retryAfter, String(seconds))
     }
 
     static func defaultType(for status: HTTPResponse.Status) -> String {
