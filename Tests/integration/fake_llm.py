@@ -22,6 +22,9 @@ Special model names change behaviour:
   garbage       200 with a body that is not JSON
   few-vectors   (Ollama /api/embed) one vector fewer than the inputs
   crash         (streams) two tokens, then the backend's own mid-stream error
+  ponder        (whole and streamed) think for 5 s before the first byte of the answer, watching the
+                connection as Ollama does (a long prompt, or a wait in its queue); if the caller hangs
+                up meanwhile, stop, recorded in `abandoned`
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
                 word per line, before the answer) unless the request has "think": false
 Ollama replies carry per-token `logprobs` when the request asks (`"logprobs": true`, `top_logprobs`).
@@ -29,6 +32,8 @@ Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,7 +69,7 @@ class FakeLLM:
     def __init__(self, port=0):
         self.requests = []  # (method, path, headers dict lower-case, parsed json or None)
         self.peers = []  # the client port of each request, to tell reused connections apart
-        self.abandoned = []  # the path of each stream whose reader hung up before its end
+        self.abandoned = []  # the path of each answer whose reader hung up before its end
         self.lock = threading.Lock()
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
@@ -140,6 +145,24 @@ class FakeLLM:
                         fake.abandoned.append(self.path)  # the gateway hung up mid-stream
                     raise
 
+            def _ponder(self) -> bool:
+                """Waits 5 s as a model does before its first byte; False (and recorded in `abandoned`)
+                when the caller hangs up meanwhile, which a real server notices (Ollama's handler
+                context ends) and stops for."""
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    readable, _, _ = select.select([self.connection], [], [], 0.05)
+                    try:
+                        gone = readable and self.connection.recv(1, socket.MSG_PEEK) == b""
+                    except ConnectionResetError:
+                        gone = True
+                    if gone:
+                        with fake.lock:
+                            fake.abandoned.append(self.path)
+                        self.close_connection = True
+                        return False
+                return True
+
             def _end_chunked(self):
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
@@ -165,6 +188,8 @@ class FakeLLM:
                 if body is None:
                     return self._send(400, {"error": "invalid JSON"})
                 model = body.get("model", "")
+                if model == "ponder" and not self._ponder():
+                    return
                 if model == "hang":
                     time.sleep(30)
                     return

@@ -27,7 +27,7 @@ both_backends = pytest.mark.parametrize("backend", ["ollama", "openai"])
 
 
 def client_for(server, api_key="unused", **kwargs):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=api_key, max_retries=0, timeout=20, **kwargs)
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=api_key, **{"max_retries": 0, "timeout": 20, **kwargs})
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])
@@ -854,6 +854,58 @@ def test_a_client_leaving_mid_stream_stops_the_upstream_generating(gateway, fake
         assert time.monotonic() < deadline, "the upstream went on streaming to the gateway"
         time.sleep(0.05)
     assert fake_llm.abandoned == [CHAT_PATH[backend]]
+
+
+@both_backends
+def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned(gateway, fake_llm, backend):
+    # "ponder" thinks 5 s before its first byte, as a model over a long prompt or in Ollama's queue
+    # does, and stops if the caller hangs up, as Ollama does. A client that leaves meanwhile must
+    # not keep it busy for nobody: the gateway hangs up on the upstream too.
+    server = gateway(backend, extra_config="cache: {enabled: false}\n")
+    chat = {"model": "ponder", "messages": [{"role": "user", "content": "x"}]}
+    chat_path = CHAT_PATH[backend]
+    text_path = {"ollama": "/api/generate", "openai": "/v1/completions"}[backend]
+
+    def abandoned_within(seconds, path, count):
+        deadline = time.monotonic() + seconds
+        while fake_llm.abandoned.count(path) < count:
+            assert time.monotonic() < deadline, f"the upstream went on working for a client that left ({fake_llm.abandoned})"
+            time.sleep(0.05)
+
+    # The SDK's own timeout, whole and streamed: it closes the connection.
+    for count, stream in enumerate([False, True], start=1):
+        with pytest.raises(openai.APITimeoutError):
+            client_for(server, timeout=1).chat.completions.create(**chat, stream=stream)
+        abandoned_within(3, chat_path, count)
+    with pytest.raises(openai.APITimeoutError):
+        client_for(server, timeout=1).completions.create(model="ponder", prompt="x")
+    abandoned_within(3, text_path, 1)
+
+    # A client that shuts down its sending side is taken to have gone too, as nginx and Go's
+    # net/http take it: the connection ends without an answer.
+    for count, stream in enumerate([False, True], start=3):
+        calls = len(fake_llm.calls(chat_path))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            data = json.dumps({**chat, "stream": stream}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            deadline = time.monotonic() + 3
+            while len(fake_llm.calls(chat_path)) == calls:  # the upstream is pondering
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(65536) == b""  # closed, nothing written
+        abandoned_within(3, chat_path, count)
+
+    def client_closed_lines():
+        return [l for l in server.log_lines() if l.get("msg") == "request" and l.get("status") == "499"]
+    deadline = time.monotonic() + 5  # access lines reach the log at the end of their loop's round
+    while len(client_closed_lines()) < 5:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert not [l for l in server.log_lines() if l.get("level") == "error"], server.log()
+    # The gateway serves on.
+    assert client_for(server).chat.completions.create(model="m", messages=chat["messages"]).choices[0].message.content == "Echo: x"
 
 
 @both_backends

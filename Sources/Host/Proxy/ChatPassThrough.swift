@@ -136,9 +136,8 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var queued = CircularBuffer<HTTPServerRequestPart>()
     /// A graceful-shutdown request held back until the exchange in progress has ended.
     private var quiesceHeld = false
-    /// The client's half-close (it sent its last request and shut down its sending side), held
-    /// back while an exchange is answering or a request waits: the router closes the
-    /// connection when it hears of it, which would cut the answer off.
+    /// The client's half-close, held back while requests it sent before it wait to begin: the
+    /// router closes the connection when it hears of it. (During an exchange it ends the exchange.)
     private var inputClosedHeld = false
     /// Where the exchanges' serialized answers are written (the socket end of the pipeline).
     private var rawWriter: RawResponseWriter?
@@ -339,10 +338,22 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             quiesceHeld = true
             return
         }
-        // Likewise the client's half-close, which it hears of once the requests before it are answered.
-        if case .inputClosed? = event as? ChannelEvent, exchange != nil || !queued.isEmpty {
-            inputClosedHeld = true
-            return
+        if case .inputClosed? = event as? ChannelEvent {
+            // The client closed its side while its answer was being made: it has gone (an SDK's
+            // timeout, a stopped generation), as nginx and Go's net/http take it, so the upstream
+            // call is abandoned rather than run to its end for nobody (see ClientDeparture).
+            if let exchange {
+                self.exchange = nil
+                queued.removeAll()
+                exchange.clientClosed()
+                context.close(promise: nil)
+                return
+            }
+            // Requests read before it and not yet begun are answered first.
+            if !queued.isEmpty {
+                inputClosedHeld = true
+                return
+            }
         }
         context.fireUserInboundEventTriggered(event)
     }

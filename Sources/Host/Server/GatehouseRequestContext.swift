@@ -11,9 +11,12 @@ public struct GatehouseRequestContext: RequestContext {
     public var remoteAddress: String
     /// The client's identity for rate limiting: a digest of its API key, when it sent one.
     public var clientID: String?
+    /// The client connection (for `ClientDeparture.of`).
+    let channel: any Channel
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
+        channel = source.channel
         remoteAddress = source.channel.remoteAddress?.ipAddress ?? "unknown"
     }
 }

@@ -16,11 +16,18 @@ struct GatewayRoutes {
         router.post("/v1/chat/completions") { request, context in
             let body = try await request.body.collect(upTo: maxBodyBytes)
             let chatRequest = try ChatRequest.parse(body)
+            let requestID = context.requestID
+            // A client that leaves while the upstream works (an SDK's timeout, a stopped
+            // generation) gets the upstream call abandoned: until the stream's first byte, or
+            // the whole answer.
+            let departure = try await ClientDeparture.of(context.channel)
             if chatRequest.stream {
-                return streamResponse(try await chat.stream(chatRequest, requestID: context.requestID), context: context)
+                return streamResponse(try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }, context: context)
             }
-            let (completion, outcome) = try await chat.complete(
-                chatRequest, requestID: context.requestID, cacheUse: CacheUse(cacheControl: request.headers[.cacheControl]))
+            let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
+            let (completion, outcome) = try await departure.untilClientLeaves {
+                try await chat.complete(chatRequest, requestID: requestID, cacheUse: cacheUse)
+            }
             return Response(
                 status: .ok,
                 headers: [.contentType: "application/json", Self.cacheHeader: outcome.rawValue],
@@ -28,10 +35,13 @@ struct GatewayRoutes {
         }
         router.post("/v1/completions") { request, context in
             let completionRequest = try TextCompletionRequest.parse(try await request.body.collect(upTo: maxBodyBytes))
+            let requestID = context.requestID
+            let departure = try await ClientDeparture.of(context.channel)
             if completionRequest.stream {
-                return streamResponse(try await chat.textStream(completionRequest, requestID: context.requestID), context: context)
+                return streamResponse(
+                    try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }, context: context)
             }
-            let completion = try await chat.textComplete(completionRequest, requestID: context.requestID)
+            let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
                 status: .ok, headers: [.contentType: "application/json", Self.cacheHeader: "BYPASS"], body: .init(byteBuffer: ByteBuffer(data: completion.json)))
         }

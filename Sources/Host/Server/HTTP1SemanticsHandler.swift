@@ -37,6 +37,8 @@ extension HTTPRequestHead {
 ///   `100` when that response has ended.
 /// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
 ///   naming the problem, then the close, rather than Hummingbird's empty 400.
+/// - **A client that leaves** (closes its side, or resets) while a request of it is being
+///   answered: `departure` hears of it, so routes can abandon their LLM calls.
 final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -61,6 +63,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     private var readingBody = false
     /// What the parser rejected after requests whose responses were still to be written.
     private var rejectedAfterPending: HTTPParserError?
+    /// Told when the client leaves while a request is unanswered.
+    let departure = ClientDeparture()
 
     init(maxBodyBytes: Int, logger: Logger) {
         self.maxBodyBytes = maxBodyBytes
@@ -102,6 +106,21 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
                 "request_id": .string(requestID),
             ])
         return (failure, requestID)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .inputClosed? = event as? ChannelEvent, !unanswered.isEmpty {
+            // Gone, not done sending (see ClientDeparture): the connection closes, as nginx closes it.
+            departure.depart()
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !unanswered.isEmpty { departure.depart() }
+        context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -1,0 +1,70 @@
+// Notices a client that leaves while its request is being answered, so the LLM call made for it can be abandoned.
+internal import HTTPTypes
+internal import NIOCore
+internal import Synchronization
+
+/// Whether the client of one router connection has gone while a request of it was being
+/// answered: it closed its side of the connection (a FIN, or a reset), as an SDK does when its
+/// timeout fires or a user stops a generation. Such a client reads no answer, so the LLM work
+/// for it is abandoned rather than run to its end, holding one of the upstream's slots (Ollama
+/// answers one request per slot, queueing the rest). nginx (`proxy_ignore_client_abort off`,
+/// its default) and Go's net/http (LlamaGate) take a FIN the same way.
+final class ClientDeparture: Sendable {
+    private struct State {
+        var departed = false
+        var nextToken = 0
+        var handlers: [Int: @Sendable () -> Void] = [:]
+    }
+
+    private let state = Mutex(State())
+
+    /// Whether the client has gone.
+    var hasDeparted: Bool { state.withLock { $0.departed } }
+
+    /// The client has gone: runs every registered handler, once.
+    func depart() {
+        let handlers = state.withLock { state -> [@Sendable () -> Void] in
+            guard !state.departed else { return [] }
+            state.departed = true
+            defer { state.handlers = [:] }
+            return Array(state.handlers.values)
+        }
+        for handler in handlers { handler() }
+    }
+
+    /// Runs `work` in a task of its own, cancelled when the client leaves before it ends (at once
+    /// if it already has): the upstream call inside stops, and `work` throws.
+    /// - Throws: `OpenAIError.clientClosedRequest` when the client left; otherwise what `work` throws.
+    func untilClientLeaves<T: Sendable>(_ work: sending @escaping () async throws -> T) async throws -> T {
+        let task = Task { try await work() }
+        let token = state.withLock { state -> Int? in
+            guard !state.departed else { return nil }
+            state.nextToken += 1
+            state.handlers[state.nextToken] = { task.cancel() }
+            return state.nextToken
+        }
+        if token == nil { task.cancel() }
+        defer { if let token { _ = state.withLock { $0.handlers.removeValue(forKey: token) } } }
+        do {
+            return try await withTaskCancellationHandler { try await task.value } onCancel: { task.cancel() }
+        } catch {
+            if hasDeparted { throw OpenAIError.clientClosedRequest }
+            throw error
+        }
+    }
+
+    /// The departure watch of the router connection `channel` (its `HTTP1SemanticsHandler`'s).
+    static func of(_ channel: any Channel) async throws -> ClientDeparture {
+        try await channel.eventLoop.submit {
+            try channel.pipeline.syncOperations.handler(type: HTTP1SemanticsHandler.self).departure
+        }.get()
+    }
+}
+
+extension OpenAIError {
+    /// The request's client left before its answer (nginx's 499 "client closed request"): written
+    /// to nobody, but logged and counted as such.
+    static var clientClosedRequest: OpenAIError {
+        OpenAIError(HTTPResponse.Status(code: 499, reasonPhrase: "Client Closed Request"), "the client closed the connection before the answer", code: "client_closed_request")
+    }
+}
