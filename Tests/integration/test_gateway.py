@@ -872,7 +872,7 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
             assert time.monotonic() < deadline, f"the upstream went on working for a client that left ({fake_llm.abandoned})"
             time.sleep(0.05)
 
-    # The SDK's own timeout, whole and streamed: it closes the connection.
+    # The SDK's own timeout, whole and streamed (and legacy completions, and embeddings): it closes the connection.
     for count, stream in enumerate([False, True], start=1):
         with pytest.raises(openai.APITimeoutError):
             client_for(server, timeout=1).chat.completions.create(**chat, stream=stream)
@@ -880,6 +880,9 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
     with pytest.raises(openai.APITimeoutError):
         client_for(server, timeout=1).completions.create(model="ponder", prompt="x")
     abandoned_within(3, text_path, 1)
+    with pytest.raises(openai.APITimeoutError):
+        client_for(server, timeout=1).embeddings.create(model="ponder", input="x")
+    abandoned_within(3, {"ollama": "/api/embed", "openai": "/v1/embeddings"}[backend], 1)
 
     # A client that shuts down its sending side is taken to have gone too, as nginx and Go's
     # net/http take it: the connection ends without an answer.
@@ -900,7 +903,7 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
     def client_closed_lines():
         return [l for l in server.log_lines() if l.get("msg") == "request" and l.get("status") == "499"]
     deadline = time.monotonic() + 5  # access lines reach the log at the end of their loop's round
-    while len(client_closed_lines()) < 5:
+    while len(client_closed_lines()) < 6:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     assert not [l for l in server.log_lines() if l.get("level") == "error"], server.log()

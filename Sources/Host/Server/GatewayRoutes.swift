@@ -66,7 +66,10 @@ struct GatewayRoutes {
             }
             guard object["model"] is String else { throw OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model") }
             guard object["input"] != nil else { throw OpenAIError(.badRequest, "missing required field 'input'", code: "missing_input") }
-            return Response.json(try await chat.backend.embeddings(object, requestID: context.requestID))
+            let requestID = context.requestID
+            // A large batch takes a while: abandoned too when the client leaves.
+            let departure = try await ClientDeparture.of(context.channel)
+            return Response.json(try await departure.untilClientLeaves { try await chat.backend.embeddings(object, requestID: requestID) })
         }
         router.get("/health/ready") { _, context in
             do {
