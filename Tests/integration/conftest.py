@@ -212,12 +212,14 @@ def wait_for_log(server, predicate, timeout: float = 5) -> dict:
     return found[0]
 
 
-def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10) -> tuple[bytes, bool]:
-    """Sends raw bytes on one connection and reads until `until` has been seen, or until the
-    server closes the connection when `until` is None. Returns what was read and whether the
-    server closed the connection."""
+def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float = 10, half_close: bool = False) -> tuple[bytes, bool]:
+    """Sends raw bytes on one connection (then shuts down its sending side when `half_close`)
+    and reads until `until` has been seen, or until the server closes the connection when
+    `until` is None. Returns what was read and whether the server closed the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         received = b""
         while until is None or until not in received:
             chunk = sock.recv(65536)

@@ -885,7 +885,8 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
     abandoned_within(3, {"ollama": "/api/embed", "openai": "/v1/embeddings"}[backend], 1)
 
     # A client that shuts down its sending side is taken to have gone too, as nginx and Go's
-    # net/http take it: the connection ends without an answer.
+    # net/http take it: the upstream call is abandoned, and the answer (which a half-closed
+    # client can still read) is the 499, then the close.
     for count, stream in enumerate([False, True], start=3):
         calls = len(fake_llm.calls(chat_path))
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -897,8 +898,16 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(65536) == b""  # closed, nothing written
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 499 Client Closed Request\r\n") and b"\r\nConnection: close" in head, received
+        assert json.loads(body)["error"]["code"] == "client_closed_request", received
         abandoned_within(3, chat_path, count)
+    # Other requests are answered as usual: a health probe piped through `nc -N` half-closes too.
+    reply, _ = raw_exchange(server.port, b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n", until=None, half_close=True)
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b'{"status":"ok"}'), reply
 
     def client_closed_lines():
         return [l for l in server.log_lines() if l.get("msg") == "request" and l.get("status") == "499"]

@@ -578,7 +578,8 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     private func answer(_ error: OpenAIError) {
         let body = ByteBuffer(data: error.body(requestID: requestID))
-        var head = ResponseHead(version: responseVersion, status: error.status.code, capacity: Self.headCapacity(body: body))
+        var head = ResponseHead(
+            version: responseVersion, status: error.status.code, reason: error.status.reasonPhrase, capacity: Self.headCapacity(body: body))
         head.add("Content-Type", "application/json")
         for field in error.headers { head.add(field.name.rawName, field.value) }
         addCommonFields(&head)
@@ -693,6 +694,19 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     func clientWritabilityChanged(_ writable: Bool) {
         connection?.handler.holdReads(!writable)
+    }
+
+    /// Whether the answer is being streamed (its head already sent).
+    var isStreaming: Bool { phase == .streaming }
+
+    /// The client shut down its sending side before its answer began: it has gone (see
+    /// ClientDeparture). The upstream call is abandoned and the answer is the 499, as the
+    /// router's is (a client that only half-closed can still read it).
+    func clientLeft() {
+        guard phase == .reading || phase == .waiting || phase == .collecting else { return }
+        cancelTimer()
+        body = ByteBuffer()
+        answer(.clientClosedRequest)
     }
 
     /// The client went away: stop the upstream work (its connection cannot be reused mid-answer).

@@ -343,10 +343,16 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             // timeout, a stopped generation), as nginx and Go's net/http take it, so the upstream
             // call is abandoned rather than run to its end for nobody (see ClientDeparture).
             if let exchange {
-                self.exchange = nil
                 queued.removeAll()
-                exchange.clientClosed()
-                context.close(promise: nil)
+                closeAfterExchange = true
+                if exchange.isStreaming {
+                    // Mid-stream there is no answering: the stream just ends.
+                    self.exchange = nil
+                    exchange.clientClosed()
+                    context.close(promise: nil)
+                } else {
+                    exchange.clientLeft()  // answers 499; the connection closes after it
+                }
                 return
             }
             // Requests read before it and not yet begun are answered first.

@@ -16,14 +16,15 @@ struct ResponseHead {
     /// Room for the heads the pass-through writes (about 200 bytes with the request id and date).
     static let typicalCapacity = 256
 
-    init(version: HTTPVersion, status: Int, capacity: Int = typicalCapacity) {
+    /// - Parameter reason: the reason phrase, when NIO's table has none for `status` (499).
+    init(version: HTTPVersion, status: Int, reason: String? = nil, capacity: Int = typicalCapacity) {
         self.status = status
         bytes = ByteBufferAllocator().buffer(capacity: capacity)
         bytes.writeStaticString(version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         if status == 200 {
             bytes.writeStaticString("200 OK\r\n")
         } else {
-            bytes.writeString("\(status) \(HTTPResponseStatus(statusCode: status).reasonPhrase)\r\n")
+            bytes.writeString("\(status) \(reason ?? HTTPResponseStatus(statusCode: status).reasonPhrase)\r\n")
         }
     }
 

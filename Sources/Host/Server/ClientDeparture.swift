@@ -5,10 +5,12 @@ internal import Synchronization
 
 /// Whether the client of one router connection has gone while a request of it was being
 /// answered: it closed its side of the connection (a FIN, or a reset), as an SDK does when its
-/// timeout fires or a user stops a generation. Such a client reads no answer, so the LLM work
-/// for it is abandoned rather than run to its end, holding one of the upstream's slots (Ollama
-/// answers one request per slot, queueing the rest). nginx (`proxy_ignore_client_abort off`,
-/// its default) and Go's net/http (LlamaGate) take a FIN the same way.
+/// timeout fires or a user stops a generation. Such a client waits for no answer, so the LLM
+/// work for it is abandoned rather than run to its end, holding one of the upstream's slots
+/// (Ollama answers one request per slot, queueing the rest); the route answers 499, which a
+/// client that only half-closed can still read. Go's net/http (LlamaGate's server) cancels a
+/// request's context on a FIN the same way, and nginx (`proxy_ignore_client_abort off`, its
+/// default) abandons its upstream request.
 final class ClientDeparture: Sendable {
     private struct State {
         var departed = false

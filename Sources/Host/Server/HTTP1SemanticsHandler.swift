@@ -48,7 +48,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// A request read whose response has not ended.
     private struct Unanswered {
         let version: HTTPVersion
-        let keepAlive: Bool
+        var keepAlive: Bool
         /// Still owed a `100 Continue`.
         var awaitsContinue: Bool
         /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
@@ -65,6 +65,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     private var rejectedAfterPending: HTTPParserError?
     /// Told when the client leaves while a request is unanswered.
     let departure = ClientDeparture()
+    /// The client has shut down its sending side: the router closes the connection after the
+    /// answers in progress, which then say so (`Connection: close`).
+    private var inputClosed = false
 
     init(maxBodyBytes: Int, logger: Logger) {
         self.maxBodyBytes = maxBodyBytes
@@ -109,11 +112,12 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case .inputClosed? = event as? ChannelEvent, !unanswered.isEmpty {
-            // Gone, not done sending (see ClientDeparture): the connection closes, as nginx closes it.
-            departure.depart()
-            context.close(promise: nil)
-            return
+        // Gone, not done sending (see ClientDeparture): the LLM routes abandon their upstream
+        // calls and answer 499; the others answer as usual (a `printf … | nc -N` health probe
+        // half-closes too). The router closes the connection after that answer.
+        if case .inputClosed? = event as? ChannelEvent {
+            inputClosed = true
+            if !unanswered.isEmpty { departure.depart() }
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -144,6 +148,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             request.awaitsContinue = false
             unanswered[unanswered.startIndex] = request
             let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
+            if inputClosed { request.keepAlive = false }
             guard toHTTP10 || !request.keepAlive else { return context.write(data, promise: promise) }
             if toHTTP10 {
                 head.version = .http1_0
