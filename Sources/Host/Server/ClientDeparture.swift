@@ -56,10 +56,16 @@ final class ClientDeparture: Sendable {
     }
 
     /// The departure watch of the router connection `channel` (its `HTTP1SemanticsHandler`'s).
-    static func of(_ channel: any Channel) async throws -> ClientDeparture {
-        try await channel.eventLoop.submit {
+    /// Without one (another pipeline), a watch that departs only if the connection has already
+    /// closed, so the request is otherwise served as it would have been without the watch.
+    static func of(_ channel: any Channel) async -> ClientDeparture {
+        let found = try? await channel.eventLoop.submit {
             try channel.pipeline.syncOperations.handler(type: HTTP1SemanticsHandler.self).departure
         }.get()
+        if let found { return found }
+        let departure = ClientDeparture()
+        if !channel.isActive { departure.depart() }
+        return departure
     }
 }
 

@@ -20,7 +20,7 @@ struct GatewayRoutes {
             // A client that leaves while the upstream works (an SDK's timeout, a stopped
             // generation) gets the upstream call abandoned: until the stream's first byte, or
             // the whole answer.
-            let departure = try await ClientDeparture.of(context.channel)
+            let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
                 return streamResponse(try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }, context: context)
             }
@@ -36,7 +36,7 @@ struct GatewayRoutes {
         router.post("/v1/completions") { request, context in
             let completionRequest = try TextCompletionRequest.parse(try await request.body.collect(upTo: maxBodyBytes))
             let requestID = context.requestID
-            let departure = try await ClientDeparture.of(context.channel)
+            let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
                 return streamResponse(
                     try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }, context: context)
@@ -68,7 +68,7 @@ struct GatewayRoutes {
             guard object["input"] != nil else { throw OpenAIError(.badRequest, "missing required field 'input'", code: "missing_input") }
             let requestID = context.requestID
             // A large batch takes a while: abandoned too when the client leaves.
-            let departure = try await ClientDeparture.of(context.channel)
+            let departure = await ClientDeparture.of(context.channel)
             return Response.json(try await departure.untilClientLeaves { try await chat.backend.embeddings(object, requestID: requestID) })
         }
         router.get("/health/ready") { _, context in
