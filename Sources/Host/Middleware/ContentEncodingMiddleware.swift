@@ -1,5 +1,4 @@
 // Refuses compressed request bodies with 415 instead of failing them as "not valid JSON".
-internal import Foundation
 internal import HTTPTypes
 internal import Hummingbird
 
@@ -16,9 +15,7 @@ struct ContentEncodingMiddleware: RouterMiddleware {
 
     /// The 415 for a request whose `Content-Encoding` is `value`; nil when the body is not encoded.
     static func refusal(contentEncoding value: String?) -> OpenAIError? {
-        guard let value else { return nil }
-        let encodings = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
-        guard encodings.contains(where: { $0 != "identity" }) else { return nil }
+        guard let value, YAMLReader.commaSeparated(value, isValid: { $0.lowercased() == "identity" }).invalid != nil else { return nil }
         return OpenAIError(
             .unsupportedMediaType,
             "request bodies must not be compressed (Content-Encoding: \(String(value.prefix(64)))); send the JSON uncompressed",

@@ -344,13 +344,13 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             // call is abandoned rather than run to its end for nobody (see ClientDeparture).
             if let exchange {
                 queued.removeAll()
-                closeAfterExchange = true
                 if exchange.isStreaming {
                     // Mid-stream there is no answering: the stream just ends.
                     self.exchange = nil
                     exchange.clientClosed()
                     context.close(promise: nil)
                 } else {
+                    closeAfterExchange = true
                     exchange.clientLeft()  // answers 499; the connection closes after it
                 }
                 return

@@ -50,8 +50,8 @@ public struct GatehouseServer: Sendable {
 
         // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
         // the access log (sees every final response), then auth and rate limits, the refusal of
-        // compressed bodies, then plugins' middleware, then the routes, then (for what no route took) the 405 check. HEAD is
-        // answered wherever GET is, with GET's headers.
+        // compressed bodies, then plugins' middleware, then the routes, then (for what no route
+        // took) the 405 check. HEAD is answered wherever GET is, with GET's headers.
         let router = Router(context: GatehouseRequestContext.self, options: .autoGenerateHeadEndpoints)
         if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
