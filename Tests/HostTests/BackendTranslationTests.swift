@@ -244,4 +244,11 @@ import Testing
         #expect(unavailable.status == .serviceUnavailable && unavailable.code == "upstream_unavailable")
         #expect(unavailable.message == "openai is unavailable: slow down")
     }
+
+    @Test func anAnswerPastTheReadLimitIsNamedWithTheLimit() {
+        let error = UpstreamFailure(NIOTooManyBytesError(maxBytes: UpstreamClient.maxReplyBytes)).error(target: "http://u/api/embed", timeout: 30)
+        #expect(error.status == .badGateway && error.code == "upstream_too_large")
+        #expect(error.message == "upstream reply is larger than 64 MiB, the most the gateway reads for one answer (http://u/api/embed)")
+        #expect(!UpstreamFailure.tooLarge(1).isConnectionLoss)  // not retried on a fresh connection
+    }
 }

@@ -211,6 +211,12 @@ class FakeLLM:
                     return self._send(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
                 if model == "garbage":
                     return self._send(200, b"<html>upstream proxy error</html>")
+                if model == "huge" and not body.get("stream"):
+                    # A whole answer past the 64 MiB the gateway reads for one answer; it stops reading.
+                    try:
+                        return self._send(200, {"padding": "x" * (64 * 1024 * 1024 + 1024)})
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
                 if model == "silent" and body.get("stream", self.path == "/api/chat"):
                     self._start_chunked("application/x-ndjson" if self.path == "/api/chat" else "text/event-stream")
                     return self._end_chunked()

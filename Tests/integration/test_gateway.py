@@ -708,6 +708,23 @@ def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, bac
     assert chat("m").json()["choices"][0]["message"]["content"] == "Echo: a b c d"
 
 
+@both_backends
+def test_an_upstream_answer_past_the_gateways_limit_is_a_precise_502(gateway, backend):
+    # The gateway reads a whole answer into memory only up to 64 MiB; past that it stops reading
+    # and says why, on the router (Ollama, embeddings) as on the pass-through (openai chat).
+    server = gateway(backend)
+    paths = ["/v1/chat/completions", "/v1/embeddings"]
+    for path in paths:
+        body = {"model": "huge", "messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"model": "huge", "input": "x"}
+        reply = server.client.post(path, json=body)
+        assert reply.status_code == 502, (path, reply.text[:200])
+        error = reply.json()["error"]
+        assert error["code"] == "upstream_too_large", (path, error)
+        assert error["message"].startswith("upstream reply is larger than 64 MiB, the most the gateway reads for one answer ("), error
+    assert server.client.post(paths[0], json={"model": "m", "messages": [{"role": "user", "content": "after"}]}).json()[
+        "choices"][0]["message"]["content"] == "Echo: after"
+
+
 def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     # Ollama has no tool_choice: the gateway offers only the named function, or says it is unknown.
     server = gateway("ollama")

@@ -82,8 +82,13 @@ final class UpstreamClient: Sendable {
         return response.body
     }
 
+    /// The longest upstream reply read whole (a non-streamed answer, an error reply): a bound on
+    /// the memory one request can take, far above any chat answer; a batch of embeddings of
+    /// thousands of long vectors is what comes near it.
+    static let maxReplyBytes = 64 * 1024 * 1024
+
     /// Reads a whole response body (bounded), mapping transport errors.
-    func collect(_ response: HTTPClientResponse, path: String, limit: Int = 64 * 1024 * 1024) async throws -> ByteBuffer {
+    func collect(_ response: HTTPClientResponse, path: String, limit: Int = UpstreamClient.maxReplyBytes) async throws -> ByteBuffer {
         do {
             return try await response.body.collect(upTo: limit)
         } catch {
@@ -176,6 +181,8 @@ enum UpstreamFailure: Error {
     case closed
     /// The connection could not be made.
     case unreachable(String)
+    /// The reply was longer than the limit (in bytes) on what the gateway reads whole.
+    case tooLarge(Int)
     case failed(String)
 
     init(_ error: any Error) {
@@ -193,6 +200,10 @@ enum UpstreamFailure: Error {
             default: break
             }
         }
+        if let error = error as? NIOTooManyBytesError {
+            self = .tooLarge(error.maxBytes ?? UpstreamClient.maxReplyBytes)
+            return
+        }
         if case .connectTimeout = error as? ChannelError {
             self = .connectTimeout
             return
@@ -209,7 +220,7 @@ enum UpstreamFailure: Error {
     var isConnectionLoss: Bool {
         switch self {
         case .closed, .failed: true
-        case .deadline, .silence, .connectTimeout, .connectionsBusy, .unreachable: false
+        case .deadline, .silence, .connectTimeout, .connectionsBusy, .unreachable, .tooLarge: false
         }
     }
 
@@ -231,6 +242,8 @@ enum UpstreamFailure: Error {
             ).with(.retryAfter, "1")
         case .closed:
             OpenAIError(.badGateway, "upstream closed the connection (\(target))", code: "upstream_error")
+        case .tooLarge(let limit):
+            OpenAIError(.badGateway, "upstream reply is larger than \(limit / 1024 / 1024) MiB, the most the gateway reads for one answer (\(target))", code: "upstream_too_large")
         case .unreachable(let text):
             OpenAIError(.badGateway, "upstream unreachable: \(Self.reason(text)) (\(target))", code: "upstream_unreachable")
         case .failed(let text):

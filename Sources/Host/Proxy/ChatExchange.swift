@@ -329,7 +329,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             guard reply.readableBytes + buffer.readableBytes <= ChatPassThrough.maxReplyBytes else {
                 connection?.close()
                 connection = nil
-                fail(.failed("upstream reply is larger than \(ChatPassThrough.maxReplyBytes / 1024 / 1024) MiB"))
+                fail(.tooLarge(ChatPassThrough.maxReplyBytes))
                 return
             }
             if reply.readableBytes == 0 {

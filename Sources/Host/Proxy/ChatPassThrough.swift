@@ -15,8 +15,8 @@ internal import Synchronization
 /// path — go on down the pipeline to the router unchanged.
 final class ChatPassThrough: Sendable {
     static let path = "/v1/chat/completions"
-    /// The longest upstream reply collected for a non-streamed answer (as UpstreamClient).
-    static let maxReplyBytes = 64 * 1024 * 1024
+    /// The longest upstream reply collected for a non-streamed answer (UpstreamClient's).
+    static let maxReplyBytes = UpstreamClient.maxReplyBytes
 
     let target: UpstreamTarget
     let timeout: Double
