@@ -237,6 +237,29 @@ import Testing
         #expect(lines[0].hasPrefix(#"{"client":"10.0.0.7","label":"gatehouse","#))
     }
 
+    @Test func aStreamsAccessLineCarriesItsTimeToFirstByteAsTheGenericLineWould() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let sink = try LogSink.file(path)
+        var handler = JSONLogHandler(label: "gatehouse", level: .info, sink: sink)
+        let metadata: Logger.Metadata = [
+            "method": "POST", "path": "/v1/chat/completions", "status": "200", "latency_ms": "1500.250", "ttfb_ms": "12.005", "client": "10.0.0.7",
+            "request_id": "r-5",
+        ]
+        handler.log(event: LogEvent(level: .info, message: "request", metadata: metadata, source: "s", file: "f", function: "f", line: 1))
+        // The direct way (no handler metadata), then the field-list way (other metadata present).
+        handler.logAccess(
+            method: "POST", path: "/v1/chat/completions", status: 200, latency: .microseconds(1_500_250), firstByte: .microseconds(12005), requestID: "r-5",
+            client: "10.0.0.7")
+        handler[metadataKey: "status"] = "overridden"
+        handler.logAccess(
+            method: "POST", path: "/v1/chat/completions", status: 200, latency: .microseconds(1_500_250), firstByte: .microseconds(12005), requestID: "r-5",
+            client: "10.0.0.7")
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { $0.replacing(/"ts":"[^"]*"/, with: "") }
+        #expect(lines.count == 3 && Set(lines).count == 1, "\(lines)")
+        #expect(lines[0].hasSuffix(#","ttfb_ms":"12.005"}"#))
+    }
+
     @Test func linesLoggedOnAnEventLoopAreWrittenInOrderAtTheEndOfItsRound() throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
         defer { try? FileManager.default.removeItem(atPath: path) }

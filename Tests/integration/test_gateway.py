@@ -547,11 +547,40 @@ def test_head_answers_wherever_get_does_with_gets_headers(gateway, backend):
         # /metrics grows between the two requests (the GET is counted): same length only elsewhere.
         if path != "/metrics":
             assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content)), path
+    # Each HEAD is counted and logged as the request it was, and none is left in flight
+    # (Hummingbird drops the GET answer's body unwritten, which once skipped the accounting).
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_http_requests_in_flight") == 1  # the /metrics request itself
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="/health", method="HEAD", status="200") == 1
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="/v1/models", method="HEAD", status="200") == 1
+    wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("method") == "HEAD" and l.get("path") == "/health/ready")
     # A HEAD behind the key needs the key, as the GET does.
     keyed = gateway(backend, env={"API_KEY": "sekrit"})
     assert keyed.client.head("/v1/models").status_code == 401
     assert keyed.client.head("/v1/models", headers={"authorization": "Bearer sekrit"}).status_code == 200
     assert keyed.client.head("/health").status_code == 200
+
+
+@both_backends
+def test_a_streams_access_line_is_written_at_its_end_with_its_time_to_first_byte(gateway, backend):
+    # As nginx's $request_time and Go's handlers measure: the whole stream, not its head; the
+    # time to the head and first events (an LLM's time to first token) is its own field.
+    server = gateway(backend)
+    started = time.monotonic()
+    events = stream_events(server, "slow-x", headers={"x-request-id": "long-stream"}, text="a b c d e f")
+    duration_ms = (time.monotonic() - started) * 1000
+    assert events[-1] == "[DONE]" and streamed_text(events[:-1]) == "Echo: a b c d e f"
+    line = wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("request_id") == "long-stream")
+    assert line["status"] == "200"
+    latency, ttfb = float(line["latency_ms"]), float(line["ttfb_ms"])
+    # Seven tokens, each 0.2 s after the last: the stream lasts over a second; its first event
+    # comes after one wait.
+    assert 1200 <= latency <= duration_ms + 50, (latency, duration_ms)
+    assert ttfb < 700 and ttfb < latency - 800, (ttfb, latency)
+    # Whole answers have no ttfb_ms.
+    server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                       headers={"x-request-id": "whole"})
+    assert "ttfb_ms" not in wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("request_id") == "whole")
 
 
 @both_backends

@@ -54,7 +54,10 @@ public struct JSONLogHandler: LogHandler {
     /// `info("request", metadata: ["client", "method", "path", "status", "latency_ms"])`, with `requestID`
     /// (when given) as if it were handler metadata, but without building metadata dictionaries
     /// (every request writes one). The caller has checked the level.
-    func logAccess(method: String, path: String, status: Int, latency: Duration, requestID: String?, client: String) {
+    /// `firstByte`, for a streamed answer, is the time to its head and first events
+    /// (`ttfb_ms`): for an LLM stream, about the time to its first token; `latency` is then the
+    /// whole stream's.
+    func logAccess(method: String, path: String, status: Int, latency: Duration, firstByte: Duration? = nil, requestID: String?, client: String) {
         // The usual case, no metadata but the request id: the keys' sorted order is known, so
         // the line is written straight into the sink's buffer (no field list, no sort, no copy).
         if metadata.isEmpty || (metadata.count == 1 && metadata["request_id"] != nil) {
@@ -78,6 +81,11 @@ public struct JSONLogHandler: LogHandler {
                 Self.appendDecimal(status, to: &line)
                 line.append(UInt8(ascii: "\""))
                 Self.appendTimestampField(to: &line, first: false)
+                if let firstByte {
+                    line.append(contentsOf: #","ttfb_ms":""#.utf8)
+                    Self.appendMilliseconds(firstByte, to: &line)
+                    line.append(UInt8(ascii: "\""))
+                }
                 line.append(contentsOf: "}\n".utf8)
             }
             return
@@ -87,6 +95,7 @@ public struct JSONLogHandler: LogHandler {
             ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
             ("client", client),
         ]
+        if let firstByte { fields.append(("ttfb_ms", Self.milliseconds(firstByte))) }
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
             fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
         }
@@ -133,7 +142,7 @@ public struct JSONLogHandler: LogHandler {
         }
     }
 
-    private static let accessKeys: Set<String> = ["client", "method", "path", "status", "latency_ms"]
+    private static let accessKeys: Set<String> = ["client", "method", "path", "status", "latency_ms", "ttfb_ms"]
 
     /// Writes `fields` and the timestamp as one JSON object line, keys in sorted order.
     private func write(_ fields: inout [(key: String, value: String)]) {

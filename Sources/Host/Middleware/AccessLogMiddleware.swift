@@ -4,11 +4,12 @@ public import Hummingbird
 internal import Logging
 internal import NIOCore
 internal import NIOHTTP1
+internal import Synchronization
 
 /// The outermost gateway middleware after the request id: converts Hummingbird's own errors
-/// (404 no route, 413 body too large, ...) and unexpected errors into OpenAI-shaped JSON,
-/// writes one access-log line with method, path, status and latency, and counts the request
-/// by route template in the metrics (its duration measured to the end of the body).
+/// (404 no route, 413 body too large, ...) and unexpected errors into OpenAI-shaped JSON, and
+/// when the response has ended (a stream at its end) writes one access-log line with method,
+/// path, status and latency, and counts the request by route template in the metrics.
 public struct AccessLogMiddleware: RouterMiddleware {
     public typealias Context = GatehouseRequestContext
     let metrics: GatehouseMetrics?
@@ -18,46 +19,38 @@ public struct AccessLogMiddleware: RouterMiddleware {
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let start = ContinuousClock.now
-        metrics?.inFlight.increment()
+        let record = RequestRecord(
+            metrics: metrics, logger: context.logger, method: request.method.rawValue, path: request.uri.path, client: context.remoteAddress)
         var response: Response
         do {
             response = try await next(request, context)
         } catch {
             response = Self.response(for: error, request: request, context: context)
         }
-        Self.log(
-            context.logger, method: request.method.rawValue, path: request.uri.path, status: response.status.code, elapsed: ContinuousClock.now - start,
-            client: context.remoteAddress)
-        if let metrics {
-            let route = context.endpointPath ?? "unmatched"
-            let method = request.method.rawValue
-            let status = response.status.code
-            let body = response.body
-            response.body = ResponseBody(contentLength: body.contentLength) { writer in
-                defer {
-                    metrics.inFlight.decrement()
-                    metrics.recordRequest(route: route, method: method, status: status, duration: ContinuousClock.now - start)
-                }
-                try await body.write(writer)
-            }
+        record.answered(status: response.status.code, route: context.endpointPath ?? "unmatched", streamed: response.body.contentLength == nil)
+        let body = response.body
+        response.body = ResponseBody(contentLength: body.contentLength) { writer in
+            defer { record.finish() }
+            try await body.write(writer)
         }
         return response
     }
-
     /// The access-log line of one request (also written by the chat pass-through, which passes
     /// `requestID` instead of keeping it in the logger's metadata). `client` is the client's
     /// address (behind trusted proxies, the one they forwarded).
-    static func log(_ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, requestID: String? = nil, client: String) {
+    static func log(
+        _ logger: Logger, method: String, path: String, status: Int, elapsed: Duration, firstByte: Duration? = nil, requestID: String? = nil, client: String
+    ) {
         guard logger.logLevel <= .info else { return }
         if let handler = logger.handler as? JSONLogHandler {
-            handler.logAccess(method: method, path: path, status: status, latency: elapsed, requestID: requestID, client: client)
+            handler.logAccess(method: method, path: path, status: status, latency: elapsed, firstByte: firstByte, requestID: requestID, client: client)
             return
         }
         var metadata: Logger.Metadata = [
             "method": .string(method), "path": .string(path), "status": .stringConvertible(status),
             "latency_ms": .string(JSONLogHandler.milliseconds(elapsed)), "client": .string(client),
         ]
+        if let firstByte { metadata["ttfb_ms"] = .string(JSONLogHandler.milliseconds(firstByte)) }
         if let requestID { metadata["request_id"] = .string(requestID) }
         logger.info("request", metadata: metadata)
     }
@@ -93,5 +86,62 @@ public struct AccessLogMiddleware: RouterMiddleware {
             converted.headers = error.headers
             return converted
         }
+    }
+}
+
+/// One router request's accounting, done once when its response has ended: the access line and
+/// the metrics. Also done when the response's body is never written, so no request is lost
+/// from the counts or left in flight: a HEAD answer (Hummingbird answers HEAD with GET's
+/// response, its body dropped unwritten), or a client gone before the head could be written.
+final class RequestRecord: Sendable {
+    private struct Answer {
+        var status = 500
+        var route = "unmatched"
+        /// For a streamed response, the time to its head.
+        var firstByte: Duration?
+        var finished = false
+    }
+
+    private let metrics: GatehouseMetrics?
+    private let logger: Logger
+    private let method: String
+    private let path: String
+    private let client: String
+    private let start = ContinuousClock.now
+    private let answer = Mutex(Answer())
+
+    init(metrics: GatehouseMetrics?, logger: Logger, method: String, path: String, client: String) {
+        self.metrics = metrics
+        self.logger = logger
+        self.method = method
+        self.path = path
+        self.client = client
+        metrics?.inFlight.increment()
+    }
+
+    /// The route has answered with this status; `streamed`: the body follows, of unknown length.
+    func answered(status: Int, route: String, streamed: Bool) {
+        let firstByte = streamed ? ContinuousClock.now - start : nil
+        answer.withLock { $0 = Answer(status: status, route: route, firstByte: firstByte) }
+    }
+
+    /// The response has ended (or will never be written): logs and counts it, once.
+    func finish() {
+        let elapsed = ContinuousClock.now - start
+        guard let answer = answer.withLock({ answer -> Answer? in
+            guard !answer.finished else { return nil }
+            answer.finished = true
+            return answer
+        }) else { return }
+        AccessLogMiddleware.log(
+            logger, method: method, path: path, status: answer.status, elapsed: elapsed, firstByte: answer.firstByte, client: client)
+        if let metrics {
+            metrics.inFlight.decrement()
+            metrics.recordRequest(route: answer.route, method: method, status: answer.status, duration: elapsed)
+        }
+    }
+
+    deinit {
+        finish()
     }
 }

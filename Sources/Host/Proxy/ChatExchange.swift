@@ -85,6 +85,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// allocation and one write fewer per stream than a head of its own (which was not flushed
     /// ahead of those events either).
     private var streamHeadPending = false
+    /// A stream's time to its head and first events (written to the client), for the access line.
+    private var firstByte: Duration?
+    private var accessLogged = false
     /// When the upstream wait ends (checked by the loop's sweep; nil when not waiting).
     private(set) var deadline: NIODeadline?
     /// This exchange's place in the loop's list of deadlines.
@@ -314,7 +317,6 @@ final class ChatExchange: UpstreamResponseDelegate {
             phase = .streaming
             status = 200
             streamHeadPending = true
-            logAccess()
         } else {
             phase = .collecting
         }
@@ -544,6 +546,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// Writes a buffer from `makeStreamBuffer`: its events as one chunk (HTTP/1.1; followed by
     /// the last chunk when `ending`), behind the response head if the buffer begins with it.
     private func sendStream(_ output: inout ByteBuffer, ending: Bool) {
+        if firstByte == nil { firstByte = ContinuousClock.now - started }
         ChunkedBody.seal(&output, framed: chunked, last: ending)
         handler?.send(output, flushingWith: pool.flusher)
     }
@@ -571,6 +574,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
         output.writeStaticString("data: [DONE]\n\n")
         sendStream(&output, ending: true)
+        logAccess()
         finish(draining: connection != nil)
     }
 
@@ -653,13 +657,19 @@ final class ChatExchange: UpstreamResponseDelegate {
         handler?.closesAfterAnswer == true || !keepAlive || (stream && head.version.minor == 0)
     }
 
+    /// The access line, once: when the answer has been written whole (a stream at its end, with
+    /// its time to first byte), or when the client left.
     private func logAccess() {
+        guard !accessLogged else { return }
+        accessLogged = true
         let elapsed = ContinuousClock.now - started
         if let handler = passThrough.accessLogHandler {
-            handler.logAccess(method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, requestID: requestID, client: remoteAddress)
+            handler.logAccess(
+                method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, firstByte: firstByte, requestID: requestID, client: remoteAddress)
         } else {
             AccessLogMiddleware.log(
-                passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: elapsed, requestID: requestID, client: remoteAddress)
+                passThrough.logger, method: "POST", path: ChatPassThrough.path, status: status, elapsed: elapsed, firstByte: firstByte,
+                requestID: requestID, client: remoteAddress)
         }
     }
 
@@ -718,10 +728,8 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection?.close()
             connection = nil
         }
-        if status == 0 {
-            status = 499  // nginx's "client closed request"
-            logAccess()
-        }
+        if status == 0 { status = 499 }  // nginx's "client closed request"
+        logAccess()  // a stream cut short by its client is logged with the status it had begun with
         phase = .done
         recordRequest()
     }
