@@ -581,6 +581,13 @@ def test_a_streams_access_line_is_written_at_its_end_with_its_time_to_first_byte
     server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
                        headers={"x-request-id": "whole"})
     assert "ttfb_ms" not in wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("request_id") == "whole")
+    # The same times in /metrics: one stream's first byte; the durations of both requests.
+    metrics = server.client.get("/metrics").text
+    route = {"route": "/v1/chat/completions"}
+    assert metric_value(metrics, "gatehouse_http_time_to_first_byte_seconds_count", **route) == 1
+    assert metric_value(metrics, "gatehouse_http_time_to_first_byte_seconds_sum", **route) == pytest.approx(ttfb / 1000, abs=0.002)
+    assert metric_value(metrics, "gatehouse_http_request_duration_seconds_count", **route) == 2
+    assert metric_value(metrics, "gatehouse_http_request_duration_seconds_sum", **route) >= latency / 1000
 
 
 @both_backends

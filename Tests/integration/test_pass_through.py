@@ -352,6 +352,7 @@ def test_metrics_and_access_log(openai_gateway, tmp_path):
     assert metric_value(text, "gatehouse_llm_tokens_total", direction="prompt") == 3
     assert metric_value(text, "gatehouse_llm_tokens_total", direction="completion") == 6
     assert metric_value(text, "gatehouse_http_requests_in_flight") == 1  # the /metrics request itself
+    assert metric_value(text, "gatehouse_http_time_to_first_byte_seconds_count", route="/v1/chat/completions") == 1  # the stream
     checked = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -23,6 +23,7 @@ public final class GatehouseMetrics: Sendable {
     private let requestCounters = Mutex<[RouteKey: Counter]>([:])
     private let requestDurations = Mutex<[String: DurationHistogram]>([:])
     private let upstreamDurations = Mutex<[String: DurationHistogram]>([:])
+    private let firstByteDurations = Mutex<[String: DurationHistogram]>([:])
     let cacheHits: Counter
     let cacheMisses: Counter
     let cacheSkips: Counter
@@ -69,6 +70,18 @@ public final class GatehouseMetrics: Sendable {
             if let histogram = histograms[route] { return histogram }
             let histogram = registry.histogram(name: "gatehouse_http_request_duration_seconds", labels: [("route", route)], buckets: Self.latencyBuckets,
                 help: "Time to the end of the response, by route template.")
+            histograms[route] = histogram
+            return histogram
+        }
+    }
+
+    /// The time-to-first-byte histogram of a route template's streamed responses (created once).
+    func firstByteDuration(route: String) -> DurationHistogram {
+        firstByteDurations.withLock { histograms in
+            if let histogram = histograms[route] { return histogram }
+            let histogram = registry.histogram(
+                name: "gatehouse_http_time_to_first_byte_seconds", labels: [("route", route)], buckets: Self.latencyBuckets,
+                help: "Time to a streamed response's head and first events (for an LLM stream, about its time to first token), by route template.")
             histograms[route] = histogram
             return histogram
         }

@@ -138,6 +138,7 @@ final class RequestRecord: Sendable {
         if let metrics {
             metrics.inFlight.decrement()
             metrics.recordRequest(route: answer.route, method: method, status: answer.status, duration: elapsed)
+            if let firstByte = answer.firstByte { metrics.firstByteDuration(route: answer.route).record(firstByte) }
         }
     }
 

@@ -697,7 +697,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         recorded = true
         passThrough.metrics?.inFlight.decrement()
         pool.flusher.exchangeEnded()
-        loop.recordRequest(status: status, duration: ContinuousClock.now - started)
+        loop.recordRequest(status: status, duration: ContinuousClock.now - started, firstByte: firstByte)
     }
 
     // MARK: The client connection

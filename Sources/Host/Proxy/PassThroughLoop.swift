@@ -13,6 +13,7 @@ final class PassThroughLoop {
     private var dateCache = HTTPDateCache()
     private var requestCounters: [Int: Counter] = [:]
     private lazy var requestDuration = metrics?.requestDuration(route: ChatPassThrough.path)
+    private lazy var firstByteDuration = metrics?.firstByteDuration(route: ChatPassThrough.path)
     private lazy var upstreamChat = metrics?.upstreamDuration(backend: backend, operation: "chat")
     private lazy var upstreamStream = metrics?.upstreamDuration(backend: backend, operation: "chat_stream")
 
@@ -69,8 +70,10 @@ final class PassThroughLoop {
     /// The `Date` header value for now.
     var httpDate: String { dateCache.now() }
 
-    /// Counts one finished chat request, as GatehouseMetrics.recordRequest does for the router.
-    func recordRequest(status: Int, duration: Duration) {
+    /// Counts one finished chat request, as GatehouseMetrics.recordRequest does for the router;
+    /// a stream's time to its first byte too.
+    func recordRequest(status: Int, duration: Duration, firstByte: Duration?) {
+        if let firstByte { firstByteDuration?.record(firstByte) }
         guard let metrics else { return }
         let counter: Counter
         if let cached = requestCounters[status] {
