@@ -88,7 +88,7 @@ enum OpenAIShapes {
 /// Turns an upstream body into chat events pulled on demand by the consumer's own task: no
 /// producer task, no buffer, and no thread hand-off per chunk (which cost about half of the
 /// streamed throughput when a task fed an AsyncThrowingStream).
-final class EventPump<Upstream: AsyncIteratorProtocol>: @unchecked Sendable {
+final class EventPump<Upstream: AsyncIteratorProtocol & SendableMetatype>: @unchecked Sendable {
     /// The events one upstream element becomes, and whether it was the last.
     typealias Transform = (Upstream.Element) throws -> (events: [ChatStreamEvent], isLast: Bool)
 

@@ -1,10 +1,10 @@
 // The HTTP/1.1 child channel: Hummingbird's HTTP1Channel pipeline with the chat pass-through placed before the HTTPTypes codec.
 internal import HTTPTypes
-public import HummingbirdCore
-public import Logging
-public import NIOCore
+internal import HummingbirdCore
+internal import Logging
+internal import NIOCore
 internal import NIOHTTP1
-public import NIOHTTPTypes
+internal import NIOHTTPTypes
 internal import NIOHTTPTypesHTTP1
 
 /// Hummingbird's `HTTP1Channel`, assembled the same way (HTTP/1 codec, HTTPTypes codec,
