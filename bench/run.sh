@@ -62,13 +62,8 @@ pin() {
     for pid in "$@"; do taskset -a -p -c "$cpus" "$pid" >/dev/null; done
 }
 
-COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}'
-SSE=""
-for word in Hello! How can I help you today?; do
-    SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"$word \"},\"finish_reason\":null}]}\n\n"
-done
-SSE+="data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n"
-SSE+="data: [DONE]\n\n"
+# The canned answers ($COMPLETION, $SSE), shared with bench/ab.sh.
+source bench/canned.sh
 
 # The stream is chunked by default, as llama.cpp's, vLLM's, Ollama's and OpenAI's streams are
 # (their length is not known until the model stops): with a Content-Length, nginx passed the
@@ -79,15 +74,7 @@ SSE+="data: [DONE]\n\n"
 # nginx every cross-process wake-up that Gatehouse paid). Both proxies run as shipped: nginx
 # with Debian's defaults (one worker per core, access log on), Gatehouse with one event loop
 # per core and its access log on; both logs go to files on the same disk.
-cat >"$WORK/upstream.conf" <<NGINX
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK;
-    keepalive_requests 1000000;
+canned_upstream_conf "$WORK/upstream.conf" "
     server {
         listen 127.0.0.1:$UPSTREAM_JSON_PORT;
         location / { default_type application/json; return 200 '$COMPLETION'; }
@@ -95,9 +82,7 @@ http {
     server {
         listen 127.0.0.1:$UPSTREAM_SSE_PORT;
         location / { default_type text/event-stream; $SSE_CHUNKED return 200 '$SSE'; }
-    }
-}
-NGINX
+    }"
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes ${NGINX_WORKERS:-auto};
 pid $WORK/nginx.pid;
