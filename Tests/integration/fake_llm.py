@@ -383,7 +383,8 @@ class FakeLLM:
                 if tool_calls:
                     event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{**tool_calls[0], "index": 0}]}, "finish_reason": None}]})
                 event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-                if (body.get("stream_options") or {}).get("include_usage"):
+                # llama.cpp's server ("no-usage") never sends the usage chunk, even when asked.
+                if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
                     event({**base, "choices": [], "usage": usage})
                 if model != "truncated":
                     self._chunk(b"data: [DONE]\n\n")

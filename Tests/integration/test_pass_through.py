@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVICES_SO, raw_exchange, stream_events, streamed_text
+from conftest import SERVICES_SO, raw_exchange, stream_events, streamed_text, wait_for_log
 from test_plugin_services import metric_value
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -386,6 +386,27 @@ def test_the_routers_openai_streams_judge_their_endings_as_the_pass_through_does
     assert truncated[-1] == "[DONE]" and not any("error" in json.loads(e) for e in truncated[:-1])
     assert streamed_text(truncated[:-1]) == "Echo: hello"
     assert len(fake_llm.calls("/v1/chat/completions")) == 2
+
+
+@pytest.mark.parametrize("path", ["pass-through", "router"])
+def test_a_stream_without_usage_is_counted_and_said_once(openai_gateway, plugins_dir, path):
+    # llama.cpp's server sends no usage chunk, even when asked: the stream is passed on whole,
+    # its tokens cannot be counted, and the gateway says so (a counter; one warning per process).
+    if path == "router":  # the services test plugin's middleware takes chat completions to the router
+        plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
+    server = openai_gateway()
+    team = {"x-team": "blue"}
+    for _ in range(2):
+        events = stream_events(server, "no-usage", team, text="hello")
+        assert events[-1] == "[DONE]" and streamed_text(events[:-1]) == "Echo: hello"
+    counted = stream_events(server, "m", team, text="hello")  # usage sent: counted, not a stream without usage
+    assert streamed_text(counted[:-1]) == "Echo: hello"
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_upstream_streams_without_usage_total", backend="openai") == 2
+    assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == 2  # the last stream's
+    warning = wait_for_log(server, lambda l: l.get("level") == "warning" and "without reporting its token usage" in l.get("msg", ""))
+    assert warning["backend"] == "openai"
+    assert len([l for l in server.log_lines() if "without reporting its token usage" in l.get("msg", "")]) == 1
 
 
 def test_concurrent_clients_each_get_their_own_answers(openai_gateway):

@@ -1,5 +1,6 @@
 // The chat pipeline shared by /v1/chat/completions and plugins' LLM calls: cache, then backend.
 internal import Foundation
+internal import Logging
 
 /// Runs chat completions against the configured backend, through the response cache.
 /// Every caller — HTTP clients and plugins alike — goes through here, so caching, request-id
@@ -74,13 +75,28 @@ final class ChatService: Sendable {
     ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         guard let metrics else { return events }
         let backendName = backend.name
+        let usage = UsageSeen()
         return EventPump(
             events.makeAsyncIterator(), mapError: { $0 },
-            onFinish: { metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started) },
+            onFinish: {
+                metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started)
+                if !usage.seen, metrics.recordStreamWithoutUsage(backend: backendName) {
+                    Logger(label: "gatehouse").warning("\(GatehouseMetrics.streamWithoutUsageWarning)", metadata: ["backend": .string(backendName)])
+                }
+            },
             endedEarly: { _ in nil }  // the backend's own pump has judged the ending
         ) { event in
-            if case .usage(let prompt, let completion) = event { metrics.recordTokens(prompt: prompt, completion: completion) }
+            if case .usage(let prompt, let completion) = event {
+                usage.seen = true
+                metrics.recordTokens(prompt: prompt, completion: completion)
+            }
             return ([event], false)
         }.stream
     }
+}
+
+/// Whether a stream's usage event has passed. The pump calls its transform and its end on the
+/// consuming task, one after the other, never at once.
+private final class UsageSeen: @unchecked Sendable {
+    var seen = false
 }

@@ -24,6 +24,8 @@ public final class GatehouseMetrics: Sendable {
     private let requestDurations = Mutex<[String: DurationHistogram]>([:])
     private let upstreamDurations = Mutex<[String: DurationHistogram]>([:])
     private let firstByteDurations = Mutex<[String: DurationHistogram]>([:])
+    private let streamsWithoutUsage = Mutex<[String: Counter]>([:])
+    private let streamWithoutUsageSeen = Atomic<Bool>(false)
     let cacheHits: Counter
     let cacheMisses: Counter
     let cacheSkips: Counter
@@ -74,6 +76,25 @@ public final class GatehouseMetrics: Sendable {
             return histogram
         }
     }
+
+    /// Counts a stream the upstream ended without reporting its token usage (llama.cpp's server
+    /// sends none), so its tokens are not counted. True the first time in this process, for the
+    /// caller to say so in the log once rather than for every stream.
+    func recordStreamWithoutUsage(backend: String) -> Bool {
+        let counter = streamsWithoutUsage.withLock { counters in
+            if let counter = counters[backend] { return counter }
+            let counter = registry.counter(
+                name: "gatehouse_upstream_streams_without_usage_total", labels: [("backend", backend)],
+                help: "Streams the upstream ended without reporting token usage: their tokens are not in gatehouse_llm_tokens_total.")
+            counters[backend] = counter
+            return counter
+        }
+        counter.increment()
+        return !streamWithoutUsageSeen.exchange(true, ordering: .relaxed)
+    }
+
+    /// The warning logged for the first stream without usage.
+    static let streamWithoutUsageWarning = "the upstream ended a stream without reporting its token usage, so streamed tokens are not counted (gatehouse_upstream_streams_without_usage_total counts such streams)"
 
     /// The time-to-first-byte histogram of a route template's streamed responses (created once).
     func firstByteDuration(route: String) -> DurationHistogram {

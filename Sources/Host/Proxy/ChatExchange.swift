@@ -79,6 +79,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var partialLine = ByteBuffer()
     private var promptTokens = 0
     private var completionTokens = 0
+    /// The stream's usage chunk has come (llama.cpp's server sends none).
+    private var usageSeen = false
     /// The status the client was (or is being) sent.
     private var status = 0
     /// A stream's response head waits for its first events and goes out in their buffer: one
@@ -522,6 +524,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                 output.writeBytes(data)
                 output.writeStaticString("\n\n")
             case .usage(let prompt, let completion):
+                usageSeen = true
                 promptTokens = prompt
                 completionTokens = completion
             }
@@ -571,6 +574,9 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection = nil
         } else {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
+            if !usageSeen, passThrough.metrics?.recordStreamWithoutUsage(backend: passThrough.backendName) == true {
+                logger.warning("\(GatehouseMetrics.streamWithoutUsageWarning)", metadata: ["backend": .string(passThrough.backendName)])
+            }
         }
         output.writeStaticString("data: [DONE]\n\n")
         sendStream(&output, ending: true)
