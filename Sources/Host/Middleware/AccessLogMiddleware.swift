@@ -35,6 +35,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
         }
         return response
     }
+
     /// The access-log line of one request (also written by the chat pass-through, which passes
     /// `requestID` instead of keeping it in the logger's metadata). `client` is the client's
     /// address (behind trusted proxies, the one they forwarded).
