@@ -72,6 +72,17 @@ import Testing
         #expect(options["stop"] as? [String] == ["END"])
         #expect(options["top_p"] as? Double == 0.5)
         #expect(options["seed"] as? Int == 3)
+        // A list of stops passes as it is; a stop Ollama could not take is refused, not dropped.
+        #expect(try OllamaBackend.options(["stop": ["a", "b"]], maxTokens: nil)["stop"] as? [String] == ["a", "b"])
+        #expect(try OllamaBackend.options(["stop": NSNull()], maxTokens: nil)["stop"] == nil)
+        for bad: Any in [5, ["a", 5], ["x": "y"]] {
+            #expect(throws: OpenAIError.self) { try OllamaBackend.options(["stop": bad], maxTokens: nil) }
+        }
+        do {
+            _ = try OllamaBackend.options(["stop": 5], maxTokens: nil)
+        } catch {
+            #expect(error.code == "invalid_stop" && error.message == "'stop' must be a string or a list of strings (got 5)")
+        }
     }
 
     @Test func convertsContentPartsImagesAndToolCalls() throws {

@@ -803,6 +803,8 @@ def test_ollama_refuses_what_it_cannot_take_instead_of_dropping_it(gateway, fake
          "'messages' item 0, content part 0 has type 'input_audio', which Ollama cannot take (only 'text' and 'image_url')"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "invalid_n",
          "'n' must be 1 for Ollama, which answers one choice per request (got 2)"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "invalid_stop",
+         "'stop' must be a string or a list of strings (got 5)"),
         ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
          "invalid_tool_call_arguments", "'messages' item 0, tool call 0: 'function.arguments' is not a JSON object"),

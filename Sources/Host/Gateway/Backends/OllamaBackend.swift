@@ -157,7 +157,7 @@ struct OllamaBackend: ChatBackend {
             out["top_logprobs"] = top
         }
         try checkSingleChoice(request.body)
-        let options = Self.options(request.body, maxTokens: request.body["max_tokens"].flatMap(JSONNumbers.int))
+        let options = try Self.options(request.body, maxTokens: request.body["max_tokens"].flatMap(JSONNumbers.int))
         if !options.isEmpty { out["options"] = options }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
         return OpenAIShapes.data(out)
@@ -274,7 +274,7 @@ struct OllamaBackend: ChatBackend {
         for (index, message) in request.messages.enumerated() { messages.append(try convert(message, at: index, toolNames: &toolNames)) }
         out["messages"] = messages
         try checkSingleChoice(request.body)
-        let options = Self.options(request.body, maxTokens: request.maxTokens)
+        let options = try Self.options(request.body, maxTokens: request.maxTokens)
         if !options.isEmpty { out["options"] = options }
         if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
             out["tools"] = offered
@@ -311,14 +311,19 @@ struct OllamaBackend: ChatBackend {
 
     /// Ollama's `options` for OpenAI's sampling parameters (`max_tokens` becomes `num_predict`,
     /// a single `stop` string a list; `temperature: 0` is kept).
-    static func options(_ body: [String: Any], maxTokens: Int?) -> [String: Any] {
+    /// - Throws: a 400 for a `stop` that is neither a string nor a list of strings (it would have
+    ///   been dropped, and the answer would run past the stop the client asked for).
+    static func options(_ body: [String: Any], maxTokens: Int?) throws(OpenAIError) -> [String: Any] {
         var options: [String: Any] = [:]
         for key in ["temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "min_p", "repeat_penalty"] {
             if let value = body[key], !(value is NSNull) { options[key] = value }
         }
         if let maxTokens { options["num_predict"] = maxTokens }
-        if let stop = body["stop"] {
-            if let single = stop as? String { options["stop"] = [single] } else if let many = stop as? [Any] { options["stop"] = many }
+        switch body["stop"] {
+        case nil, is NSNull: break
+        case let single as String: options["stop"] = [single]
+        case let many as [Any] where many.allSatisfy({ $0 is String }): options["stop"] = many
+        case let other?: throw RequestFields.invalid("stop", "must be a string or a list of strings (got \(OpenAIShapes.describe(other)))")
         }
         return options
     }
