@@ -40,6 +40,11 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Port to listen on (default: 11435).")
     var port: Int?
 
+    func validate() throws {
+        // Checked as PORT and server.port are: a larger number would be truncated to another port.
+        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535 (got \(port))") }
+    }
+
     func run() async throws {
         let config: GatehouseConfig
         do {

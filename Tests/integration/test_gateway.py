@@ -1472,6 +1472,17 @@ def test_port_in_use_is_one_clear_line(gateway, tmp_path):
     assert server.client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("host, reason", [
+    ("192.0.2.1", "the address is not one of this machine's"),  # TEST-NET-1: on no interface here
+    ("no-such-host.invalid", "the host name does not resolve"),
+])
+def test_an_address_it_cannot_listen_on_is_one_clear_line(tmp_path, host, reason):
+    result = subprocess.run([GATEHOUSE, "serve", "--host", host, "--port", "0", "--plugins-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"gatehouse: cannot listen on {host}:0: {reason} (server.host, GATEHOUSE_HOST or --host)" in result.stderr, result.stderr
+
+
 def test_invalid_configuration_fails_start_naming_the_key(tmp_path):
     (tmp_path / "gatehouse.yaml").write_text("server:\n  port: lots\nupstream:\n  backend: gpt\n")
     result = subprocess.run([GATEHOUSE, "serve"], capture_output=True, text=True, timeout=30, cwd=tmp_path,
@@ -1480,6 +1491,9 @@ def test_invalid_configuration_fails_start_naming_the_key(tmp_path):
     assert "gatehouse.yaml:2: key 'server.port': must be an integer" in result.stderr
     assert "key 'upstream.backend': must be one of ollama, openai" in result.stderr
     assert "environment: key 'RATE_LIMIT_RPS'" in result.stderr
+    # The flag too: 99999 would have been truncated to port 34463 and served there.
+    flag = subprocess.run([GATEHOUSE, "serve", "--port", "99999"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert flag.returncode != 0 and "--port must be between 0 and 65535 (got 99999)" in flag.stderr, flag.stderr
 
 
 def test_dotenv_and_environment_layering(start, plugins_dir, fake_llm, tmp_path):

@@ -139,6 +139,12 @@ public struct GatehouseServer: Sendable {
         if text.contains("Permission denied") || text.contains("errno: 13") {
             return StartupError("cannot listen on \(address): permission denied")
         }
+        if text.contains("Cannot assign requested address") || text.contains("errno: 99") {
+            return StartupError("cannot listen on \(address): the address is not one of this machine's (server.host, GATEHOUSE_HOST or --host)")
+        }
+        if error is SocketAddressError.UnknownHost || text.contains("UnknownHost") {
+            return StartupError("cannot listen on \(address): the host name does not resolve (server.host, GATEHOUSE_HOST or --host)")
+        }
         return error
     }
 }
