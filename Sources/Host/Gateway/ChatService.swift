@@ -80,9 +80,7 @@ final class ChatService: Sendable {
             events.makeAsyncIterator(), mapError: { $0 },
             onFinish: {
                 metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started)
-                if !usage.seen, metrics.recordStreamWithoutUsage(backend: backendName) {
-                    Logger(label: "gatehouse").warning("\(GatehouseMetrics.streamWithoutUsageWarning)", metadata: ["backend": .string(backendName)])
-                }
+                if !usage.seen { metrics.recordStreamWithoutUsage(backend: backendName, logger: Logger(label: "gatehouse")) }
             },
             endedEarly: { _ in nil }  // the backend's own pump has judged the ending
         ) { event in

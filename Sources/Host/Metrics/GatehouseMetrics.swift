@@ -1,4 +1,5 @@
 // Prometheus metrics for the gateway and its plugins (swift-prometheus registry, swift-metrics facade).
+internal import Logging
 public import Prometheus
 internal import Synchronization
 
@@ -78,9 +79,9 @@ public final class GatehouseMetrics: Sendable {
     }
 
     /// Counts a stream the upstream ended without reporting its token usage (llama.cpp's server
-    /// sends none), so its tokens are not counted. True the first time in this process, for the
-    /// caller to say so in the log once rather than for every stream.
-    func recordStreamWithoutUsage(backend: String) -> Bool {
+    /// sends none), so its tokens are not counted; the first in this process is also said in
+    /// `logger` (once, not for every stream).
+    func recordStreamWithoutUsage(backend: String, logger: Logger) {
         let counter = streamsWithoutUsage.withLock { counters in
             if let counter = counters[backend] { return counter }
             let counter = registry.counter(
@@ -90,11 +91,11 @@ public final class GatehouseMetrics: Sendable {
             return counter
         }
         counter.increment()
-        return !streamWithoutUsageSeen.exchange(true, ordering: .relaxed)
+        guard !streamWithoutUsageSeen.exchange(true, ordering: .relaxed) else { return }
+        logger.warning(
+            "the upstream ended a stream without reporting its token usage, so streamed tokens are not counted (gatehouse_upstream_streams_without_usage_total counts such streams)",
+            metadata: ["backend": .string(backend)])
     }
-
-    /// The warning logged for the first stream without usage.
-    static let streamWithoutUsageWarning = "the upstream ended a stream without reporting its token usage, so streamed tokens are not counted (gatehouse_upstream_streams_without_usage_total counts such streams)"
 
     /// The time-to-first-byte histogram of a route template's streamed responses (created once).
     func firstByteDuration(route: String) -> DurationHistogram {

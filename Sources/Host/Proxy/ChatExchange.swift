@@ -89,7 +89,6 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var streamHeadPending = false
     /// A stream's time to its head and first events (written to the client), for the access line.
     private var firstByte: Duration?
-    private var accessLogged = false
     /// When the upstream wait ends (checked by the loop's sweep; nil when not waiting).
     private(set) var deadline: NIODeadline?
     /// This exchange's place in the loop's list of deadlines.
@@ -330,10 +329,10 @@ final class ChatExchange: UpstreamResponseDelegate {
         if stream { lastUpstreamRead = .now() }
         switch phase {
         case .collecting:
-            guard reply.readableBytes + buffer.readableBytes <= ChatPassThrough.maxReplyBytes else {
+            guard reply.readableBytes + buffer.readableBytes <= UpstreamClient.maxReplyBytes else {
                 connection?.close()
                 connection = nil
-                fail(.tooLarge(ChatPassThrough.maxReplyBytes))
+                fail(.tooLarge(UpstreamClient.maxReplyBytes))
                 return
             }
             if reply.readableBytes == 0 {
@@ -574,13 +573,10 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection = nil
         } else {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
-            if !usageSeen, passThrough.metrics?.recordStreamWithoutUsage(backend: passThrough.backendName) == true {
-                logger.warning("\(GatehouseMetrics.streamWithoutUsageWarning)", metadata: ["backend": .string(passThrough.backendName)])
-            }
+            if !usageSeen { passThrough.metrics?.recordStreamWithoutUsage(backend: passThrough.backendName, logger: logger) }
         }
         output.writeStaticString("data: [DONE]\n\n")
         sendStream(&output, ending: true)
-        logAccess()
         finish(draining: connection != nil)
     }
 
@@ -626,7 +622,6 @@ final class ChatExchange: UpstreamResponseDelegate {
         } else {
             handler?.send(head.finish(), then: body, flushingWith: pool.flusher)
         }
-        logAccess()
         finish(draining: false)
     }
 
@@ -663,12 +658,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         handler?.closesAfterAnswer == true || !keepAlive || (stream && head.version.minor == 0)
     }
 
-    /// The access line, once: when the answer has been written whole (a stream at its end, with
-    /// its time to first byte), or when the client left.
-    private func logAccess() {
-        guard !accessLogged else { return }
-        accessLogged = true
-        let elapsed = ContinuousClock.now - started
+    /// The access line (a stream's with its time to first byte).
+    private func logAccess(elapsed: Duration) {
         if let handler = passThrough.accessLogHandler {
             handler.logAccess(
                 method: "POST", path: ChatPassThrough.path, status: status, latency: elapsed, firstByte: firstByte, requestID: requestID, client: remoteAddress)
@@ -698,12 +689,16 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     private var recorded = false
 
+    /// The request's accounting, once, when its answer has been written whole (a stream at its
+    /// end) or its client has left: the access line and the metrics.
     private func recordRequest() {
         guard !recorded else { return }
         recorded = true
+        let elapsed = ContinuousClock.now - started
+        logAccess(elapsed: elapsed)
         passThrough.metrics?.inFlight.decrement()
         pool.flusher.exchangeEnded()
-        loop.recordRequest(status: status, duration: ContinuousClock.now - started, firstByte: firstByte)
+        loop.recordRequest(status: status, duration: elapsed, firstByte: firstByte)
     }
 
     // MARK: The client connection
@@ -734,8 +729,8 @@ final class ChatExchange: UpstreamResponseDelegate {
             connection?.close()
             connection = nil
         }
-        if status == 0 { status = 499 }  // nginx's "client closed request"
-        logAccess()  // a stream cut short by its client is logged with the status it had begun with
+        // nginx's "client closed request"; a stream cut short by its client keeps the status it began with.
+        if status == 0 { status = 499 }
         phase = .done
         recordRequest()
     }

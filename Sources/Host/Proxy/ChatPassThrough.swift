@@ -15,8 +15,6 @@ internal import Synchronization
 /// path — go on down the pipeline to the router unchanged.
 final class ChatPassThrough: Sendable {
     static let path = "/v1/chat/completions"
-    /// The longest upstream reply collected for a non-streamed answer (UpstreamClient's).
-    static let maxReplyBytes = UpstreamClient.maxReplyBytes
 
     let target: UpstreamTarget
     let timeout: Double
