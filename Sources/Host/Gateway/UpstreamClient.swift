@@ -200,6 +200,10 @@ enum UpstreamFailure: Error {
             default: break
             }
         }
+        if let error = error as? MalformedUpstreamReply {
+            self = .failed(error.description)
+            return
+        }
         if let error = error as? NIOTooManyBytesError {
             self = .tooLarge(error.maxBytes ?? UpstreamClient.maxReplyBytes)
             return

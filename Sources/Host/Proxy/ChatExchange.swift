@@ -74,7 +74,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     private var connection: UpstreamConnection?
     private var retried = false
     private var upstreamStarted: ContinuousClock.Instant
-    private var upstreamResponse: HTTPResponseHead?
+    private var upstreamResponse: UpstreamReplyHead?
     private var reply = ByteBuffer()
     private var partialLine = ByteBuffer()
     private var promptTokens = 0
@@ -310,11 +310,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    func upstreamHead(_ head: HTTPResponseHead) {
+    func upstreamHead(_ head: UpstreamReplyHead) {
         guard phase == .waiting else { return }
         upstreamResponse = head
         if stream { lastUpstreamRead = .now() }
-        if stream, head.status == .ok {
+        if stream, head.status == 200 {
             phase = .streaming
             status = 200
             streamHeadPending = true
@@ -348,8 +348,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    func upstreamEnd() {
-        let keepAlive = upstreamResponse?.isKeepAlive ?? false
+    func upstreamEnd(keepAlive: Bool) {
         if let connection {
             self.connection = nil
             if keepAlive { pool.release(connection) } else { connection.close() }
@@ -397,7 +396,7 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     /// Why a stream the upstream ended cleanly, but without a single event, failed.
     private func emptyStreamError() -> OpenAIError {
-        let contentType = upstreamResponse?.headers.first(name: "Content-Type") ?? "none"
+        let contentType = upstreamResponse?.contentType ?? "none"
         let reason =
             contentType.lowercased().hasPrefix("text/event-stream")
             ? "ended the stream without sending any event"
@@ -412,9 +411,8 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// A whole upstream reply is in: pass it on (and cache it), or report the upstream's error.
     private func replyCollected() {
         guard let head = upstreamResponse else { return }
-        guard head.status == .ok else {
-            answer(UpstreamClient.upstreamStatusError(
-                status: Int(head.status.code), body: reply, backend: passThrough.backendName, retryAfter: head.headers.first(name: "Retry-After")))
+        guard head.status == 200 else {
+            answer(UpstreamClient.upstreamStatusError(status: head.status, body: reply, backend: passThrough.backendName, retryAfter: head.retryAfter))
             return
         }
         do {

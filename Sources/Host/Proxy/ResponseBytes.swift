@@ -153,7 +153,7 @@ final class RawResponseWriter: ChannelOutboundHandler, RemovableChannelHandler, 
 extension ChannelHandlerContext {
     /// Writes already serialized bytes (then `more`) from this handler toward the socket,
     /// without flushing, for the handlers at the socket end whose outbound type is `IOData`
-    /// (RawResponseWriter, PreEncodedRequestWriter).
+    /// (RawResponseWriter, UpstreamConnectionHandler).
     func writeSerialized(_ bytes: ByteBuffer, then more: ByteBuffer?) {
         write(NIOAny(IOData.byteBuffer(bytes)), promise: nil)
         if let more { write(NIOAny(IOData.byteBuffer(more)), promise: nil) }

@@ -2,7 +2,7 @@
 internal import NIOCore
 
 /// A socket-end writer whose written bytes can be flushed later (RawResponseWriter toward a
-/// client, PreEncodedRequestWriter toward the upstream).
+/// client, UpstreamConnectionHandler toward the upstream).
 protocol RoundFlushable: AnyObject {
     /// Flushes what was written; does nothing once the handler has left its pipeline.
     func flushNow()

@@ -1,7 +1,6 @@
 // Keep-alive HTTP/1.1 connections to the upstream, one pool per event loop, used by the chat pass-through.
 internal import Foundation
 internal import NIOCore
-internal import NIOHTTP1
 internal import NIOPosix
 
 /// Where the pass-through sends chat requests: a plain-HTTP upstream parsed from `upstream.url`.
@@ -34,9 +33,10 @@ struct UpstreamTarget: Sendable, Equatable {
 /// What an upstream connection reports to the exchange using it. All calls arrive on the
 /// connection's event loop.
 protocol UpstreamResponseDelegate: AnyObject {
-    func upstreamHead(_ head: HTTPResponseHead)
+    func upstreamHead(_ head: UpstreamReplyHead)
     func upstreamBody(_ buffer: ByteBuffer)
-    func upstreamEnd()
+    /// The response has ended; `keepAlive`: the connection may carry another request.
+    func upstreamEnd(keepAlive: Bool)
     /// The connection failed or closed before the response ended.
     func upstreamFailed(_ failure: UpstreamFailure)
 }
@@ -71,16 +71,8 @@ final class UpstreamConnectionPool {
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    // Requests go out as bytes ChatExchange has serialized (PreEncodedRequestWriter);
-                    // responses are parsed by NIO's decoder, which the connection handler keeps
-                    // to tell it of each request.
-                    let pipeline = channel.pipeline.syncOperations
-                    let decoder = HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes)
-                    try pipeline.addHandler(PreEncodedRequestWriter())
-                    try pipeline.addHandler(ByteToMessageHandler(decoder))
-                    try pipeline.addHandler(UpstreamConnectionHandler(responseDecoder: decoder))
-                }
+                // Requests go out as the bytes ChatExchange serialized; responses are parsed here.
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(UpstreamConnectionHandler()) }
             }
             .connect(host: target.host, port: target.port)
             .assumeIsolated()
@@ -167,13 +159,13 @@ final class UpstreamConnection {
     }
 }
 
-/// The last handler of an upstream connection's pipeline: writes the request, hands the
-/// response parts to the delegate, and holds reads while the client cannot take more bytes
-/// (back-pressure from the client to the upstream).
-final class UpstreamConnectionHandler: ChannelDuplexHandler {
-    typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = HTTPClientRequestPart
+/// The only handler of an upstream connection's pipeline: writes the serialized requests,
+/// parses the responses (UpstreamResponseParser) and hands their parts to the delegate, and
+/// holds reads while the client cannot take more bytes (back-pressure from the client to the
+/// upstream).
+final class UpstreamConnectionHandler: ChannelInboundHandler, RoundFlushable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = IOData
 
     /// The exchange using this connection. Strong (the exchange may have no other owner while
     /// it drains a reply); cleared when the response ends or the connection fails or is released.
@@ -181,43 +173,37 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     /// Called (with this handler) when the connection closes while no exchange is using it.
     var onIdleClose: ((UpstreamConnectionHandler) -> Void)?
     private var context: ChannelHandlerContext?
-    /// The socket end of the pipeline, where the request bytes are written (past the decoder).
-    private var writer: PreEncodedRequestWriter?
-    /// NIO's response decoder in this pipeline, told of every request (see `send`).
-    private let responseDecoder: HTTPResponseDecoder
+    private var parser = UpstreamResponseParser()
+    /// The keep-alive verdict of the response being read.
+    private var keepAlive = false
+    /// Bytes of a head or chunk-size line that a read ended in the middle of.
+    private var unparsed: ByteBuffer?
     private var readsHeld = false
     private var readPending = false
 
-    init(responseDecoder: HTTPResponseDecoder) {
-        self.responseDecoder = responseDecoder
-    }
-
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        writer = try? context.pipeline.syncOperations.handler(type: PreEncodedRequestWriter.self)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
     }
 
-    /// Every request the pass-through sends is a POST: the head NIO's response decoder is told
-    /// of, so that it pairs each response with a request whose response has a body.
-    private static let observedHead = HTTPRequestHead(version: .http1_1, method: .POST, uri: ChatPassThrough.path)
-
+    /// Writes one serialized request (then `body`), flushed at the end of the loop's round.
     func send(_ request: ByteBuffer, then body: ByteBuffer?, flushingWith flusher: RoundFlusher) {
-        guard let context, let writer, context.channel.isActive else {
+        guard let context, context.channel.isActive else {
             let delegate = delegate
             self.delegate = nil
             delegate?.upstreamFailed(.closed)
             return
         }
-        // The decoder is told of the request directly, as its handler would be by a write passing
-        // through it (which would box the head and unbox it twice per request); the bytes go in
-        // below it.
-        responseDecoder.write(data: .head(Self.observedHead))
-        writer.write(request, then: body)
-        flusher.flushAtEndOfRound(writer)
+        parser.expectResponse()
+        context.writeSerialized(request, then: body)
+        flusher.flushAtEndOfRound(self)
+    }
+
+    func flushNow() {
+        context?.flush()
     }
 
     /// Stops (or resumes) reading from the upstream.
@@ -238,18 +224,59 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let head): delegate?.upstreamHead(head)
-        case .body(let buffer): delegate?.upstreamBody(buffer)
-        case .end:
-            let delegate = delegate
-            self.delegate = nil
-            delegate?.upstreamEnd()
+        var input = unwrapInboundIn(data)
+        if var unparsed {
+            self.unparsed = nil
+            unparsed.writeBuffer(&input)
+            input = unparsed
         }
+        // The body bytes of one read go to the exchange together (a read may hold many chunks).
+        var body: ByteBuffer?
+        do {
+            while let event = try parser.next(&input) {
+                switch event {
+                case .head(let head):
+                    keepAlive = head.keepAlive
+                    delegate?.upstreamHead(head)
+                case .body(let bytes):
+                    if body == nil {
+                        body = bytes
+                    } else {
+                        body!.writeImmutableBuffer(bytes)
+                    }
+                case .end:
+                    if let bytes = body {
+                        body = nil
+                        delegate?.upstreamBody(bytes)
+                    }
+                    // Bytes behind the end were not asked for: the connection is not used again.
+                    let reusable = keepAlive && input.readableBytes == 0
+                    let delegate = delegate
+                    self.delegate = nil
+                    delegate?.upstreamEnd(keepAlive: reusable)
+                    if !reusable {
+                        context.close(promise: nil)
+                        return
+                    }
+                }
+            }
+        } catch {
+            if let bytes = body { delegate?.upstreamBody(bytes) }
+            fail(context: context, error)
+            return
+        }
+        if let body { delegate?.upstreamBody(body) }
+        if input.readableBytes > 0 { unparsed = input }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if let delegate {
+        if parser.endsAtClose {
+            // A body without a length ends with its connection.
+            parser = UpstreamResponseParser()
+            let delegate = delegate
+            self.delegate = nil
+            delegate?.upstreamEnd(keepAlive: false)
+        } else if let delegate {
             self.delegate = nil
             delegate.upstreamFailed(.closed)
         } else {
@@ -259,47 +286,14 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(context: context, error)
+    }
+
+    private func fail(context: ChannelHandlerContext, _ error: any Error) {
+        parser = UpstreamResponseParser()
         let delegate = delegate
         self.delegate = nil
         delegate?.upstreamFailed(UpstreamFailure(error))
         context.close(promise: nil)
-    }
-}
-
-/// The socket end of an upstream connection's pipeline, in place of NIO's request encoder: the
-/// pass-through serializes its requests itself (a fixed head and the body, one buffer), which
-/// spares building `HTTPHeaders` and encoding and validating them again for every request. NIO's
-/// response decoder sits between this and the connection handler and must still know each
-/// request's method to know how its response is framed; the connection handler tells it
-/// directly. The request's bytes are written here directly (`write(_:then:)`), or arrive as body
-/// parts, and go out unchanged; a head or end written through the pipeline stops here.
-final class PreEncodedRequestWriter: ChannelOutboundHandler, RemovableChannelHandler, RoundFlushable {
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = IOData
-
-    private var context: ChannelHandlerContext?
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        self.context = nil
-    }
-
-    /// Writes a serialized request (then `more`), unflushed.
-    func write(_ bytes: ByteBuffer, then more: ByteBuffer?) {
-        context?.writeSerialized(bytes, then: more)
-    }
-
-    func flushNow() {
-        context?.flush()
-    }
-
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        switch unwrapOutboundIn(data) {
-        case .body(let bytes): context.write(wrapOutboundOut(bytes), promise: promise)
-        case .head, .end: promise?.succeed()
-        }
     }
 }
