@@ -267,6 +267,70 @@ def test_a_stream_without_events_still_gets_its_head_an_error_and_done(start, pl
         assert done == "data: [DONE]\n\n"
 
 
+_REPLY = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "framed"}, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+
+class _CannedReply(socketserver.BaseRequestHandler):
+    """An upstream that answers every request on a connection with `reply`'s bytes, as they are,
+    and counts its connections."""
+    reply = b""
+    connections = 0
+
+    def handle(self):
+        type(self).connections += 1
+        while read_request(self.request):
+            self.request.sendall(self.reply)
+            if b"Content-Length" not in self.reply and b"chunked" not in self.reply:
+                return  # a body without a length ends with the connection
+
+
+@pytest.mark.parametrize("reply, reason", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", "Content-Length values disagree (5 and 6)"),
+    (b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 2\r\n\r\n{}", "obsolete line folding"),
+    (b"HTTP/2 200\r\n\r\n", 'status line is not HTTP/1.x: \\"HTTP/2 200\\"'),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5x\r\nhello\r\n0\r\n\r\n",
+     "chunk size line has something other than an extension after the size"),
+], ids=["lengths-disagree", "folded", "http2", "chunk-size"])
+def test_a_malformed_upstream_reply_is_a_502_naming_the_fault(start, plugins_dir, reply, reason):
+    _CannedReply.reply = reply
+    with raw_upstream(start, plugins_dir, _CannedReply) as server:
+        for stream in (False, True):
+            response = server.client.post("/v1/chat/completions", json={**BODY, "stream": stream})
+            if stream and b"chunked" in reply:
+                # The head was sound, so the stream had begun: the fault ends it as an error event.
+                assert response.status_code == 200, response.text
+                payload, done = response.text.split("\n\n", 1)
+                error = json.loads(payload.removeprefix("data: "))["error"]
+                assert done == "data: [DONE]\n\n"
+            else:
+                assert response.status_code == 502, response.text
+                error = response.json()["error"]
+            assert error["code"] == "upstream_error"
+            assert error["message"].startswith("upstream request failed: malformed HTTP response: ")
+            assert reason in json.dumps(error)
+        assert server.client.get("/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("reply, reused", [
+    (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + _REPLY, False),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_REPLY), _REPLY), True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-T: t\r\n\r\n" % (len(_REPLY), _REPLY), True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(_REPLY), _REPLY), False),
+], ids=["http-1.0-until-close", "interim-100", "chunked-with-trailer", "bytes-after-the-end"])
+def test_every_framing_of_a_reply_is_read_and_only_clean_ones_keep_the_connection(start, plugins_dir, reply, reused):
+    _CannedReply.reply = reply
+    _CannedReply.connections = 0
+    with raw_upstream(start, plugins_dir, _CannedReply) as server:
+        for _ in range(3):
+            response = server.client.post("/v1/chat/completions", json=BODY)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == "framed"
+        # Kept alive: one connection for the three; otherwise each request needed its own.
+        assert _CannedReply.connections == (1 if reused else 3)
+
+
 class _Received:
     """Bytes already read from a socket, for http.client to parse response by response."""
 
