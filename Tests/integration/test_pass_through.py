@@ -313,6 +313,33 @@ def test_a_malformed_upstream_reply_is_a_502_naming_the_fault(start, plugins_dir
         assert server.client.get("/health/live").status_code == 200
 
 
+class _MalformedSecondReply(socketserver.BaseRequestHandler):
+    """An upstream whose first answer on a connection is sound and kept alive, and whose second
+    is malformed; it counts the requests it reads."""
+    requests = 0
+
+    def handle(self):
+        sound = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_REPLY), _REPLY)
+        for reply in (sound, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"):
+            if not read_request(self.request):
+                return
+            type(self).requests += 1
+            self.request.sendall(reply)
+        self.request.recv(65536)
+
+
+def test_a_malformed_reply_on_a_reused_connection_is_not_sent_again(start, plugins_dir):
+    # A reused connection that fails before answering may be a stale keep-alive, retried once
+    # on a new one; a malformed answer is not that, and retrying would only repeat the call.
+    _MalformedSecondReply.requests = 0
+    with raw_upstream(start, plugins_dir, _MalformedSecondReply) as server:
+        assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
+        response = server.client.post("/v1/chat/completions", json=BODY)
+        assert response.status_code == 502, response.text
+        assert 'Content-Length \\"x\\" is not a length' in response.text
+        assert _MalformedSecondReply.requests == 2
+
+
 @pytest.mark.parametrize("reply, reused", [
     (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + _REPLY, False),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_REPLY), _REPLY), True),

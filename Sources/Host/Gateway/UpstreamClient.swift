@@ -183,6 +183,8 @@ enum UpstreamFailure: Error {
     case unreachable(String)
     /// The reply was longer than the limit (in bytes) on what the gateway reads whole.
     case tooLarge(Int)
+    /// The reply broke HTTP/1.1's syntax or framing (the pass-through's parser says how).
+    case malformed(String)
     case failed(String)
 
     init(_ error: any Error) {
@@ -201,7 +203,7 @@ enum UpstreamFailure: Error {
             }
         }
         if let error = error as? MalformedUpstreamReply {
-            self = .failed(error.description)
+            self = .malformed(error.description)
             return
         }
         if let error = error as? NIOTooManyBytesError {
@@ -224,7 +226,8 @@ enum UpstreamFailure: Error {
     var isConnectionLoss: Bool {
         switch self {
         case .closed, .failed: true
-        case .deadline, .silence, .connectTimeout, .connectionsBusy, .unreachable, .tooLarge: false
+        // A malformed reply came from a live connection: sending the request again would not help.
+        case .deadline, .silence, .connectTimeout, .connectionsBusy, .unreachable, .tooLarge, .malformed: false
         }
     }
 
@@ -250,7 +253,7 @@ enum UpstreamFailure: Error {
             OpenAIError(.badGateway, "upstream reply is larger than \(limit / 1024 / 1024) MiB, the most the gateway reads for one answer (\(target))", code: "upstream_too_large")
         case .unreachable(let text):
             OpenAIError(.badGateway, "upstream unreachable: \(Self.reason(text)) (\(target))", code: "upstream_unreachable")
-        case .failed(let text):
+        case .failed(let text), .malformed(let text):
             OpenAIError(.badGateway, "upstream request failed: \(Self.reason(text)) (\(target))", code: "upstream_error")
         }
     }
