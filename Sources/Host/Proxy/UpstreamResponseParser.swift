@@ -167,22 +167,23 @@ struct UpstreamResponseParser {
 
     /// A chunk's size from its line (hexadecimal, then optional extensions, which are ignored).
     private static func chunkSize(_ line: ByteBuffer) throws(MalformedUpstreamReply) -> Int {
-        var size = 0
-        var digits = 0
-        var rest = line.readableBytesView[...]
-        while let byte = rest.first, let value = hexValue(byte) {
-            // 15 hex digits: far beyond any body the gateway reads, and no overflow.
-            guard digits < 15 else { throw MalformedUpstreamReply(reason: "chunk size is too large") }
-            size = size << 4 | value
-            digits += 1
-            rest = rest.dropFirst()
+        let parsed = line.withUnsafeReadableBytes { bytes -> Result<Int, MalformedUpstreamReply> in
+            var size = 0
+            var index = 0
+            while index < bytes.count, let value = hexValue(bytes[index]) {
+                // 15 hex digits: far beyond any body the gateway reads, and no overflow.
+                guard index < 15 else { return .failure(MalformedUpstreamReply(reason: "chunk size is too large")) }
+                size = size << 4 | value
+                index += 1
+            }
+            guard index > 0 else { return .failure(MalformedUpstreamReply(reason: "chunk size line does not start with a hexadecimal size")) }
+            while index < bytes.count, bytes[index] == UInt8(ascii: " ") || bytes[index] == UInt8(ascii: "\t") { index += 1 }
+            guard index == bytes.count || bytes[index] == UInt8(ascii: ";") else {
+                return .failure(MalformedUpstreamReply(reason: "chunk size line has something other than an extension after the size"))
+            }
+            return .success(size)
         }
-        guard digits > 0 else { throw MalformedUpstreamReply(reason: "chunk size line does not start with a hexadecimal size") }
-        while let byte = rest.first, byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") { rest = rest.dropFirst() }
-        guard rest.isEmpty || rest.first == UInt8(ascii: ";") else {
-            throw MalformedUpstreamReply(reason: "chunk size line has something other than an extension after the size")
-        }
-        return size
+        return try parsed.get()
     }
 
     private static func hexValue(_ byte: UInt8) -> Int? {
@@ -205,17 +206,23 @@ struct UpstreamResponseParser {
             return nil
         }
         guard length <= Self.maxHeadBytes else { throw MalformedUpstreamReply(reason: "head is longer than \(Self.maxHeadBytes) bytes") }
-        var head = input.readSlice(length: length)!
-        var fields = Fields()
-        var statusLine: ByteBuffer
-        repeat {  // blank lines before it are skipped
-            guard let line = try readLine(&head, limit: length, what: "status line") else { throw MalformedUpstreamReply(reason: "head has no status line") }
-            statusLine = line
-        } while statusLine.readableBytes == 0
-        let (minorVersion, status) = try Self.statusLine(statusLine)
-        while let line = try readLine(&head, limit: length, what: "header field"), line.readableBytes > 0 {
-            try fields.add(line)
+        // Parsed in place, line by line, over the read's bytes (no slice or string per line).
+        let parsed = input.withUnsafeReadableBytes { bytes -> Result<(minorVersion: Int, status: Int, fields: HeadFields), MalformedUpstreamReply> in
+            var lines = Lines(bytes: UnsafeRawBufferPointer(rebasing: bytes[..<length]))
+            var statusLine = lines.next()
+            while let line = statusLine, line.isEmpty { statusLine = lines.next() }  // blank lines before it are skipped
+            var fields = HeadFields()
+            do throws(MalformedUpstreamReply) {
+                guard let statusLine else { throw MalformedUpstreamReply(reason: "head has no status line") }
+                let (minorVersion, status) = try Self.statusLine(statusLine)
+                while let line = lines.next(), !line.isEmpty { try fields.add(line) }
+                return .success((minorVersion, status, fields))
+            } catch {
+                return .failure(error)
+            }
         }
+        input.moveReaderIndex(forwardBy: length)
+        let (minorVersion, status, fields) = try parsed.get()
         if status < 200 {
             // 101 would switch protocols, which no request of the pass-through asks for.
             guard status != 101 else { throw MalformedUpstreamReply(reason: "101 Switching Protocols was not asked for") }
@@ -224,10 +231,10 @@ struct UpstreamResponseParser {
         var keepAlive = minorVersion == 1 ? !fields.close : fields.keepAliveToken && !fields.close
         if status == 204 || status == 304 {
             state = .fixed(0)
-        } else if let codings = fields.transferEncoding {
+        } else if fields.transferEncoding {
             // Both framings: the coding decides this body, and the connection is not trusted again.
             if fields.contentLength != nil { keepAlive = false }
-            if Self.lastCodingIsChunked(codings) {
+            if fields.lastCodingIsChunked {
                 state = .chunkSize
             } else {
                 state = .untilClose
@@ -246,86 +253,98 @@ struct UpstreamResponseParser {
     /// is all there. Blank lines before the status line are part of it (and skipped).
     private static func headLength(_ input: ByteBuffer) -> Int? {
         input.withUnsafeReadableBytes { bytes -> Int? in
-            guard let base = bytes.baseAddress else { return nil }
-            var start = 0
+            var lines = Lines(bytes: bytes)
             var sawStatusLine = false
-            while start < bytes.count, let hit = memchr(base + start, 0x0a, bytes.count - start) {
-                let end = base.distance(to: UnsafeRawPointer(hit))
-                let empty = end == start || (end == start + 1 && bytes[start] == UInt8(ascii: "\r"))
-                start = end + 1
-                if empty, sawStatusLine { return start }
-                if !empty { sawStatusLine = true }
+            while let line = lines.next() {
+                if line.isEmpty, sawStatusLine { return lines.consumed }
+                if !line.isEmpty { sawStatusLine = true }
             }
             return nil
         }
     }
 
     /// The minor version and the status of a status line (`HTTP/1.x SP 3DIGIT [SP reason]`).
-    private static func statusLine(_ line: ByteBuffer) throws(MalformedUpstreamReply) -> (Int, Int) {
-        let parsed = line.withUnsafeReadableBytes { bytes -> (Int, Int)? in
-            func isDigit(_ byte: UInt8) -> Bool { byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") }
-            guard bytes.count >= 12, memcmp(bytes.baseAddress!, "HTTP/1.", 7) == 0, bytes[7] == UInt8(ascii: "0") || bytes[7] == UInt8(ascii: "1"),
-                bytes[8] == UInt8(ascii: " "), isDigit(bytes[9]), isDigit(bytes[10]), isDigit(bytes[11]),
-                bytes.count == 12 || bytes[12] == UInt8(ascii: " ")
-            else { return nil }
-            return (Int(bytes[7] - 48), Int(bytes[9] - 48) * 100 + Int(bytes[10] - 48) * 10 + Int(bytes[11] - 48))
-        }
-        guard let (minorVersion, status) = parsed else {
-            let shown = String(decoding: line.readableBytesView.prefix(40), as: UTF8.self).unicodeScalars
+    private static func statusLine(_ bytes: UnsafeRawBufferPointer) throws(MalformedUpstreamReply) -> (Int, Int) {
+        func isDigit(_ byte: UInt8) -> Bool { byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") }
+        guard bytes.count >= 12, memcmp(bytes.baseAddress!, "HTTP/1.", 7) == 0, bytes[7] == UInt8(ascii: "0") || bytes[7] == UInt8(ascii: "1"),
+            bytes[8] == UInt8(ascii: " "), isDigit(bytes[9]), isDigit(bytes[10]), isDigit(bytes[11]),
+            bytes.count == 12 || bytes[12] == UInt8(ascii: " ")
+        else {
+            let shown = String(decoding: bytes.prefix(40), as: UTF8.self).unicodeScalars
                 .map { $0.value < 0x20 || $0.value == 0x7f ? "?" : String($0) }.joined()
             throw MalformedUpstreamReply(reason: "status line is not HTTP/1.x: \"\(shown)\"")
         }
+        let status = Int(bytes[9] - 48) * 100 + Int(bytes[10] - 48) * 10 + Int(bytes[11] - 48)
         guard status >= 100 else { throw MalformedUpstreamReply(reason: "status \(status) is not a status") }
-        return (minorVersion, status)
+        return (Int(bytes[7] - 48), status)
+    }
+}
+
+/// The lines of a head's bytes, each without its CR LF (or bare LF); a last line without its
+/// line break is not returned.
+private struct Lines {
+    let bytes: UnsafeRawBufferPointer
+    /// The bytes through the end of the last line returned.
+    private(set) var consumed = 0
+
+    init(bytes: UnsafeRawBufferPointer) {
+        self.bytes = bytes
     }
 
-    private static func lastCodingIsChunked(_ codings: String) -> Bool {
-        guard let last = codings.split(separator: ",").last else { return false }
-        return last.trimmingWhitespace().lowercased() == "chunked"
+    mutating func next() -> UnsafeRawBufferPointer? {
+        guard consumed < bytes.count, let base = bytes.baseAddress, let hit = memchr(base + consumed, 0x0a, bytes.count - consumed) else { return nil }
+        let start = consumed
+        var end = base.distance(to: UnsafeRawPointer(hit))
+        consumed = end + 1
+        if end > start, bytes[end - 1] == UInt8(ascii: "\r") { end -= 1 }
+        return UnsafeRawBufferPointer(rebasing: bytes[start..<end])
     }
 }
 
 /// The header fields of a response head that the pass-through uses; the rest are checked for
 /// syntax and dropped.
-private struct Fields {
+private struct HeadFields {
     var contentLength: Int?
-    var transferEncoding: String?
+    /// A `Transfer-Encoding` field came.
+    var transferEncoding = false
+    /// The last transfer coding listed is `chunked`.
+    var lastCodingIsChunked = false
     var close = false
     var keepAliveToken = false
     var contentType: String?
     var retryAfter: String?
 
-    mutating func add(_ line: ByteBuffer) throws(MalformedUpstreamReply) {
-        let bytes = line.readableBytesView
-        guard let first = bytes.first, first != UInt8(ascii: " "), first != UInt8(ascii: "\t") else {
+    mutating func add(_ line: UnsafeRawBufferPointer) throws(MalformedUpstreamReply) {
+        let first = line[0]
+        guard first != UInt8(ascii: " "), first != UInt8(ascii: "\t") else {
             throw MalformedUpstreamReply(reason: "header field line begins with whitespace (obsolete line folding)")
         }
-        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else {
+        guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else {
             throw MalformedUpstreamReply(reason: "header field line has no colon")
         }
-        let name = bytes[bytes.startIndex..<colon]
+        let name = UnsafeRawBufferPointer(rebasing: line[..<colon])
         guard !name.isEmpty, name.allSatisfy(Self.isTokenCharacter) else {
             throw MalformedUpstreamReply(reason: "header field name \"\(String(decoding: name.prefix(40), as: UTF8.self))\" is not a token")
         }
-        var value = bytes[(colon + 1)...]
-        while let byte = value.first, byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") { value = value.dropFirst() }
-        while let byte = value.last, byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") { value = value.dropLast() }
-        guard !value.contains(where: { $0 == 0 || $0 == UInt8(ascii: "\r") }) else {
+        let value = Self.trimmed(UnsafeRawBufferPointer(rebasing: line[(colon + 1)...]))
+        guard !value.contains(0), !value.contains(UInt8(ascii: "\r")) else {
             throw MalformedUpstreamReply(reason: "header field \(String(decoding: name, as: UTF8.self)) has a NUL or a bare CR in its value")
         }
         switch name.count {
         case 14 where Self.named(name, "content-length"):
             try addContentLength(value)
         case 17 where Self.named(name, "transfer-encoding"):
-            let text = String(decoding: value, as: UTF8.self)
-            transferEncoding = transferEncoding.map { "\($0), \(text)" } ?? text
+            transferEncoding = true
+            // The last element that is not empty (a list may have empty ones) of the last field.
+            var elements = Elements(of: value)
+            var last: UnsafeRawBufferPointer?
+            while let element = elements.next() { if !element.isEmpty { last = element } }
+            if let last { lastCodingIsChunked = last.count == 7 && Self.named(last, "chunked") }
         case 10 where Self.named(name, "connection"):
-            for token in String(decoding: value, as: UTF8.self).split(separator: ",") {
-                switch token.trimmingWhitespace().lowercased() {
-                case "close": close = true
-                case "keep-alive": keepAliveToken = true
-                default: break
-                }
+            var tokens = Elements(of: value)
+            while let token = tokens.next() {
+                if token.count == 5, Self.named(token, "close") { close = true }
+                if token.count == 10, Self.named(token, "keep-alive") { keepAliveToken = true }
             }
         case 12 where Self.named(name, "content-type"):
             contentType = contentType ?? String(decoding: value, as: UTF8.self)
@@ -338,11 +357,9 @@ private struct Fields {
 
     /// One `Content-Length` field: a length, or a list of the same length repeated (RFC 9110
     /// §8.6); a second field must agree too.
-    private mutating func addContentLength(_ value: ByteBufferView.SubSequence) throws(MalformedUpstreamReply) {
-        for element in value.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
-            var digits = element[...]
-            while let byte = digits.first, byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") { digits = digits.dropFirst() }
-            while let byte = digits.last, byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") { digits = digits.dropLast() }
+    private mutating func addContentLength(_ value: UnsafeRawBufferPointer) throws(MalformedUpstreamReply) {
+        var elements = Elements(of: value)
+        while let digits = elements.next() {
             guard !digits.isEmpty, digits.count <= 15, digits.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
                 throw MalformedUpstreamReply(reason: "Content-Length \"\(String(decoding: value.prefix(40), as: UTF8.self))\" is not a length")
             }
@@ -354,26 +371,49 @@ private struct Fields {
         }
     }
 
+    /// The comma-separated elements of a list value, each trimmed of spaces and tabs (empty
+    /// ones included).
+    private struct Elements {
+        let value: UnsafeRawBufferPointer
+        var start = 0
+
+        init(of value: UnsafeRawBufferPointer) {
+            self.value = value
+        }
+
+        mutating func next() -> UnsafeRawBufferPointer? {
+            guard start <= value.count else { return nil }
+            var end = start
+            while end < value.count, value[end] != UInt8(ascii: ",") { end += 1 }
+            defer { start = end + 1 }
+            return trimmed(UnsafeRawBufferPointer(rebasing: value[start..<end]))
+        }
+    }
+
+    fileprivate static func trimmed(_ bytes: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        var start = 0
+        var end = bytes.count
+        while start < end, bytes[start] == UInt8(ascii: " ") || bytes[start] == UInt8(ascii: "\t") { start += 1 }
+        while end > start, bytes[end - 1] == UInt8(ascii: " ") || bytes[end - 1] == UInt8(ascii: "\t") { end -= 1 }
+        return UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+    }
+
     /// Whether `name` is `lowercase` in any case (`lowercase` is ASCII lower case, of the same length).
-    private static func named(_ name: ByteBufferView.SubSequence, _ lowercase: StaticString) -> Bool {
-        let expected = UnsafeRawBufferPointer(start: lowercase.utf8Start, count: lowercase.utf8CodeUnitCount)
-        return zip(name, expected).allSatisfy { byte, wanted in byte == wanted || (byte >= 0x41 && byte <= 0x5a && byte | 0x20 == wanted) }
+    private static func named(_ name: UnsafeRawBufferPointer, _ lowercase: StaticString) -> Bool {
+        let expected = lowercase.utf8Start
+        for index in 0..<name.count {
+            let byte = name[index]
+            let folded = byte >= 0x41 && byte <= 0x5a ? byte | 0x20 : byte
+            if folded != expected[index] { return false }
+        }
+        return true
     }
 
     /// RFC 9110's `tchar`.
     private static func isTokenCharacter(_ byte: UInt8) -> Bool {
         switch byte {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
-        default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"): true
+        default: "!#$%&'*+.^_`|~".utf8.contains(byte)
         }
-    }
-}
-
-extension Substring {
-    fileprivate func trimmingWhitespace() -> Substring {
-        var text = self
-        while let first = text.first, first == " " || first == "\t" { text = text.dropFirst() }
-        while let last = text.last, last == " " || last == "\t" { text = text.dropLast() }
-        return text
     }
 }
