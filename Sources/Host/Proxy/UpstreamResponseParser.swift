@@ -67,10 +67,18 @@ struct UpstreamResponseParser {
 
     private var state = State.idle
     private var trailerBytes = 0
+    /// How far into the unconsumed input the search for the pending line's or head's end has
+    /// already looked, so that a head or line arriving in many small reads is searched once,
+    /// not again from its start with every read.
+    private var scanned = 0
+    /// The head being searched has had its status line (`scanned` is past it).
+    private var sawStatusLine = false
 
     /// A request has been sent: the next bytes are its response.
     mutating func expectResponse() {
         state = .head
+        scanned = 0
+        sawStatusLine = false
     }
 
     /// Whether the response being read ends only when the connection closes.
@@ -147,15 +155,18 @@ struct UpstreamResponseParser {
 
     /// The next line of `input` (without its CR LF, or a bare LF), consumed; nil (nothing
     /// consumed) until a whole line is there.
-    private func readLine(_ input: inout ByteBuffer, limit: Int, what: String) throws(MalformedUpstreamReply) -> ByteBuffer? {
+    private mutating func readLine(_ input: inout ByteBuffer, limit: Int, what: String) throws(MalformedUpstreamReply) -> ByteBuffer? {
+        let from = scanned
         let found = input.withUnsafeReadableBytes { bytes -> Int? in
-            guard let base = bytes.baseAddress, let hit = memchr(base, 0x0a, bytes.count) else { return nil }
+            guard let base = bytes.baseAddress, from < bytes.count, let hit = memchr(base + from, 0x0a, bytes.count - from) else { return nil }
             return base.distance(to: UnsafeRawPointer(hit))
         }
         guard let newline = found else {
             if input.readableBytes > limit { throw MalformedUpstreamReply(reason: "\(what) is longer than \(limit) bytes") }
+            scanned = input.readableBytes
             return nil
         }
+        scanned = 0
         guard newline < limit else { throw MalformedUpstreamReply(reason: "\(what) is longer than \(limit) bytes") }
         var line = input.readSlice(length: newline)!
         input.moveReaderIndex(forwardBy: 1)
@@ -201,7 +212,7 @@ struct UpstreamResponseParser {
     /// an interim (1xx) response, which the caller skips; nil (nothing consumed) until the
     /// head is complete.
     private mutating func readHead(_ input: inout ByteBuffer) throws(MalformedUpstreamReply) -> UpstreamReplyHead?? {
-        guard let length = Self.headLength(input) else {
+        guard let length = headLength(input) else {
             if input.readableBytes > Self.maxHeadBytes { throw MalformedUpstreamReply(reason: "head is longer than \(Self.maxHeadBytes) bytes") }
             return nil
         }
@@ -251,16 +262,21 @@ struct UpstreamResponseParser {
 
     /// The length of the head at the start of `input` (through its blank line); nil until it
     /// is all there. Blank lines before the status line are part of it (and skipped).
-    private static func headLength(_ input: ByteBuffer) -> Int? {
-        input.withUnsafeReadableBytes { bytes -> Int? in
-            var lines = Lines(bytes: bytes)
-            var sawStatusLine = false
+    private mutating func headLength(_ input: ByteBuffer) -> Int? {
+        let (from, statusLineSeen) = (scanned, sawStatusLine)
+        let (length, searched, sawStatusLine) = input.withUnsafeReadableBytes { bytes -> (Int?, Int, Bool) in
+            // Resumes at the first line not yet complete at the last search.
+            var lines = Lines(bytes: bytes, from: from)
+            var sawStatusLine = statusLineSeen
             while let line = lines.next() {
-                if line.isEmpty, sawStatusLine { return lines.consumed }
+                if line.isEmpty, sawStatusLine { return (lines.consumed, 0, false) }
                 if !line.isEmpty { sawStatusLine = true }
             }
-            return nil
+            return (nil, lines.consumed, sawStatusLine)
         }
+        scanned = searched
+        self.sawStatusLine = sawStatusLine
+        return length
     }
 
     /// The minor version and the status of a status line (`HTTP/1.x SP 3DIGIT [SP reason]`).
@@ -287,8 +303,9 @@ private struct Lines {
     /// The bytes through the end of the last line returned.
     private(set) var consumed = 0
 
-    init(bytes: UnsafeRawBufferPointer) {
+    init(bytes: UnsafeRawBufferPointer, from start: Int = 0) {
         self.bytes = bytes
+        consumed = start
     }
 
     mutating func next() -> UnsafeRawBufferPointer? {
