@@ -60,7 +60,7 @@ struct UpstreamResponseParser {
         case untilClose
     }
 
-    /// The most bytes a head (or the trailer section) may take: 80 KiB, as NIO's decoder allows.
+    /// The most bytes a head (or the trailer section) may take: 80 KiB, as a client's head may.
     static let maxHeadBytes = 80 * 1024
     /// The most bytes a chunk-size line may take, extensions included.
     static let maxChunkLineBytes = 4 * 1024
@@ -87,12 +87,6 @@ struct UpstreamResponseParser {
         return false
     }
 
-    /// Whether no response is being read (a byte now is one the upstream should not have sent).
-    var isIdle: Bool {
-        if case .idle = state { return true }
-        return false
-    }
-
     /// The next event from `input`, whose bytes it consumes; nil when it needs more bytes than
     /// `input` holds (the caller keeps what is left and offers it again with the next read).
     mutating func next(_ input: inout ByteBuffer) throws(MalformedUpstreamReply) -> Event? {
@@ -103,8 +97,7 @@ struct UpstreamResponseParser {
                 return nil
             case .head:
                 guard let head = try readHead(&input) else { return nil }
-                if let head { return .head(head) }
-            // An interim response (nil): read the next head.
+                if let head { return .head(head) }  // else an interim response: read the next head
             case .fixed(let remaining):
                 if remaining == 0 {
                     state = .idle
