@@ -1047,17 +1047,45 @@ def test_expect_100_continue_is_answered_before_the_body(gateway, backend):
             sock.sendall(body)
             second = reader.response()
             assert second.startswith(b"HTTP/1.1 200 ") and expected in second, second
-    # No invitation to an HTTP/1.0 client (RFC 9110), nor for a body declared over the limit:
-    # the request is answered when the body comes anyway.
-    for version, body, status in (("1.0", chat, b"200"), ("1.1", b"x" * 2001, b"413")):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=1.5) as sock:
-            sock.sendall(head("/v1/chat/completions", body, version))
-            with pytest.raises(socket.timeout):
-                sock.recv(65536)
-            sock.settimeout(10)
-            sock.sendall(body)
-            final = ResponseReader(sock).response()
-            assert re.match(rb"HTTP/1\.[01] " + status + rb" ", final), final
+    # No invitation to an HTTP/1.0 client (RFC 9110): it is answered when its body comes.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=1.5) as sock:
+        sock.sendall(head("/v1/chat/completions", chat, "1.0"))
+        with pytest.raises(socket.timeout):
+            sock.recv(65536)
+        sock.settimeout(10)
+        sock.sendall(chat)
+        final = ResponseReader(sock).response()
+        assert re.match(rb"HTTP/1\.0 200 ", final), final
+    # A body declared over the limit is refused at once, without the body (which the client
+    # never sends), and the connection closes: whatever came next would be read as that body.
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head(path, b"x" * 2001))
+            reader = ResponseReader(sock)
+            final = reader.response()
+            assert final.startswith(b"HTTP/1.1 413 "), final
+            assert b"\r\nconnection: close\r\n" in final.lower(), final
+            assert json.loads(final.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+            assert sock.recv(65536) == b""  # closed
+    metrics = server.client.get("/metrics").text
+    assert 'status="413"' in metrics  # counted as every answer is
+
+
+@both_backends
+def test_a_request_refused_before_its_held_back_body_closes_the_connection(gateway, backend):
+    # A client holding back a body declared over the limit gets no 100, so whatever refuses the
+    # request does so before the body: the key check first (the router's order), then the size.
+    # Either way the body never comes, and the connection must end with the answer.
+    server = gateway(backend, extra_config="server: {max_body_bytes: 2000}\ncache: {enabled: false}\n", env={"API_KEY": "sekret"})
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        for key, status in (("", b"401"), ("Authorization: Bearer sekret\r\n", b"413")):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall((f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n{key}"
+                              "Expect: 100-continue\r\nContent-Length: 2001\r\n\r\n").encode())
+                final = ResponseReader(sock).response()
+                assert final.startswith(b"HTTP/1.1 " + status + b" "), final
+                assert b"\r\nconnection: close\r\n" in final.lower(), final
+                assert sock.recv(65536) == b""
 
 
 @both_backends

@@ -136,9 +136,11 @@ final class ChatExchange: UpstreamResponseDelegate {
         answer(error)
     }
 
-    /// The whole request is in: check it (in the router's order: key, rate, encoding, size, JSON), answer
-    /// from the cache, or call the upstream.
+    /// The whole request is in (or, for a body declared over the limit that the client holds
+    /// back for a `100 Continue`, will never come): check it (in the router's order: key, rate,
+    /// encoding, size, JSON), answer from the cache, or call the upstream.
     func requestEnded() {
+        guard phase == .reading else { return }
         phase = .waiting
         do {
             // The key headers are looked up only when a key is required.

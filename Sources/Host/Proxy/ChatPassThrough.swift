@@ -268,7 +268,15 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 let client =
                     passThrough.clientAddresses.isEnabled
                     ? passThrough.clientAddresses.clientAddress(peer: remoteAddress, forwardedFor: head.headers["X-Forwarded-For"]) : remoteAddress
-                exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: client)
+                let exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: client)
+                self.exchange = exchange
+                if head.isRefusedBeforeItsBody(maxBodyBytes: passThrough.maxBodyBytes) {
+                    // Answered now (413, or an earlier refusal), without the body the client holds
+                    // back; then the connection closes, as the parser would take what the client
+                    // sends next for that body.
+                    closeAfterExchange = true
+                    exchange.requestEnded()
+                }
             } else {
                 reader = .router
                 routerResponsesPending += 1

@@ -4,17 +4,30 @@ internal import NIOCore
 internal import NIOHTTP1
 
 extension HTTPRequestHead {
-    /// Whether the client waits for `100 Continue` before sending the body, and should be sent
-    /// one: an HTTP/1.1 request with `Expect: 100-continue` that does not declare a body longer
-    /// than `maxBodyBytes`. Such a body would be refused anyway; without the invitation the client
-    /// sends it after its own wait (curl: 1 s), and gets its 413 then.
+    /// Whether the client waits for `100 Continue` before sending the body: an HTTP/1.1 request
+    /// with `Expect: 100-continue` (an HTTP/1.0 one's is ignored, RFC 9110 §10.1.1).
+    var expectsContinue: Bool {
+        guard version.major == 1, version.minor >= 1, headers.contains(name: "Expect") else { return false }
+        return headers[canonicalForm: "Expect"].contains(where: { $0.lowercased() == "100-continue" })
+    }
+
+    /// Whether the request declares a body longer than `maxBodyBytes`.
+    func declaresBody(longerThan maxBodyBytes: Int) -> Bool {
+        guard let length = headers.first(name: "Content-Length").flatMap(Int.init) else { return false }
+        return length > maxBodyBytes
+    }
+
+    /// Whether the client waits for `100 Continue` and should be sent one: it does not declare
+    /// a body longer than `maxBodyBytes`. Such a request is answered 413 at once instead (then
+    /// the connection closes: the body was never sent).
     func shouldContinue(maxBodyBytes: Int) -> Bool {
-        guard version.major == 1, version.minor >= 1 else { return false }  // never to HTTP/1.0 (RFC 9110, 15.2.1)
-        guard headers.contains(name: "Expect"),
-            headers[canonicalForm: "Expect"].contains(where: { $0.lowercased() == "100-continue" })
-        else { return false }
-        if let length = headers.first(name: "Content-Length").flatMap(Int.init), length > maxBodyBytes { return false }
-        return true
+        expectsContinue && !declaresBody(longerThan: maxBodyBytes)
+    }
+
+    /// Whether the request is refused before its body is sent: the client waits for `100
+    /// Continue`, and the body it declares is longer than `maxBodyBytes`.
+    func isRefusedBeforeItsBody(maxBodyBytes: Int) -> Bool {
+        expectsContinue && declaresBody(longerThan: maxBodyBytes)
     }
 }
 
@@ -34,7 +47,11 @@ extension HTTPRequestHead {
 ///   An interim answer must not land inside another response: a request read while an earlier
 ///   response is still being written (a pipelining client, or one that sent its next request as
 ///   soon as it had the last body byte, before the router wrote the response's end) gets its
-///   `100` when that response has ended.
+///   `100` when that response has ended. A request answered before its client has sent the
+///   body it held back (a 413 for a body declared over the limit, an early 401) gets
+///   `Connection: close`, and the connection closes after the answer: the parser would
+///   otherwise take the client's next request for that body. An HTTP/1.0 request's `Expect` is
+///   removed before the router sees it (RFC 9110 §10.1.1: ignored).
 /// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
 ///   naming the problem, then the close, rather than Hummingbird's empty 400.
 /// - **A client that leaves** (closes its side, or resets) while a request of it is being
@@ -51,6 +68,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         var keepAlive: Bool
         /// Still owed a `100 Continue`.
         var awaitsContinue: Bool
+        /// The client holds its body back until a `100 Continue`, and neither that nor any of
+        /// the body has come yet.
+        var bodyHeldBack: Bool
         /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
         var closeAfterResponse = false
     }
@@ -129,15 +149,30 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
-        if case .end = part { readingBody = false }
-        guard case .head(var head) = part else { return context.fireChannelRead(data) }
+        guard case .head(var head) = part else {
+            if case .end = part { readingBody = false }
+            // The client is sending its body (it stopped waiting for the 100, or had it).
+            if let last = unanswered.indices.last, unanswered[last].bodyHeldBack { unanswered[last].bodyHeldBack = false }
+            return context.fireChannelRead(data)
+        }
         readingBody = true
         let keepAlive = head.isKeepAlive
-        unanswered.append(Unanswered(version: head.version, keepAlive: keepAlive, awaitsContinue: head.shouldContinue(maxBodyBytes: maxBodyBytes)))
+        let expectsContinue = head.expectsContinue
+        unanswered.append(
+            Unanswered(
+                version: head.version, keepAlive: keepAlive, awaitsContinue: expectsContinue && !head.declaresBody(longerThan: maxBodyBytes),
+                bodyHeldBack: expectsContinue))
         if unanswered.count == 1 { sendContinueIfAwaited(context) }
-        if keepAlive || head.headers.first(name: "Connection") == "close" { return context.fireChannelRead(data) }
-        head.headers.replaceOrAdd(name: "Connection", value: "close")
-        context.fireChannelRead(wrapInboundOut(.head(head)))
+        var changed = false
+        if !expectsContinue, head.headers.contains(name: "Expect") {
+            head.headers.remove(name: "Expect")  // HTTP/1.0's (expectsContinue is HTTP/1.1's): ignored, and not the router's to act on
+            changed = true
+        }
+        if !keepAlive, head.headers.first(name: "Connection") != "close" {
+            head.headers.replaceOrAdd(name: "Connection", value: "close")
+            changed = true
+        }
+        context.fireChannelRead(changed ? wrapInboundOut(.head(head)) : data)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -146,6 +181,11 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             guard var request = unanswered.first else { return context.write(data, promise: promise) }
             // A final answer written without reading the body (an early 401, say): no 100 now.
             request.awaitsContinue = false
+            if request.bodyHeldBack {
+                // The body was never sent: this answer ends the connection (see the type's doc).
+                request.keepAlive = false
+                request.closeAfterResponse = true
+            }
             unanswered[unanswered.startIndex] = request
             let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
             if inputClosed { request.keepAlive = false }
@@ -188,6 +228,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     private func sendContinueIfAwaited(_ context: ChannelHandlerContext) {
         guard var request = unanswered.first, request.awaitsContinue else { return }
         request.awaitsContinue = false
+        request.bodyHeldBack = false
         unanswered[unanswered.startIndex] = request
         context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: .continue))), promise: nil)
     }
