@@ -260,8 +260,13 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .head(let head):
             if let loop, passThrough.takes(head) {
                 reader = .exchange
+                // A body the client holds back for a 100 but declares over the limit is refused
+                // at once (413, or an earlier refusal), without it; then the connection closes, as
+                // the parser would take what the client sends next for that body.
+                let expectsContinue = head.expectsContinue
+                let refuseNow = expectsContinue && head.declaresBody(longerThan: passThrough.maxBodyBytes)
                 // Nothing else is being answered here (canProcess), so an interim answer is safe.
-                if head.shouldContinue(maxBodyBytes: passThrough.maxBodyBytes), let rawWriter {
+                if expectsContinue, !refuseNow, let rawWriter {
                     rawWriter.write(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
                     rawWriter.flushNow()
                 }
@@ -270,10 +275,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     ? passThrough.clientAddresses.clientAddress(peer: remoteAddress, forwardedFor: head.headers["X-Forwarded-For"]) : remoteAddress
                 let exchange = ChatExchange(head: head, handler: self, loop: loop, remoteAddress: client)
                 self.exchange = exchange
-                if head.isRefusedBeforeItsBody(maxBodyBytes: passThrough.maxBodyBytes) {
-                    // Answered now (413, or an earlier refusal), without the body the client holds
-                    // back; then the connection closes, as the parser would take what the client
-                    // sends next for that body.
+                if refuseNow {
                     closeAfterExchange = true
                     exchange.requestEnded()
                 }

@@ -16,19 +16,6 @@ extension HTTPRequestHead {
         guard let length = headers.first(name: "Content-Length").flatMap(Int.init) else { return false }
         return length > maxBodyBytes
     }
-
-    /// Whether the client waits for `100 Continue` and should be sent one: it does not declare
-    /// a body longer than `maxBodyBytes`. Such a request is answered 413 at once instead (then
-    /// the connection closes: the body was never sent).
-    func shouldContinue(maxBodyBytes: Int) -> Bool {
-        expectsContinue && !declaresBody(longerThan: maxBodyBytes)
-    }
-
-    /// Whether the request is refused before its body is sent: the client waits for `100
-    /// Continue`, and the body it declares is longer than `maxBodyBytes`.
-    func isRefusedBeforeItsBody(maxBodyBytes: Int) -> Bool {
-        expectsContinue && declaresBody(longerThan: maxBodyBytes)
-    }
 }
 
 /// Sits between NIO's HTTP/1 codec and the conversion to HTTPTypes for the router, and keeps
