@@ -37,8 +37,8 @@ extension HTTPRequestHead {
 ///   `100` when that response has ended. A request answered before its client has sent the
 ///   body it held back (a 413 for a body declared over the limit, an early 401) gets
 ///   `Connection: close`, and the connection closes after the answer: the parser would
-///   otherwise take the client's next request for that body. An HTTP/1.0 request's `Expect` is
-///   removed before the router sees it (RFC 9110 §10.1.1: ignored).
+///   otherwise take the client's next request for that body. Any other `Expect` (HTTP/1.0's
+///   100-continue, which RFC 9110 §10.1.1 ignores, say) is removed before the router sees it.
 /// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
 ///   naming the problem, then the close, rather than Hummingbird's empty 400.
 /// - **A client that leaves** (closes its side, or resets) while a request of it is being
@@ -152,7 +152,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         if unanswered.count == 1 { sendContinueIfAwaited(context) }
         var changed = false
         if !expectsContinue, head.headers.contains(name: "Expect") {
-            head.headers.remove(name: "Expect")  // HTTP/1.0's (expectsContinue is HTTP/1.1's): ignored, and not the router's to act on
+            // An expectation not acted on (HTTP/1.0's 100-continue, which RFC 9110 ignores, or
+            // another): the router must not take it for a client waiting for a 100.
+            head.headers.remove(name: "Expect")
             changed = true
         }
         if !keepAlive, head.headers.first(name: "Connection") != "close" {
