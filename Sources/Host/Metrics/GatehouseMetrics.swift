@@ -80,8 +80,8 @@ public final class GatehouseMetrics: Sendable {
 
     /// Counts a stream the upstream ended without reporting its token usage (llama.cpp's server
     /// sends none), so its tokens are not counted; the first in this process is also said in
-    /// `logger` (once, not for every stream).
-    func recordStreamWithoutUsage(backend: String, logger: Logger) {
+    /// `logger` (once, not for every stream; the logger is made only then).
+    func recordStreamWithoutUsage(backend: String, logger: @autoclosure () -> Logger) {
         let counter = streamsWithoutUsage.withLock { counters in
             if let counter = counters[backend] { return counter }
             let counter = registry.counter(
@@ -92,7 +92,7 @@ public final class GatehouseMetrics: Sendable {
         }
         counter.increment()
         guard !streamWithoutUsageSeen.exchange(true, ordering: .relaxed) else { return }
-        logger.warning(
+        logger().warning(
             "the upstream ended a stream without reporting its token usage, so streamed tokens are not counted (gatehouse_upstream_streams_without_usage_total counts such streams)",
             metadata: ["backend": .string(backend)])
     }
