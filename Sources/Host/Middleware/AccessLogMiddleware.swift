@@ -79,7 +79,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
         case .notFound:
             return OpenAIError(.notFound, "no route for \(request.method.rawValue) \(request.uri.path)", code: "route_not_found")
         case .contentTooLarge:
-            return OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+            return .bodyTooLarge
         case .methodNotAllowed:
             return OpenAIError(.methodNotAllowed, "\(request.method.rawValue) is not allowed on \(request.uri.path)", code: "method_not_allowed")
         default:

@@ -1,5 +1,4 @@
 // Answers 413 at once to a request whose client holds back, for a `100 Continue`, a body declared over the limit.
-internal import Foundation
 internal import HTTPTypes
 internal import Hummingbird
 
@@ -15,11 +14,10 @@ struct HeldBackBodyMiddleware: RouterMiddleware {
     let maxBodyBytes: Int
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        // HTTP1SemanticsHandler has removed an HTTP/1.0 request's `Expect`, which is ignored.
-        if let expect = request.headers[.expect], let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes,
-            expect.split(separator: ",").contains(where: { $0.trimmingCharacters(in: .whitespaces).lowercased() == "100-continue" })
-        {
-            throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+        // HTTP1SemanticsHandler has judged the expectation (`HTTPRequestHead.expectsContinue`) and
+        // removed every `Expect` but that of a client waiting for a 100.
+        if request.headers[.expect] != nil, let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
+            throw OpenAIError.bodyTooLarge
         }
         return try await next(request, context)
     }

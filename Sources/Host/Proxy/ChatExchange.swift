@@ -153,7 +153,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
             if let refusal = ContentEncodingMiddleware.refusal(contentEncoding: head.headers.first(name: "Content-Encoding")) { throw refusal }
             guard !bodyTooLarge else {
-                throw OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+                throw OpenAIError.bodyTooLarge
             }
             // Requests that need neither the cache key nor a rebuilt body skip decoding.
             if let scan = body.withUnsafeReadableBytes(ChatRequestScan.scan), scan.stream || passThrough.cache == nil {

@@ -153,7 +153,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         var changed = false
         if !expectsContinue, head.headers.contains(name: "Expect") {
             // An expectation not acted on (HTTP/1.0's 100-continue, which RFC 9110 ignores, or
-            // another): the router must not take it for a client waiting for a 100.
+            // another): the router (HeldBackBodyMiddleware) takes any `Expect` left for a client
+            // waiting for a 100.
             head.headers.remove(name: "Expect")
             changed = true
         }

@@ -67,6 +67,11 @@ public struct OpenAIError: HTTPResponseError, Sendable {
 }
 
 extension OpenAIError {
+    /// The 413 for a request body over `server.max_body_bytes` (router and pass-through alike).
+    static var bodyTooLarge: OpenAIError {
+        OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
+    }
+
     /// The answer to a request NIO's HTTP/1 parser rejected, after which the connection closes
     /// (the parser cannot find the next request): 431 for a head over the size limit, else 400
     /// naming what was wrong.
