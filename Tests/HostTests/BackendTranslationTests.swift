@@ -193,6 +193,33 @@ import Testing
         #expect(lines == [#"{"a":1}"#, "{\"b\":2}\r", #"{"c":3}"#])
     }
 
+    @Test func ndjsonLinesSplitOneReadOfManyLinesAndOneLineOfManyReads() async throws {
+        // Many lines in one read, then one line trickled a byte per read, then a last line without its newline.
+        let many = (0..<500).map { "{\"i\":\($0)}\n" }.joined()
+        let trickled = "{\"long\":\"" + String(repeating: "y", count: 300) + "\"}\n"
+        var lines: [String] = []
+        for try await line in NDJSONLines(Chunks(parts: [many] + trickled.map { String($0) } + ["{\"end\":1}"])) {
+            lines.append(String(decoding: line, as: UTF8.self))
+        }
+        #expect(lines.count == 502)
+        #expect(lines.first == #"{"i":0}"#)
+        #expect(lines[499] == #"{"i":499}"#)
+        #expect(lines[500] == String(trickled.dropLast()))
+        #expect(lines.last == #"{"end":1}"#)
+    }
+
+    @Test func ndjsonLinesRefuseALineThatOutgrowsTheLimit() async throws {
+        var lines: [String] = []
+        let error = await #expect(throws: OpenAIError.self) {
+            for try await line in NDJSONLines(Chunks(parts: ["{\"ok\":1}\n{\"never", String(repeating: "z", count: 40), "ending"]), maxLineBytes: 32) {
+                lines.append(String(decoding: line, as: UTF8.self))
+            }
+        }
+        #expect(lines == [#"{"ok":1}"#])
+        #expect(error?.status == .badGateway)
+        #expect(error?.code == "upstream_too_large")
+    }
+
     @Test func sseDataEventsSkipCommentsAndEventLines() async throws {
         let raw = ": keep-alive\n\nevent: message\ndata: {\"x\":1}\n\ndata:{\"y\":2}\r\n\ndata: [DONE]\n\n"
         var payloads: [String] = []

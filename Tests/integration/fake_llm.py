@@ -20,6 +20,7 @@ Special model names change behaviour:
   busy          429 with Retry-After: 7: the upstream is rate limiting
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
+  huge          a whole answer past 64 MiB; streamed, one token, then a line that runs on past 64 MiB
   few-vectors   (Ollama /api/embed) one vector fewer than the inputs
   crash         (streams) two tokens, then the backend's own mid-stream error
   ponder        (whole and streamed) think for 5 s before the first byte of the answer, watching the
@@ -217,6 +218,22 @@ class FakeLLM:
                         return self._send(200, {"padding": "x" * (64 * 1024 * 1024 + 1024)})
                     except (BrokenPipeError, ConnectionResetError):
                         return
+                if model == "huge" and body.get("stream", self.path == "/api/chat"):
+                    # One token, then a line that never ends: past the 64 MiB the gateway holds for one line.
+                    ollama = self.path == "/api/chat"
+                    self._start_chunked("application/x-ndjson" if ollama else "text/event-stream")
+                    first = {"model": model, "message": {"role": "assistant", "content": "Echo:"}, "done": False} if ollama else {
+                        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Echo:"}, "finish_reason": None}]}
+                    try:
+                        self._chunk(json.dumps(first).encode() + b"\n" if ollama else b"data: " + json.dumps(first).encode() + b"\n\n")
+                        self._chunk(b'{"model": "huge", "message": {"content": "' if ollama else b'data: {"choices": [{"delta": {"content": "')
+                        for _ in range(65):
+                            self._chunk(b"x" * (1024 * 1024))
+                        self._end_chunked()
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if model == "silent" and body.get("stream", self.path == "/api/chat"):
                     self._start_chunked("application/x-ndjson" if self.path == "/api/chat" else "text/event-stream")
                     return self._end_chunked()

@@ -761,6 +761,22 @@ def test_an_upstream_answer_past_the_gateways_limit_is_a_precise_502(gateway, ba
         "choices"][0]["message"]["content"] == "Echo: after"
 
 
+@both_backends
+def test_a_stream_line_past_the_gateways_limit_ends_the_stream_with_a_precise_error(gateway, backend):
+    # A stream's line is held whole until it ends; one that runs on past 64 MiB ends the stream
+    # with an error event instead of growing (the router's NDJSON reader for Ollama, the
+    # pass-through's SSE relay for openai), and the gateway keeps serving.
+    server = gateway(backend)
+    events = stream_events(server, "huge")
+    assert events[-1] == "[DONE]"
+    assert streamed_text(events[:-2]) == "Echo:", events[:3]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "upstream_too_large", error
+    assert error["message"] == "upstream sent a stream line longer than 64 MiB, the most the gateway holds for one line"
+    assert server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "after"}]}).json()[
+        "choices"][0]["message"]["content"] == "Echo: after"
+
+
 def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     # Ollama has no tool_choice: the gateway offers only the named function, or says it is unknown.
     server = gateway("ollama")

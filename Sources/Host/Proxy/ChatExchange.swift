@@ -435,6 +435,18 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func relay(_ buffer: ByteBuffer) {
         var input = buffer
         if partialLine.readableBytes > 0 {
+            // The line an earlier read began has no end yet; a read that does not end it either
+            // is only kept (so a long line trickling in is not searched again at every read),
+            // up to the most the gateway holds for one line.
+            if ByteSearch.find(0x0a, in: input) == nil {
+                guard partialLine.readableBytes + input.readableBytes <= UpstreamClient.maxReplyBytes else {
+                    partialLine = ByteBuffer()
+                    endStream(error: .upstreamLineTooLong(limit: UpstreamClient.maxReplyBytes))
+                    return
+                }
+                partialLine.writeBuffer(&input)
+                return
+            }
             partialLine.writeBuffer(&input)
             input = partialLine
             partialLine = ByteBuffer()

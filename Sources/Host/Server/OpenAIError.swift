@@ -72,6 +72,14 @@ extension OpenAIError {
         OpenAIError(.contentTooLarge, "request body is larger than the configured limit", code: "body_too_large")
     }
 
+    /// The error that ends an upstream stream whose line (an NDJSON line, an SSE `data:` line)
+    /// grew past `limit` bytes without ending: the gateway holds a line whole, so it stops there.
+    static func upstreamLineTooLong(limit: Int) -> OpenAIError {
+        OpenAIError(
+            .badGateway, "upstream sent a stream line longer than \(limit / 1024 / 1024) MiB, the most the gateway holds for one line",
+            code: "upstream_too_large")
+    }
+
     /// The answer to a request NIO's HTTP/1 parser rejected, after which the connection closes
     /// (the parser cannot find the next request): 431 for a head over the size limit, else 400
     /// naming what was wrong.

@@ -597,39 +597,64 @@ struct OllamaBackend: ChatBackend {
     }
 }
 
-/// Splits a streamed body into lines (NDJSON), across chunk boundaries.
+/// Splits a streamed body into lines (NDJSON; SSE's lines too), across chunk boundaries.
+///
+/// Each byte is searched once, however the lines are split into reads, and a read holding many
+/// lines is sliced, not copied once per line. A line is bounded: one longer than
+/// `UpstreamClient.maxReplyBytes` ends the stream with a 502 rather than growing without end.
 struct NDJSONLines<Base: AsyncSequence & Sendable>: AsyncSequence where Base.Element == ByteBuffer {
     typealias Element = Data
     let base: Base
+    let maxLineBytes: Int
 
-    init(_ base: Base) { self.base = base }
+    init(_ base: Base, maxLineBytes: Int = UpstreamClient.maxReplyBytes) {
+        self.base = base
+        self.maxLineBytes = maxLineBytes
+    }
 
     struct AsyncIterator: AsyncIteratorProtocol {
         var upstream: Base.AsyncIterator
-        var pending = Data()
+        let maxLineBytes: Int
+        /// Unread bytes: the current line from the reader index on.
+        var pending = ByteBuffer()
+        /// How many of `pending`'s bytes are known to hold no newline.
+        var searched = 0
         var finished = false
 
         mutating func next() async throws -> Data? {
             while true {
-                if let newline = pending.firstIndex(of: 0x0a) {
-                    let line = pending[pending.startIndex..<newline]
-                    pending = Data(pending[pending.index(after: newline)...])
-                    if line.allSatisfy({ $0 == 0x20 || $0 == 0x0d }) { continue }
-                    return Data(line)
+                if let length = ByteSearch.find(0x0a, in: pending, from: searched) {
+                    let line = pending.readSlice(length: length)!
+                    pending.moveReaderIndex(forwardBy: 1)
+                    searched = 0
+                    if Self.isBlank(line) { continue }
+                    return Data(line.readableBytesView)
                 }
+                searched = pending.readableBytes
+                guard searched <= maxLineBytes else { throw OpenAIError.upstreamLineTooLong(limit: maxLineBytes) }
                 if finished {
-                    guard !pending.isEmpty else { return nil }
-                    defer { pending = Data() }
-                    return pending.allSatisfy({ $0 == 0x20 || $0 == 0x0d }) ? nil : pending
+                    guard pending.readableBytes > 0 else { return nil }
+                    defer { pending = ByteBuffer() }
+                    return Self.isBlank(pending) ? nil : Data(pending.readableBytesView)
                 }
-                if let buffer = try await upstream.next() {
-                    pending.append(contentsOf: buffer.readableBytesView)
+                if var buffer = try await upstream.next() {
+                    if pending.readableBytes == 0 {
+                        pending = buffer  // the usual case: the read starts a line, kept as it is
+                    } else {
+                        pending.discardReadBytes()
+                        pending.writeBuffer(&buffer)
+                    }
                 } else {
                     finished = true
                 }
             }
         }
+
+        /// Whether a line holds only spaces and carriage returns (blank lines end SSE events).
+        static func isBlank(_ line: ByteBuffer) -> Bool {
+            line.readableBytesView.allSatisfy { $0 == 0x20 || $0 == 0x0d }
+        }
     }
 
-    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(upstream: base.makeAsyncIterator()) }
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(upstream: base.makeAsyncIterator(), maxLineBytes: maxLineBytes) }
 }
