@@ -113,6 +113,36 @@ import Testing
         #expect(config.rateLimit.requestsPerSecond == 3)
     }
 
+    @Test func dotEnvReadsCRLFQuotesCommentsAndEscapesAsDotenvDoes() {
+        let text = "\u{FEFF}# saved on Windows\r\nAPI_KEY=secret\r\nPORT=9000\r\n\r\nexport\tDEBUG=true # on\r\n"
+            + "GATEHOUSE_HOST='0.0.0.0' # all\nLOG_FILE=\"/var/log/gh #1.log\"\nA=\"tab\\there \\\"q\\\" \\\\ \\x\"\nB=x#y\nC=\nD = spaced \n"
+        let (values, problems) = parseDotEnv(text, file: ".env")
+        #expect(problems.isEmpty, "\(problems)")
+        #expect(values["API_KEY"] == "secret")
+        #expect(values["PORT"] == "9000")
+        #expect(values["DEBUG"] == "true")
+        #expect(values["GATEHOUSE_HOST"] == "0.0.0.0")
+        #expect(values["LOG_FILE"] == "/var/log/gh #1.log")
+        #expect(values["A"] == "tab\there \"q\" \\ \\x")
+        #expect(values["B"] == "x#y")
+        #expect(values["C"] == "")
+        #expect(values["D"] == "spaced")
+        #expect(values.count == 9)
+    }
+
+    @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {
+        let text = "OK=1\nno equals sign\nBAD KEY=1\n1ST=x\nOPEN=\"never closed\nAFTER='x' y\n"
+        let (values, problems) = parseDotEnv(text, file: ".env")
+        #expect(values == ["OK": "1"])
+        #expect(problems.map(\.description) == [
+            ".env:2: expected KEY=value",
+            ".env:3: 'BAD KEY' is not a variable name (letters, digits and _, not starting with a digit)",
+            ".env:4: '1ST' is not a variable name (letters, digits and _, not starting with a digit)",
+            ".env:5: key 'OPEN': the value's opening \" has no closing one on the same line (values cannot span lines)",
+            ".env:6: key 'AFTER': unexpected text after the quoted value: y",
+        ])
+    }
+
     @Test func missingExplicitConfigFileIsAnError() {
         #expect(throws: ConfigProblems.self) {
             try GatehouseConfig.load(file: "/nonexistent/gatehouse.yaml", environment: [:])

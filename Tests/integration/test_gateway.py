@@ -1546,3 +1546,20 @@ def test_dotenv_and_environment_layering(start, plugins_dir, fake_llm, tmp_path)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-dotenv"}).status_code == 401
     assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-env"}).status_code == 200
+
+
+def test_a_dotenv_saved_with_crlf_line_ends_is_read_line_by_line(start, plugins_dir, fake_llm, tmp_path):
+    # Saved by a Windows editor (byte-order mark, CRLF): each line its own variable, the key
+    # without a stray carriage return, so the client's key is accepted.
+    (tmp_path / ".env").write_bytes(f"\ufeffOLLAMA_HOST={fake_llm.url}\r\nAPI_KEY=\"from-dotenv\" # quoted\r\n".encode())
+    server = start(plugins_dir)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-dotenv"}).status_code == 200
+    assert server.client.post("/v1/chat/completions", json=body).status_code == 401
+
+
+def test_a_dotenv_line_it_cannot_read_stops_start_up_naming_the_line(tmp_path):
+    (tmp_path / ".env").write_text("PORT=9000\nAPI_KEY=\"unterminated\n")
+    result = subprocess.run([GATEHOUSE, "serve"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert ".env:2: key 'API_KEY': the value's opening \" has no closing one on the same line (values cannot span lines)" in result.stderr, result.stderr

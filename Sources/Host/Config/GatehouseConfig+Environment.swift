@@ -105,26 +105,82 @@ extension GatehouseConfig {
     }
 }
 
-/// Parses a `.env` file: `KEY=value` lines, `#` comments, optional `export`, optional quotes.
+/// Parses a `.env` file as the dotenv convention reads one: `KEY=value` lines (LF or CRLF, a
+/// leading byte-order mark ignored), `#` comments, an optional `export`, values optionally in
+/// single quotes (literal) or double quotes (`\n`, `\t`, `\r`, `\"` and `\\` escapes), an
+/// unquoted value ending at ` #`. A line it cannot read is a problem naming the file and line,
+/// never a value silently taken wrong.
 func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProblem]) {
     var values: [String: String] = [:]
     var problems: [ConfigProblem] = []
-    for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-        var line = rawLine.trimmingCharacters(in: .whitespaces)
+    let text = text.hasPrefix("\u{FEFF}") ? String(text.dropFirst()) : text
+    // By Character, "\r\n" is one newline; splitting on "\n" alone would leave a CRLF file one line.
+    for (index, rawLine) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
+        func problem(_ message: String, key: String = "") { problems.append(ConfigProblem(file: file, key: key, line: index + 1, message: message)) }
+        var line = Substring(rawLine.trimmingCharacters(in: .whitespaces))
         if line.isEmpty || line.hasPrefix("#") { continue }
-        if line.hasPrefix("export ") { line = String(line.dropFirst(7)).trimmingCharacters(in: .whitespaces) }
+        if line.hasPrefix("export ") || line.hasPrefix("export\t") { line = line.dropFirst(7).drop(while: { $0 == " " || $0 == "\t" }) }
         guard let equals = line.firstIndex(of: "=") else {
-            problems.append(ConfigProblem(file: file, key: "", line: index + 1, message: "expected KEY=value"))
+            problem("expected KEY=value")
             continue
         }
         let key = line[..<equals].trimmingCharacters(in: .whitespaces)
-        var value = line[line.index(after: equals)...].trimmingCharacters(in: .whitespaces)
-        if value.count >= 2, let first = value.first, first == "\"" || first == "'", value.last == first {
-            value = String(value.dropFirst().dropLast())
-        } else if let hash = value.range(of: " #") {
-            value = value[..<hash.lowerBound].trimmingCharacters(in: .whitespaces)
+        guard isVariableName(key) else {
+            problem("'\(key)' is not a variable name (letters, digits and _, not starting with a digit)")
+            continue
         }
-        values[key] = value
+        switch dotEnvValue(line[line.index(after: equals)...].drop(while: { $0 == " " || $0 == "\t" })) {
+        case .success(let value): values[key] = value
+        case .failure(let reason): problem(reason.message, key: key)
+        }
     }
     return (values, problems)
+}
+
+/// Why a `.env` value could not be read.
+struct DotEnvValueProblem: Error {
+    let message: String
+}
+
+/// A `.env` line's value, after the `=` and its spaces.
+private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem> {
+    guard let quote = raw.first, quote == "\"" || quote == "'" else {
+        // Unquoted: up to a comment (a `#` after a space), without the spaces around it.
+        var value = raw
+        if let hash = raw.indices.first(where: { raw[$0] == "#" && $0 > raw.startIndex && [" ", "\t"].contains(raw[raw.index(before: $0)]) }) {
+            value = raw[..<hash]
+        }
+        return .success(value.trimmingCharacters(in: .whitespaces))
+    }
+    var value = ""
+    var index = raw.index(after: raw.startIndex)
+    while index < raw.endIndex, raw[index] != quote {
+        if quote == "\"", raw[index] == "\\", raw.index(after: index) < raw.endIndex {
+            index = raw.index(after: index)
+            switch raw[index] {
+            case "n": value.append("\n")
+            case "t": value.append("\t")
+            case "r": value.append("\r")
+            case "\"", "\\": value.append(raw[index])
+            default: value.append("\\"); value.append(raw[index])
+            }
+        } else {
+            value.append(raw[index])
+        }
+        index = raw.index(after: index)
+    }
+    guard index < raw.endIndex else {
+        return .failure(DotEnvValueProblem(message: "the value's opening \(quote) has no closing one on the same line (values cannot span lines)"))
+    }
+    let rest = raw[raw.index(after: index)...].trimmingCharacters(in: .whitespaces)
+    guard rest.isEmpty || rest.hasPrefix("#") else {
+        return .failure(DotEnvValueProblem(message: "unexpected text after the quoted value: \(rest.prefix(40))"))
+    }
+    return .success(value)
+}
+
+/// Whether `name` can be an environment variable's name: letters, digits and `_`, not starting with a digit.
+private func isVariableName(_ name: String) -> Bool {
+    guard let first = name.utf8.first, !(0x30...0x39).contains(first) else { return false }
+    return name.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) || $0 == 0x5F }
 }

@@ -125,7 +125,10 @@ extension GatehouseConfig {
         }
         var variables: [String: String] = [:]
         if FileManager.default.fileExists(atPath: dotEnvFile) {
-            let (values, dotEnvProblems) = parseDotEnv((try? String(contentsOfFile: dotEnvFile, encoding: .utf8)) ?? "", file: dotEnvFile)
+            guard let text = try? String(contentsOfFile: dotEnvFile, encoding: .utf8) else {
+                throw ConfigProblems(problems: [ConfigProblem(file: dotEnvFile, key: "", line: nil, message: "cannot be read as UTF-8 text")])
+            }
+            let (values, dotEnvProblems) = parseDotEnv(text, file: dotEnvFile)
             variables = values
             problems += dotEnvProblems
             config.sources.append(dotEnvFile)
