@@ -48,18 +48,20 @@ protocol ChatBackend: Sendable {
 
 /// Shared helpers for building OpenAI-shaped JSON.
 enum OpenAIShapes {
-    static func completionID() -> String {
-        "chatcmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
-    }
+    static func completionID() -> String { "chatcmpl-" + uniqueHex() }
 
-    static func textCompletionID() -> String {
-        "cmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+    static func textCompletionID() -> String { "cmpl-" + uniqueHex() }
+
+    /// 24 hex digits, unique in the process and unpredictable across processes (from the request
+    /// id generator: Foundation's `UUID()` costs system calls per id).
+    private static func uniqueHex() -> Substring {
+        RequestIDGenerator.next().filter { $0 != "-" }.prefix(24)
     }
 
     static func now() -> Int { Int(Date().timeIntervalSince1970) }
 
     static func data(_ object: [String: Any]) -> Data {
-        (try? JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes])) ?? Data("{}".utf8)
+        JSONText.data(object)
     }
 
     /// A JSON value as it would be written, for error messages (`"extreme"`, `3`, `true`).

@@ -1,0 +1,79 @@
+// Unit tests for JSONText, the gateway's JSON writer: what it writes must read back as what it was given.
+import Foundation
+import Testing
+
+@testable import Host
+
+struct JSONTextTests {
+    /// Writes `value`, reads it back with JSONSerialization, and compares as Foundation does.
+    private func roundTrip(_ value: Any) throws -> Any {
+        try JSONSerialization.jsonObject(with: JSONText.data(value), options: [.fragmentsAllowed])
+    }
+
+    /// A value's canonical bytes (sorted keys, booleans told from numbers), to compare two values.
+    private func canonical(_ value: Any) -> [UInt8] {
+        var bytes: [UInt8] = []
+        CanonicalJSON.append(value, to: &bytes)
+        return bytes
+    }
+
+    @Test func parsedRequestsReadBackAsTheyWere() throws {
+        let text = #"""
+            {"model":"m","stream":false,"temperature":0.7,"top_p":1,"seed":-42,"big":9007199254740993,"tiny":1e-7,"huge":1.5e300,
+             "flags":[true,false,null,0,1],"messages":[{"role":"user","content":"quote \" backslash \\ slash / tab \t nl \n cr \r bell \u0007 nul \u0000 é 😀 \u2028"}],
+             "nested":{"a":{"b":[[],{}]}},"empty":""}
+            """#
+        let parsed = try JSONSerialization.jsonObject(with: Data(text.utf8))
+        let again = try roundTrip(parsed)
+        #expect(canonical(again) == canonical(parsed))
+        let body = try #require(again as? [String: Any])
+        // Booleans stay booleans (not 1 and 0), integers exact, doubles the same double.
+        #expect(JSONNumbers.bool((body["flags"] as! [Any])[0]) == true)
+        #expect(JSONNumbers.bool((body["flags"] as! [Any])[3]) == nil)
+        #expect((body["big"] as? NSNumber)?.int64Value == 9_007_199_254_740_993)
+        #expect(JSONNumbers.double(body["tiny"]!) == 1e-7)
+        #expect(JSONNumbers.double(body["temperature"]!) == 0.7)
+        #expect((body["messages"] as! [[String: Any]])[0]["content"] as? String
+            == "quote \" backslash \\ slash / tab \t nl \n cr \r bell \u{7} nul \u{0} é 😀 \u{2028}")
+    }
+
+    @Test func swiftValuesAreWrittenAsJSON() throws {
+        let built: [String: Any] = [
+            "id": "chatcmpl-1", "created": 1_700_000_000, "index": 0, "ratio": 0.25, "done": true, "none": NSNull(),
+            "choices": [["delta": ["content": "Hi"], "finish_reason": NSNull()]], "names": ["a", "b"], "counts": [1, 2],
+        ]
+        let text = String(decoding: JSONText.data(built), as: UTF8.self)
+        #expect(!text.contains("\\/"))
+        let again = try #require(try roundTrip(built) as? [String: Any])
+        #expect(JSONNumbers.bool(again["done"]!) == true)
+        #expect(JSONNumbers.int(again["created"]!) == 1_700_000_000)
+        #expect(JSONNumbers.double(again["ratio"]!) == 0.25)
+        #expect(again["none"] is NSNull)
+        #expect((again["names"] as? [String]) == ["a", "b"])
+        #expect(((again["choices"] as? [[String: Any]])?[0]["delta"] as? [String: Any])?["content"] as? String == "Hi")
+    }
+
+    @Test func narrowerSwiftTypesAndFoundationClassesAreWrittenToo() throws {
+        let mixed: [String: Any] = [
+            "map": ["a": "b"] as [String: String], "ints": [Int64(5), Int64(-6)], "float": Float(0.5), "u8": UInt8(7),
+            "nsarray": NSArray(array: [1, "x"]), "nsdict": NSDictionary(dictionary: ["k": 2]), "nsstring": NSString(string: "s"),
+            "nested": [["deep": [true]]] as [[String: [Bool]]],
+        ]
+        let again = try #require(try roundTrip(mixed) as? [String: Any])
+        #expect((again["map"] as? [String: String]) == ["a": "b"])
+        #expect((again["ints"] as? [Any])?.compactMap(JSONNumbers.int) == [5, -6])
+        #expect(JSONNumbers.double(again["float"]!) == 0.5)
+        #expect(JSONNumbers.int(again["u8"]!) == 7)
+        #expect((again["nsarray"] as? [Any])?.count == 2 && (again["nsarray"] as? [Any])?.last as? String == "x")
+        #expect(JSONNumbers.int((again["nsdict"] as? [String: Any])?["k"] ?? "") == 2)
+        #expect(again["nsstring"] as? String == "s")
+        #expect(JSONNumbers.bool((((again["nested"] as? [[String: Any]])?[0]["deep"]) as? [Any])?[0] ?? 0) == true)
+    }
+
+    @Test func escapesAreTheShortOnesAndControlCharactersAreUnicodeEscapes() {
+        #expect(String(decoding: JSONText.data(["k": "a\"b\\c\nd\u{1}e/f"]), as: UTF8.self) == #"{"k":"a\"b\\c\nd\u0001e/f"}"#)
+        #expect(String(decoding: JSONText.data(["n": Double.nan, "i": -Double.infinity]), as: UTF8.self).contains("null"))
+        #expect(String(decoding: JSONText.data([Any]()), as: UTF8.self) == "[]")
+        #expect(String(decoding: JSONText.data([String: Any]()), as: UTF8.self) == "{}")
+    }
+}
