@@ -101,6 +101,19 @@ def test_legacy_text_completions_whole_and_streamed(gateway, fake_llm, backend):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: hello there"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    # echo: the prompt before the answer, whole and streamed (Ollama has none: the gateway adds it).
+    echoed = client.completions.create(model="m", prompt="hello there", echo=True)
+    if backend == "ollama":
+        assert echoed.choices[0].text == "hello thereEcho: hello there"
+        assert "echo" not in fake_llm.calls(path)[-1][3]
+        streamed = list(client.completions.create(model="m", prompt="hello there", echo=True, stream=True))
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == "hello thereEcho: hello there"
+        for body, field in (({"echo": True, "logprobs": 2}, "echo"), ({"echo": "yes"}, "echo"), ({"best_of": 3}, "best_of")):
+            refused = server.client.post("/v1/completions", json={"model": "m", "prompt": "x", **body})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == f"invalid_{field}", refused.text
+        assert client.completions.create(model="m", prompt="hello there", best_of=1).choices[0].text == "Echo: hello there"
+    else:  # passed through as it came
+        assert fake_llm.calls(path)[-1][3]["echo"] is True
     # The client's errors, named; an Ollama upstream takes only one string prompt.
     missing = server.client.post("/v1/completions", json={"model": "m"})
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_prompt"
@@ -109,9 +122,10 @@ def test_legacy_text_completions_whole_and_streamed(gateway, fake_llm, backend):
         assert listed.status_code == 400 and listed.json()["error"]["code"] == "invalid_prompt"
     else:  # passed through as it came
         assert listed.status_code == 200 and listed.json()["choices"][0]["text"] == "Echo: a b"
-    # Completion tokens counted from every answer, whole and streamed: 3 + 1 + 5 + 3 (+ 3).
+    # Completion tokens counted from every answer, whole and streamed: 3 + 1 + 5 + 3 + 3 (echo)
+    # (+ 3 echoed streamed and 3 with best_of for Ollama; + 3 for the list prompt for openai).
     metrics = server.client.get("/metrics").text
-    assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == (12 if backend == "ollama" else 15)
+    assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == (21 if backend == "ollama" else 18)
 
 
 def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):

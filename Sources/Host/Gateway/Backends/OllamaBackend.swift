@@ -96,12 +96,13 @@ struct OllamaBackend: ChatBackend {
         let reply = try Self.replyObject(
             try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name))
         let (prompt, completion) = Self.tokenCounts(reply)
+        let text = (Self.echoedPrompt(request) ?? "") + (reply["response"] as? String ?? "")
         let json = OpenAIShapes.data([
             "id": OpenAIShapes.textCompletionID(), "object": "text_completion", "created": OpenAIShapes.now(),
             "model": reply["model"] as? String ?? request.model,
             "choices": [
                 [
-                    "index": 0, "text": reply["response"] as? String ?? "", "finish_reason": Self.finishReason(reply, hasToolCalls: false),
+                    "index": 0, "text": text, "finish_reason": Self.finishReason(reply, hasToolCalls: false),
                     "logprobs": (Self.textLogprobs(reply["logprobs"], offset: 0)?.logprobs).map { $0 as Any } ?? NSNull(),
                 ]
             ],
@@ -120,8 +121,13 @@ struct OllamaBackend: ChatBackend {
             ])
         }
         let textOffset = Mutex(0)  // where the next token starts in the text sent so far
+        // `echo`: the prompt goes out first, in the chunk of the first line.
+        let echo = Mutex(Self.echoedPrompt(request))
         return events(body, path: "/api/generate") { line in
             var events: [ChatStreamEvent] = []
+            if let prompt = echo.withLock({ echo in defer { echo = nil }; return echo }), !prompt.isEmpty {
+                events.append(.chunk(chunk(prompt, finishReason: nil)))
+            }
             let text = line["response"] as? String ?? ""
             if let (logprobs, end) = Self.textLogprobs(line["logprobs"], offset: textOffset.withLock { $0 }) {
                 textOffset.withLock { $0 = end }
@@ -142,12 +148,32 @@ struct OllamaBackend: ChatBackend {
         }
     }
 
+    /// The prompt to put before the answer's text when the request asks for `echo` (Ollama has
+    /// no echo of its own; the gateway adds it, as OpenAI answers), else nil.
+    static func echoedPrompt(_ request: TextCompletionRequest) -> String? {
+        guard let echo = request.body["echo"], JSONNumbers.bool(echo) == true else { return nil }
+        return request.body["prompt"] as? String
+    }
+
     /// The `/api/generate` body: the prompt (and `suffix`, for fill-in-the-middle) with the
     /// sampling parameters in `options`, as Ollama's own `/v1/completions` sends it.
-    /// - Throws: a 400 when `prompt` is not one string (Ollama takes no lists of prompts or tokens).
+    /// - Throws: a 400 when `prompt` is not one string (Ollama takes no lists of prompts or
+    ///   tokens), when `n` or `best_of` asks for more than one candidate, when `echo` is not a
+    ///   boolean, or when `echo` comes with `logprobs` (which would need the prompt's log
+    ///   probabilities, which Ollama does not give).
     static func generateBody(_ request: TextCompletionRequest, stream: Bool) throws(OpenAIError) -> Data {
         guard let prompt = request.body["prompt"] as? String else {
             throw OpenAIError(.badRequest, "'prompt' must be a string for Ollama (lists of prompts or of tokens are not supported)", code: "invalid_prompt")
+        }
+        if let echo = request.body["echo"], !(echo is NSNull) {
+            guard let wanted = JSONNumbers.bool(echo) else { throw RequestFields.invalid("echo", "must be true or false") }
+            if wanted, let logprobs = request.body["logprobs"], !(logprobs is NSNull) {
+                throw RequestFields.invalid(
+                    "echo", "cannot be combined with 'logprobs' for Ollama, which gives no log probabilities for the prompt's tokens")
+            }
+        }
+        if let bestOf = request.body["best_of"], !(bestOf is NSNull), JSONNumbers.int(bestOf) != 1 || JSONNumbers.bool(bestOf) != nil {
+            throw RequestFields.invalid("best_of", "must be 1 for Ollama, which generates one candidate per request (got \(OpenAIShapes.describe(bestOf)))")
         }
         var out: [String: Any] = ["model": request.model, "prompt": prompt, "stream": stream]
         if let suffix = request.body["suffix"] as? String { out["suffix"] = suffix }
