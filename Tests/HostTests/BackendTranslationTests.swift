@@ -136,6 +136,28 @@ import Testing
         #expect(arguments.message == "'messages' item 4, tool call 0: 'function.arguments' is not a JSON object")
     }
 
+    @Test func refusesChatFieldsOllamaCannotHonourAndTakesEmptyOnes() throws {
+        func refusal(_ fields: String) -> OpenAIError? {
+            do {
+                _ = try OllamaBackend.translate(
+                    ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],\#(fields)}"#)), stream: false)
+                return nil
+            } catch { return error as? OpenAIError }
+        }
+        #expect(refusal(#""functions":[{"name":"f","parameters":{}}]"#)?.code == "invalid_functions")
+        #expect(refusal(#""function_call":"auto""#)?.message
+            == "'function_call' (deprecated function calling) is not supported for Ollama; send the functions as 'tools' (and 'tool_choice')")
+        #expect(refusal(#""logit_bias":{"50256":-100}"#)?.message == "'logit_bias' is not supported by Ollama, which cannot bias tokens")
+        #expect(refusal(#""modalities":["text","audio"]"#)?.code == "invalid_modalities")
+        #expect(refusal(#""audio":{"voice":"alloy","format":"wav"}"#)?.code == "invalid_audio")
+        // What asks for nothing Ollama lacks passes: an empty bias, text only, nulls.
+        #expect(refusal(#""logit_bias":{},"modalities":["text"],"audio":null,"functions":null"#) == nil)
+        // An old function result is a tool result, named.
+        var names: [String: String] = [:]
+        let result = try OllamaBackend.convert(["role": "function", "name": "get_time", "content": "12:00"], at: 1, toolNames: &names)
+        #expect(result["role"] as? String == "tool" && result["tool_name"] as? String == "get_time")
+    }
+
     @Test func refusesMoreThanOneChoice() throws {
         func translate(_ n: String) throws -> Data {
             try OllamaBackend.translate(ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],"n":\#(n)}"#)), stream: false)

@@ -791,6 +791,21 @@ def test_a_stream_line_past_the_gateways_limit_ends_the_stream_with_a_precise_er
         "choices"][0]["message"]["content"] == "Echo: after"
 
 
+def test_chat_fields_ollama_cannot_honour_are_refused_not_dropped(gateway, fake_llm):
+    # Ollama's own /v1 drops these silently; the answer would be to a different request.
+    server = gateway("ollama")
+    client = client_for(server)
+    before = len(fake_llm.calls("/api/chat"))
+    for fields, code in (({"logit_bias": {"50256": -100}}, "invalid_logit_bias"),
+                         ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "invalid_functions"),
+                         ({"modalities": ["text", "audio"]}, "invalid_modalities")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], **fields)
+        assert refused.value.body["code"] == code, refused.value.body
+    assert len(fake_llm.calls("/api/chat")) == before  # none reached the upstream
+    assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], logit_bias={}).choices[0].message.content == "Echo: x"
+
+
 def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     # Ollama has no tool_choice: the gateway offers only the named function, or says it is unknown.
     server = gateway("ollama")

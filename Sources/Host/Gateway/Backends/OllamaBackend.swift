@@ -300,6 +300,7 @@ struct OllamaBackend: ChatBackend {
         for (index, message) in request.messages.enumerated() { messages.append(try convert(message, at: index, toolNames: &toolNames)) }
         out["messages"] = messages
         try checkSingleChoice(request.body)
+        try checkChatFieldsOllamaCannotHonour(request.body)
         let options = try Self.options(request.body, maxTokens: request.maxTokens)
         if !options.isEmpty { out["options"] = options }
         if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
@@ -368,6 +369,31 @@ struct OllamaBackend: ChatBackend {
         return chosen
     }
 
+    /// Chat fields that would change the answer, which Ollama has no way to honour (its own
+    /// `/v1` drops them silently): refused, so a client does not take an answer to a different
+    /// request for the one it asked.
+    /// - Throws: a 400 naming the field: the deprecated `functions` and `function_call` (the
+    ///   same calls go as `tools` and `tool_choice`), a non-empty `logit_bias`, and an output
+    ///   other than text (`modalities`, `audio`).
+    static func checkChatFieldsOllamaCannotHonour(_ body: [String: Any]) throws(OpenAIError) {
+        func present(_ field: String) -> Any? {
+            guard let value = body[field], !(value is NSNull) else { return nil }
+            return value
+        }
+        for field in ["functions", "function_call"] where present(field) != nil {
+            throw RequestFields.invalid(field, "(deprecated function calling) is not supported for Ollama; send the functions as 'tools' (and 'tool_choice')")
+        }
+        if let bias = present("logit_bias"), !((bias as? [String: Any])?.isEmpty ?? false) {
+            throw RequestFields.invalid("logit_bias", "is not supported by Ollama, which cannot bias tokens")
+        }
+        if let modalities = present("modalities"), !((modalities as? [Any])?.allSatisfy { $0 as? String == "text" } ?? false) {
+            throw RequestFields.invalid("modalities", "can only be [\"text\"] for Ollama (got \(OpenAIShapes.describe(modalities)))")
+        }
+        if present("audio") != nil {
+            throw RequestFields.invalid("audio", "is not supported by Ollama, which answers in text only")
+        }
+    }
+
     /// Ollama answers one choice per request whatever `n` asks (its own `/v1` ignores `n`), so
     /// more than one is refused rather than silently answered with one.
     static func checkSingleChoice(_ body: [String: Any]) throws(OpenAIError) {
@@ -394,8 +420,9 @@ struct OllamaBackend: ChatBackend {
         }
         // OpenAI's newer name for system instructions; Ollama's chat templates know only `system`
         // and would leave a `developer` message out of the prompt.
+        // A deprecated `function` result is a tool result to Ollama, named by its `name`.
         let role = message["role"] as? String ?? "user"
-        var out: [String: Any] = ["role": role == "developer" ? "system" : role]
+        var out: [String: Any] = ["role": role == "developer" ? "system" : role == "function" ? "tool" : role]
         var images: [String] = []
         switch message["content"] {
         case let text as String:
