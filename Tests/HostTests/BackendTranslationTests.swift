@@ -83,6 +83,14 @@ import Testing
         } catch {
             #expect(error.code == "invalid_stop" && error.message == "'stop' must be a string or a list of strings (got 5)")
         }
+        // Ollama's own options and format (what extra_body carries) reach it; OpenAI's names win.
+        let native = try object(OllamaBackend.translate(ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.2,"options":{"num_ctx":8192,"temperature":0.9},"format":"json"}
+            """)), stream: false))
+        let nativeOptions = try #require(native["options"] as? [String: Any])
+        #expect(nativeOptions["num_ctx"] as? Int == 8192 && nativeOptions["temperature"] as? Double == 0.2)
+        #expect(native["format"] as? String == "json")
+        #expect(throws: OpenAIError.self) { try OllamaBackend.options(["options": "big"], maxTokens: nil) }
     }
 
     @Test func convertsContentPartsImagesAndToolCalls() throws {

@@ -793,6 +793,7 @@ def test_a_stream_line_past_the_gateways_limit_ends_the_stream_with_a_precise_er
 
 def test_chat_fields_ollama_cannot_honour_are_refused_not_dropped(gateway, fake_llm):
     # Ollama's own /v1 drops these silently; the answer would be to a different request.
+    # And the one Ollama has that OpenAI lacks gets through.
     server = gateway("ollama")
     client = client_for(server)
     before = len(fake_llm.calls("/api/chat"))
@@ -804,6 +805,10 @@ def test_chat_fields_ollama_cannot_honour_are_refused_not_dropped(gateway, fake_
         assert refused.value.body["code"] == code, refused.value.body
     assert len(fake_llm.calls("/api/chat")) == before  # none reached the upstream
     assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], logit_bias={}).choices[0].message.content == "Echo: x"
+    # Ollama's own options (num_ctx has no OpenAI name) reach it from the SDK's extra_body.
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=7,
+                                   extra_body={"options": {"num_ctx": 8192}})
+    assert fake_llm.calls("/api/chat")[-1][3]["options"] == {"num_ctx": 8192, "num_predict": 7}
 
 
 def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):

@@ -312,6 +312,8 @@ struct OllamaBackend: ChatBackend {
             case "json_schema": out["format"] = (format["json_schema"] as? [String: Any])?["schema"] ?? "json"
             default: break
             }
+        } else if let format = request.body["format"], !(format is NSNull) {
+            out["format"] = format  // Ollama's own name, from a client that speaks it
         }
         if let keepAlive = request.body["keep_alive"] { out["keep_alive"] = keepAlive }
         if let think = try think(request.body) { out["think"] = think }
@@ -337,11 +339,19 @@ struct OllamaBackend: ChatBackend {
     }
 
     /// Ollama's `options` for OpenAI's sampling parameters (`max_tokens` becomes `num_predict`,
-    /// a single `stop` string a list; `temperature: 0` is kept).
+    /// a single `stop` string a list; `temperature: 0` is kept), over Ollama's own `options`
+    /// when the client sent them too (`num_ctx` above all, which OpenAI's API has no name for:
+    /// the `extra_body` of OpenAI's SDKs carries it). The OpenAI name wins where both are given.
     /// - Throws: a 400 for a `stop` that is neither a string nor a list of strings (it would have
-    ///   been dropped, and the answer would run past the stop the client asked for).
+    ///   been dropped, and the answer would run past the stop the client asked for), or for
+    ///   `options` that are not an object.
     static func options(_ body: [String: Any], maxTokens: Int?) throws(OpenAIError) -> [String: Any] {
-        var options: [String: Any] = [:]
+        var options: [String: Any]
+        switch body["options"] {
+        case nil, is NSNull: options = [:]
+        case let native as [String: Any]: options = native
+        case let other?: throw RequestFields.invalid("options", "must be an object of Ollama's model options, like {\"num_ctx\": 8192} (got \(OpenAIShapes.describe(other)))")
+        }
         for key in ["temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "min_p", "repeat_penalty"] {
             if let value = body[key], !(value is NSNull) { options[key] = value }
         }
