@@ -204,6 +204,10 @@ def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
     # Floats when asked; `dimensions` reaches Ollama.
     floats = client.embeddings.create(model="nomic", input="a b", encoding_format="float", dimensions=2)
     assert fake_llm.calls("/api/embed")[-1][3]["dimensions"] == 2 and floats.data[0].embedding == [0.1, 0.2]
+    # Ollama's own fields reach it from the SDK's extra_body.
+    client.embeddings.create(model="nomic", input="a b", extra_body={"truncate": False, "options": {"num_ctx": 8192}})
+    sent = fake_llm.calls("/api/embed")[-1][3]
+    assert sent["truncate"] is False and sent["options"] == {"num_ctx": 8192}
     bad = server.client.post("/v1/embeddings", json={"model": "nomic", "input": "x", "encoding_format": "hex"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_encoding_format"
     assert bad.json()["error"]["message"] == "'encoding_format' must be \"float\" or \"base64\" (got \"hex\")"

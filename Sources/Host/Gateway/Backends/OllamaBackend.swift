@@ -202,7 +202,8 @@ struct OllamaBackend: ChatBackend {
         return OpenAIShapes.data(["object": "list", "data": models])
     }
 
-    /// `/api/embed`, with `dimensions` passed on and each vector returned as floats or, when
+    /// `/api/embed`, with `dimensions` (and Ollama's own `truncate`, `keep_alive` and `options`)
+    /// passed on and each vector returned as floats or, when
     /// `encoding_format` is `"base64"` (what OpenAI's SDKs ask for by default), as the base64 of
     /// its little-endian float32s.
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
@@ -235,6 +236,10 @@ struct OllamaBackend: ChatBackend {
                 throw OpenAIError(.badRequest, "'dimensions' must be a positive integer", code: "invalid_dimensions")
             }
             request["dimensions"] = count
+        }
+        // Ollama's own fields, from a client that speaks them (`options.num_ctx` above all).
+        for field in ["truncate", "keep_alive", "options"] {
+            if let value = body[field], !(value is NSNull) { request[field] = value }
         }
         let reply = try await client.call(.POST, "/api/embed", json: OpenAIShapes.data(request), requestID: requestID, backend: name)
         let object = try Self.replyObject(reply)
