@@ -130,16 +130,27 @@ import Testing
         #expect(values.count == 9)
     }
 
-    @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {
-        let text = "OK=1\nno equals sign\nBAD KEY=1\n1ST=x\nOPEN=\"never closed\nAFTER='x' y\n"
+    @Test func dotEnvQuotedValuesMaySpanLines() {
+        // A PEM key as another tool keeps it; the lines after it are read as usual.
+        let text = "CERT=\"-----BEGIN X-----\nAAAA\n-----END X-----\"\nPORT=9000\nSQL='a\r\nb' # two lines\nAPI_KEY=k\n"
         let (values, problems) = parseDotEnv(text, file: ".env")
-        #expect(values == ["OK": "1"])
+        #expect(problems.isEmpty, "\(problems)")
+        #expect(values["CERT"] == "-----BEGIN X-----\nAAAA\n-----END X-----")
+        #expect(values["SQL"] == "a\nb")
+        #expect(values["PORT"] == "9000" && values["API_KEY"] == "k")
+    }
+
+    @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {
+        // Another tool's keys (dots, dashes) are no problem; a name with a space or an empty one is.
+        let text = "OK=1\nno equals sign\nBAD KEY=1\nspring.datasource-url=x\nOPEN=\"never closed\nAFTER='x' y\n=v\n"
+        let (values, problems) = parseDotEnv(text, file: ".env")
+        #expect(values == ["OK": "1", "spring.datasource-url": "x"])
         #expect(problems.map(\.description) == [
             ".env:2: expected KEY=value",
-            ".env:3: 'BAD KEY' is not a variable name (letters, digits and _, not starting with a digit)",
-            ".env:4: '1ST' is not a variable name (letters, digits and _, not starting with a digit)",
-            ".env:5: key 'OPEN': the value's opening \" has no closing one on the same line (values cannot span lines)",
+            ".env:3: 'BAD KEY' is not a variable name (it is empty or holds spaces or quotes)",
+            ".env:5: key 'OPEN': the value's opening \" is never closed",
             ".env:6: key 'AFTER': unexpected text after the quoted value: y",
+            ".env:7: '' is not a variable name (it is empty or holds spaces or quotes)",
         ])
     }
 

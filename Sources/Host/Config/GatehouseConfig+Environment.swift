@@ -107,17 +107,21 @@ extension GatehouseConfig {
 
 /// Parses a `.env` file as the dotenv convention reads one: `KEY=value` lines (LF or CRLF, a
 /// leading byte-order mark ignored), `#` comments, an optional `export`, values optionally in
-/// single quotes (literal) or double quotes (`\n`, `\t`, `\r`, `\"` and `\\` escapes), an
-/// unquoted value ending at ` #`. A line it cannot read is a problem naming the file and line,
-/// never a value silently taken wrong.
+/// single quotes (literal) or double quotes (`\n`, `\t`, `\r`, `\"` and `\\` escapes), either
+/// of which may span lines (a PEM key, say), an unquoted value ending at ` #`. A line it cannot
+/// read is a problem naming the file and line, never a value silently taken wrong.
 func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProblem]) {
     var values: [String: String] = [:]
     var problems: [ConfigProblem] = []
     let text = text.hasPrefix("\u{FEFF}") ? String(text.dropFirst()) : text
     // By Character, "\r\n" is one newline; splitting on "\n" alone would leave a CRLF file one line.
-    for (index, rawLine) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
-        func problem(_ message: String, key: String = "") { problems.append(ConfigProblem(file: file, key: key, line: index + 1, message: message)) }
-        var line = Substring(rawLine.trimmingCharacters(in: .whitespaces))
+    let lines = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)
+    var index = 0
+    while index < lines.count {
+        let lineNumber = index + 1
+        func problem(_ message: String, key: String = "") { problems.append(ConfigProblem(file: file, key: key, line: lineNumber, message: message)) }
+        var line = Substring(lines[index].trimmingCharacters(in: .whitespaces))
+        index += 1
         if line.isEmpty || line.hasPrefix("#") { continue }
         if line.hasPrefix("export ") || line.hasPrefix("export\t") { line = line.dropFirst(7).drop(while: { $0 == " " || $0 == "\t" }) }
         guard let equals = line.firstIndex(of: "=") else {
@@ -125,13 +129,26 @@ func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProb
             continue
         }
         let key = line[..<equals].trimmingCharacters(in: .whitespaces)
+        // Other tools' keys may share the file (dots and dashes included); only a name that
+        // cannot be one (empty, or with spaces or quotes: a typo) is a problem.
         guard isVariableName(key) else {
-            problem("'\(key)' is not a variable name (letters, digits and _, not starting with a digit)")
+            problem("'\(key)' is not a variable name (it is empty or holds spaces or quotes)")
             continue
         }
-        switch dotEnvValue(line[line.index(after: equals)...].drop(while: { $0 == " " || $0 == "\t" })) {
+        var raw = String(line[line.index(after: equals)...].drop(while: { $0 == " " || $0 == "\t" }))
+        var result = dotEnvValue(Substring(raw))
+        // A quoted value not closed on its line goes on over the next lines, as dotenv reads it.
+        let firstLine = index
+        while case .failure(let reason) = result, reason.unterminated, index < lines.count {
+            raw += "\n" + lines[index]
+            index += 1
+            result = dotEnvValue(Substring(raw))
+        }
+        switch result {
         case .success(let value): values[key] = value
-        case .failure(let reason): problem(reason.message, key: key)
+        case .failure(let reason):
+            if reason.unterminated { index = firstLine }  // the lines after it are read as lines again
+            problem(reason.message, key: key)
         }
     }
     return (values, problems)
@@ -140,9 +157,11 @@ func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProb
 /// Why a `.env` value could not be read.
 struct DotEnvValueProblem: Error {
     let message: String
+    /// The value's quote is not closed in the text given: more lines may close it.
+    var unterminated = false
 }
 
-/// A `.env` line's value, after the `=` and its spaces.
+/// A `.env` value, from after the `=` and its spaces (over several lines for a quoted value).
 private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem> {
     guard let quote = raw.first, quote == "\"" || quote == "'" else {
         // Unquoted: up to a comment (a `#` after a space), without the spaces around it.
@@ -170,7 +189,7 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
         index = raw.index(after: index)
     }
     guard index < raw.endIndex else {
-        return .failure(DotEnvValueProblem(message: "the value's opening \(quote) has no closing one on the same line (values cannot span lines)"))
+        return .failure(DotEnvValueProblem(message: "the value's opening \(quote) is never closed", unterminated: true))
     }
     let rest = raw[raw.index(after: index)...].trimmingCharacters(in: .whitespaces)
     guard rest.isEmpty || rest.hasPrefix("#") else {
@@ -179,8 +198,7 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
     return .success(value)
 }
 
-/// Whether `name` can be an environment variable's name: letters, digits and `_`, not starting with a digit.
+/// Whether `name` can name a `.env` variable: not empty, no spaces or quotes.
 private func isVariableName(_ name: String) -> Bool {
-    guard let first = name.utf8.first, !(0x30...0x39).contains(first) else { return false }
-    return name.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) || $0 == 0x5F }
+    !name.isEmpty && !name.contains(where: { $0.isWhitespace || $0 == "\"" || $0 == "'" })
 }
