@@ -140,6 +140,19 @@ import Testing
         #expect(values["PORT"] == "9000" && values["API_KEY"] == "k")
     }
 
+    @Test func dotEnvExpandsBracedVariablesOutsideSingleQuotes() {
+        let text = "HOST=10.0.0.5\nOLLAMA_HOST=http://${HOST}:11434\nKEY=\"${SECRET}\"\nRAW='${HOST}'\nPRICE=\\$5 \"x\"\nQUOTED=\"cost \\${HOST}\"\nDEF=${MISSING:-fallback}\nNONE=a${MISSING}b\n"
+        let (values, problems) = parseDotEnv(text, file: ".env", environment: ["SECRET": "from-env"])
+        #expect(problems.isEmpty, "\(problems)")
+        #expect(values["OLLAMA_HOST"] == "http://10.0.0.5:11434")
+        #expect(values["KEY"] == "from-env")
+        #expect(values["RAW"] == "${HOST}")
+        #expect(values["PRICE"] == "$5 \"x\"")
+        #expect(values["QUOTED"] == "cost ${HOST}")
+        #expect(values["DEF"] == "fallback")
+        #expect(values["NONE"] == "ab")
+    }
+
     @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {
         // Another tool's keys (dots, dashes) are no problem; a name with a space or an empty one is.
         let text = "OK=1\nno equals sign\nBAD KEY=1\nspring.datasource-url=x\nOPEN=\"never closed\nAFTER='x' y\n=v\n"

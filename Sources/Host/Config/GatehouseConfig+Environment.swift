@@ -108,9 +108,11 @@ extension GatehouseConfig {
 /// Parses a `.env` file as the dotenv convention reads one: `KEY=value` lines (LF or CRLF, a
 /// leading byte-order mark ignored), `#` comments, an optional `export`, values optionally in
 /// single quotes (literal) or double quotes (`\n`, `\t`, `\r`, `\"` and `\\` escapes), either
-/// of which may span lines (a PEM key, say), an unquoted value ending at ` #`. A line it cannot
-/// read is a problem naming the file and line, never a value silently taken wrong.
-func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProblem]) {
+/// of which may span lines (a PEM key, say), an unquoted value ending at ` #`. `${NAME}` in an
+/// unquoted or double-quoted value is replaced, as python-dotenv does, by an earlier key of the
+/// file or else the process environment (`${NAME:-default}` gives a default; `\$` is a `$`).
+/// A line it cannot read is a problem naming the file and line, never a value silently taken wrong.
+func parseDotEnv(_ text: String, file: String, environment: [String: String] = [:]) -> ([String: String], [ConfigProblem]) {
     var values: [String: String] = [:]
     var problems: [ConfigProblem] = []
     let text = text.hasPrefix("\u{FEFF}") ? String(text.dropFirst()) : text
@@ -145,7 +147,8 @@ func parseDotEnv(_ text: String, file: String) -> ([String: String], [ConfigProb
             result = dotEnvValue(Substring(raw))
         }
         switch result {
-        case .success(let value): values[key] = value
+        case .success(let value):
+            values[key] = raw.first == "'" ? value : expandingVariables(in: value) { values[$0] ?? environment[$0] }
         case .failure(let reason):
             if reason.unterminated { index = firstLine }  // the lines after it are read as lines again
             problem(reason.message, key: key)
@@ -169,7 +172,7 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
         if let hash = raw.indices.first(where: { raw[$0] == "#" && $0 > raw.startIndex && [" ", "\t"].contains(raw[raw.index(before: $0)]) }) {
             value = raw[..<hash]
         }
-        return .success(value.trimmingCharacters(in: .whitespaces))
+        return .success(value.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: "\\$", with: String(escapedDollar)))
     }
     var value = ""
     var index = raw.index(after: raw.startIndex)
@@ -181,6 +184,7 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
             case "t": value.append("\t")
             case "r": value.append("\r")
             case "\"", "\\": value.append(raw[index])
+            case "$": value.append(escapedDollar)  // kept from expansion
             default: value.append("\\"); value.append(raw[index])
             }
         } else {
@@ -196,6 +200,26 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
         return .failure(DotEnvValueProblem(message: "unexpected text after the quoted value: \(rest.prefix(40))"))
     }
     return .success(value)
+}
+
+/// Stands for an escaped `$` (`\$`) between reading a value and expanding it: a code point of
+/// Unicode's private use area, which no `.env` holds.
+private let escapedDollar: Character = "\u{F8FF}"
+
+/// `value` with each `${NAME}` (or `${NAME:-default}`) replaced by `lookup(NAME)`, else the
+/// default, else nothing; escaped dollars become `$` again.
+private func expandingVariables(in value: String, lookup: (String) -> String?) -> String {
+    var out = ""
+    var rest = Substring(value)
+    while let open = rest.range(of: "${"), let close = rest[open.upperBound...].firstIndex(of: "}") {
+        out += rest[..<open.lowerBound]
+        let reference = rest[open.upperBound..<close]
+        let (name, fallback) = reference.range(of: ":-").map { (String(reference[..<$0.lowerBound]), String(reference[$0.upperBound...])) } ?? (String(reference), "")
+        out += lookup(name).flatMap { $0.isEmpty ? nil : $0 } ?? fallback
+        rest = rest[rest.index(after: close)...]
+    }
+    out += rest
+    return String(out.map { $0 == escapedDollar ? "$" : $0 })
 }
 
 /// Whether `name` can name a `.env` variable: not empty, no spaces or quotes.

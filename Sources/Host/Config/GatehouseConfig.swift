@@ -128,7 +128,7 @@ extension GatehouseConfig {
             guard let text = try? String(contentsOfFile: dotEnvFile, encoding: .utf8) else {
                 throw ConfigProblems(problems: [ConfigProblem(file: dotEnvFile, key: "", line: nil, message: "cannot be read as UTF-8 text")])
             }
-            let (values, dotEnvProblems) = parseDotEnv(text, file: dotEnvFile)
+            let (values, dotEnvProblems) = parseDotEnv(text, file: dotEnvFile, environment: environment)
             variables = values
             problems += dotEnvProblems
             config.sources.append(dotEnvFile)
