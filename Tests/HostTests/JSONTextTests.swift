@@ -111,6 +111,14 @@ struct JSONTextTests {
         #expect(String(decoding: JSONText.data(["n": Double.nan, "i": -Double.infinity]), as: UTF8.self).contains("null"))
         #expect(String(decoding: JSONText.data([Any]()), as: UTF8.self) == "[]")
         #expect(String(decoding: JSONText.data([String: Any]()), as: UTF8.self) == "{}")
+        let missing: Int? = nil
+        let present: Int? = 3
+        #expect(String(decoding: JSONText.data(["a": missing as Any]), as: UTF8.self) == #"{"a":null}"#)
+        #expect(String(decoding: JSONText.data(["a": present as Any]), as: UTF8.self) == #"{"a":3}"#)
+        let wrappedNull: NSNull? = NSNull()
+        #expect(String(decoding: JSONText.data(["a": wrappedNull as Any]), as: UTF8.self) == #"{"a":null}"#)
+        let wrappedBool: NSNumber? = NSNumber(value: true)
+        #expect(String(decoding: JSONText.data(["a": wrappedBool as Any]), as: UTF8.self) == #"{"a":true}"#)
     }
 }
 

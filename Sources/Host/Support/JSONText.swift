@@ -62,6 +62,9 @@ enum JSONText {
             output.append(contentsOf: String(integer).utf8)
         } else if let number = value as? any BinaryFloatingPoint {
             appendDouble(Double(number), to: &output)
+        } else if case let mirror = Mirror(reflecting: value), mirror.displayStyle == .optional {
+            // An optional put in a dictionary as it was: its value, or null.
+            if let wrapped = mirror.children.first?.value { append(wrapped, to: &output) } else { output.append(contentsOf: nullText) }
         } else {
             appendString(String(describing: value), to: &output)
         }
