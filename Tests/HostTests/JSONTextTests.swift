@@ -123,6 +123,19 @@ struct JSONTextTests {
 }
 
 
+/// The error body every refusal carries, written member by member.
+struct OpenAIErrorBodyTests {
+    @Test func membersInSortedOrderEscapedAndOptionalOnesLeftOut() throws {
+        let error = OpenAIError(.tooManyRequests, "rate limit \"exceeded\"\n/ retry", code: "rate_limit_exceeded")
+        #expect(String(decoding: error.body(requestID: "r-1"), as: UTF8.self)
+            == #"{"error":{"code":"rate_limit_exceeded","message":"rate limit \"exceeded\"\n/ retry","request_id":"r-1","type":"rate_limit_error"}}"#)
+        let bare = OpenAIError(.badGateway, "upstream failed")
+        #expect(String(decoding: bare.body(requestID: ""), as: UTF8.self) == #"{"error":{"message":"upstream failed","type":"api_error"}}"#)
+        let parsed = try #require(try JSONSerialization.jsonObject(with: error.body(requestID: nil)) as? [String: [String: String]])
+        #expect(parsed["error"]?["message"] == "rate limit \"exceeded\"\n/ retry" && parsed["error"]?["request_id"] == nil)
+    }
+}
+
 extension SplitMix {
     /// A number from 0 below `bound`.
     mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
