@@ -149,12 +149,7 @@ struct UpstreamResponseParser {
     /// The next line of `input` (without its CR LF, or a bare LF), consumed; nil (nothing
     /// consumed) until a whole line is there.
     private mutating func readLine(_ input: inout ByteBuffer, limit: Int, what: String) throws(MalformedUpstreamReply) -> ByteBuffer? {
-        let from = scanned
-        let found = input.withUnsafeReadableBytes { bytes -> Int? in
-            guard let base = bytes.baseAddress, from < bytes.count, let hit = memchr(base + from, 0x0a, bytes.count - from) else { return nil }
-            return base.distance(to: UnsafeRawPointer(hit))
-        }
-        guard let newline = found else {
+        guard let newline = ByteSearch.find(0x0a, in: input, from: scanned) else {
             if input.readableBytes > limit { throw MalformedUpstreamReply(reason: "\(what) is longer than \(limit) bytes") }
             scanned = input.readableBytes
             return nil
