@@ -15,18 +15,9 @@ MODE=${BENCH_MODE:-json} CONC=${BENCH_CONC:-16} ROUNDS=${BENCH_ROUNDS:-8} SECOND
 case $MODE in json | sse) ;; *) echo "bench: BENCH_MODE must be json or sse, not '$MODE'"; exit 1 ;; esac
 command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
 
-WORK=$(mktemp -d /tmp/gatehouse-ab-XXXXXX)
 UPSTREAM_PORT=19401 A_PORT=19411 B_PORT=19412
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    [[ -f $WORK/upstream.pid ]] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 source bench/canned.sh
+bench_workspace gatehouse-ab
 if [[ $MODE == sse ]]; then
     CANNED=$SSE TYPE=text/event-stream CHUNKED="ssi on; ssi_types text/event-stream;"
     BODY='{"model":"bench","messages":[{"role":"user","content":"Hello"}],"stream":true}'

@@ -12,28 +12,13 @@ DURATION=${1:-12}
 ROUNDS=${BENCH_ROUNDS:-4}
 ROUND_SECONDS=$(( DURATION / ROUNDS > 0 ? DURATION / ROUNDS : 1 ))
 GATEHOUSE=${GATEHOUSE_BIN:-.build/release/gatehouse}
-WORK=$(mktemp -d /tmp/gatehouse-router-bench-XXXXXX)
 [[ -x $GATEHOUSE ]] || { echo "bench: $GATEHOUSE missing; build release first (make bench does)"; exit 1; }
 command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
 
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    [[ -f $WORK/upstream.pid ]] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-# bench/run.sh's answer ($COMPLETION, $SSE) and the same answer as Ollama sends it: one JSON
-# reply, or a line per word and a last line with the counts.
+# bench/run.sh's answer ($COMPLETION, $SSE) and the same answer as Ollama sends it
+# ($OLLAMA_REPLY, $NDJSON).
 source bench/canned.sh
-OLLAMA_REPLY='{"model":"bench","created_at":"2026-12-07T10:00:00Z","message":{"role":"assistant","content":"Hello! How can I help you today?"},"done":true,"done_reason":"stop","prompt_eval_count":9,"eval_count":9}'
-NDJSON=""
-for word in Hello! How can I help you today?; do
-    NDJSON+="{\"model\":\"bench\",\"created_at\":\"2026-12-07T10:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"$word \"},\"done\":false}\n"
-done
-NDJSON+='{"model":"bench","created_at":"2026-12-07T10:00:01Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":9,"eval_count":9}\n'
+bench_workspace gatehouse-router-bench
 # Streams come chunked, as both servers send them (SSI makes nginx treat the body as generated).
 canned_upstream_conf "$WORK/upstream.conf" "
     server { listen 127.0.0.1:19301; location / { default_type application/json; return 200 '$OLLAMA_REPLY'; } }

@@ -18,7 +18,6 @@ cd "$(dirname "$0")/.."
 
 DURATION=${1:-12}
 GATEHOUSE=${GATEHOUSE_BIN:-.build/release/gatehouse}
-WORK=$(mktemp -d /tmp/gatehouse-bench-XXXXXX)
 UPSTREAM_JSON_PORT=19101
 UPSTREAM_SSE_PORT=19102
 NGINX_PORT=19103
@@ -43,16 +42,9 @@ esac
 [[ -x $GATEHOUSE ]] || { echo "bench: $GATEHOUSE missing; run make bench (builds release)"; exit 1; }
 command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
 
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pidfile in "$WORK/nginx.pid" "$WORK/upstream.pid"; do
-        [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# The canned answers ($COMPLETION, $SSE) and the work directory, shared with bench/ab.sh.
+source bench/canned.sh
+bench_workspace gatehouse-bench
 
 # Pins every thread of the given processes to the CPUs in $1 (nothing in the free layout).
 pin() {
@@ -61,9 +53,6 @@ pin() {
     [[ -n $cpus ]] || return 0
     for pid in "$@"; do taskset -a -p -c "$cpus" "$pid" >/dev/null; done
 }
-
-# The canned answers ($COMPLETION, $SSE), shared with bench/ab.sh.
-source bench/canned.sh
 
 # The stream is chunked by default, as llama.cpp's, vLLM's, Ollama's and OpenAI's streams are
 # (their length is not known until the model stops): with a Content-Length, nginx passed the
