@@ -141,7 +141,7 @@ import Testing
     }
 
     @Test func dotEnvExpandsBracedVariablesOutsideSingleQuotes() {
-        let text = "HOST=10.0.0.5\nOLLAMA_HOST=http://${HOST}:11434\nKEY=\"${SECRET}\"\nRAW='${HOST}'\nPRICE=\\$5 \"x\"\nQUOTED=\"cost \\${HOST}\"\nDEF=${MISSING:-fallback}\nNONE=a${MISSING}b\n"
+        let text = "HOST=10.0.0.5\nOLLAMA_HOST=http://${HOST}:11434\nKEY=\"${SECRET}\"\nRAW='${HOST}'\nPRICE=\\$5 \"x\"\nQUOTED=\"cost \\${HOST}\"\nDEF=${MISSING:-fallback}\nNONE=a${MISSING}b\nHALF=\"a${HOST\" # }\n"
         let (values, problems) = parseDotEnv(text, file: ".env", environment: ["SECRET": "from-env"])
         #expect(problems.isEmpty, "\(problems)")
         #expect(values["OLLAMA_HOST"] == "http://10.0.0.5:11434")
@@ -151,6 +151,7 @@ import Testing
         #expect(values["QUOTED"] == "cost ${HOST}")
         #expect(values["DEF"] == "fallback")
         #expect(values["NONE"] == "ab")
+        #expect(values["HALF"] == "a${HOST")  // a reference does not run past the closing quote
     }
 
     @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {

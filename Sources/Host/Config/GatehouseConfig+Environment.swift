@@ -138,17 +138,18 @@ func parseDotEnv(_ text: String, file: String, environment: [String: String] = [
             continue
         }
         var raw = String(line[line.index(after: equals)...].drop(while: { $0 == " " || $0 == "\t" }))
-        var result = dotEnvValue(Substring(raw))
+        let lookup = { (name: String) in values[name] ?? environment[name] }
+        var result = dotEnvValue(Substring(raw), lookup: lookup)
         // A quoted value not closed on its line goes on over the next lines, as dotenv reads it.
         let firstLine = index
         while case .failure(let reason) = result, reason.unterminated, index < lines.count {
             raw += "\n" + lines[index]
             index += 1
-            result = dotEnvValue(Substring(raw))
+            result = dotEnvValue(Substring(raw), lookup: lookup)
         }
         switch result {
         case .success(let value):
-            values[key] = raw.first == "'" ? value : expandingVariables(in: value) { values[$0] ?? environment[$0] }
+            values[key] = value
         case .failure(let reason):
             if reason.unterminated { index = firstLine }  // the lines after it are read as lines again
             problem(reason.message, key: key)
@@ -164,15 +165,31 @@ struct DotEnvValueProblem: Error {
     var unterminated = false
 }
 
-/// A `.env` value, from after the `=` and its spaces (over several lines for a quoted value).
-private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem> {
+/// A `.env` value, from after the `=` and its spaces (over several lines for a quoted value),
+/// with `${NAME}` references outside single quotes replaced by `lookup`'s value.
+private func dotEnvValue(_ raw: Substring, lookup: (String) -> String?) -> Result<String, DotEnvValueProblem> {
     guard let quote = raw.first, quote == "\"" || quote == "'" else {
         // Unquoted: up to a comment (a `#` after a space), without the spaces around it.
-        var value = raw
+        var text = raw
         if let hash = raw.indices.first(where: { raw[$0] == "#" && $0 > raw.startIndex && [" ", "\t"].contains(raw[raw.index(before: $0)]) }) {
-            value = raw[..<hash]
+            text = raw[..<hash]
         }
-        return .success(value.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: "\\$", with: String(escapedDollar)))
+        text = Substring(text.trimmingCharacters(in: .whitespaces))
+        var value = ""
+        var index = text.startIndex
+        while index < text.endIndex {
+            if text[index] == "\\", text[text.index(after: index)...].first == "$" {
+                value.append("$")  // `\$`: a dollar, not a reference
+                index = text.index(index, offsetBy: 2)
+            } else if let (replacement, end) = reference(in: text, at: index, lookup: lookup) {
+                value += replacement
+                index = end
+            } else {
+                value.append(text[index])
+                index = text.index(after: index)
+            }
+        }
+        return .success(value)
     }
     var value = ""
     var index = raw.index(after: raw.startIndex)
@@ -183,10 +200,12 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
             case "n": value.append("\n")
             case "t": value.append("\t")
             case "r": value.append("\r")
-            case "\"", "\\": value.append(raw[index])
-            case "$": value.append(escapedDollar)  // kept from expansion
+            case "\"", "\\", "$": value.append(raw[index])
             default: value.append("\\"); value.append(raw[index])
             }
+        } else if quote == "\"", let (replacement, end) = reference(in: raw, at: index, lookup: lookup) {
+            value += replacement
+            index = raw.index(before: end)
         } else {
             value.append(raw[index])
         }
@@ -202,24 +221,16 @@ private func dotEnvValue(_ raw: Substring) -> Result<String, DotEnvValueProblem>
     return .success(value)
 }
 
-/// Stands for an escaped `$` (`\$`) between reading a value and expanding it: a code point of
-/// Unicode's private use area, which no `.env` holds.
-private let escapedDollar: Character = "\u{F8FF}"
-
-/// `value` with each `${NAME}` (or `${NAME:-default}`) replaced by `lookup(NAME)`, else the
-/// default, else nothing; escaped dollars become `$` again.
-private func expandingVariables(in value: String, lookup: (String) -> String?) -> String {
-    var out = ""
-    var rest = Substring(value)
-    while let open = rest.range(of: "${"), let close = rest[open.upperBound...].firstIndex(of: "}") {
-        out += rest[..<open.lowerBound]
-        let reference = rest[open.upperBound..<close]
-        let (name, fallback) = reference.range(of: ":-").map { (String(reference[..<$0.lowerBound]), String(reference[$0.upperBound...])) } ?? (String(reference), "")
-        out += lookup(name).flatMap { $0.isEmpty ? nil : $0 } ?? fallback
-        rest = rest[rest.index(after: close)...]
+/// The `${NAME}` (or `${NAME:-default}`) reference starting at `index` of `text`, if one does:
+/// `lookup(NAME)`, else the default, else nothing; and the index after its `}`. A reference
+/// does not run past a double quote.
+private func reference(in text: Substring, at index: Substring.Index, lookup: (String) -> String?) -> (String, Substring.Index)? {
+    guard text[index...].hasPrefix("${"), let close = text[index...].firstIndex(where: { $0 == "}" || $0 == "\"" }), text[close] == "}" else {
+        return nil
     }
-    out += rest
-    return String(out.map { $0 == escapedDollar ? "$" : $0 })
+    let inside = text[text.index(index, offsetBy: 2)..<close]
+    let (name, fallback) = inside.range(of: ":-").map { (String(inside[..<$0.lowerBound]), String(inside[$0.upperBound...])) } ?? (String(inside), "")
+    return (lookup(name).flatMap { $0.isEmpty ? nil : $0 } ?? fallback, text.index(after: close))
 }
 
 /// Whether `name` can name a `.env` variable: not empty, no spaces or quotes.
