@@ -234,6 +234,21 @@ import Testing
         ], variable: "GATEHOUSE_UPSTREAM_URL", yaml: true)
     }
 
+    @Test func openAIRoutesGoUnderV1UnlessTheURLNamesAnAPIVersion() {
+        let cases = [
+            "https://api.openai.com/v1": "/v1", "http://127.0.0.1:8080": "/v1", "https://api.groq.com/openai/v1/": "/v1",
+            "http://h:1/llm": "/v1", "http://h:1/vllm": "/v1", "http://h:1/v": "/v1", "http://h:1/v1-beta": "/v1", "http://h:1/V2": "/v1",
+            // As OpenAI's SDKs take them: the URL is the API's base.
+            "https://generativelanguage.googleapis.com/v1beta/openai/": "", "http://h:1/v2": "", "http://h:1/api/v1alpha1/x": "",
+            "http://h:1/v1/openai": "",
+        ]
+        for (url, expected) in cases {
+            var config = GatehouseConfig()
+            #expect(config.apply(environment: ["GATEHOUSE_UPSTREAM_URL": url]).isEmpty)
+            #expect(config.upstream.openAIAPIPath == expected, "\(url)")
+        }
+    }
+
     @Test func redactsSecrets() {
         #expect(Redactor.redact(key: "api_key", value: "abc") == "[REDACTED]")
         #expect(Redactor.redact(key: "Authorization", value: "Bearer x") == "[REDACTED]")

@@ -29,6 +29,8 @@ Special model names change behaviour:
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
                 word per line, before the answer) unless the request has "think": false
 Ollama replies carry per-token `logprobs` when the request asks (`"logprobs": true`, `top_logprobs`).
+The OpenAI routes are also served under Google's base, /v1beta/openai (chat at
+/v1beta/openai/chat/completions), as Gemini's OpenAI-compatible endpoint serves them.
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
@@ -38,6 +40,8 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GOOGLE_BASE = "/v1beta/openai"
 
 
 def ollama_logprobs(body, tokens):
@@ -120,6 +124,10 @@ class FakeLLM:
                 with fake.lock:
                     fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     fake.peers.append(self.client_address[1])
+                # The OpenAI routes are served under Google's base too, as Gemini's
+                # OpenAI-compatible endpoint has them (recorded as they were asked for).
+                if self.path.startswith(GOOGLE_BASE + "/"):
+                    self.path = "/v1" + self.path[len(GOOGLE_BASE):]
 
             def _send(self, status, obj, content_type="application/json", headers=()):
                 data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()

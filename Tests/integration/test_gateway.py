@@ -728,6 +728,22 @@ def test_an_upstream_base_url_ending_in_v1_works(gateway, fake_llm, backend):
     assert fake_llm.requests and not any(path.startswith("/v1/v1") for _, path, *_ in fake_llm.requests)
 
 
+def test_an_upstream_base_url_naming_another_api_version_is_used_as_it_is(gateway, fake_llm):
+    # Google's OpenAI-compatible base URL: OpenAI's SDKs add /chat/completions to it, and so
+    # must the gateway, on the pass-through (chat) and the router (models, embeddings) alike.
+    server = gateway("openai", env={"GATEHOUSE_UPSTREAM_URL": fake_llm.url + "/v1beta/openai/"})
+    client = client_for(server)
+    assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": "to google"}]).choices[0].message.content == "Echo: to google"
+    chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "streamed"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: streamed"
+    assert [m.id for m in client.models.list()] == ["smollm2"]
+    assert len(client.embeddings.create(model="e", input=["a", "b"]).data) == 2
+    assert server.client.get("/health/ready").status_code == 200
+    paths = {path for _, path, *_ in fake_llm.requests}
+    assert {"/v1beta/openai/chat/completions", "/v1beta/openai/models", "/v1beta/openai/embeddings"} <= paths, paths
+    assert not any(path.startswith("/v1/") or "/openai/v1" in path for path in paths), paths
+
+
 @both_backends
 def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, backend):
     server = gateway(backend)

@@ -43,6 +43,11 @@ public struct GatehouseConfig: Sendable {
         /// busy waits up to `connectTimeout` for one, then gets 503 `upstream_busy`. 512 is
         /// Ollama's own default queue (`OLLAMA_MAX_QUEUE`), past which it answers 503 itself.
         public var maxConnections = 512
+
+        /// The path the OpenAI API's routes hang under, after `url`'s own: `/v1` (OpenAI's own
+        /// servers, vLLM, llama.cpp), or nothing when `url`'s path already names an API version,
+        /// as Google's `…/v1beta/openai` does; OpenAI's SDKs take such a URL as the API's base.
+        public var openAIAPIPath: String { GatehouseConfig.pathNamesAPIVersion(url) ? "" : "/v1" }
     }
 
     public struct Cache: Sendable {
@@ -248,9 +253,10 @@ extension GatehouseConfig {
     static let logLevels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
 
     /// An upstream URL as the gateway uses it: no trailing slash, and no final `/v1`. The
-    /// gateway adds `/v1/...` (and Ollama's `/api/...`) itself, while OpenAI's SDKs and the docs
-    /// of vLLM and llama.cpp spell base URLs with `/v1`; taken as written, such a URL sent
-    /// every request to `/v1/v1/...` and got a 404 that read like an unknown model.
+    /// gateway adds `/v1/...` (`Upstream.openAIAPIPath`; Ollama's `/api/...`) itself, while
+    /// OpenAI's SDKs and the docs of vLLM and llama.cpp spell base URLs with `/v1`; taken as
+    /// written, such a URL sent every request to `/v1/v1/...` and got a 404 that read like an
+    /// unknown model.
     static func upstreamBaseURL(_ url: String) -> String {
         guard var components = URLComponents(string: url) else { return url }
         var path = components.path
@@ -259,6 +265,22 @@ extension GatehouseConfig {
         while path.hasSuffix("/") { path.removeLast() }
         components.path = path
         return components.string ?? url
+    }
+
+    /// Whether a segment of `url`'s path is an API version: `v`, digits, then optionally a
+    /// lowercase word and digits (`v1`, `v2`, `v1beta`, `v1alpha1`).
+    static func pathNamesAPIVersion(_ url: String) -> Bool {
+        guard let path = URLComponents(string: url)?.path else { return false }
+        return path.split(separator: "/").contains { segment in
+            let bytes = Array(segment.utf8)
+            guard bytes.count >= 2, bytes[0] == UInt8(ascii: "v") else { return false }
+            let digits = bytes.dropFirst().prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+            let rest = bytes.dropFirst(1 + digits.count)
+            guard !digits.isEmpty else { return false }
+            guard let first = rest.first else { return true }
+            return first >= UInt8(ascii: "a") && first <= UInt8(ascii: "z")
+                && rest.allSatisfy { ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) }
+        }
     }
 
     static func isHTTPURL(_ text: String) -> Bool {

@@ -21,7 +21,7 @@ final class ChatService: Sendable {
         let backend: any ChatBackend =
             switch config.upstream.backend {
             case .ollama: OllamaBackend(client: client)
-            case .openai: OpenAIBackend(client: client)
+            case .openai: OpenAIBackend(client: client, apiPath: config.upstream.openAIAPIPath)
             }
         let cache = config.cache.enabled
             ? ResponseCache(limits: .init(maxEntries: config.cache.maxEntries, maxBytes: config.cache.maxBytes, ttl: config.cache.ttl))

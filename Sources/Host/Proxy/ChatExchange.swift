@@ -394,7 +394,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    private var target: String { passThrough.target.baseURL + ChatPassThrough.path }
+    private var target: String { passThrough.target.baseURL + passThrough.upstreamPath }
 
     /// Why a stream the upstream ended cleanly, but without a single event, failed.
     private func emptyStreamError() -> OpenAIError {

@@ -17,6 +17,8 @@ final class ChatPassThrough: Sendable {
     static let path = "/v1/chat/completions"
 
     let target: UpstreamTarget
+    /// The chat route's path at the upstream, after the target's own (`Upstream.openAIAPIPath`).
+    let upstreamPath: String
     let timeout: Double
     let connectTimeout: TimeAmount
     /// The upstream request's request line and fixed header fields (with `Authorization` when
@@ -48,13 +50,14 @@ final class ChatPassThrough: Sendable {
     ) {
         guard config.upstream.backend == .openai, let target = UpstreamTarget(url: config.upstream.url) else { return nil }
         self.target = target
+        upstreamPath = config.upstream.openAIAPIPath + "/chat/completions"
         timeout = config.upstream.timeout
         connectTimeout = .milliseconds(Int64(config.upstream.connectTimeout * 1000))
         let upstreamAuthorization = config.upstream.apiKey.map { "Bearer \($0)" }
         // The head is written as bytes (ChatExchange): a key that cannot be a header value
         // leaves chat to the router path, whose client rejects it with a clear error.
         guard upstreamAuthorization?.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x7f }) ?? true else { return nil }
-        var prefix = "POST \(target.pathPrefix)\(Self.path) HTTP/1.1\r\nHost: \(target.authority)\r\n"
+        var prefix = "POST \(target.pathPrefix)\(upstreamPath) HTTP/1.1\r\nHost: \(target.authority)\r\n"
         prefix += "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
         if let upstreamAuthorization { prefix += "Authorization: \(upstreamAuthorization)\r\n" }
         upstreamHeadPrefix = Array(prefix.utf8)

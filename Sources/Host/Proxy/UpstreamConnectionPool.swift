@@ -7,7 +7,7 @@ internal import NIOPosix
 struct UpstreamTarget: Sendable, Equatable {
     let host: String
     let port: Int
-    /// The URL's path (without a trailing slash), put before `/v1/chat/completions`.
+    /// The URL's path (without a trailing slash), put before the chat route's.
     let pathPrefix: String
     /// The `Host` header value.
     let authority: String

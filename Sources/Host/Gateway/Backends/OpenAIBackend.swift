@@ -11,11 +11,18 @@ internal import Glibc
 /// smoothing some servers need (llama.cpp rejects `content: null` next to `tool_calls`).
 struct OpenAIBackend: ChatBackend {
     let client: UpstreamClient
+    /// Put between the upstream URL and each route (`/v1`, or nothing: `Upstream.openAIAPIPath`).
+    let apiPath: String
     var name: String { "openai" }
+
+    init(client: UpstreamClient, apiPath: String = "/v1") {
+        self.client = client
+        self.apiPath = apiPath
+    }
 
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
         let body = try await client.call(
-            .POST, "/v1/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
+            .POST, apiPath + "/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
         return try Self.completion(from: body)
     }
 
@@ -40,9 +47,9 @@ struct OpenAIBackend: ChatBackend {
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
-        let body = try await client.openStream(
-            "/v1/chat/completions", json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
-        return relay(body, path: "/v1/chat/completions", forwardUsage: request.includeUsage)
+        let path = apiPath + "/chat/completions"
+        let body = try await client.openStream(path, json: Self.upstreamBody(request, stream: true), requestID: requestID, backend: name)
+        return relay(body, path: path, forwardUsage: request.includeUsage)
     }
 
     /// An upstream SSE body as events: chunks pass through as bytes, usage and errors are read.
@@ -109,7 +116,7 @@ struct OpenAIBackend: ChatBackend {
         var body = request.body
         body["stream"] = false
         body.removeValue(forKey: "stream_options")
-        return try Self.completion(from: try await client.call(.POST, "/v1/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name))
+        return try Self.completion(from: try await client.call(.POST, apiPath + "/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name))
     }
 
     /// Passed through as chat streams are: chunks as bytes, usage read where it is sent.
@@ -119,16 +126,19 @@ struct OpenAIBackend: ChatBackend {
         var options = body["stream_options"] as? [String: Any] ?? [:]
         options["include_usage"] = true
         body["stream_options"] = options
-        let upstream = try await client.openStream("/v1/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name)
-        return relay(upstream, path: "/v1/completions", forwardUsage: request.includeUsage)
+        let path = apiPath + "/completions"
+        let upstream = try await client.openStream(path, json: OpenAIShapes.data(body), requestID: requestID, backend: name)
+        return relay(upstream, path: path, forwardUsage: request.includeUsage)
     }
 
     func models(requestID: String) async throws -> Data {
-        try Self.listReply(try await client.call(.GET, "/v1/models", requestID: requestID, backend: name), from: "/v1/models")
+        let path = apiPath + "/models"
+        return try Self.listReply(try await client.call(.GET, path, requestID: requestID, backend: name), from: path)
     }
 
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
-        try Self.listReply(try await client.call(.POST, "/v1/embeddings", json: OpenAIShapes.data(body), requestID: requestID, backend: name), from: "/v1/embeddings")
+        let path = apiPath + "/embeddings"
+        return try Self.listReply(try await client.call(.POST, path, json: OpenAIShapes.data(body), requestID: requestID, backend: name), from: path)
     }
 
     /// A 200 list reply (`/v1/models`, `/v1/embeddings`), passed on as it came once it is seen
@@ -143,7 +153,7 @@ struct OpenAIBackend: ChatBackend {
     }
 
     func checkReady(requestID: String) async throws {
-        _ = try await client.call(.GET, "/v1/models", requestID: requestID, backend: name, timeout: 3)
+        _ = try await client.call(.GET, apiPath + "/models", requestID: requestID, backend: name, timeout: 3)
     }
 
     /// The body sent upstream: the client's, with `stream` set, usage requested when streaming
