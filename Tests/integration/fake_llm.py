@@ -18,6 +18,9 @@ Special model names change behaviour:
   invalid       500 the way llama-cpp-python reports a request validation error
   denied        401: the upstream refuses the gateway's credentials
   busy          429 with Retry-After: 7: the upstream is rate limiting
+  no-quota      429 as OpenAI answers an account out of credit (code insufficient_quota)
+  too-long      400 as OpenAI answers a prompt past the context (code context_length_exceeded,
+                param messages; Ollama's plain {"error": …} on its routes)
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
   huge          a whole answer past 64 MiB; streamed, one token, then a line that runs on past 64 MiB
@@ -216,6 +219,16 @@ class FakeLLM:
                 if model == "busy":
                     return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
                                       headers=[("Retry-After", "7")])
+                if model == "no-quota":
+                    return self._send(429, {"error": {
+                        "message": "You exceeded your current quota, please check your plan and billing details.",
+                        "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}})
+                if model == "too-long":
+                    message = "This model's maximum context length is 8 tokens. However, your messages resulted in 9 tokens."
+                    if self.path.startswith("/api/"):
+                        return self._send(400, {"error": message})
+                    return self._send(400, {"error": {
+                        "message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
                 if model == "overloaded":
                     return self._send(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
                 if model == "garbage":

@@ -949,6 +949,37 @@ def test_ollama_reasoning_maps_to_and_from_think(gateway, fake_llm):
     assert refused.value.body["code"] == "invalid_reasoning_effort" and '(got "extreme")' in refused.value.body["message"]
 
 
+@both_backends
+def test_an_upstream_errors_code_and_param_reach_the_client(gateway, backend):
+    # What a client acts on (shorten the prompt; stop retrying an account out of credit) is in
+    # OpenAI's code, not in the status: kept, on the pass-through and the router alike.
+    server = gateway(backend)
+    client = client_for(server, max_retries=0)
+    ask = {"messages": [{"role": "user", "content": "a b c d e f g h i"}]}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.chat.completions.create(model="too-long", stream=stream, **ask)
+        error = too_long.value.body
+        assert error["message"] == f"{backend} rejected the request: This model's maximum context length is 8 tokens. However, your messages resulted in 9 tokens."
+        # Ollama says it in text only: the gateway's own code, and no param.
+        expected = ("context_length_exceeded", "messages") if backend == "openai" else ("upstream_rejected", None)
+        assert (error["code"], error.get("param")) == expected and too_long.value.param == expected[1]
+        with pytest.raises(openai.RateLimitError) as no_quota:
+            client.chat.completions.create(model="no-quota", stream=stream, **ask)
+        # (Sent in OpenAI's shape on Ollama's routes too, as a proxy in front of Ollama may.)
+        assert no_quota.value.code == "insufficient_quota"
+        assert "param" not in no_quota.value.body
+    with pytest.raises(openai.BadRequestError) as legacy:  # the router's path for the openai backend
+        client.completions.create(model="too-long", prompt="a b c")
+    assert legacy.value.code == ("context_length_exceeded" if backend == "openai" else "upstream_rejected")
+    # The gateway's own refusals name the field too.
+    with pytest.raises(openai.BadRequestError) as too_hot:
+        client.chat.completions.create(model="m", temperature=5, **ask)
+    assert (too_hot.value.code, too_hot.value.param) == ("invalid_temperature", "temperature")
+    missing = server.client.post("/v1/chat/completions", json={"model": "m"}).json()["error"]
+    assert (missing["code"], missing["param"]) == ("missing_messages", "messages")
+
+
 def test_request_validation_errors_sent_as_500_are_the_clients_400(gateway):
     # llama-cpp-python answers request validation errors with HTTP 500; they are the client's to fix.
     server = gateway("openai")

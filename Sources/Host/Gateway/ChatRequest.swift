@@ -30,7 +30,7 @@ struct ChatRequest: @unchecked Sendable {
         let model = try RequestFields.model(body)
         guard let messages = body["messages"] as? [Any] else {
             throw body["messages"] == nil
-                ? OpenAIError(.badRequest, "missing required field 'messages'", code: "missing_messages")
+                ? RequestFields.missing("messages")
                 : invalid("messages", "must be an array of message objects")
         }
         guard !messages.isEmpty else { throw invalid("messages", "must contain at least one message") }
@@ -77,9 +77,14 @@ struct ChatRequest: @unchecked Sendable {
 /// The checks every completion request shares (chat and legacy text completions alike), each
 /// failing with a 400 that names the field.
 enum RequestFields {
-    /// A 400 for `field`: `'field' <message>`, code `invalid_<field>`.
+    /// A 400 for `field`: `'field' <message>`, code `invalid_<field>`, param `field`.
     static func invalid(_ field: String, _ message: String) -> OpenAIError {
-        OpenAIError(.badRequest, "'\(field)' \(message)", code: "invalid_\(field)")
+        OpenAIError(.badRequest, "'\(field)' \(message)", code: "invalid_\(field)", param: field)
+    }
+
+    /// A 400 for a required `field` that is missing: code `missing_<field>`, param `field`.
+    static func missing(_ field: String) -> OpenAIError {
+        OpenAIError(.badRequest, "missing required field '\(field)'", code: "missing_\(field)", param: field)
     }
 
     /// The request body as a JSON object.
@@ -100,7 +105,7 @@ enum RequestFields {
     static func model(_ body: [String: Any]) throws(OpenAIError) -> String {
         guard let model = body["model"] as? String, !model.isEmpty else {
             throw body["model"] == nil
-                ? OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model")
+                ? missing("model")
                 : invalid("model", "must be a non-empty string")
         }
         return model

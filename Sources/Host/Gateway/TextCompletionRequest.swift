@@ -21,7 +21,7 @@ struct TextCompletionRequest: @unchecked Sendable {
         model = try RequestFields.model(body)
         // Its form (a string, or lists of strings or tokens) is the backend's to accept.
         guard let prompt = body["prompt"], !(prompt is NSNull) else {
-            throw OpenAIError(.badRequest, "missing required field 'prompt'", code: "missing_prompt")
+            throw RequestFields.missing("prompt")
         }
         try RequestFields.checkPositiveInteger(body, "max_tokens")
         self.body = body

@@ -122,22 +122,31 @@ final class UpstreamClient: Sendable {
     }
 
     private static func errorForStatus(_ status: Int, body: ByteBuffer, backend: String) -> OpenAIError {
-        let message = upstreamMessage(body) ?? "HTTP \(status)"
+        let details = upstreamError(body)
+        let message = details.message ?? "HTTP \(status)"
+        // The upstream's own code and param, where the client's request is at fault: a client
+        // tells `context_length_exceeded` or `insufficient_quota` apart by them.
+        func clients(_ error: OpenAIError) -> OpenAIError {
+            var error = error
+            if let code = details.code { error.code = code }
+            error.param = details.param
+            return error
+        }
         switch status {
         case 400, 404, 422:
             // The client's request was wrong for this backend (unknown model, bad field): say so.
             let gatewayStatus: HTTPResponse.Status = status == 404 ? .notFound : .badRequest
-            return OpenAIError(gatewayStatus, "\(backend) rejected the request: \(message)", code: status == 404 ? "model_not_found" : "upstream_rejected")
+            return clients(OpenAIError(gatewayStatus, "\(backend) rejected the request: \(message)", code: status == 404 ? "model_not_found" : "upstream_rejected"))
         case 401, 403:
             return OpenAIError(.badGateway, "\(backend) refused the gateway's credentials: \(message)", code: "upstream_auth")
         case 429:
-            return OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited")
+            return clients(OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited"))
         case 500 where isValidationMessage(message):
             // llama-cpp-python's route handler answers every exception with 500, pydantic's
             // request validation errors too; those are the client's to fix, so say so.
-            return OpenAIError(
+            return clients(OpenAIError(
                 .badRequest, "\(backend) rejected the request (it answered HTTP 500, but as a validation error): \(message)",
-                code: "upstream_rejected")
+                code: "upstream_rejected"))
         case 503:
             // Overloaded, not broken (Ollama past OLLAMA_MAX_QUEUE, vLLM or a load balancer with
             // no capacity): a 503 tells the client to come back, as the upstream did.
@@ -153,16 +162,21 @@ final class UpstreamClient: Sendable {
         message.range(of: "validation error", options: .caseInsensitive) != nil || message.contains("'loc': ('body'")
     }
 
-    /// The error text in an upstream body: Ollama's {"error":"…"} or OpenAI's {"error":{"message":…}}.
-    static func upstreamMessage(_ body: ByteBuffer) -> String? {
+    /// The error in an upstream body: the text of Ollama's {"error":"…"}, OpenAI's
+    /// {"error":{"message":…}} or vLLM's older {"message":…} (else up to 300 bytes of the body
+    /// as text), and OpenAI's `code` and `param` when they are strings (vLLM's numeric `code`
+    /// is only the status again).
+    static func upstreamError(_ body: ByteBuffer) -> (message: String?, code: String?, param: String?) {
         let data = Data(body.readableBytesView)
         if let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
-            if let text = object["error"] as? String { return text }
-            if let error = object["error"] as? [String: Any], let text = error["message"] as? String { return text }
-            if let text = object["message"] as? String { return text }
+            if let text = object["error"] as? String { return (text, nil, nil) }
+            if let error = object["error"] as? [String: Any], let text = error["message"] as? String {
+                return (text, (error["code"] as? String).flatMap { $0.isEmpty ? nil : $0 }, error["param"] as? String)
+            }
+            if let text = object["message"] as? String { return (text, nil, nil) }
         }
         let text = String(decoding: data.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        return text.isEmpty ? nil : text
+        return (text.isEmpty ? nil : text, nil, nil)
     }
 }
 

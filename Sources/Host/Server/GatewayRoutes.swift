@@ -64,8 +64,8 @@ struct GatewayRoutes {
             guard let object = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
                 throw OpenAIError(.badRequest, "request body must be a JSON object", code: "invalid_json")
             }
-            guard object["model"] is String else { throw OpenAIError(.badRequest, "missing required field 'model'", code: "missing_model") }
-            guard object["input"] != nil else { throw OpenAIError(.badRequest, "missing required field 'input'", code: "missing_input") }
+            guard object["model"] is String else { throw RequestFields.missing("model") }
+            guard object["input"] != nil else { throw RequestFields.missing("input") }
             let requestID = context.requestID
             // A large batch takes a while: abandoned too when the client leaves.
             let departure = await ClientDeparture.of(context.channel)

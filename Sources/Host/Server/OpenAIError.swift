@@ -1,4 +1,4 @@
-// Errors in OpenAI's JSON shape: {"error":{"message","type","code","request_id"}}.
+// Errors in OpenAI's JSON shape: {"error":{"message","type","code","param","request_id"}}.
 internal import Foundation
 public import HTTPTypes
 public import Hummingbird
@@ -11,14 +11,17 @@ public struct OpenAIError: HTTPResponseError, Sendable {
     public var message: String
     public var type: String
     public var code: String?
+    /// The request field at fault, as OpenAI names it (`"messages"`, `"stop"`), when one is.
+    public var param: String?
     /// Extra response headers (e.g. Retry-After).
     public var headers: HTTPFields = [:]
 
-    public init(_ status: HTTPResponse.Status, _ message: String, type: String? = nil, code: String? = nil) {
+    public init(_ status: HTTPResponse.Status, _ message: String, type: String? = nil, code: String? = nil, param: String? = nil) {
         self.status = status
         self.message = message
         self.type = type ?? Self.defaultType(for: status)
         self.code = code
+        self.param = param
     }
 
     /// This error with the response header `name` set to `value` (`Retry-After`, `Allow`, …).
@@ -68,6 +71,7 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         }
         if let code { member("code", code) }
         member("message", message)
+        if let param { member("param", param) }
         if let requestID, !requestID.isEmpty { member("request_id", requestID) }
         member("type", type)
         output.append(contentsOf: "}}".utf8)

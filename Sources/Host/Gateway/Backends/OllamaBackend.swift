@@ -163,7 +163,7 @@ struct OllamaBackend: ChatBackend {
     ///   probabilities, which Ollama does not give).
     static func generateBody(_ request: TextCompletionRequest, stream: Bool) throws(OpenAIError) -> Data {
         guard let prompt = request.body["prompt"] as? String else {
-            throw OpenAIError(.badRequest, "'prompt' must be a string for Ollama (lists of prompts or of tokens are not supported)", code: "invalid_prompt")
+            throw OpenAIError(.badRequest, "'prompt' must be a string for Ollama (lists of prompts or of tokens are not supported)", code: "invalid_prompt", param: "prompt")
         }
         if let echo = request.body["echo"], !(echo is NSNull) {
             guard let wanted = JSONNumbers.bool(echo) else { throw RequestFields.invalid("echo", "must be true or false") }
@@ -216,7 +216,7 @@ struct OllamaBackend: ChatBackend {
         case "base64" as String: base64 = true
         case let other?:
             throw OpenAIError(
-                .badRequest, "'encoding_format' must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))", code: "invalid_encoding_format")
+                .badRequest, "'encoding_format' must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))", code: "invalid_encoding_format", param: "encoding_format")
         }
         // Ollama embeds text: one string or a list of them (OpenAI's token arrays it cannot take).
         let inputCount: Int
@@ -224,16 +224,16 @@ struct OllamaBackend: ChatBackend {
         case is String: inputCount = 1
         case let list as [Any] where !list.isEmpty && list.allSatisfy({ $0 is String }): inputCount = list.count
         case let list as [Any] where list.isEmpty:
-            throw OpenAIError(.badRequest, "'input' must not be an empty list", code: "invalid_input")
+            throw OpenAIError(.badRequest, "'input' must not be an empty list", code: "invalid_input", param: "input")
         default:
             throw OpenAIError(
                 .badRequest, "'input' must be a string or a list of strings for Ollama (token arrays are not supported; got \(Self.describeInput(input)))",
-                code: "invalid_input")
+                code: "invalid_input", param: "input")
         }
         var request: [String: Any] = ["model": model, "input": input]
         if let dimensions = body["dimensions"], !(dimensions is NSNull) {
             guard let count = JSONNumbers.int(dimensions), count > 0 else {
-                throw OpenAIError(.badRequest, "'dimensions' must be a positive integer", code: "invalid_dimensions")
+                throw OpenAIError(.badRequest, "'dimensions' must be a positive integer", code: "invalid_dimensions", param: "dimensions")
             }
             request["dimensions"] = count
         }
@@ -339,7 +339,7 @@ struct OllamaBackend: ChatBackend {
         default:
             throw OpenAIError(
                 .badRequest, "'\(field)' must be one of \"low\", \"medium\", \"high\" or \"none\" for Ollama (got \(OpenAIShapes.describe(value)))",
-                code: "invalid_reasoning_effort")
+                code: "invalid_reasoning_effort", param: field)
         }
     }
 
@@ -379,7 +379,7 @@ struct OllamaBackend: ChatBackend {
         guard let named = ((choice as? [String: Any])?["function"] as? [String: Any])?["name"] as? String else { return tools }
         let chosen = tools.filter { (($0 as? [String: Any])?["function"] as? [String: Any])?["name"] as? String == named }
         guard !chosen.isEmpty else {
-            throw OpenAIError(.badRequest, "'tool_choice' names function '\(named)', which is not in 'tools'", code: "invalid_tool_choice")
+            throw OpenAIError(.badRequest, "'tool_choice' names function '\(named)', which is not in 'tools'", code: "invalid_tool_choice", param: "tool_choice")
         }
         return chosen
     }
@@ -431,7 +431,7 @@ struct OllamaBackend: ChatBackend {
     ///   WebP (Ollama fetches no URLs), tool-call arguments that are not a JSON object.
     static func convert(_ message: [String: Any], at index: Int, toolNames: inout [String: String]) throws(OpenAIError) -> [String: Any] {
         func invalid(_ what: String, code: String = "invalid_messages") -> OpenAIError {
-            OpenAIError(.badRequest, "'messages' item \(index)\(what)", code: code)
+            OpenAIError(.badRequest, "'messages' item \(index)\(what)", code: code, param: "messages")
         }
         // OpenAI's newer name for system instructions; Ollama's chat templates know only `system`
         // and would leave a `developer` message out of the prompt.
