@@ -85,8 +85,17 @@ follow_up = client.chat.completions.create(model=models[0], max_tokens=20, messa
 print("after a tool call (content null smoothed):", repr(follow_up.choices[0].message.content))
 try:
     client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "x"}], temperature=5)
+    raise SystemExit("e2e: temperature=5 was accepted")
 except openai.BadRequestError as error:
+    assert (error.code, error.param) == ("invalid_temperature", "temperature"), error.body
     print("validation error reported by the gateway:", error.body["message"])
+# A prompt past the context (2048 tokens): the server's own OpenAI error, its code and param kept.
+try:
+    client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "word " * 2100}], max_tokens=5)
+    raise SystemExit("e2e: a prompt past the context was accepted")
+except openai.BadRequestError as error:
+    assert (error.code, error.param) == ("context_length_exceeded", "messages"), error.body
+    print("prompt past the context:", error.body["message"][:120])
 # The gateway does not check top_p; llama-cpp-python's validation rejects it with HTTP 500,
 # which the gateway turns into the client's 400.
 try:
