@@ -1187,6 +1187,15 @@ def test_a_request_refused_before_its_held_back_body_closes_the_connection(gatew
                 assert final.startswith(b"HTTP/1.1 " + status + b" "), final
                 assert b"\r\nconnection: close\r\n" in final.lower(), final
                 assert sock.recv(65536) == b""
+    # A client that stops waiting for the 100 and sends its body anyway still gets the 413.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer sekret\r\nExpect: 100-continue\r\nContent-Length: 2001\r\n\r\n" + b"x" * 1000)
+        assert ResponseReader(sock).response().startswith(b"HTTP/1.1 413 ")
+    # The refused requests' bodies, cut off by the close, are not further requests, malformed.
+    wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "413" and l.get("path") == "/v1/embeddings")
+    time.sleep(0.3)
+    assert not [l for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"], server.log()
 
 
 @both_backends

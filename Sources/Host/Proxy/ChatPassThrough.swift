@@ -148,6 +148,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var suppressingBody = false
     /// The parser rejected the body of the exchange in progress: close when it has answered.
     private var closeAfterExchange = false
+    /// This handler has closed the connection. What the parser reports after that (the unread
+    /// rest of a refused request's body, cut off by the close) is no request, and nobody is
+    /// left to answer.
+    private var closed = false
     /// What the parser rejected after requests whose answers were still to be written (the
     /// exchange's, or the router's): answered when they have been.
     private var rejectedAfterPending: HTTPParserError?
@@ -359,6 +363,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                     // Mid-stream there is no answering: the stream just ends.
                     self.exchange = nil
                     exchange.clientClosed()
+                    closed = true
                     context.close(promise: nil)
                 } else {
                     closeAfterExchange = true
@@ -381,6 +386,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// being answered, the error is answered when they have been.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
+        guard !closed else { return }
         queued.removeAll()
         if let exchange, reader == .exchange {
             reader = .none
@@ -398,6 +404,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         let (failure, requestID) = HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger)
         rawWriter.write(failure.closingResponseBytes(requestID: requestID))
         rawWriter.flushNow()
+        closed = true
         context.close(promise: nil)
     }
 
@@ -444,6 +451,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         } else if closeConnection {
             queued.removeAll()
+            closed = true
             context.close(promise: nil)
         } else if let rejected = rejectedAfterPending {
             rejectedAfterPending = nil
