@@ -126,7 +126,7 @@ final class UpstreamClient: Sendable {
         let message = details.message ?? "HTTP \(status)"
         // The upstream's own code and param, where the client's request is at fault: a client
         // tells `context_length_exceeded` or `insufficient_quota` apart by them.
-        func clients(_ error: OpenAIError) -> OpenAIError {
+        func withUpstreamCode(_ error: OpenAIError) -> OpenAIError {
             var error = error
             if let code = details.code { error.code = code }
             error.param = details.param
@@ -136,15 +136,15 @@ final class UpstreamClient: Sendable {
         case 400, 404, 422:
             // The client's request was wrong for this backend (unknown model, bad field): say so.
             let gatewayStatus: HTTPResponse.Status = status == 404 ? .notFound : .badRequest
-            return clients(OpenAIError(gatewayStatus, "\(backend) rejected the request: \(message)", code: status == 404 ? "model_not_found" : "upstream_rejected"))
+            return withUpstreamCode(OpenAIError(gatewayStatus, "\(backend) rejected the request: \(message)", code: status == 404 ? "model_not_found" : "upstream_rejected"))
         case 401, 403:
             return OpenAIError(.badGateway, "\(backend) refused the gateway's credentials: \(message)", code: "upstream_auth")
         case 429:
-            return clients(OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited"))
+            return withUpstreamCode(OpenAIError(.tooManyRequests, "\(backend) is rate limiting: \(message)", code: "upstream_rate_limited"))
         case 500 where isValidationMessage(message):
             // llama-cpp-python's route handler answers every exception with 500, pydantic's
             // request validation errors too; those are the client's to fix, so say so.
-            return clients(OpenAIError(
+            return withUpstreamCode(OpenAIError(
                 .badRequest, "\(backend) rejected the request (it answered HTTP 500, but as a validation error): \(message)",
                 code: "upstream_rejected"))
         case 503:
