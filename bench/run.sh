@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): the same tiny upstream measured directly, through nginx proxy_pass and
 # through Gatehouse, with wrk at several concurrencies, non-stream and stream. Prints req/s, p50,
-# p99 and Gatehouse/nginx ratios measured in this one run.
+# p99 and Gatehouse/nginx ratios measured in this one run, then whether the issue's target
+# (>= 0.70 of nginx's req/s at every point, <= 0.15 ms added p50 at c=1) was met, or where not.
 # Usage: bench/run.sh [SECONDS]   (per target and point, default 12; needs a release build: make bench does it)
 #   BENCH_MODES="json sse" (default) or one of them; NGINX_WORKERS=auto (default) or a number;
 #   BENCH_ROUNDS=6 (default): the SECONDS are split into that many alternating rounds;
@@ -231,5 +232,13 @@ for mode in ${BENCH_MODES:-json sse}; do
                 m, c, g / n, sp, np - d, gp - d
             if (lo > 0 && hi / lo > limit) printf "; NOISY: the direct rounds spread %.1fx", hi / lo
             printf "\n" }'
+        echo "$mode $conc $g_rps $n_rps $g_p50 $d_p50" >>"$WORK/points"
     done
 done
+# The issue's target, point by point: Gatehouse at least 70% of nginx's req/s everywhere, and
+# at most 0.15 ms added to the upstream's p50 at c=1.
+awk '{ ratio = $4 > 0 ? $3 / $4 : 0; added = $5 - $6
+       if (ratio < 0.70) missed = missed sprintf(" %s c=%s req/s %.3f;", $1, $2, ratio)
+       if ($2 == 1 && added > 0.15) missed = missed sprintf(" %s c=1 added p50 %.3f ms;", $1, added) }
+     END { if (missed == "") print "target (>= 0.70 of nginx req/s at every point, <= 0.15 ms added p50 at c=1): met at every point"
+           else print "target (>= 0.70 of nginx req/s at every point, <= 0.15 ms added p50 at c=1): MISSED at" missed }' "$WORK/points"
