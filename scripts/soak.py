@@ -157,6 +157,10 @@ def main():
         for gateway in gateways:
             gateway.terminate()
             gateway.wait(timeout=40)
+        for backend, gateway, up in zip(["ollama", "openai"], gateways, alive):
+            if not up:  # its log goes with the directory: show how it ended
+                tail = (Path(work) / backend / "gatehouse.log").read_text(errors="replace").splitlines()[-200:]
+                print(f"the {backend} gateway exited with {gateway.returncode}; the end of its log:", *tail, sep="\n")
     fake.stop()
     for outcome in sorted(stats):
         print(f"{outcome:24} {stats[outcome]}")

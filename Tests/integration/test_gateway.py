@@ -1199,6 +1199,46 @@ def test_a_request_refused_before_its_held_back_body_closes_the_connection(gatew
 
 
 @both_backends
+def test_a_body_sent_after_its_request_was_refused_is_drained_not_reset(gateway, backend):
+    # A client that does not wait for the 100 sends its body while the gateway refuses the
+    # request: closing with that body unread would reset the connection, and a reset can
+    # destroy the 413 before the client reads it. The connection closes lingering instead:
+    # the answer, the sending side closed, the rest read and dropped.
+    server = gateway(backend, extra_config="server: {max_body_bytes: 2000}\ncache: {enabled: false}\n")
+    size = 30 * 1024 * 1024
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.sendall(b"x" * size)  # failed (reset, broken pipe) when the connection closed at once
+        reader = ResponseReader(sock)
+        assert reader.response().startswith(b"HTTP/1.1 413 ")
+        assert sock.recv(65536) == b""  # the gateway's sending side is closed
+    # A client that waits for the 100, gets the 413 instead, and then sends its body anyway and
+    # never closes: what it sends is dropped, without a reset, for the linger time (5 s), then
+    # the connection closes.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(head)
+        reader = ResponseReader(sock)
+        assert reader.response().startswith(b"HTTP/1.1 413 ")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""
+        sock.sendall(b"y" * 1000)  # still read and dropped: no reset yet
+        deadline = time.monotonic() + 12
+        while True:
+            try:
+                sock.sendall(b"z" * 1000)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            assert time.monotonic() < deadline, "the lingering connection was never closed"
+            time.sleep(0.1)
+        assert time.monotonic() - started > 3
+    # The gateway goes on serving, and said nothing of a malformed request.
+    assert server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    assert not [l for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"]
+
+
+@both_backends
 def test_http_1_0_clients_and_connection_close_are_honoured(gateway, backend):
     server = gateway(backend, extra_config="cache: {enabled: false}\n")
 

@@ -148,10 +148,17 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var suppressingBody = false
     /// The parser rejected the body of the exchange in progress: close when it has answered.
     private var closeAfterExchange = false
-    /// This handler has closed the connection. What the parser reports after that (the unread
-    /// rest of a refused request's body, cut off by the close) is no request, and nobody is
-    /// left to answer.
+    /// This handler has closed the connection (or its sending side, lingering). What the parser
+    /// reports after that (the unread rest of a refused request's body, cut off by the close) is
+    /// no request, and nobody is left to answer.
     private var closed = false
+    /// The exchange in progress answers before its request's body has been read (refused before
+    /// it, or cut off by a parser error in it): the client may still be sending, so the
+    /// connection closes lingering (`LingeringClose`).
+    private var answeredBeforeBody = false
+    /// The client has closed its sending side.
+    private var clientDoneSending = false
+    private let lingering = LingeringClose()
     /// What the parser rejected after requests whose answers were still to be written (the
     /// exchange's, or the router's): answered when they have been.
     private var rejectedAfterPending: HTTPParserError?
@@ -178,6 +185,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         self.context = nil
         idleCheck?.cancel()
         idleCheck = nil
+        lingering.cancel()
     }
 
     // MARK: Idle connections
@@ -210,6 +218,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var forwardedUnread = false
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closed else { return }  // lingering: the rest of a refused body, dropped
         let part = unwrapInboundIn(data)
         if idleTimeout != nil { lastActivity = .now() }
         insideChannelRead = true
@@ -284,6 +293,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 self.exchange = exchange
                 if refuseNow {
                     closeAfterExchange = true
+                    answeredBeforeBody = true
                     exchange.requestEnded()
                 }
             } else {
@@ -347,6 +357,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         // router may close the connection on this event (shutdown, the client's half-close),
         // and closing drops what was not flushed.
         context.flush()
+        if case .inputClosed? = event as? ChannelEvent { clientDoneSending = true }
+        if closed {
+            // Lingering, and the client has sent all it will: done.
+            if case .inputClosed? = event as? ChannelEvent { lingering.clientClosed(context) }
+            return
+        }
         // The router's connection handler closes idle connections on graceful shutdown; it
         // cannot see an exchange in progress, so it hears of the shutdown when that has ended.
         if event is ChannelShouldQuiesceEvent, exchange != nil {
@@ -391,6 +407,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         if let exchange, reader == .exchange {
             reader = .none
             closeAfterExchange = true
+            answeredBeforeBody = true
             exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
         } else if exchange != nil || routerResponsesPending > 0 {
             rejectedAfterPending = parserError
@@ -409,6 +426,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        lingering.cancel()
         let exchange = exchange
         self.exchange = nil
         queued.removeAll()
@@ -452,7 +470,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         } else if closeConnection {
             queued.removeAll()
             closed = true
-            context.close(promise: nil)
+            if answeredBeforeBody {
+                reader = .none
+                lingering.start(context, clientDoneSending: clientDoneSending)
+            } else {
+                context.close(promise: nil)
+            }
         } else if let rejected = rejectedAfterPending {
             rejectedAfterPending = nil
             answerRejected(rejected, context)

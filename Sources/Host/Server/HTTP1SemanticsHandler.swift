@@ -36,8 +36,9 @@ extension HTTPRequestHead {
 ///   soon as it had the last body byte, before the router wrote the response's end) gets its
 ///   `100` when that response has ended. A request answered before its client has sent the
 ///   body it held back (a 413 for a body declared over the limit, an early 401) gets
-///   `Connection: close`, and the connection closes after the answer: the parser would
-///   otherwise take the client's next request for that body. Any other `Expect` (HTTP/1.0's
+///   `Connection: close`, and the connection closes after the answer, lingering, as the client
+///   may be sending that body by now (`LingeringClose`): the parser would otherwise take the
+///   client's next request for that body. Any other `Expect` (HTTP/1.0's
 ///   100-continue, which RFC 9110 §10.1.1 ignores, say) is removed before the router sees it.
 /// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
 ///   naming the problem, then the close, rather than Hummingbird's empty 400.
@@ -60,6 +61,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         var bodyHeldBack: Bool
         /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
         var closeAfterResponse = false
+        /// Answered before the body it held back came: the connection closes lingering, as the
+        /// client may be sending that body by now.
+        var answeredBeforeBody = false
     }
 
     private let maxBodyBytes: Int
@@ -75,6 +79,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// The client has shut down its sending side: the router closes the connection after the
     /// answers in progress, which then say so (`Connection: close`).
     private var inputClosed = false
+    /// After an answer given before its request's body came: what the client still sends is
+    /// dropped until the connection closes.
+    private let lingering = LingeringClose()
 
     init(maxBodyBytes: Int, logger: Logger) {
         self.maxBodyBytes = maxBodyBytes
@@ -82,6 +89,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Lingering, the parser reports the unread body the close cut off: nobody to answer.
+        if lingering.isLingering, error is HTTPParserError { return }
         // In a body the router is reading, the error is the router's to answer (its read fails).
         guard let parserError = error as? HTTPParserError, !readingBody else { return context.fireErrorCaught(error) }
         if unanswered.isEmpty {
@@ -124,17 +133,20 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         // half-closes too). The router closes the connection after that answer.
         if case .inputClosed? = event as? ChannelEvent {
             inputClosed = true
+            if lingering.isLingering { return lingering.clientClosed(context) }
             if !unanswered.isEmpty { departure.depart() }
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        lingering.cancel()
         if !unanswered.isEmpty { departure.depart() }
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !lingering.isLingering else { return }  // the rest of a refused body, dropped
         let part = unwrapInboundIn(data)
         guard case .head(var head) = part else {
             if case .end = part { readingBody = false }
@@ -175,6 +187,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
                 // The body was never sent: this answer ends the connection (see the type's doc).
                 request.keepAlive = false
                 request.closeAfterResponse = true
+                request.answeredBeforeBody = true
             }
             unanswered[unanswered.startIndex] = request
             let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
@@ -200,7 +213,11 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             if request.closeAfterResponse {
                 // The router, told keep-alive, would wait for another request.
                 context.writeAndFlush(data, promise: promise)
-                context.close(promise: nil)
+                if request.answeredBeforeBody {
+                    lingering.start(context, clientDoneSending: inputClosed)
+                } else {
+                    context.close(promise: nil)
+                }
                 return
             }
             context.write(data, promise: promise)

@@ -1,0 +1,50 @@
+// Closing a connection whose client may still be sending a refused request's body, without resetting it.
+internal import NIOCore
+
+/// The close of a connection whose client may still be sending the body of the request just
+/// answered (refused before its body was read, or cut off by a parser error in it). Closed at
+/// once with those bytes unread, the kernel resets the connection, and a reset can destroy the
+/// answer before the client has read it (RFC 9112 section 9.6; nginx's `lingering_close`). So
+/// the sending side closes after the answer, the handler drops whatever still comes, and the
+/// connection closes when the client closes its side, or after `lingerTime`.
+///
+/// A class, used on its channel's event loop only: starting it closes, and a close can call
+/// back into the handler (`channelInactive`), which must be able to cancel it meanwhile.
+final class LingeringClose {
+    /// The longest a connection lingers after its answer.
+    static let lingerTime = TimeAmount.seconds(5)
+
+    /// Started: the handler drops what the client still sends, and answers nothing more.
+    private(set) var isLingering = false
+    private var deadline: Scheduled<Void>?
+
+    /// Closes the sending side once the answer written so far has gone, and the whole connection
+    /// after `lingerTime`; at once when the client has closed its side already (`clientDoneSending`)
+    /// or the channel cannot half-close.
+    func start(_ context: ChannelHandlerContext, clientDoneSending: Bool) {
+        guard !isLingering else { return }
+        isLingering = true
+        context.flush()
+        guard !clientDoneSending else { return context.close(promise: nil) }
+        let halfClosed = context.eventLoop.makePromise(of: Void.self)
+        halfClosed.futureResult.assumeIsolatedUnsafeUnchecked().whenFailure { _ in context.close(promise: nil) }
+        context.close(mode: .output, promise: halfClosed)
+        guard context.channel.isActive else { return }  // the close went all the way
+        deadline = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(in: Self.lingerTime) {
+            context.close(promise: nil)
+        }
+    }
+
+    /// The client has closed its side while lingering: the connection closes now.
+    func clientClosed(_ context: ChannelHandlerContext) {
+        guard isLingering else { return }
+        cancel()
+        context.close(promise: nil)
+    }
+
+    /// The connection has closed (or the handler left it): no deadline is needed any more.
+    func cancel() {
+        deadline?.cancel()
+        deadline = nil
+    }
+}
