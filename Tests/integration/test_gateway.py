@@ -1236,6 +1236,19 @@ def test_a_body_sent_after_its_request_was_refused_is_drained_not_reset(gateway,
     # The gateway goes on serving, and said nothing of a malformed request.
     assert server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
     assert not [l for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"]
+    # A body the parser rejects midway (a chunk size that is not one) is answered 400, and the
+    # client, still sending, is read to its end too (the router's path stopped reading it, and
+    # the pass-through reset it), then the connection closes.
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nZZZ\r\n".encode())
+            sock.sendall(b"x" * size)
+            sock.shutdown(socket.SHUT_WR)
+            answer = ResponseReader(sock).response()
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close\r\n" in answer.lower(), answer
+            assert b"invalid chunk size" in answer, answer
+            assert sock.recv(65536) == b""
 
 
 @both_backends

@@ -218,7 +218,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var forwardedUnread = false
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !closed else { return }  // lingering: the rest of a refused body, dropped
+        guard !closed else { return lingering.readMore(context) }  // lingering: the rest of a refused body, dropped
         let part = unwrapInboundIn(data)
         if idleTimeout != nil { lastActivity = .now() }
         insideChannelRead = true
@@ -401,8 +401,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// (its read fails); in the body of an exchange, the exchange answers; after requests still
     /// being answered, the error is answered when they have been.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Closed or lingering, the decoder reports on the input left unread (the body the close
+        // cut off, what follows a parser error): nobody to answer.
+        if closed, error is HTTPParserError || error is ByteToMessageDecoderError { return lingering.readMore(context) }
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
-        guard !closed else { return }
         queued.removeAll()
         if let exchange, reader == .exchange {
             reader = .none

@@ -61,8 +61,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         var bodyHeldBack: Bool
         /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
         var closeAfterResponse = false
-        /// Answered before the body it held back came: the connection closes lingering, as the
-        /// client may be sending that body by now.
+        /// Answered before its body was read (the body held back for a 100, or cut off by a
+        /// parser error in it): the connection closes lingering, as the client may be sending it.
         var answeredBeforeBody = false
     }
 
@@ -89,8 +89,17 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Lingering, the parser reports the unread body the close cut off: nobody to answer.
-        if lingering.isLingering, error is HTTPParserError { return }
+        // Lingering, the decoder reports on the input left unread (the body the close cut off,
+        // what follows a parser error): nobody to answer.
+        if lingering.isLingering, error is HTTPParserError || error is ByteToMessageDecoderError { return lingering.readMore(context) }
+        if readingBody, error is HTTPParserError, let last = unanswered.indices.last {
+            // The router answers (its read of the body fails), and then the connection must
+            // close: the parser cannot find the next request. The client may still be sending
+            // the body, so it closes lingering.
+            unanswered[last].keepAlive = false
+            unanswered[last].closeAfterResponse = true
+            unanswered[last].answeredBeforeBody = true
+        }
         // In a body the router is reading, the error is the router's to answer (its read fails).
         guard let parserError = error as? HTTPParserError, !readingBody else { return context.fireErrorCaught(error) }
         if unanswered.isEmpty {
@@ -146,7 +155,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !lingering.isLingering else { return }  // the rest of a refused body, dropped
+        guard !lingering.isLingering else { return lingering.readMore(context) }  // the rest of a refused body, dropped
         let part = unwrapInboundIn(data)
         guard case .head(var head) = part else {
             if case .end = part { readingBody = false }

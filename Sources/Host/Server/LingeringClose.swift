@@ -30,9 +30,17 @@ final class LingeringClose {
         halfClosed.futureResult.assumeIsolatedUnsafeUnchecked().whenFailure { _ in context.close(promise: nil) }
         context.close(mode: .output, promise: halfClosed)
         guard context.channel.isActive else { return }  // the close went all the way
+        context.read()
         deadline = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(in: Self.lingerTime) {
             context.close(promise: nil)
         }
+    }
+
+    /// Asks for the next read while lingering. The handlers past the one lingering (the router's
+    /// async channel) have stopped asking, and unread input would stall the client's sending
+    /// until the deadline, and its reset.
+    func readMore(_ context: ChannelHandlerContext) {
+        if isLingering { context.read() }
     }
 
     /// The client has closed its side while lingering: the connection closes now.
