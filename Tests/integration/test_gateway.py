@@ -1249,6 +1249,12 @@ def test_a_body_sent_after_its_request_was_refused_is_drained_not_reset(gateway,
             assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close\r\n" in answer.lower(), answer
             assert b"invalid chunk size" in answer, answer
             assert sock.recv(65536) == b""
+    # So is a head over the limit (431), its client still sending it.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\nX-Big: " + b"a" * size)
+        sock.shutdown(socket.SHUT_WR)
+        assert ResponseReader(sock).response().startswith(b"HTTP/1.1 431 ")
+        assert sock.recv(65536) == b""
 
 
 @both_backends

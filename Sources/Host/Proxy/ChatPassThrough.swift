@@ -424,7 +424,8 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         rawWriter.write(failure.closingResponseBytes(requestID: requestID))
         rawWriter.flushNow()
         closed = true
-        context.close(promise: nil)
+        // The client may still be sending what the parser could not read (a head over the limit).
+        lingering.start(context, clientDoneSending: clientDoneSending)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -109,7 +109,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         }
     }
 
-    /// Answers a request the parser rejected, then closes: the parser cannot find the next one.
+    /// Answers a request the parser rejected, then closes (lingering): the parser cannot find
+    /// the next one.
     private func answer(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
         let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger)
         let body = ByteBuffer(data: failure.body(requestID: requestID))
@@ -119,7 +120,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
-        context.close(promise: nil)
+        // The client may still be sending what the parser could not read (a head over the limit).
+        lingering.start(context, clientDoneSending: inputClosed)
     }
 
     /// The error a rejected request is answered with, and its new request id; logged at info,
