@@ -1369,6 +1369,10 @@ def test_idle_client_connections_are_closed(gateway, backend):
             assert received.startswith(b"HTTP/1.1 200 ") and b"Echo: hello" in received
         else:
             assert received == b"", received
+    # The requests the close cut off are logged for what they were, not as malformed syntax.
+    wait_for_log(server, lambda l: l.get("msg") == "request rejected by the HTTP parser")
+    reasons = {l["reason"] for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"}
+    assert reasons == {"malformed HTTP request: the connection ended before the request did"}, reasons
     # An answer slower than the idle timeout is not cut off, whole (9 tokens, 1.8 s) or streamed.
     body = {"model": "slow-model", "messages": [{"role": "user", "content": "a b c d e f g h"}]}
     slow = server.client.post("/v1/chat/completions", json=body)

@@ -41,7 +41,7 @@ extension HTTPRequestHead {
 ///   client's next request for that body. Any other `Expect` (HTTP/1.0's
 ///   100-continue, which RFC 9110 §10.1.1 ignores, say) is removed before the router sees it.
 /// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
-///   naming the problem, then the close, rather than Hummingbird's empty 400.
+///   naming the problem, then the close (lingering), rather than Hummingbird's empty 400.
 /// - **A client that leaves** (closes its side, or resets) while a request of it is being
 ///   answered: `departure` hears of it, so routes can abandon their LLM calls.
 final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -79,8 +79,8 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// The client has shut down its sending side: the router closes the connection after the
     /// answers in progress, which then say so (`Connection: close`).
     private var inputClosed = false
-    /// After an answer given before its request's body came: what the client still sends is
-    /// dropped until the connection closes.
+    /// After an answer given before the client's request was read to its end: what the client
+    /// still sends is dropped until the connection closes.
     private let lingering = LingeringClose()
 
     init(maxBodyBytes: Int, logger: Logger) {

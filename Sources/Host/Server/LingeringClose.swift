@@ -1,10 +1,10 @@
-// Closing a connection whose client may still be sending a refused request's body, without resetting it.
+// Closing a connection whose client may still be sending a refused request, without resetting it.
 internal import NIOCore
 
-/// The close of a connection whose client may still be sending the body of the request just
-/// answered (refused before its body was read, or cut off by a parser error in it). Closed at
-/// once with those bytes unread, the kernel resets the connection, and a reset can destroy the
-/// answer before the client has read it (RFC 9112 section 9.6; nginx's `lingering_close`). So
+/// The close of a connection whose client may still be sending the request just answered
+/// (refused before its body was read, cut off by a parser error in its body, or a head the
+/// parser rejected before its end). Closed at once with those bytes unread, the kernel resets
+/// the connection, and a reset can destroy the answer before the client has read it (RFC 9112 section 9.6; nginx's `lingering_close`). So
 /// the sending side closes after the answer, the handler drops whatever still comes, and the
 /// connection closes when the client closes its side, or after `lingerTime`.
 ///

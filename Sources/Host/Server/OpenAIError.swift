@@ -115,6 +115,9 @@ extension OpenAIError {
         case .invalidHeaderToken, .invalidCharactersUsed, .lfExpected, .invalidConstant: problem = "invalid characters in the request line or a header field"
         case .invalidContentLength, .unexpectedContentLength: problem = "invalid Content-Length (or both Content-Length and Transfer-Encoding)"
         case .invalidChunkSize: problem = "invalid chunk size in the chunked body"
+        // Input that ended mid-request (the client closed, or the connection was closed idle):
+        // rarely answerable, but logged.
+        case .invalidEOFState: problem = "the connection ended before the request did"
         default: problem = "rejected by the HTTP/1.1 parser (conflicting or unsupported framing headers, or invalid syntax)"
         }
         return OpenAIError(.badRequest, "malformed HTTP request: \(problem)", code: "malformed_http")
