@@ -1249,6 +1249,17 @@ def test_a_body_sent_after_its_request_was_refused_is_drained_not_reset(gateway,
             assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close\r\n" in answer.lower(), answer
             assert b"invalid chunk size" in answer, answer
             assert sock.recv(65536) == b""
+    # An answer that ends the connection (the client sent Connection: close) given before the
+    # body was read (no such route; GET only): the client, still sending, is read to its end,
+    # not left stalled until the idle timeout as the router's path left it.
+    for path, status in (("/v1/nothing", b"404"), ("/v1/models", b"405")):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         f"Content-Length: {size}\r\n\r\n".encode())
+            sock.sendall(b"x" * size)
+            sock.shutdown(socket.SHUT_WR)
+            assert ResponseReader(sock).response().startswith(b"HTTP/1.1 " + status + b" ")
+            assert sock.recv(65536) == b""
     # So is a head over the limit (431), its client still sending it.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\nX-Big: " + b"a" * size)

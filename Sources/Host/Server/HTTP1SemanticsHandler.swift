@@ -231,6 +231,15 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
                 }
                 return
             }
+            if !request.keepAlive, readingBody, unanswered.isEmpty {
+                // An answer that ends the connection (`Connection: close`, HTTP/1.0) given before
+                // the request's body was read (an early 401, say): the router would wait for the
+                // rest of that body without reading it, and the client, still sending, would
+                // stall until the idle timeout. The connection closes lingering instead.
+                context.writeAndFlush(data, promise: promise)
+                lingering.start(context, clientDoneSending: inputClosed)
+                return
+            }
             context.write(data, promise: promise)
             if unanswered.isEmpty, let rejected = rejectedAfterPending {
                 rejectedAfterPending = nil
