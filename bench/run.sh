@@ -237,8 +237,8 @@ for mode in ${BENCH_MODES:-json sse}; do
 done
 # The issue's target, point by point: Gatehouse at least 70% of nginx's req/s everywhere, and
 # at most 0.15 ms added to the upstream's p50 at c=1.
-awk '{ ratio = $4 > 0 ? $3 / $4 : 0; added = $5 - $6
+awk -v target="target (>= 0.70 of nginx req/s at every point, <= 0.15 ms added p50 at c=1):" '
+     { ratio = $4 > 0 ? $3 / $4 : 0; added = $5 - $6
        if (ratio < 0.70) missed = missed sprintf(" %s c=%s req/s %.3f;", $1, $2, ratio)
        if ($2 == 1 && added > 0.15) missed = missed sprintf(" %s c=1 added p50 %.3f ms;", $1, added) }
-     END { if (missed == "") print "target (>= 0.70 of nginx req/s at every point, <= 0.15 ms added p50 at c=1): met at every point"
-           else print "target (>= 0.70 of nginx req/s at every point, <= 0.15 ms added p50 at c=1): MISSED at" missed }' "$WORK/points"
+     END { print target, (missed == "" ? "met at every point" : "MISSED at" missed) }' "$WORK/points"

@@ -271,16 +271,7 @@ extension GatehouseConfig {
     /// lowercase word and digits (`v1`, `v2`, `v1beta`, `v1alpha1`).
     static func pathNamesAPIVersion(_ url: String) -> Bool {
         guard let path = URLComponents(string: url)?.path else { return false }
-        return path.split(separator: "/").contains { segment in
-            let bytes = Array(segment.utf8)
-            guard bytes.count >= 2, bytes[0] == UInt8(ascii: "v") else { return false }
-            let digits = bytes.dropFirst().prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
-            let rest = bytes.dropFirst(1 + digits.count)
-            guard !digits.isEmpty else { return false }
-            guard let first = rest.first else { return true }
-            return first >= UInt8(ascii: "a") && first <= UInt8(ascii: "z")
-                && rest.allSatisfy { ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) }
-        }
+        return path.split(separator: "/").contains { $0.wholeMatch(of: /v[0-9]+(?:[a-z][a-z0-9]*)?/) != nil }
     }
 
     static func isHTTPURL(_ text: String) -> Bool {

@@ -59,7 +59,7 @@ enum JSONText {
         } else if let text = value as? String {
             appendString(text, to: &output)
         } else if let integer = value as? any BinaryInteger {
-            output.append(contentsOf: String(integer).utf8)
+            appendInteger(integer, to: &output)
         } else if let number = value as? any BinaryFloatingPoint {
             appendDouble(Double(number), to: &output)
         } else if case let mirror = Mirror(reflecting: value), mirror.displayStyle == .optional {

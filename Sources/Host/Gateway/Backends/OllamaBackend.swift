@@ -163,7 +163,7 @@ struct OllamaBackend: ChatBackend {
     ///   probabilities, which Ollama does not give).
     static func generateBody(_ request: TextCompletionRequest, stream: Bool) throws(OpenAIError) -> Data {
         guard let prompt = request.body["prompt"] as? String else {
-            throw OpenAIError(.badRequest, "'prompt' must be a string for Ollama (lists of prompts or of tokens are not supported)", code: "invalid_prompt", param: "prompt")
+            throw RequestFields.invalid("prompt", "must be a string for Ollama (lists of prompts or of tokens are not supported)")
         }
         if let echo = request.body["echo"], !(echo is NSNull) {
             guard let wanted = JSONNumbers.bool(echo) else { throw RequestFields.invalid("echo", "must be true or false") }
@@ -215,8 +215,7 @@ struct OllamaBackend: ChatBackend {
         case nil, is NSNull, "float" as String: base64 = false
         case "base64" as String: base64 = true
         case let other?:
-            throw OpenAIError(
-                .badRequest, "'encoding_format' must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))", code: "invalid_encoding_format", param: "encoding_format")
+            throw RequestFields.invalid("encoding_format", "must be \"float\" or \"base64\" (got \(OpenAIShapes.describe(other)))")
         }
         // Ollama embeds text: one string or a list of them (OpenAI's token arrays it cannot take).
         let inputCount: Int
@@ -224,16 +223,15 @@ struct OllamaBackend: ChatBackend {
         case is String: inputCount = 1
         case let list as [Any] where !list.isEmpty && list.allSatisfy({ $0 is String }): inputCount = list.count
         case let list as [Any] where list.isEmpty:
-            throw OpenAIError(.badRequest, "'input' must not be an empty list", code: "invalid_input", param: "input")
+            throw RequestFields.invalid("input", "must not be an empty list")
         default:
-            throw OpenAIError(
-                .badRequest, "'input' must be a string or a list of strings for Ollama (token arrays are not supported; got \(Self.describeInput(input)))",
-                code: "invalid_input", param: "input")
+            throw RequestFields.invalid(
+                "input", "must be a string or a list of strings for Ollama (token arrays are not supported; got \(Self.describeInput(input)))")
         }
         var request: [String: Any] = ["model": model, "input": input]
         if let dimensions = body["dimensions"], !(dimensions is NSNull) {
             guard let count = JSONNumbers.int(dimensions), count > 0 else {
-                throw OpenAIError(.badRequest, "'dimensions' must be a positive integer", code: "invalid_dimensions", param: "dimensions")
+                throw RequestFields.invalid("dimensions", "must be a positive integer")
             }
             request["dimensions"] = count
         }
@@ -379,7 +377,7 @@ struct OllamaBackend: ChatBackend {
         guard let named = ((choice as? [String: Any])?["function"] as? [String: Any])?["name"] as? String else { return tools }
         let chosen = tools.filter { (($0 as? [String: Any])?["function"] as? [String: Any])?["name"] as? String == named }
         guard !chosen.isEmpty else {
-            throw OpenAIError(.badRequest, "'tool_choice' names function '\(named)', which is not in 'tools'", code: "invalid_tool_choice", param: "tool_choice")
+            throw RequestFields.invalid("tool_choice", "names function '\(named)', which is not in 'tools'")
         }
         return chosen
     }
