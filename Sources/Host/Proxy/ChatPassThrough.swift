@@ -146,16 +146,15 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var routerMethods = CircularBuffer<HTTPMethod>()
     /// The router response being written answers a HEAD request: it has no body.
     private var suppressingBody = false
-    /// The parser rejected the body of the exchange in progress: close when it has answered.
+    /// The exchange in progress ends the connection when it has answered: its request was
+    /// answered before its body was read (refused at once, or cut off by a parser error), or
+    /// its client left. The close lingers (`LingeringClose`), as the client may still be
+    /// sending; it is immediate when the client has closed its side.
     private var closeAfterExchange = false
     /// This handler has closed the connection (or its sending side, lingering). What the parser
     /// reports after that (the unread rest of a refused request's body, cut off by the close) is
     /// no request, and nobody is left to answer.
     private var closed = false
-    /// The exchange in progress answers before its request's body has been read (refused before
-    /// it, or cut off by a parser error in it): the client may still be sending, so the
-    /// connection closes lingering (`LingeringClose`).
-    private var answeredBeforeBody = false
     /// The client has closed its sending side.
     private var clientDoneSending = false
     private let lingering = LingeringClose()
@@ -293,7 +292,6 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 self.exchange = exchange
                 if refuseNow {
                     closeAfterExchange = true
-                    answeredBeforeBody = true
                     exchange.requestEnded()
                 }
             } else {
@@ -401,15 +399,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// (its read fails); in the body of an exchange, the exchange answers; after requests still
     /// being answered, the error is answered when they have been.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Closed or lingering, the decoder reports on the input left unread (the body the close
-        // cut off, what follows a parser error): nobody to answer.
-        if closed, error is HTTPParserError || error is ByteToMessageDecoderError { return lingering.readMore(context) }
+        if closed, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
         queued.removeAll()
         if let exchange, reader == .exchange {
             reader = .none
             closeAfterExchange = true
-            answeredBeforeBody = true
             exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
         } else if exchange != nil || routerResponsesPending > 0 {
             rejectedAfterPending = parserError
@@ -464,21 +459,20 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         exchange = nil
         if idleTimeout != nil { lastActivity = .now() }
         // Closing drops writes not yet flushed, and the answer's flush waits for the round's end.
-        let closeConnection = closeConnection || closeAfterExchange
         if quiesceHeld || closeConnection { context.flush() }
         if quiesceHeld {
             quiesceHeld = false
             queued.removeAll()
             context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        } else if closeAfterExchange {
+            queued.removeAll()
+            closed = true
+            reader = .none
+            lingering.start(context, clientDoneSending: clientDoneSending)
         } else if closeConnection {
             queued.removeAll()
             closed = true
-            if answeredBeforeBody {
-                reader = .none
-                lingering.start(context, clientDoneSending: clientDoneSending)
-            } else {
-                context.close(promise: nil)
-            }
+            context.close(promise: nil)
         } else if let rejected = rejectedAfterPending {
             rejectedAfterPending = nil
             answerRejected(rejected, context)

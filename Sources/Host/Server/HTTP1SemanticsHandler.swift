@@ -59,11 +59,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         /// The client holds its body back until a `100 Continue`, and neither that nor any of
         /// the body has come yet.
         var bodyHeldBack: Bool
-        /// An HTTP/1.0 keep-alive request answered without a length: the close ends the body.
+        /// The connection closes after this response although the router would keep it: an
+        /// HTTP/1.0 keep-alive request answered without a length (the close ends the body), one
+        /// answered before the body it held back, one whose body the parser rejected.
         var closeAfterResponse = false
-        /// Answered before its body was read (the body held back for a 100, or cut off by a
-        /// parser error in it): the connection closes lingering, as the client may be sending it.
-        var answeredBeforeBody = false
     }
 
     private let maxBodyBytes: Int
@@ -89,16 +88,12 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Lingering, the decoder reports on the input left unread (the body the close cut off,
-        // what follows a parser error): nobody to answer.
-        if lingering.isLingering, error is HTTPParserError || error is ByteToMessageDecoderError { return lingering.readMore(context) }
+        if lingering.isLingering, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
         if readingBody, error is HTTPParserError, let last = unanswered.indices.last {
             // The router answers (its read of the body fails), and then the connection must
-            // close: the parser cannot find the next request. The client may still be sending
-            // the body, so it closes lingering.
+            // close: the parser cannot find the next request.
             unanswered[last].keepAlive = false
             unanswered[last].closeAfterResponse = true
-            unanswered[last].answeredBeforeBody = true
         }
         // In a body the router is reading, the error is the router's to answer (its read fails).
         guard let parserError = error as? HTTPParserError, !readingBody else { return context.fireErrorCaught(error) }
@@ -198,7 +193,6 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
                 // The body was never sent: this answer ends the connection (see the type's doc).
                 request.keepAlive = false
                 request.closeAfterResponse = true
-                request.answeredBeforeBody = true
             }
             unanswered[unanswered.startIndex] = request
             let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
@@ -221,23 +215,19 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             context.write(wrapOutboundOut(.head(head)), promise: promise)
         case .end:
             guard let request = unanswered.popFirst() else { return context.write(data, promise: promise) }
-            if request.closeAfterResponse {
-                // The router, told keep-alive, would wait for another request.
+            // Answered before its body was read (held back for a 100, cut off by a parser error,
+            // or refused early): the client may still be sending it.
+            let bodyUnread = readingBody && unanswered.isEmpty
+            // The router, told keep-alive, would wait for another request; and for the rest of an
+            // unread body it would wait without reading it, the client stalled until the idle
+            // timeout. So this handler closes, lingering while the client may still be sending.
+            if request.closeAfterResponse || (bodyUnread && !request.keepAlive) {
                 context.writeAndFlush(data, promise: promise)
-                if request.answeredBeforeBody {
+                if bodyUnread {
                     lingering.start(context, clientDoneSending: inputClosed)
                 } else {
                     context.close(promise: nil)
                 }
-                return
-            }
-            if !request.keepAlive, readingBody, unanswered.isEmpty {
-                // An answer that ends the connection (`Connection: close`, HTTP/1.0) given before
-                // the request's body was read (an early 401, say): the router would wait for the
-                // rest of that body without reading it, and the client, still sending, would
-                // stall until the idle timeout. The connection closes lingering instead.
-                context.writeAndFlush(data, promise: promise)
-                lingering.start(context, clientDoneSending: inputClosed)
                 return
             }
             context.write(data, promise: promise)

@@ -1,5 +1,6 @@
 // Closing a connection whose client may still be sending a refused request, without resetting it.
 internal import NIOCore
+internal import NIOHTTP1
 
 /// The close of a connection whose client may still be sending the request just answered
 /// (refused before its body was read, cut off by a parser error in its body, or a head the
@@ -34,6 +35,12 @@ final class LingeringClose {
         deadline = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(in: Self.lingerTime) {
             context.close(promise: nil)
         }
+    }
+
+    /// Whether `error` is the decoder reporting on input a close left unread (the rest of a
+    /// refused body, what follows a parser error): no request, and nobody left to answer.
+    static func isAboutUnreadInput(_ error: any Error) -> Bool {
+        error is HTTPParserError || error is ByteToMessageDecoderError
     }
 
     /// Asks for the next read while lingering. The handlers past the one lingering (the router's
