@@ -93,6 +93,32 @@ import Testing
         #expect(throws: OpenAIError.self) { try OllamaBackend.options(["options": "big"], maxTokens: nil) }
     }
 
+    @Test func aNullParameterIsNoParameter() throws {
+        // The SDK sends `max_completion_tokens: null` for a None beside the `max_tokens` meant.
+        let limited = try ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":64,"max_completion_tokens":null}
+            """))
+        #expect(limited.maxTokens == 64)
+        let options = try #require(try object(OllamaBackend.translate(limited, stream: false))["options"] as? [String: Any])
+        #expect(options["num_predict"] as? Int == 64)
+        #expect(try OllamaBackend.think(["reasoning": ["effort": NSNull()], "reasoning_effort": "low"]) as? String == "low")
+        #expect(try OllamaBackend.think(["reasoning_effort": NSNull(), "think": NSNull()]) == nil)
+    }
+
+    @Test func toolCallArgumentsOfAnyShapeBecomeJSONText() {
+        // A null or a number went to Foundation's writer, whose top-level check is fatal.
+        func arguments(_ value: Any?) -> String? {
+            let call: [String: Any] = ["function": value.map { ["name": "f", "arguments": $0] } ?? ["name": "f"]]
+            return (OllamaBackend.openAIToolCalls([call]).first?["function"] as? [String: Any])?["arguments"] as? String
+        }
+        #expect(arguments(["b": 1, "a": ["x"]] as [String: Any]) == #"{"a":["x"],"b":1}"#)
+        #expect(arguments(nil) == "{}")
+        #expect(arguments(NSNull()) == "{}")
+        #expect(arguments(#"{"tz":"UTC"}"#) == #"{"tz":"UTC"}"#)
+        #expect(arguments(NSNumber(value: 5)) == "5")
+        #expect(arguments([1, 2]) == "[1,2]")
+    }
+
     @Test func convertsContentPartsImagesAndToolCalls() throws {
         var names: [String: String] = [:]
         let parts = try OllamaBackend.convert(
@@ -311,6 +337,24 @@ import Testing
         let unavailable = UpstreamClient.upstreamStatusError(status: 503, body: body, backend: "openai")
         #expect(unavailable.status == .serviceUnavailable && unavailable.code == "upstream_unavailable")
         #expect(unavailable.message == "openai is unavailable: slow down")
+    }
+
+    @Test func aNotFoundNamesTheModelOrTheRoute() {
+        func error(_ body: String) -> OpenAIError {
+            UpstreamClient.upstreamStatusError(status: 404, body: ByteBuffer(string: body), backend: "ollama")
+        }
+        // Ollama's, vLLM's and OpenAI's answers for an unknown model: the client's to fix.
+        let ollama = error(#"{"error":"model \"x\" not found, try pulling it first"}"#)
+        #expect(ollama.status == .notFound && ollama.code == "model_not_found")
+        let vllm = error(#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","code":404}"#)
+        #expect(vllm.status == .notFound && vllm.code == "model_not_found")
+        let coded = error(#"{"error":{"message":"No such thing","code":"model_not_found"}}"#)
+        #expect(coded.status == .notFound && coded.code == "model_not_found")
+        // A route the upstream does not serve (a wrong base URL): the gateway's to fix.
+        let route = error("404 page not found")
+        #expect(route.status == .badGateway && route.code == "upstream_not_found")
+        #expect(route.message == "ollama has no such route (HTTP 404: 404 page not found); check the upstream URL")
+        #expect(error(#"{"detail":"Not Found"}"#).code == "upstream_not_found")
     }
 
     @Test func anAnswerPastTheReadLimitIsNamedWithTheLimit() {

@@ -10,6 +10,10 @@ Special model names change behaviour:
   broken        500 with an error body
   tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
   tools-with-ids  the same, the calls carrying ids (Ollama since 0.12; without them before)
+  tools-no-args   (Ollama) the same, the call's arguments null, as Ollama before 0.14 writes a
+                  call without arguments
+  tools-text-args (Ollama) the same, the call's arguments as JSON text, as an OpenAI-minded
+                  server in Ollama's format might send them
   split         (OpenAI SSE) send every event in 5-byte pieces, each its own HTTP chunk
   truncated     (streams) end the HTTP body cleanly but early: Ollama without its "done": true
                 line, OpenAI without `data: [DONE]`
@@ -338,6 +342,10 @@ class FakeLLM:
                 tool_calls = [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}] if text is None else None
                 if tool_calls and model == "tools-with-ids":
                     tool_calls[0]["id"] = "call_ollama_7"
+                if tool_calls and model == "tools-no-args":
+                    tool_calls[0]["function"]["arguments"] = None
+                if tool_calls and model == "tools-text-args":
+                    tool_calls[0]["function"]["arguments"] = '{"timezone": "UTC"}'
                 thinking = ["Let", " me", " think."] if model == "thinker" and body.get("think") is not False else []
                 if not body.get("stream", True):
                     if model.startswith("slow"):

@@ -163,6 +163,24 @@ def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
     assert calls[0].function.name == "get_time"
 
 
+def test_ollama_tool_call_arguments_null_or_text_come_out_as_json_text(gateway):
+    # A null (Ollama before 0.14, for a call without arguments) or a number aborted the whole
+    # gateway: Foundation's JSON writer takes only an object or array at the top, fatally.
+    server = gateway("ollama")
+    client = client_for(server)
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    question = [{"role": "user", "content": "time?"}]
+    for model, arguments in (("tools-no-args", "{}"), ("tools-text-args", '{"timezone": "UTC"}')):
+        whole = client.chat.completions.create(model=model, messages=question, tools=tools)
+        assert whole.choices[0].message.tool_calls[0].function.arguments == arguments
+        assert whole.choices[0].finish_reason == "tool_calls"
+        stream = client.chat.completions.create(model=model, messages=question, tools=tools, stream=True)
+        calls = [call for chunk in stream if chunk.choices and chunk.choices[0].delta.tool_calls
+                 for call in chunk.choices[0].delta.tool_calls]
+        assert [(call.function.name, call.function.arguments) for call in calls] == [("get_time", arguments)]
+    assert server.client.get("/health").status_code == 200
+
+
 def test_openai_backend_smooths_null_content_beside_tool_calls(gateway, fake_llm):
     server = gateway("openai")
     client = client_for(server)

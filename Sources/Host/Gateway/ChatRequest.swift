@@ -54,9 +54,10 @@ struct ChatRequest: @unchecked Sendable {
         self.includeUsage = RequestFields.includeUsage(body)
     }
 
-    /// `max_completion_tokens` (newer clients) or `max_tokens`.
+    /// `max_completion_tokens` (newer clients) or `max_tokens`. A null is no value, as OpenAI
+    /// reads it: an SDK sends `max_completion_tokens: null` beside a `max_tokens` it means.
     var maxTokens: Int? {
-        (body["max_completion_tokens"] ?? body["max_tokens"]).flatMap(JSONNumbers.int)
+        RequestFields.present(body, "max_completion_tokens", "max_tokens").flatMap(JSONNumbers.int)
     }
 
     /// Cache key over the model, messages and every sampling parameter: the whole request
@@ -85,6 +86,15 @@ enum RequestFields {
     /// A 400 for a required `field` that is missing: code `missing_<field>`, param `field`.
     static func missing(_ field: String) -> OpenAIError {
         OpenAIError(.badRequest, "missing required field '\(field)'", code: "missing_\(field)", param: field)
+    }
+
+    /// The value of the first of `fields` the body holds, a JSON null counting as absent (as
+    /// OpenAI reads it; SDKs send nulls for parameters a caller passed as None).
+    static func present(_ body: [String: Any], _ fields: String...) -> Any? {
+        for field in fields {
+            if let value = body[field], !(value is NSNull) { return value }
+        }
+        return nil
     }
 
     /// The request body as a JSON object.

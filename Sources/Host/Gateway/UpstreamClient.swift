@@ -133,6 +133,11 @@ final class UpstreamClient: Sendable {
             return error
         }
         switch status {
+        case 404 where details.code == nil && message.range(of: "model", options: .caseInsensitive) == nil:
+            // Not about a model (Ollama's, OpenAI's and vLLM's answers for an unknown one all name
+            // it): the upstream has no such route, which the client cannot fix; its URL can.
+            return OpenAIError(
+                .badGateway, "\(backend) has no such route (HTTP 404: \(message)); check the upstream URL", code: "upstream_not_found")
         case 400, 404, 422:
             // The client's request was wrong for this backend (unknown model, bad field): say so.
             let gatewayStatus: HTTPResponse.Status = status == 404 ? .notFound : .badRequest

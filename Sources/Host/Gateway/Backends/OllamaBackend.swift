@@ -328,9 +328,9 @@ struct OllamaBackend: ChatBackend {
     /// (`"none"` turns thinking off; `"low"`, `"medium"` and `"high"` pass as they are), else
     /// Ollama's own `think` if the client sent it; nil leaves the model's default.
     static func think(_ body: [String: Any]) throws(OpenAIError) -> Any? {
-        let field = (body["reasoning"] as? [String: Any])?["effort"] != nil ? "reasoning.effort" : "reasoning_effort"
-        let value = (body["reasoning"] as? [String: Any])?["effort"] ?? body["reasoning_effort"]
-        guard let value, !(value is NSNull) else { return body["think"].flatMap { $0 is NSNull ? nil : $0 } }
+        let nested = (body["reasoning"] as? [String: Any]).flatMap { RequestFields.present($0, "effort") }
+        let field = nested != nil ? "reasoning.effort" : "reasoning_effort"
+        guard let value = nested ?? RequestFields.present(body, "reasoning_effort") else { return RequestFields.present(body, "think") }
         switch value as? String {
         case "none": return false
         case let effort? where ["low", "medium", "high"].contains(effort): return effort
@@ -389,10 +389,7 @@ struct OllamaBackend: ChatBackend {
     ///   same calls go as `tools` and `tool_choice`), a non-empty `logit_bias`, and an output
     ///   other than text (`modalities`, `audio`).
     static func checkChatFieldsOllamaCannotHonour(_ body: [String: Any]) throws(OpenAIError) {
-        func present(_ field: String) -> Any? {
-            guard let value = body[field], !(value is NSNull) else { return nil }
-            return value
-        }
+        func present(_ field: String) -> Any? { RequestFields.present(body, field) }
         for field in ["functions", "function_call"] where present(field) != nil {
             throw RequestFields.invalid(field, "(deprecated function calling) is not supported for Ollama; send the functions as 'tools' (and 'tool_choice')")
         }
@@ -586,13 +583,27 @@ struct OllamaBackend: ChatBackend {
         guard let calls = value as? [[String: Any]] else { return [] }
         return calls.enumerated().map { index, call in
             let function = call["function"] as? [String: Any] ?? [:]
-            let arguments = function["arguments"].flatMap { try? JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]) }
             // Ollama gives calls ids since 0.12; earlier ones get one made up.
             let id = (call["id"] as? String).flatMap { $0.isEmpty ? nil : $0 } ?? "call_\(UUID().uuidString.prefix(8).lowercased())_\(index)"
             return [
                 "id": id, "type": "function",
-                "function": ["name": function["name"] as? String ?? "", "arguments": arguments.map { String(decoding: $0, as: UTF8.self) } ?? "{}"],
+                "function": ["name": function["name"] as? String ?? "", "arguments": argumentsText(function["arguments"])],
             ]
+        }
+    }
+
+    /// A tool call's `arguments` as OpenAI gives them, JSON text: Ollama's object written out
+    /// (keys sorted, as Ollama's own `/v1` writes them); text from an upstream that already sends
+    /// it passed on; none (absent or null, as Ollama 0.13 writes an empty map) as `{}`.
+    static func argumentsText(_ arguments: Any?) -> String {
+        switch arguments {
+        case nil, is NSNull: return "{}"
+        case let text as String: return text
+        case let value?:
+            // `.fragmentsAllowed`: without it, a value that is not an object or array (a number
+            // from a broken upstream) is a fatal error in Foundation, not a thrown one.
+            let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .fragmentsAllowed])
+            return data.map { String(decoding: $0, as: UTF8.self) } ?? "{}"
         }
     }
 
