@@ -99,6 +99,56 @@ import Testing
         #expect(problems.contains { $0.hasPrefix("environment: key 'TIMEOUT': must be a duration") })
     }
 
+    @Test func secretsStayOutOfStartUpErrors() throws {
+        // Yams's own description quotes the offending line (a tab-indented key), or the whole
+        // mapping for a duplicated key.
+        var config = GatehouseConfig()
+        let tabbed = config.apply(yaml: "auth:\n\tapi_key: TOPSECRET\n", file: "g.yaml").map(\.description)
+        #expect(tabbed.count == 1 && tabbed[0].hasPrefix("g.yaml:2: not valid YAML: found character that cannot start any token at column 1"))
+        #expect(!tabbed.joined().contains("TOPSECRET"))
+        let twice = config.apply(yaml: "server: {port: 1}\nauth: {api_key: SECRETKEY}\nserver: {port: 2}\n", file: "g.yaml").map(\.description)
+        #expect(twice == ["g.yaml:1: not valid YAML: the mapping holds 'server' more than once"])
+        // A .env value with text after its closing quote: the tail was quoted back.
+        let (_, dotEnv) = parseDotEnv("API_KEY=\"TOPSECRET\"xyz-rest-of-key\n", file: ".env")
+        #expect(dotEnv.count == 1 && !dotEnv[0].description.contains("xyz"))
+        // URL credentials: not sent upstream, and shown in every upstream error.
+        for (variable, url) in [("OLLAMA_HOST", "http://admin:hunter2pw@10.0.0.5:11434"), ("GATEHOUSE_UPSTREAM_URL", "ftp://u:hunter2pw@h")] {
+            var withCredentials = GatehouseConfig()
+            let problems = withCredentials.apply(environment: [variable: url]).map(\.description)
+            #expect(problems.count == 1 && problems[0].hasPrefix("environment: key '\(variable)': must"))
+            #expect(!problems[0].contains("hunter2pw"))
+        }
+        #expect(config.apply(yaml: "upstream: {url: 'http://u:p@h'}\n", file: "g.yaml").map(\.message) == [
+            "must not hold credentials (user:password@): set the key in upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY), sent as Bearer"
+        ])
+        // A key with a line break in it (a YAML block scalar, a .env "\n") cannot be a header.
+        var broken = GatehouseConfig()
+        _ = broken.apply(yaml: "auth:\n  api_key: |\n    sk-client\nupstream:\n  api_key: \"sk-up\\r\"\n", file: "g.yaml")
+        #expect(throws: ConfigProblems.self) { try broken.validate() }
+        do {
+            try broken.validate()
+        } catch let error as ConfigProblems {
+            #expect(error.problems.map(\.key) == ["auth.api_key (API_KEY)", "upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY)"])
+            #expect(!error.description.contains("sk-"))
+        }
+    }
+
+    @Test func environmentValuesLoseTheirLineBreaksAndTimeoutsMustBePositive() {
+        // A key mounted from a file (Kubernetes' secrets) ends with a line break.
+        var config = GatehouseConfig()
+        #expect(config.apply(environment: ["API_KEY": "sk-client\n", "GATEHOUSE_UPSTREAM_API_KEY": "sk-up\r\n"]).isEmpty)
+        #expect(config.apiKey == "sk-client" && config.upstream.apiKey == "sk-up")
+        #expect((try? config.validate()) != nil)
+        // Zero was accepted and failed every request (LlamaGate's Go client read it as "never").
+        #expect(config.apply(environment: ["TIMEOUT": "0"]).map(\.description) == ["environment: key 'TIMEOUT': \(mustBePositiveDuration)"])
+        let zeros = config.apply(yaml: "upstream: {timeout: 0s, connect_timeout: 0}\nplugins: {echo: {timeout: 0}}\n", file: "g.yaml").map(\.key)
+        #expect(zeros == ["upstream.timeout", "upstream.connect_timeout", "plugins.echo.timeout"])
+        // Gatehouse's own variable wins over OLLAMA_HOST, which is often set for Ollama itself.
+        _ = config.apply(environment: ["OLLAMA_HOST": "0.0.0.0", "GATEHOUSE_UPSTREAM_URL": "http://llm:8000/v1"])
+        #expect(config.upstream.url == "http://llm:8000")
+        #expect(config.apply(environment: ["OLLAMA_HOST": ":11434"]).map(\.key) == ["OLLAMA_HOST"])
+    }
+
     @Test func loadLayersDotEnvUnderTheProcessEnvironment() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-config-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -163,7 +213,7 @@ import Testing
             ".env:2: expected KEY=value",
             ".env:3: 'BAD KEY' is not a variable name (it is empty or holds spaces or quotes)",
             ".env:5: key 'OPEN': the value's opening \" is never closed",
-            ".env:6: key 'AFTER': unexpected text after the quoted value: y",
+            ".env:6: key 'AFTER': unexpected text after the quoted value's closing quote (only a # comment may follow it)",
             ".env:7: '' is not a variable name (it is empty or holds spaces or quotes)",
         ])
     }
@@ -375,5 +425,8 @@ import Testing
         #expect(six.host == "::1" && six.authority == "[::1]:9000")
         #expect(UpstreamTarget(url: "https://api.openai.com") == nil)  // TLS upstreams stay on AsyncHTTPClient
         #expect(UpstreamTarget(url: "not a url") == nil)
+        // The path as written: decoded, a space (or a line break) went into the request line.
+        #expect(try #require(UpstreamTarget(url: "http://h/my%20api/")).pathPrefix == "/my%20api")
+        #expect(GatehouseConfig.upstreamBaseURL("http://h/my%20api/v1/") == "http://h/my%20api")
     }
 }

@@ -51,6 +51,16 @@ final class ManualClock: Sendable {
         #expect(RateLimiter.format(1e19) == "1e+19")
     }
 
+    @Test func aTinyRateWaitsAYearAtMostInsteadOfTrapping() {
+        // RATE_LIMIT_RPS=1e-20 was accepted, and the second request's wait (1e20 s) trapped.
+        for rate in [1e-20, Double.leastNonzeroMagnitude] {
+            let limiter = RateLimiter(rate: rate, burst: nil, globalRate: nil, now: { 0 })
+            #expect(limiter.refusal(client: "a", address: "x") == nil)
+            let refusal = limiter.refusal(client: "a", address: "x")
+            #expect(refusal?.headers[.retryAfter] == "31536000")
+        }
+    }
+
     @Test func failedKeyChecksSpendTheAddressesTokensThenTurnInto429s() {
         let clock = ManualClock()
         let limiter = RateLimiter(rate: 1, burst: 2, globalRate: nil, now: { clock.now })

@@ -10,8 +10,8 @@ Special model names change behaviour:
   broken        500 with an error body
   tools         answer with a tool call to get_time({"timezone": "UTC"}) until a tool result is present
   tools-with-ids  the same, the calls carrying ids (Ollama since 0.12; without them before)
-  tools-no-args   (Ollama) the same, the call's arguments null, as Ollama before 0.14 writes a
-                  call without arguments
+  tools-no-args   (Ollama) the same, the call's arguments null, as Go writes an arguments map
+                  that was never made (a call without arguments)
   tools-text-args (Ollama) the same, the call's arguments as JSON text, as an OpenAI-minded
                   server in Ollama's format might send them
   split         (OpenAI SSE) send every event in 5-byte pieces, each its own HTTP chunk

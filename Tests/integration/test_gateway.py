@@ -164,7 +164,7 @@ def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
 
 
 def test_ollama_tool_call_arguments_null_or_text_come_out_as_json_text(gateway):
-    # A null (Ollama before 0.14, for a call without arguments) or a number aborted the whole
+    # A null (as Go writes a nil arguments map: a call without arguments) or a number aborted the whole
     # gateway: Foundation's JSON writer takes only an object or array at the top, fatally.
     server = gateway("ollama")
     client = client_for(server)

@@ -10,7 +10,8 @@ extension GatehouseConfig {
         }
         func value(_ name: String) -> String? {
             guard let raw = environment[name] else { return nil }
-            let trimmed = raw.trimmingCharacters(in: .whitespaces)
+            // Line breaks too: a secret mounted from a file (Kubernetes') often ends with one.
+            let trimmed = raw.trimmingCharacters(in: .whitespacesAndNewlines)
             return trimmed.isEmpty ? nil : trimmed
         }
         func flag(_ name: String) -> Bool? {
@@ -49,9 +50,14 @@ extension GatehouseConfig {
             return number
         }
 
-        if let url = value("OLLAMA_HOST") ?? value("GATEHOUSE_UPSTREAM_URL") {
+        // Gatehouse's own name wins: OLLAMA_HOST is often set for Ollama itself (to its listening address).
+        if let (name, url) = value("GATEHOUSE_UPSTREAM_URL").map({ ("GATEHOUSE_UPSTREAM_URL", $0) }) ?? value("OLLAMA_HOST").map({ ("OLLAMA_HOST", $0) }) {
             let withScheme = url.contains("://") ? url : Self.ollamaHostURL(url)
-            if Self.isHTTPURL(withScheme) { upstream.url = Self.upstreamBaseURL(withScheme) } else { bad("OLLAMA_HOST", "must be a host:port or http(s) URL (got \"\(url)\")") }
+            if let problem = Self.upstreamURLProblem(withScheme) {
+                bad(name, url.contains("://") ? problem : "must be a host:port or http(s) URL: \(problem)")
+            } else {
+                upstream.url = Self.upstreamBaseURL(withScheme)
+            }
         }
         if let name = value("GATEHOUSE_BACKEND") {
             if let backend = Backend(rawValue: name.lowercased()) { upstream.backend = backend } else { bad("GATEHOUSE_BACKEND", "must be ollama or openai (got \"\(name)\")") }
@@ -64,7 +70,9 @@ extension GatehouseConfig {
         }
         if let port = integer("PORT", 0...65535) { self.port = port }
         if let host = value("GATEHOUSE_HOST") { self.host = host }
-        if let timeout = seconds("TIMEOUT") { upstream.timeout = timeout }
+        if let timeout = seconds("TIMEOUT") {
+            if timeout > 0 { upstream.timeout = timeout } else { bad("TIMEOUT", mustBePositiveDuration) }
+        }
         if let enabled = flag("TLS_ENABLED") { tls.enabled = enabled }
         if let file = value("TLS_CERT_FILE") { tls.certFile = file }
         if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
@@ -83,6 +91,13 @@ extension GatehouseConfig {
     /// Checks combinations that no single key can: called after every layer is applied.
     public func validate() throws {
         var problems: [ConfigProblem] = []
+        // A key no header can carry: every client would be refused, or every upstream call fail
+        // with the HTTP client's error, which quotes the header (and so the key) to the client.
+        for (key, secret) in [("auth.api_key (API_KEY)", apiKey), ("upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY)", upstream.apiKey)] {
+            if let secret, secret.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) {
+                problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "holds a control character, such as a line break, which no HTTP header can carry"))
+            }
+        }
         if tls.enabled {
             for (key, path) in [("tls.cert_file", tls.certFile), ("tls.key_file", tls.keyFile)] {
                 if path.isEmpty {
@@ -216,7 +231,8 @@ private func dotEnvValue(_ raw: Substring, lookup: (String) -> String?) -> Resul
     }
     let rest = raw[raw.index(after: index)...].trimmingCharacters(in: .whitespaces)
     guard rest.isEmpty || rest.hasPrefix("#") else {
-        return .failure(DotEnvValueProblem(message: "unexpected text after the quoted value: \(rest.prefix(40))"))
+        // Not quoted back: the value may be a secret, and its tail would be in the message.
+        return .failure(DotEnvValueProblem(message: "unexpected text after the quoted value's closing quote (only a # comment may follow it)"))
     }
     return .success(value)
 }

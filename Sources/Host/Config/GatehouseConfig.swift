@@ -191,15 +191,15 @@ extension GatehouseConfig {
                 }
             }
             if let url = reader.string(upstreamNode, "url", at: "upstream") {
-                if Self.isHTTPURL(url) {
-                    upstream.url = Self.upstreamBaseURL(url)
+                if let problem = Self.upstreamURLProblem(url) {
+                    reader.problem("upstream.url", upstreamNode["url"], problem)
                 } else {
-                    reader.problem("upstream.url", upstreamNode["url"], "must be an http:// or https:// URL (got \"\(url)\")")
+                    upstream.url = Self.upstreamBaseURL(url)
                 }
             }
             upstream.apiKey = reader.string(upstreamNode, "api_key", at: "upstream") ?? upstream.apiKey
-            upstream.timeout = reader.duration(upstreamNode, "timeout", at: "upstream") ?? upstream.timeout
-            upstream.connectTimeout = reader.duration(upstreamNode, "connect_timeout", at: "upstream") ?? upstream.connectTimeout
+            upstream.timeout = reader.duration(upstreamNode, "timeout", at: "upstream", positive: true) ?? upstream.timeout
+            upstream.connectTimeout = reader.duration(upstreamNode, "connect_timeout", at: "upstream", positive: true) ?? upstream.connectTimeout
             upstream.maxConnections = reader.int(upstreamNode, "max_connections", at: "upstream", range: 1...100_000) ?? upstream.maxConnections
         }
         if let cacheNode = reader.mapping(root, "cache", at: "") {
@@ -233,7 +233,7 @@ extension GatehouseConfig {
                 var settings = PluginSettings()
                 settings.enabled = reader.bool(entry, "enabled", at: path) ?? true
                 settings.rateLimit = reader.double(entry, "rate_limit", at: path, minimum: 0)
-                settings.timeout = reader.duration(entry, "timeout", at: path)
+                settings.timeout = reader.duration(entry, "timeout", at: path, positive: true)
                 if let configNode = reader.node(entry, "config") {
                     if configNode.mapping != nil {
                         settings.configJSON = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys])
@@ -259,11 +259,11 @@ extension GatehouseConfig {
     /// unknown model.
     static func upstreamBaseURL(_ url: String) -> String {
         guard var components = URLComponents(string: url) else { return url }
-        var path = components.path
+        var path = components.percentEncodedPath
         while path.hasSuffix("/") { path.removeLast() }
         if path.hasSuffix("/v1") { path.removeLast(3) }
         while path.hasSuffix("/") { path.removeLast() }
-        components.path = path
+        components.percentEncodedPath = path
         return components.string ?? url
     }
 
@@ -274,8 +274,20 @@ extension GatehouseConfig {
         return path.split(separator: "/").contains { $0.wholeMatch(of: /v[0-9]+(?:[a-z][a-z0-9]*)?/) != nil }
     }
 
-    static func isHTTPURL(_ text: String) -> Bool {
-        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), url.host != nil else { return false }
-        return scheme == "http" || scheme == "https"
+    /// Why `text` cannot be the upstream's URL, or nil when it can. The message never repeats
+    /// a password the URL holds: it goes to stderr and the journal.
+    static func upstreamURLProblem(_ text: String) -> String? {
+        guard let components = URLComponents(string: text), let scheme = components.scheme?.lowercased(), scheme == "http" || scheme == "https",
+            let host = components.host, !host.isEmpty
+        else {
+            let shown = text.contains("@") ? "a value with an @, not repeated here" : "\"\(text)\""
+            return "must be an http:// or https:// URL with a host (got \(shown))"
+        }
+        if components.user != nil || components.password != nil {
+            // Not sent (neither client sends a URL's user info), and it would be shown in every
+            // upstream error, /health/ready's included.
+            return "must not hold credentials (user:password@): set the key in upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY), sent as Bearer"
+        }
+        return nil
     }
 }

@@ -40,7 +40,8 @@ final class YAMLReader {
             }
             return mapping
         } catch {
-            problems.append(ConfigProblem(file: file, key: "", line: nil, message: "not valid YAML: \(Self.oneLine(error))"))
+            let (line, reason) = Self.syntaxProblem(error)
+            problems.append(ConfigProblem(file: file, key: "", line: line, message: "not valid YAML: \(reason)"))
             return nil
         }
     }
@@ -169,10 +170,15 @@ final class YAMLReader {
     }
 
     /// A duration: a number of seconds, or a string like "250ms", "30s", "5m", "1h".
-    func duration(_ mapping: Node.Mapping, _ key: String, at path: String) -> Double? {
+    /// - Parameter positive: 0 is refused (a timeout of nothing would fail every request).
+    func duration(_ mapping: Node.Mapping, _ key: String, at path: String, positive: Bool = false) -> Double? {
         guard let value = node(mapping, key) else { return nil }
         guard let text = value.scalar?.string, let seconds = parseDuration(text) else {
             problem(join(path, key), value, "must be a duration like 30, \"30s\", \"5m\" or \"250ms\", at most 365 days (got \(Self.describe(value)))")
+            return nil
+        }
+        if positive && seconds == 0 {
+            problem(join(path, key), value, mustBePositiveDuration)
             return nil
         }
         return seconds
@@ -204,10 +210,33 @@ final class YAMLReader {
         return node.mapping != nil ? "a mapping" : "a list"
     }
 
-    static func oneLine(_ error: any Error) -> String {
-        String(describing: error).split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+    /// Where a YAML syntax error is and what it is, without the document's text: Yams's own
+    /// description quotes the offending line, or the whole mapping for a duplicated key, and
+    /// this one goes to stderr and the journal with whatever secrets those lines hold.
+    static func syntaxProblem(_ error: any Error) -> (line: Int?, reason: String) {
+        func located(_ context: YamlError.Context?, _ problem: String, _ mark: Mark) -> (Int?, String) {
+            let within = context.map { " (\($0.text) from line \($0.mark.line), column \($0.mark.column))" } ?? ""
+            return (mark.line, "\(problem) at column \(mark.column)\(within)")
+        }
+        guard let error = error as? YamlError else { return (nil, String(describing: type(of: error))) }
+        switch error {
+        case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
+            .composer(let context, let problem, let mark, _):
+            return located(context, problem, mark)
+        case .duplicatedKeysInMapping(let duplicates, let context):
+            let keys = duplicates.sorted().map { "'\($0)'" }.joined(separator: ", ")
+            return (context.mark.line, "the mapping holds \(keys) more than once")
+        case .reader(let problem, let offset, _, _):
+            return (nil, offset.map { "\(problem) at byte \($0)" } ?? problem)
+        default:
+            return (nil, String(describing: error).split(whereSeparator: \.isNewline).first.map(String.init) ?? "")
+        }
     }
 }
+
+/// Why a timeout may not be 0 (LlamaGate's Go client read 0 as "no timeout"; here it would
+/// fail every request, so it is refused rather than read either way).
+let mustBePositiveDuration = "must be more than 0 (for a wait as long as the upstream takes, give a long one, like 1h)"
 
 /// The longest duration a setting accepts. Timeouts become 64-bit nanosecond counts, which
 /// overflow (and trap) beyond about 292 years; a year is already "never" for a gateway.

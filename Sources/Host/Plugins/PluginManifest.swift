@@ -68,7 +68,7 @@ public struct PluginManifest: Sendable, Equatable {
         let description = reader.string(root, "description", at: "")
         let toolchain = reader.string(root, "toolchain", at: "")
         let rateLimit = reader.double(root, "rate_limit", at: "", minimum: 0)
-        let timeout = reader.duration(root, "timeout", at: "")
+        let timeout = reader.duration(root, "timeout", at: "", positive: true)
         var configJSON = Data("{}".utf8)
         if let configNode = reader.node(root, "config") {
             if configNode.mapping != nil, let json = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys]) {

@@ -23,7 +23,10 @@ struct UpstreamTarget: Sendable, Equatable {
         let host = rawHost.hasPrefix("[") && rawHost.hasSuffix("]") ? String(rawHost.dropFirst().dropLast()) : rawHost
         self.host = host
         port = components.port ?? 80
-        pathPrefix = components.path.hasSuffix("/") ? String(components.path.dropLast()) : components.path
+        // As written (percent-encoded): the decoded path would put a space, or a line break,
+        // into the request line.
+        let path = components.percentEncodedPath
+        pathPrefix = path.hasSuffix("/") ? String(path.dropLast()) : path
         let bracketed = host.contains(":") ? "[\(host)]" : host
         authority = components.port == nil ? bracketed : "\(bracketed):\(port)"
         baseURL = url.hasSuffix("/") ? String(url.dropLast()) : url

@@ -31,12 +31,17 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         return error
     }
 
-    /// A 429 with `Retry-After` rounded up to whole seconds (at least 1).
+    /// A 429 with `Retry-After` rounded up to whole seconds (at least 1, at most a year).
     /// - Parameter message: builds the message from those seconds.
     static func rateLimited(wait: Double, code: String, message: (Int) -> String) -> OpenAIError {
-        let seconds = max(1, Int(wait.rounded(.up)))
+        // A rate as small as 1e-20 per second waits longer than Int can count (a trap, not a
+        // throw): no client waits a year anyway.
+        let seconds = max(1, Int(min(wait, Self.longestRetryAfter).rounded(.up)))
         return OpenAIError(.tooManyRequests, message(seconds), code: code).with(.retryAfter, String(seconds))
     }
+
+    /// The longest `Retry-After` given, in seconds: a year.
+    static let longestRetryAfter = 365.0 * 86_400
 
     static func defaultType(for status: HTTPResponse.Status) -> String {
         switch status.code {
