@@ -530,3 +530,100 @@ def test_concurrent_clients_each_get_their_own_answers(openai_gateway):
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads), "a client is still waiting for an answer"
     assert failures == []
+
+
+class _Firehose(socketserver.BaseRequestHandler):
+    """An upstream that answers a chat request with a stream that does not end (SSE, or NDJSON
+    on Ollama's /api/chat), as fast as the gateway takes it, up to `limit` bytes; `sent` counts
+    what the gateway took."""
+    limit = 160 * 1024 * 1024
+    sent = 0
+
+    def handle(self):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        text = "x" * 1000
+        if data.startswith(b"POST /api/chat"):
+            kind = b"application/x-ndjson"
+            event = json.dumps({"model": "m", "message": {"role": "assistant", "content": text}, "done": False}).encode() + b"\n"
+        else:
+            kind = b"text/event-stream"
+            event = f"data: {_chunk_event(text)}\n\n".encode()
+        block = (b"%x\r\n" % len(event) + event + b"\r\n") * 64
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.request.settimeout(30)
+        with contextlib.suppress(OSError):
+            while type(self).sent < self.limit:
+                self.request.sendall(block)
+                type(self).sent += len(block)
+
+
+@pytest.mark.parametrize("backend", ["openai", "ollama"], ids=["pass-through", "router"])
+def test_a_client_that_stops_reading_a_stream_stops_the_upstream(start, plugins_dir, backend):
+    # Back-pressure from client to upstream: the pass-through's upstream handler was inbound
+    # only, so NIO never asked it whether to read, and its holding reads did nothing; a client
+    # that stopped reading had the gateway take (and keep in memory) the whole stream.
+    _Firehose.sent = 0
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Firehose)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
+                                           "cache: {enabled: false}\n")
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.sendall(post_bytes({**BODY, "stream": True}))
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+            # Then nothing read: what the upstream manages to send must stop at what the
+            # sockets' buffers hold (a few MB each way on loopback), not run to the limit.
+            time.sleep(3)
+            taken = _Firehose.sent
+            time.sleep(1)
+            assert _Firehose.sent == taken, "the upstream was still being read"
+            assert taken < 48 * 1024 * 1024, f"the gateway took {taken} bytes of a stream its client was not reading"
+            # Reading again resumes it.
+            client.settimeout(10)
+            for _ in range(200):
+                client.recv(1 << 20)
+            assert _Firehose.sent > taken
+        assert server.client.get("/health").status_code == 200
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_requests_pipelined_behind_an_answer_wait_in_the_socket_not_in_memory(openai_gateway):
+    # Parts read behind an answer in progress wait in a queue; reading went on regardless, so a
+    # client pipelining behind a long stream (a chunked body that never ends, or requests by the
+    # million) filled the gateway's memory as fast as it could send.
+    server = openai_gateway()
+    words = " ".join(["w"] * 25)  # the fake streams a word every 0.2 s: about 5 s
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(post_bytes({**BODY, "model": "slow-model", "stream": True,
+                                   "messages": [{"role": "user", "content": words}]}))
+        assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gatehouse\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+        block = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+        client.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 2.5
+        while time.monotonic() < deadline and sent < 160 * 1024 * 1024:
+            try:
+                sent += client.send(block)
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert sent < 48 * 1024 * 1024, f"the gateway read {sent} bytes pipelined behind an answer"
+        # The stream in progress is answered whole.
+        client.setblocking(True)
+        client.settimeout(15)
+        received = b""
+        while b"data: [DONE]" not in received:
+            chunk = client.recv(65536)
+            assert chunk, received[-300:]
+            received += chunk
+        assert received.count(b'"delta"') >= 26, received[-300:]  # "Echo:", 25 words, the finish
+    assert server.client.get("/health").status_code == 200

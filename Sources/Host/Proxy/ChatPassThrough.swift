@@ -133,8 +133,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var exchange: ChatExchange?
     /// Requests handed to the router whose responses have not ended yet.
     private var routerResponsesPending = 0
-    /// Parts that must wait for an earlier response to end.
+    /// Parts that must wait for an earlier response to end. While any wait, reading stops
+    /// (`read(context:)`): a client pipelining behind a long answer (a stream lasts up to an
+    /// hour) would otherwise fill this as fast as it can send.
     private var queued = CircularBuffer<HTTPServerRequestPart>()
+    /// A read asked for (by the handlers behind) while parts were queued, made once they are not.
+    private var readHeld = false
     /// A graceful-shutdown request held back until the exchange in progress has ended.
     private var quiesceHeld = false
     /// The client's half-close, held back while requests it sent before it wait to begin: the
@@ -259,6 +263,19 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             inputClosedHeld = false
             context.flush()  // the last answer's flush would otherwise wait for the round's end
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        if readHeld, queued.isEmpty, !closed {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Reads wait while parts are queued: what one read brings is bounded, the queue too.
+    func read(context: ChannelHandlerContext) {
+        if queued.isEmpty || closed {
+            context.read()
+        } else {
+            readHeld = true
         }
     }
 

@@ -166,8 +166,13 @@ final class UpstreamConnection {
 /// parses the responses (UpstreamResponseParser) and hands their parts to the delegate, and
 /// holds reads while the client cannot take more bytes (back-pressure from the client to the
 /// upstream).
-final class UpstreamConnectionHandler: ChannelInboundHandler, RoundFlushable {
+///
+/// Duplex, though it writes only through its own context: NIO asks outbound handlers alone
+/// whether to read (`read(context:)`), so as an inbound handler it never held a read, and a
+/// client that stopped reading a stream had the gateway buffer all of it.
+final class UpstreamConnectionHandler: ChannelDuplexHandler, RoundFlushable {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = IOData
     typealias OutboundOut = IOData
 
     /// The exchange using this connection. Strong (the exchange may have no other owner while
