@@ -133,6 +133,9 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
     does when its keep-alive timeout fires just as the gateway reuses the connection."""
     connections = 0
     reset = False
+    # Seconds between reading the second request and closing: past the gateway's retry window,
+    # the loss is no keep-alive race but a failure mid-generation.
+    delay = 0.0
 
     def handle(self):
         type(self).connections += 1
@@ -145,6 +148,7 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
         self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                              + str(len(reply)).encode() + b"\r\n\r\n" + reply)
         self.request.recv(65536)  # the next request on this connection: close without answering
+        time.sleep(type(self).delay)
         if type(self).reset:
             self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
 
@@ -160,6 +164,23 @@ def test_a_reused_connection_lost_at_the_upstream_is_retried_once(start, plugins
             assert response.json()["choices"][0]["message"]["content"] == "fresh"
         # Each reuse met a closed connection and went to a new one.
         assert _OneAnswerPerConnection.connections == 3
+
+
+def test_a_reused_connection_lost_mid_generation_is_not_retried(start, plugins_dir):
+    # Lost 1.5 s after the request went out, the upstream was working on it: sending it again
+    # would run (and bill) the generation twice, within a fresh timeout as it was.
+    _OneAnswerPerConnection.connections = 0
+    _OneAnswerPerConnection.reset = False
+    _OneAnswerPerConnection.delay = 1.5
+    try:
+        with raw_upstream(start, plugins_dir, _OneAnswerPerConnection) as server:
+            assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
+            lost = server.client.post("/v1/chat/completions", json=BODY)
+            assert lost.status_code == 502, lost.text
+            assert lost.json()["error"]["message"].startswith("upstream closed the connection")
+            assert _OneAnswerPerConnection.connections == 1
+    finally:
+        _OneAnswerPerConnection.delay = 0.0
 
 
 def test_events_split_at_any_byte_arrive_whole(openai_gateway):

@@ -16,9 +16,11 @@ internal import Glibc
 /// shared cache, `OpenAIBackend.upstreamBody` and its SSE classification,
 /// `UpstreamClient.upstreamStatusError`, `UpstreamFailure`, and the access-log line.
 ///
-/// A reused keep-alive connection that the upstream closes before answering is retried once on
-/// a new connection, so a request can reach the upstream twice in that race (harmless for chat
-/// completions, which change nothing upstream).
+/// A reused keep-alive connection that the upstream closes right after the request went out
+/// (within `retryWindow`, before any answer) is retried once on a new connection, within the
+/// same deadline. A request can reach the upstream twice in that race (harmless for chat
+/// completions, which change nothing upstream); a connection lost later, mid-generation, is not
+/// retried, as the work (and a paid upstream's bill) would be done twice.
 final class ChatExchange: UpstreamResponseDelegate {
     private enum Phase {
         /// Reading the client's body.
@@ -192,11 +194,20 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     // MARK: The upstream call
 
-    private func callUpstream(fresh: Bool = false) {
-        upstreamStarted = ContinuousClock.now
-        lastUpstreamRead = .now()
-        armTimer()
-        if !fresh, let connection = pool.takeIdle() {
+    /// How soon after the request went out a reused connection's loss is the keep-alive race
+    /// (the upstream closing it as idle just as it was reused), and so retried.
+    static let retryWindow = TimeAmount.seconds(1)
+    /// When the request went out on the connection in use.
+    private var sentAt = NIODeadline.uptimeNanoseconds(0)
+
+    /// - Parameter retry: the one retry on a fresh connection, within the first call's deadline.
+    private func callUpstream(retry: Bool = false) {
+        if !retry {
+            upstreamStarted = ContinuousClock.now
+            lastUpstreamRead = .now()
+            armTimer()
+        }
+        if !retry, let connection = pool.takeIdle() {
             connected(.success(connection))  // kept alive from an earlier request: no callback needed
         } else {
             pool.connect { [self] result in connected(result) }
@@ -211,6 +222,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                 return
             }
             self.connection = connection
+            sentAt = .now()
             let body = upstreamRequest ?? ByteBuffer()
             let length = body.readableBytes + (upstreamSplice?.members.utf8.count ?? 0)
             if length <= Self.bodyCopiedBehindHead {
@@ -376,9 +388,9 @@ final class ChatExchange: UpstreamResponseDelegate {
         case .waiting:
             // A keep-alive connection the upstream closed (or reset) just as it was reused:
             // try once on a new one. Timeouts are not retried: that would double the wait.
-            if reused, !retried, failure.isConnectionLoss {
+            if reused, !retried, failure.isConnectionLoss, NIODeadline.now() < sentAt + Self.retryWindow {
                 retried = true
-                callUpstream(fresh: true)
+                callUpstream(retry: true)
                 return
             }
             fail(failure)
