@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client, in front of a stand-in
 upstream speaking Ollama's NDJSON or OpenAI's SSE."""
 import base64
+import concurrent.futures
 import gzip
 import json
 import re
@@ -672,6 +673,22 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
     # The gateway still answers after every failure above.
     assert slow.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "Echo: x"
+
+
+@both_backends
+def test_readiness_calls_the_upstream_at_most_once_a_second(gateway, fake_llm, backend):
+    # /health/ready needs no key and spends no rate: each probe went upstream, so anyone could
+    # make the gateway call the upstream (a paid API's quota too) as fast as they could ask.
+    server = gateway(backend, extra_config="auth: {api_key: k}\n")
+    probe = "/api/version" if backend == "ollama" else "/v1/models"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: server.client.get("/health/ready"), range(40)))
+    assert all(answer.status_code == 200 for answer in answers)
+    assert 1 <= len(fake_llm.calls(probe)) <= 3, len(fake_llm.calls(probe))
+    time.sleep(1.1)
+    before = len(fake_llm.calls(probe))
+    assert server.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
+    assert len(fake_llm.calls(probe)) == before + 1
 
 
 @both_backends

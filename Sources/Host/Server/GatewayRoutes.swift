@@ -71,9 +71,10 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             return Response.json(try await departure.untilClientLeaves { try await chat.backend.embeddings(object, requestID: requestID) })
         }
+        let readiness = ReadinessProbe(backend: chat.backend)
         router.get("/health/ready") { _, context in
             do {
-                try await chat.backend.checkReady(requestID: context.requestID)
+                try await readiness.check(requestID: context.requestID).get()
                 return try Response.json(object: ["status": "ready", "backend": chat.backend.name])
             } catch {
                 let reason = (error as? OpenAIError)?.message ?? String(describing: error)
@@ -114,5 +115,40 @@ struct GatewayRoutes {
             status: .ok,
             headers: [.contentType: "text/event-stream", .cacheControl: "no-cache", Self.cacheHeader: "BYPASS"],
             body: body)
+    }
+}
+
+/// The upstream readiness checks behind `/health/ready`, which needs no key and no rate: at most
+/// one upstream call at a time, its verdict reused for `reuse`. Otherwise anyone could make the
+/// gateway call the upstream as fast as they can ask (against a paid API's request quota too).
+actor ReadinessProbe {
+    let backend: any ChatBackend
+    let reuse: Duration
+    private var last: (at: ContinuousClock.Instant, result: Result<Void, any Error>)?
+    private var running: Task<Result<Void, any Error>, Never>?
+
+    init(backend: any ChatBackend, reuse: Duration = .seconds(1)) {
+        self.backend = backend
+        self.reuse = reuse
+    }
+
+    /// The upstream's readiness: a verdict younger than `reuse`, the one being reached, or a new one.
+    func check(requestID: String) async -> Result<Void, any Error> {
+        if let last, ContinuousClock.now - last.at < reuse { return last.result }
+        if let running { return await running.value }
+        let backend = backend
+        let task = Task {
+            do {
+                try await backend.checkReady(requestID: requestID)
+                return Result<Void, any Error>.success(())
+            } catch {
+                return .failure(error)
+            }
+        }
+        running = task
+        let result = await task.value
+        running = nil
+        last = (.now, result)
+        return result
     }
 }
