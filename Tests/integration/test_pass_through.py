@@ -648,3 +648,18 @@ def test_requests_pipelined_behind_an_answer_wait_in_the_socket_not_in_memory(op
             received += chunk
         assert received.count(b'"delta"') >= 26, received[-300:]  # "Echo:", 25 words, the finish
     assert server.client.get("/health").status_code == 200
+
+
+def test_whole_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(openai_gateway):
+    # The parser's rejection was answered next and the whole requests queued before it dropped,
+    # so the client read the 400 as the answer to the request it had sent before the bad one.
+    server = openai_gateway()
+    slow = post_bytes({**BODY, "model": "slow-model", "stream": True})
+    health = b"GET /health HTTP/1.1\r\nHost: gatehouse\r\n\r\n"
+    models = b"GET /v1/models HTTP/1.1\r\nHost: gatehouse\r\n\r\n"
+    for pipeline in (slow + health + post_bytes(BODY), models + post_bytes(BODY) + health):
+        received, closed = raw_exchange(server.port, pipeline + b"NOT HTTP\r\n\r\n", until=None)
+        heads = re.findall(rb"HTTP/1\.1 (\d{3})", received)
+        assert heads == [b"200", b"200", b"200", b"400"], received
+        assert closed
+        assert received.rindex(b"HTTP/1.1 400") > max(received.index(b'{"status":"ok"}'), received.index(b"Echo: hello"))

@@ -259,6 +259,10 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             queued.removeFirst()
             process(part, context)
         }
+        if let rejected = rejectedAfterPending, exchange == nil, routerResponsesPending == 0, queued.isEmpty {
+            rejectedAfterPending = nil
+            return answerRejected(rejected, context)  // the last answer on this connection
+        }
         if inputClosedHeld, exchange == nil, queued.isEmpty {
             inputClosedHeld = false
             context.flush()  // the last answer's flush would otherwise wait for the round's end
@@ -359,11 +363,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             }
             routerResponsesPending -= 1
             if idleTimeout != nil { lastActivity = .now() }
-            if routerResponsesPending == 0, let rejected = rejectedAfterPending {
-                rejectedAfterPending = nil
-                return answerRejected(rejected, context)
-            }
-            if routerResponsesPending == 0, !queued.isEmpty { drain() }
+            if routerResponsesPending == 0, !queued.isEmpty || rejectedAfterPending != nil { drain() }
         }
     }
 
@@ -414,16 +414,21 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// A request NIO's parser rejected: the parser cannot find the next one, so the connection
     /// closes once the error is answered. In a body the router is reading, the router answers
     /// (its read fails); in the body of an exchange, the exchange answers; after requests still
-    /// being answered, the error is answered when they have been.
+    /// being answered or waiting whole in the queue, the error is answered when they have been
+    /// (answering it first would pair it, for the client, with the request it had sent before).
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if closed, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
-        queued.removeAll()
+        // A queued request the error cut off is dropped; whole ones before it are kept.
+        while let last = queued.last {
+            if case .end = last { break }
+            queued.removeLast()
+        }
         if let exchange, reader == .exchange {
             reader = .none
             closeAfterExchange = true
             exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
-        } else if exchange != nil || routerResponsesPending > 0 {
+        } else if exchange != nil || routerResponsesPending > 0 || !queued.isEmpty {
             rejectedAfterPending = parserError
         } else {
             answerRejected(parserError, context)
@@ -490,11 +495,8 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             queued.removeAll()
             closed = true
             context.close(promise: nil)
-        } else if let rejected = rejectedAfterPending {
-            rejectedAfterPending = nil
-            answerRejected(rejected, context)
         } else {
-            drain()
+            drain()  // then the parser's rejection, if one waits behind
         }
     }
 }
