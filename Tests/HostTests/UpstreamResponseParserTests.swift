@@ -111,6 +111,9 @@ import Testing
         // Both framings: the chunked coding reads this one, and the connection is not trusted again.
         let both = try Self.parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
         #expect(both == Parsed(status: 200, keepAlive: false, body: "ab", ended: true))
+        // A coding in an HTTP/1.0 reply, which has none (RFC 9112 6.1): read, and the connection closed.
+        let old = try Self.parse("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+        #expect(old == Parsed(status: 200, keepAlive: false, body: "ab", ended: true))
     }
 
     @Test func bareLineFeedsAndLeadingBlankLinesAreRead() throws {
@@ -140,6 +143,8 @@ import Testing
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000\r\n", "chunk size is too large"),
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n", "chunk data is longer than its size"),
         ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}x", "bytes came while no response was due"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "Transfer-Encoding applies chunked more than once"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding applies chunked more than once"),
     ])
     func malformedRepliesAreRefusedWithTheirReason(text: String, reason: String) {
         #expect(throws: MalformedUpstreamReply(reason: reason)) { try Self.parse(text) }

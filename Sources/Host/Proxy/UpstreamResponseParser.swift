@@ -231,8 +231,9 @@ struct UpstreamResponseParser {
         if status == 204 || status == 304 {
             state = .fixed(0)
         } else if fields.transferEncoding {
-            // Both framings: the coding decides this body, and the connection is not trusted again.
-            if fields.contentLength != nil { keepAlive = false }
+            // Both framings, or a coding in an HTTP/1.0 reply (which has none: RFC 9112 6.1):
+            // the coding decides this body, and the connection is not trusted again.
+            if fields.contentLength != nil || minorVersion == 0 { keepAlive = false }
             if fields.lastCodingIsChunked {
                 state = .chunkSize
             } else {
@@ -314,6 +315,8 @@ private struct HeadFields {
     var transferEncoding = false
     /// The last transfer coding listed is `chunked`.
     var lastCodingIsChunked = false
+    /// A Transfer-Encoding element so far was chunked.
+    private var sawChunked = false
     var close = false
     var keepAliveToken = false
     var contentType: String?
@@ -343,7 +346,15 @@ private struct HeadFields {
             // The last element that is not empty (a list may have empty ones) of the last field.
             var elements = Elements(of: value)
             var last: UnsafeRawBufferPointer?
-            while let element = elements.next() { if !element.isEmpty { last = element } }
+            while let element = elements.next() {
+                guard !element.isEmpty else { continue }
+                // Chunked twice would need decoding twice; no sender may apply it so (RFC 9112 7).
+                if element.count == 7, Self.named(element, "chunked") {
+                    guard !sawChunked else { throw MalformedUpstreamReply(reason: "Transfer-Encoding applies chunked more than once") }
+                    sawChunked = true
+                }
+                last = element
+            }
             if let last { lastCodingIsChunked = last.count == 7 && Self.named(last, "chunked") }
         case 10 where Self.named(name, "connection"):
             var tokens = Elements(of: value)
