@@ -663,3 +663,37 @@ def test_whole_requests_pipelined_before_a_malformed_one_are_answered_before_its
         assert heads == [b"200", b"200", b"200", b"400"], received
         assert closed
         assert received.rindex(b"HTTP/1.1 400") > max(received.index(b'{"status":"ok"}'), received.index(b"Echo: hello"))
+
+
+class _HeadThenPause(socketserver.BaseRequestHandler):
+    """An upstream whose stream sends its head, then thinks for 3 s before the first event (a
+    long prompt); `abandoned` is set when the gateway hangs up meanwhile."""
+    abandoned = threading.Event()
+
+    def handle(self):
+        if not read_request(self.request):
+            return
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.request.settimeout(3)
+        with contextlib.suppress(socket.timeout):
+            if self.request.recv(1) == b"":
+                type(self).abandoned.set()
+
+
+def test_a_client_leaving_before_its_streams_first_event_gets_the_499(start, plugins_dir):
+    # The upstream's head had come, the client's had not (it waits for the first events): the
+    # half-closed client got the connection closed with nothing sent, logged as a 200.
+    _HeadThenPause.abandoned.clear()
+    with raw_upstream(start, plugins_dir, _HeadThenPause) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(post_bytes({**BODY, "stream": True}))
+            time.sleep(0.5)
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 499 Client Closed Request\r\n") and b"\r\nConnection: close" in head, received
+        assert json.loads(body)["error"]["code"] == "client_closed_request"
+        assert _HeadThenPause.abandoned.wait(2), "the upstream call went on"
+        wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "499")

@@ -731,14 +731,15 @@ final class ChatExchange: UpstreamResponseDelegate {
         connection?.handler.holdReads(!writable)
     }
 
-    /// Whether the answer is being streamed (its head already sent).
-    var isStreaming: Bool { phase == .streaming }
+    /// Whether the answer is being streamed: its head has gone to the client. (The upstream's
+    /// head alone is not enough: the client's waits for the first events, to share their write.)
+    var isStreaming: Bool { phase == .streaming && !streamHeadPending }
 
     /// The client shut down its sending side before its answer began: it has gone (see
     /// ClientDeparture). The upstream call is abandoned and the answer is the 499, as the
     /// router's is (a client that only half-closed can still read it).
     func clientLeft() {
-        guard phase == .reading || phase == .waiting || phase == .collecting else { return }
+        guard phase == .reading || phase == .waiting || phase == .collecting || (phase == .streaming && streamHeadPending) else { return }
         cancelTimer()
         body = ByteBuffer()
         answer(.clientClosedRequest)
