@@ -51,6 +51,7 @@ struct Serve: AsyncParsableCommand {
             var loaded = try options.load()
             if let host { loaded.host = host }
             if let port { loaded.port = port }
+            try loaded.validate()  // here, so its problems read as the others do, before logging starts
             config = loaded
         } catch {
             throw fail("invalid configuration: \(error)")

@@ -1613,7 +1613,21 @@ def test_tls_with_unreadable_certificate_fails_start_with_key_named(tmp_path):
                             env={"TLS_ENABLED": "1", "TLS_CERT_FILE": "/nonexistent.pem", "TLS_KEY_FILE": "/nonexistent.key"},
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode != 0
-    assert "key 'tls.cert_file': cannot read /nonexistent.pem" in result.stderr
+    # Reported with the other configuration problems (before logging starts), naming both names.
+    assert result.stderr.startswith("gatehouse: invalid configuration: "), result.stderr
+    assert "key 'server.tls.cert_file (TLS_CERT_FILE)': cannot read /nonexistent.pem: no such file" in result.stderr
+    # Files that exist but cannot serve: the reason, not NIOSSL's bare error name.
+    key = tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(tmp_path / "cert.pem"),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "other.key"),
+                    "-out", str(tmp_path / "other.pem"), "-days", "1", "-subj", "/CN=other"], check=True, capture_output=True)
+    (tmp_path / "not.pem").write_text("hello\n")
+    for cert, expected in (("not.pem", "not a PEM certificate"), ("other.pem", "the key is not the certificate's")):
+        result = subprocess.run([GATEHOUSE, "serve", "--port", str(free_port()), "--plugins-dir", str(tmp_path)],
+                                env={"TLS_ENABLED": "1", "TLS_CERT_FILE": str(tmp_path / cert), "TLS_KEY_FILE": str(key)},
+                                capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert result.returncode != 0 and expected in result.stderr, result.stderr
 
 
 def stream_in_background(server, model, text):

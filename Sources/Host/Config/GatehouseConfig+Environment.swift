@@ -99,11 +99,11 @@ extension GatehouseConfig {
             }
         }
         if tls.enabled {
-            for (key, path) in [("tls.cert_file", tls.certFile), ("tls.key_file", tls.keyFile)] {
+            for (key, path) in [("server.tls.cert_file (TLS_CERT_FILE)", tls.certFile), ("server.tls.key_file (TLS_KEY_FILE)", tls.keyFile)] {
                 if path.isEmpty {
                     problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "is required when TLS is enabled"))
-                } else if !FileManager.default.isReadableFile(atPath: path) {
-                    problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "cannot read \(path)"))
+                } else if let problem = FileProblem.of(path) {
+                    problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "cannot read \(path): \(problem)"))
                 }
             }
         }

@@ -121,7 +121,8 @@ extension GatehouseConfig {
         let path = file ?? "gatehouse.yaml"
         if FileManager.default.fileExists(atPath: path) {
             guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-                throw ConfigProblems(problems: [ConfigProblem(file: path, key: "", line: nil, message: "cannot be read as UTF-8 text")])
+                let problem = FileProblem.of(path) ?? "cannot be read as UTF-8 text"
+                throw ConfigProblems(problems: [ConfigProblem(file: path, key: "", line: nil, message: problem)])
             }
             problems += config.apply(yaml: text, file: path)
             config.sources.append(path)
@@ -131,7 +132,8 @@ extension GatehouseConfig {
         var variables: [String: String] = [:]
         if FileManager.default.fileExists(atPath: dotEnvFile) {
             guard let text = try? String(contentsOfFile: dotEnvFile, encoding: .utf8) else {
-                throw ConfigProblems(problems: [ConfigProblem(file: dotEnvFile, key: "", line: nil, message: "cannot be read as UTF-8 text")])
+                let problem = FileProblem.of(dotEnvFile) ?? "cannot be read as UTF-8 text"
+                throw ConfigProblems(problems: [ConfigProblem(file: dotEnvFile, key: "", line: nil, message: problem)])
             }
             let (values, dotEnvProblems) = parseDotEnv(text, file: dotEnvFile, environment: environment)
             variables = values

@@ -29,12 +29,21 @@ public struct GatehouseServer: Sendable {
         // Until ReloadOnHangup traps it, a SIGHUP would end the process (its default action).
         signal(SIGHUP, SIG_IGN)
         try config.validate()
+        // Before the upstream client: once made, it must be shut down before it goes (its deinit
+        // is a fatal error otherwise), so what can fail comes first or shuts it down.
+        let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile) : nil
         let openFiles = OpenFilesLimit.raiseToHardLimit()
         let metrics = GatehouseMetrics()
         let upstream = UpstreamClient(config: config.upstream)
         let chat = ChatService(config: config, client: upstream, metrics: metrics)
         let services = PluginServices(chat: chat, metrics: metrics)
-        let registry = try PluginRegistry(config: config, logger: logger, services: services)
+        let registry: PluginRegistry
+        do {
+            registry = try PluginRegistry(config: config, logger: logger, services: services)
+        } catch {
+            await upstream.shutdown()
+            throw error
+        }
         let limiter =
             config.rateLimit.requestsPerSecond > 0
             ? RateLimiter(rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst, globalRate: config.rateLimit.globalRequestsPerSecond)
@@ -44,7 +53,6 @@ public struct GatehouseServer: Sendable {
         let passThrough = ChatPassThrough(
             config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, clientAddresses: clientAddresses,
             logger: logger, serverName: Self.serverName)
-        let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile) : nil
         let server = makeServerBuilder(passThrough: passThrough, certificates: certificates)
         registry.loadAll()
 
@@ -80,6 +88,8 @@ public struct GatehouseServer: Sendable {
                     "listening",
                     metadata: [
                         "address": .string(bound), "version": .string(GatehouseVersion.release), "tls": .stringConvertible(config.tls.enabled),
+                        // Whether clients need a key: an empty or null `auth.api_key` turns it off.
+                        "auth": .string(config.apiKey == nil ? "off" : "api_key"),
                         "backend": .string(config.upstream.backend.rawValue), "upstream": .string(config.upstream.url),
                         "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
                         "chat_pass_through": .stringConvertible(passThrough != nil),

@@ -37,25 +37,28 @@ final class TLSCertificates: Sendable {
     private static func context(certFile: String, keyFile: String) throws(StartupError) -> (context: NIOSSLContext, expires: Date) {
         let chain: [NIOSSLCertificate]
         let key: NIOSSLPrivateKey
+        // NIOSSL's errors are bare names (failedToLoadCertificate): the file's own problem, if
+        // it has one, is what an operator needs, else what the contents failed to be.
         do {
             chain = try NIOSSLCertificate.fromPEMFile(certFile)
         } catch {
-            throw StartupError("cannot load TLS certificate \(certFile): \(error)")
+            throw StartupError("cannot load TLS certificate \(certFile): \(FileProblem.of(certFile) ?? "not a PEM certificate (\(error))")")
         }
         guard let leaf = chain.first else { throw StartupError("TLS certificate file \(certFile) holds no certificate") }
         do {
             key = try NIOSSLPrivateKey(file: keyFile, format: .pem)
         } catch {
-            throw StartupError("cannot load TLS private key \(keyFile): \(error)")
+            throw StartupError("cannot load TLS private key \(keyFile): \(FileProblem.of(keyFile) ?? "not an unencrypted PEM private key (\(error))")")
         }
         let configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
         do {
             // BoringSSL checks here that the key belongs to the certificate.
             return (try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter)))
         } catch {
-            throw StartupError("cannot use TLS certificate \(certFile) with key \(keyFile): \(error)")
+            throw StartupError("cannot use TLS certificate \(certFile) with key \(keyFile): the key is not the certificate's (\(error))")
         }
     }
+
 }
 
 /// TLS in front of the base channel, with the context current when the connection is accepted
