@@ -9,6 +9,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import socket
 import socketserver
 import struct
@@ -697,3 +698,24 @@ def test_a_client_leaving_before_its_streams_first_event_gets_the_499(start, plu
         assert json.loads(body)["error"]["code"] == "client_closed_request"
         assert _HeadThenPause.abandoned.wait(2), "the upstream call went on"
         wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "499")
+
+
+def test_graceful_shutdown_answers_a_chat_queued_behind_a_router_response(openai_gateway):
+    # The shutdown went to the router, which closed the connection after its response: the chat
+    # request pipelined behind it had been read and was never answered.
+    server = openai_gateway("cache: {enabled: false}\nserver: {shutdown_timeout: 20s}\n", env={"TIMEOUT": "20s"})
+    embed = json.dumps({"model": "ponder", "input": "x"}).encode()  # the upstream thinks 5 s first
+    pipeline = (b"POST /v1/embeddings HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(embed), embed)) + post_bytes(BODY)
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(zip(("received", "closed"), raw_exchange(server.port, pipeline, until=None, timeout=20))))
+    reader.start()
+    time.sleep(1)
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(20)
+    heads = re.findall(rb"HTTP/1\.1 (\d{3})", result["received"])
+    assert heads == [b"200", b"200"], result["received"][-500:]
+    assert b"Echo: hello" in result["received"] and result["closed"]
+    last_head = result["received"][result["received"].rindex(b"HTTP/1.1 200"):].partition(b"\r\n\r\n")[0]
+    assert b"\r\nConnection: close" in last_head
+    assert server.process.wait(20) == 0

@@ -380,7 +380,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         }
         // The router's connection handler closes idle connections on graceful shutdown; it
         // cannot see an exchange in progress, so it hears of the shutdown when that has ended.
-        if event is ChannelShouldQuiesceEvent, exchange != nil {
+        // Nor a chat request queued behind its own response: it would close the connection
+        // after that, with the chat request read and never answered.
+        if event is ChannelShouldQuiesceEvent, exchange != nil || !queued.isEmpty {
             quiesceHeld = true
             return
         }
