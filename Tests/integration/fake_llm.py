@@ -322,7 +322,11 @@ class FakeLLM:
                             line["logprobs"] = ollama_logprobs(body, tokens)[index:index + 1]
                         self._chunk(json.dumps(line).encode() + b"\n")
                     else:
-                        self._chunk(b"data: " + json.dumps({**base, "choices": [{"text": token, "index": 0, "finish_reason": None}]}).encode() + b"\n\n")
+                        chunk = {**base, "choices": [{"text": token, "index": 0, "finish_reason": None}]}
+                        if (body.get("stream_options") or {}).get("continuous_usage_stats"):
+                            # vLLM's running totals on every chunk (then the usual usage chunk).
+                            chunk["usage"] = {"prompt_tokens": counts[0], "completion_tokens": index + 1, "total_tokens": counts[0] + index + 1}
+                        self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if ollama:
                     self._chunk(json.dumps({"model": model, "response": "", "done": True, "done_reason": finish,
                                             "prompt_eval_count": counts[0], "eval_count": counts[1]}).encode() + b"\n")

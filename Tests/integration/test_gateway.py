@@ -127,6 +127,16 @@ def test_legacy_text_completions_whole_and_streamed(gateway, fake_llm, backend):
     # (+ 3 echoed streamed and 3 with best_of for Ollama; + 3 for the list prompt for openai).
     metrics = server.client.get("/metrics").text
     assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == (21 if backend == "ollama" else 18)
+    if backend == "openai":
+        # vLLM's continuous_usage_stats puts running totals on every chunk: the last counts,
+        # as the pass-through and plugins take it (summed, these 3 tokens counted 1+2+3+3).
+        prompt_before = metric_value(metrics, "gatehouse_llm_tokens_total", direction="prompt")
+        running = list(client.completions.create(model="m", prompt="hello there", stream=True,
+                                                  stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        assert running[-1].usage.completion_tokens == 3
+        metrics = server.client.get("/metrics").text
+        assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == 18 + 3
+        assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="prompt") == prompt_before + 2
 
 
 def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):

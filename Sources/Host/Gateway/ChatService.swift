@@ -69,7 +69,9 @@ final class ChatService: Sendable {
         return measured(try await backend.textCompletionStream(request, requestID: requestID), operation: "completion_stream", started: started)
     }
 
-    /// `events`, recording its token counts as they come and the upstream time when it ends.
+    /// `events`, recording the upstream time and the token counts when it ends: the last usage
+    /// seen, as the pass-through and plugins take it, since some upstreams report running
+    /// totals on every chunk (vLLM's `continuous_usage_stats`), which summed would overcount.
     private func measured(
         _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, operation: String, started: ContinuousClock.Instant
     ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
@@ -80,21 +82,22 @@ final class ChatService: Sendable {
             events.makeAsyncIterator(), mapError: { $0 },
             onFinish: {
                 metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started)
-                if !usage.seen { metrics.recordStreamWithoutUsage(backend: backendName, logger: Logger(label: "gatehouse")) }
+                if let (prompt, completion) = usage.last {
+                    metrics.recordTokens(prompt: prompt, completion: completion)
+                } else {
+                    metrics.recordStreamWithoutUsage(backend: backendName, logger: Logger(label: "gatehouse"))
+                }
             },
             endedEarly: { _ in nil }  // the backend's own pump has judged the ending
         ) { event in
-            if case .usage(let prompt, let completion) = event {
-                usage.seen = true
-                metrics.recordTokens(prompt: prompt, completion: completion)
-            }
+            if case .usage(let prompt, let completion) = event { usage.last = (prompt, completion) }
             return ([event], false)
         }.stream
     }
 }
 
-/// Whether a stream's usage event has passed. The pump calls its transform and its end on the
-/// consuming task, one after the other, never at once.
+/// The last usage a stream reported. The pump calls its transform and its end on the consuming
+/// task, one after the other, never at once.
 private final class UsageSeen: @unchecked Sendable {
-    var seen = false
+    var last: (prompt: Int, completion: Int)?
 }
