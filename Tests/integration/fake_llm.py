@@ -33,6 +33,8 @@ Special model names change behaviour:
   ponder        (whole and streamed) think for 5 s before the first byte of the answer, watching the
                 connection as Ollama does (a long prompt, or a wait in its queue); if the caller hangs
                 up meanwhile, stop, recorded in `abandoned`
+  ponder-streaming  (streams) send the stream's head at once, then ponder as above before the first
+                event (llama.cpp's and vLLM's servers send the head, then queue or read the prompt)
   thinker       (Ollama) a reasoning model: "Let me think." in `message.thinking` (streamed a
                 word per line, before the answer) unless the request has "think": false
 Ollama replies carry per-token `logprobs` when the request asks (`"logprobs": true`, `top_logprobs`).
@@ -147,6 +149,9 @@ class FakeLLM:
                 self.wfile.write(data)
 
             def _start_chunked(self, content_type):
+                if self.head_sent:  # ponder-streaming sent it before pondering
+                    return
+                self.head_sent = True
                 self.send_response(200)
                 self.send_header("content-type", content_type)
                 self.send_header("transfer-encoding", "chunked")
@@ -204,8 +209,13 @@ class FakeLLM:
                 if body is None:
                     return self._send(400, {"error": "invalid JSON"})
                 model = body.get("model", "")
+                self.head_sent = False
                 if model == "ponder" and not self._ponder():
                     return
+                if model == "ponder-streaming" and body.get("stream", self.path in ("/api/chat", "/api/generate")):
+                    self._start_chunked("application/x-ndjson" if self.path.startswith("/api/") else "text/event-stream")
+                    if not self._ponder():
+                        return
                 if model == "hang":
                     time.sleep(30)
                     return

@@ -1085,6 +1085,18 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
         client_for(server, timeout=1).embeddings.create(model="ponder", input="x")
     abandoned_within(3, {"ollama": "/api/embed", "openai": "/v1/embeddings"}[backend], 1)
 
+    # An upstream that sends its stream's head at once and then thinks (llama.cpp's and vLLM's
+    # servers do): the route has answered by then, and only the wait for the first event can
+    # notice the client leaving. It did not, and the upstream worked on for nobody.
+    for path, call in [
+            (chat_path, lambda c: c.chat.completions.create(**{**chat, "model": "ponder-streaming"}, stream=True)),
+            (text_path, lambda c: c.completions.create(model="ponder-streaming", prompt="x", stream=True))]:
+        before = fake_llm.abandoned.count(path)
+        with pytest.raises(openai.APITimeoutError):
+            for _ in call(client_for(server, timeout=1)):
+                pass
+        abandoned_within(3, path, before + 1)
+
     # A client that shuts down its sending side is taken to have gone too, as nginx and Go's
     # net/http take it: the upstream call is abandoned, and the answer (which a half-closed
     # client can still read) is the 499, then the close.

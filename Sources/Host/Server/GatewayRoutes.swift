@@ -22,7 +22,8 @@ struct GatewayRoutes {
             // the whole answer.
             let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
-                return streamResponse(try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }, context: context)
+                let events = try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }
+                return streamResponse(events, first: try await departure.untilClientLeaves { await Self.firstWrite(of: events) }, context: context)
             }
             let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
             let (completion, outcome) = try await departure.untilClientLeaves {
@@ -38,8 +39,8 @@ struct GatewayRoutes {
             let requestID = context.requestID
             let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
-                return streamResponse(
-                    try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }, context: context)
+                let events = try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }
+                return streamResponse(events, first: try await departure.untilClientLeaves { await Self.firstWrite(of: events) }, context: context)
             }
             let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
@@ -83,30 +84,61 @@ struct GatewayRoutes {
         }
     }
 
+    /// How a stream's first write goes: its first chunk, its end with none, or its failure.
+    enum FirstWrite: Sendable {
+        case chunk(Data)
+        case ended
+        case failed(any Error)
+    }
+
+    /// Reads `events` up to the first chunk to write. An upstream may send its head long before
+    /// its first event (llama.cpp's and vLLM's servers do, then queue or read the prompt), and
+    /// once the route has answered, only a write notices that the client has gone: this wait is
+    /// the one run until the client leaves, abandoning the upstream call (later, each token's
+    /// write notices). Failures are returned, to be written as the stream's error event.
+    static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>) async -> FirstWrite {
+        do {
+            // The same pull-driven stream continues later in the response body (EventPump: one
+            // task at a time, each pulling the next element).
+            for try await event in events {
+                if case .chunk(let data) = event { return .chunk(data) }
+            }
+            return .ended
+        } catch {
+            return .failed(error)
+        }
+    }
+
     /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
     /// before the first byte become ordinary error responses (thrown where the stream is
     /// opened); a failure mid-stream becomes an `error` event, as OpenAI's API does.
-    private func streamResponse(_ events: AsyncThrowingStream<ChatStreamEvent, any Error>, context: GatehouseRequestContext) -> Response {
+    private func streamResponse(
+        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, first: FirstWrite, context: GatehouseRequestContext
+    ) -> Response {
         let requestID = context.requestID
         let logger = context.logger
         let body = ResponseBody { writer in
             var buffer = ByteBuffer()
+            func write(_ payload: some Collection<UInt8>) async throws {
+                buffer.clear()
+                buffer.writeStaticString("data: ")
+                buffer.writeBytes(payload)
+                buffer.writeStaticString("\n\n")
+                try await writer.write(buffer)
+            }
             do {
-                for try await event in events {
-                    guard case .chunk(let data) = event else { continue }
-                    buffer.clear()
-                    buffer.writeStaticString("data: ")
-                    buffer.writeBytes(data)
-                    buffer.writeStaticString("\n\n")
-                    try await writer.write(buffer)
+                switch first {
+                case .chunk(let data):
+                    try await write(data)
+                    for try await event in events {
+                        if case .chunk(let data) = event { try await write(data) }
+                    }
+                case .ended: break
+                case .failed(let error): throw error
                 }
             } catch let error as OpenAIError {
                 logger.error("stream failed", metadata: ["error": .string(error.message)])
-                buffer.clear()
-                buffer.writeStaticString("data: ")
-                buffer.writeBytes(error.body(requestID: requestID))
-                buffer.writeStaticString("\n\n")
-                try await writer.write(buffer)
+                try await write(error.body(requestID: requestID))
             }
             try await writer.write(ByteBuffer(staticString: "data: [DONE]\n\n"))
             try await writer.finish(nil)
