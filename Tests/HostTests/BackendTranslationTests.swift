@@ -357,6 +357,29 @@ import Testing
         #expect(error(#"{"detail":"Not Found"}"#).code == "upstream_not_found")
     }
 
+    @Test func aStreamPastItsDeadlineEndsWithItsError() async throws {
+        let (parts, continuation) = AsyncStream<ByteBuffer>.makeStream()
+        for text in ["a", "b"] { continuation.yield(ByteBuffer(string: text)) }
+        continuation.finish()
+        let error = OpenAIError(.gatewayTimeout, "too long", code: "upstream_timeout")
+        var open = DeadlineBody(base: parts, deadline: .now + .seconds(60), error: error).makeAsyncIterator()
+        #expect(try await open.next() == ByteBuffer(string: "a"))
+        let (more, moreContinuation) = AsyncStream<ByteBuffer>.makeStream()
+        moreContinuation.yield(ByteBuffer(string: "late"))
+        var past = DeadlineBody(base: more, deadline: .now - .seconds(1), error: error).makeAsyncIterator()
+        await #expect(throws: OpenAIError.self) { try await past.next() }
+    }
+
+    @Test func aWholeCallIsCutOffAtItsTimeout() async throws {
+        let error = OpenAIError(.gatewayTimeout, "too long", code: "upstream_timeout")
+        #expect(try await UpstreamClient.within(seconds: 5, orElse: error) { 7 } == 7)
+        let started = ContinuousClock.now
+        await #expect(throws: OpenAIError.self) {
+            try await UpstreamClient.within(seconds: 0.1, orElse: error) { try await Task.sleep(for: .seconds(30)); return 7 }
+        }
+        #expect(ContinuousClock.now - started < .seconds(5))  // the work was cancelled, not waited for
+    }
+
     @Test func anAnswerPastTheReadLimitIsNamedWithTheLimit() {
         let error = UpstreamFailure(NIOTooManyBytesError(maxBytes: UpstreamClient.maxReplyBytes)).error(target: "http://u/api/embed", timeout: 30)
         #expect(error.status == .badGateway && error.code == "upstream_too_large")

@@ -27,6 +27,7 @@ Special model names change behaviour:
                 param messages; Ollama's plain {"error": …} on its routes)
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
+  drip          (whole answers) the head at once, then the body a byte every 0.3 s (3 s in all)
   huge          a whole answer past 64 MiB; streamed, one token, then a line that runs on past 64 MiB
   few-vectors   (Ollama /api/embed) one vector fewer than the inputs
   crash         (streams) two tokens, then the backend's own mid-stream error
@@ -43,6 +44,7 @@ The OpenAI routes are also served under Google's base, /v1beta/openai (chat at
 Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
 """
 import argparse
+import contextlib
 import json
 import select
 import socket
@@ -247,6 +249,20 @@ class FakeLLM:
                     return self._send(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
                 if model == "garbage":
                     return self._send(200, b"<html>upstream proxy error</html>")
+                if model == "drip" and not body.get("stream"):
+                    # A whole answer whose head comes at once and whose body comes a byte every
+                    # 0.3 s: never silent for long, but 3 s in all.
+                    reply = json.dumps({"error": "x" * 8}).encode()
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(reply)))
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        for byte in reply:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.3)
+                    return
                 if model == "huge" and not body.get("stream"):
                     # A whole answer past the 64 MiB the gateway reads for one answer; it stops reading.
                     try:

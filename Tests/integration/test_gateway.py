@@ -1134,6 +1134,22 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
 
 
 @both_backends
+def test_a_whole_answer_is_bounded_by_the_timeout_body_included(gateway, backend):
+    # AsyncHTTPClient's deadline ends with the response head: a body dripping in (never silent
+    # for the 1 s read timeout) ran for its 3 s. The router path takes Ollama's chat, and both
+    # backends' embeddings.
+    server = gateway(backend, env={"TIMEOUT": "1s"})
+    started = time.monotonic()
+    if backend == "ollama":
+        answer = server.client.post("/v1/chat/completions", json={"model": "drip", "messages": [{"role": "user", "content": "x"}]})
+    else:
+        answer = server.client.post("/v1/embeddings", json={"model": "drip", "input": "x"})
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "upstream_timeout" and "within 1 s" in answer.json()["error"]["message"]
+    assert time.monotonic() - started < 2.5
+
+
+@both_backends
 def test_streams_are_bounded_by_silence_not_by_total_length(gateway, backend):
     server = gateway(backend, env={"TIMEOUT": "1s"})
     body = {"messages": [{"role": "user", "content": "a b c d e f g h"}], "stream": True}

@@ -54,16 +54,40 @@ final class UpstreamClient: Sendable {
     /// Sends a request and returns the whole body of a 200 answer.
     /// - Throws: `OpenAIError` for transport failures and for any other status (the upstream's
     ///   own message kept), so every backend reports upstream trouble the same way.
+    ///   The timeout bounds the whole exchange, body included: AsyncHTTPClient's own deadline
+    ///   ends with the response head, and an upstream dripping its body would outlast it.
     func call(
         _ method: HTTPMethod, _ path: String, json: Data? = nil, requestID: String, backend: String, timeout: Double? = nil
     ) async throws -> ByteBuffer {
-        let response = try await send(method, path, json: json, requestID: requestID, timeout: timeout)
-        let body = try await collect(response, path: path)
+        let limit = timeout ?? self.timeout
+        let started = ContinuousClock.now
+        // Until the head, AsyncHTTPClient's deadline (which reports a refused connection as such).
+        let response = try await send(method, path, json: json, requestID: requestID, timeout: limit)
+        let left = limit - (ContinuousClock.now - started).inSeconds
+        let body = try await Self.within(seconds: left, orElse: UpstreamFailure.deadline.error(target: baseURL + path, timeout: limit)) {
+            try await self.collect(response, path: path)
+        }
         guard response.status == .ok else {
             throw Self.upstreamStatusError(
                 status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
         }
         return body
+    }
+
+    /// `work`'s result, unless `seconds` pass first: then `work` is cancelled (AsyncHTTPClient
+    /// abandons the request) and `error` thrown.
+    static func within<T: Sendable>(seconds: Double, orElse error: OpenAIError, _ work: @escaping @Sendable () async throws -> T) async throws -> T {
+        guard seconds > 0 else { throw error }
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await work() }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let value = first else { throw error }
+            return value
+        }
     }
 
     /// The longest a streamed answer may last in total. Streams are bounded by `timeout`
@@ -72,14 +96,19 @@ final class UpstreamClient: Sendable {
     static let streamDeadline = 3600.0
 
     /// Sends a request whose answer is streamed; throws (before any byte) unless it is a 200.
-    func openStream(_ path: String, json: Data, requestID: String, backend: String) async throws -> HTTPClientResponse.Body {
-        let response = try await send(.POST, path, json: json, requestID: requestID, timeout: max(timeout, Self.streamDeadline))
+    /// The body ends with a 504 error once the stream has lasted `streamDeadline`.
+    func openStream(_ path: String, json: Data, requestID: String, backend: String) async throws -> DeadlineBody<HTTPClientResponse.Body> {
+        let limit = max(timeout, Self.streamDeadline)
+        let started = ContinuousClock.now
+        let response = try await send(.POST, path, json: json, requestID: requestID, timeout: limit)
         guard response.status == .ok else {
             let body = try await collect(response, path: path)
             throw Self.upstreamStatusError(
                 status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
         }
-        return response.body
+        return DeadlineBody(
+            base: response.body, deadline: started + .milliseconds(Int64(limit * 1000)),
+            error: UpstreamFailure.deadline.error(target: baseURL + path, timeout: limit))
     }
 
     /// The longest upstream reply read whole (a non-streamed answer, an error reply): a bound on
@@ -284,5 +313,30 @@ enum UpstreamFailure: Error {
 
     static func seconds(_ value: Double) -> String {
         value == value.rounded() ? "\(Int(value)) s" : "\(value) s"
+    }
+}
+
+/// An upstream body that ends with `error` once `deadline` has passed: AsyncHTTPClient's own
+/// deadline ends with the response head, and a stream may not run on for ever (a model looping
+/// with Ollama's context shift). Checked as each part comes; silence is the read timeout's.
+struct DeadlineBody<Base: AsyncSequence & Sendable>: AsyncSequence, Sendable where Base.Element == ByteBuffer {
+    typealias Element = ByteBuffer
+    let base: Base
+    let deadline: ContinuousClock.Instant
+    let error: OpenAIError
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var base: Base.AsyncIterator
+        let deadline: ContinuousClock.Instant
+        let error: OpenAIError
+
+        mutating func next() async throws -> ByteBuffer? {
+            guard ContinuousClock.now < deadline else { throw error }
+            return try await base.next()
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(base: base.makeAsyncIterator(), deadline: deadline, error: error)
     }
 }

@@ -61,7 +61,7 @@ struct OllamaBackend: ChatBackend {
     /// to `transform` (which says whether it was the last), Ollama's mid-stream `{"error": …}`
     /// thrown, and a stream without its `"done": true` line reported as cut short.
     private func events(
-        _ body: HTTPClientResponse.Body, path: String, transform: @escaping ([String: Any]) -> (events: [ChatStreamEvent], isLast: Bool)
+        _ body: DeadlineBody<HTTPClientResponse.Body>, path: String, transform: @escaping ([String: Any]) -> (events: [ChatStreamEvent], isLast: Bool)
     ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let client = self.client
         return EventPump(

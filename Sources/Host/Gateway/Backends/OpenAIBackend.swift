@@ -53,7 +53,7 @@ struct OpenAIBackend: ChatBackend {
     }
 
     /// An upstream SSE body as events: chunks pass through as bytes, usage and errors are read.
-    private func relay(_ body: HTTPClientResponse.Body, path: String, forwardUsage: Bool) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
+    private func relay(_ body: DeadlineBody<HTTPClientResponse.Body>, path: String, forwardUsage: Bool) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let client = self.client
         return EventPump(
             SSEDataEvents(NDJSONLines(body)).makeAsyncIterator(), mapError: { client.map($0, path: path) },
