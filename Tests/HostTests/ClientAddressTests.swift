@@ -35,6 +35,11 @@ import Testing
         // An untrusted peer's header means nothing, and neither does any header without trusted proxies.
         #expect(resolver.clientAddress(peer: "198.51.100.1", forwardedFor: ["203.0.113.9"]) == "198.51.100.1")
         #expect(ClientAddressResolver(trustedProxies: []).clientAddress(peer: "127.0.0.1", forwardedFor: ["203.0.113.9"]) == "127.0.0.1")
+        // Hops with the port some proxies append (Azure's gateway; RFC 7239's bracketed IPv6).
+        #expect(resolver.clientAddress(peer: "127.0.0.1", forwardedFor: ["203.0.113.9:51234"]) == "203.0.113.9")
+        #expect(resolver.clientAddress(peer: "127.0.0.1", forwardedFor: ["[2001:db8::7]:443, 10.0.0.3:80"]) == "2001:db8::7")
+        #expect(resolver.clientAddress(peer: "127.0.0.1", forwardedFor: ["2001:db8::7"]) == "2001:db8::7")  // bare IPv6 is no port
+        #expect(resolver.clientAddress(peer: "127.0.0.1", forwardedFor: ["203.0.113.9:http"]) == "127.0.0.1")
     }
 
     @Test func trustedProxiesComeFromYAMLOrTheEnvironmentAndBadOnesNameTheKey() {

@@ -21,6 +21,7 @@ Special model names change behaviour:
   plain-json    (OpenAI) ignore "stream": true and answer one application/json completion
   invalid       500 the way llama-cpp-python reports a request validation error
   denied        401: the upstream refuses the gateway's credentials
+  moved         301 with a Location (AsyncHTTPClient followed it, resending a POST as a GET)
   busy          429 with Retry-After: 7: the upstream is rate limiting
   no-quota      429 as OpenAI answers an account out of credit (code insufficient_quota)
   too-long      400 as OpenAI answers a prompt past the context (code context_length_exceeded,
@@ -232,6 +233,10 @@ class FakeLLM:
                     return self._send(500, {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})
                 if model == "denied":
                     return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                if model == "moved":
+                    # As a proxy in front of a server does when it moved, or for http -> https.
+                    return self._send(301, b"<html>Moved Permanently</html>", content_type="text/html",
+                                      headers=[("Location", "https://elsewhere.example" + self.path)])
                 if model == "busy":
                     return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
                                       headers=[("Retry-After", "7")])

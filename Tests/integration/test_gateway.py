@@ -1134,6 +1134,20 @@ def test_a_client_that_leaves_before_its_answer_gets_the_upstream_call_abandoned
 
 
 @both_backends
+def test_an_upstream_redirect_is_reported_not_followed(gateway, fake_llm, backend):
+    # AsyncHTTPClient followed it, resending the POST as a GET without its body: the answer to
+    # that (a 404 or 405 from wherever it led) said nothing of the redirect.
+    server = gateway(backend)
+    for path, body in (("/v1/chat/completions", {"model": "moved", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/embeddings", {"model": "moved", "input": "x"})):
+        answer = server.client.post(path, json=body)
+        assert answer.status_code == 502, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "upstream_redirect" and "HTTP 301" in error["message"], error
+    assert not [call for call in fake_llm.requests if call[0] == "GET" and call[1] not in ("/api/version", "/v1/models", "/api/tags")]
+
+
+@both_backends
 def test_a_whole_answer_is_bounded_by_the_timeout_body_included(gateway, backend):
     # AsyncHTTPClient's deadline ends with the response head: a body dripping in (never silent
     # for the 1 s read timeout) ran for its 3 s. The router path takes Ollama's chat, and both

@@ -22,6 +22,10 @@ final class UpstreamClient: Sendable {
         // (AsyncHTTPClient's `getConnectionFromPoolTimeout`, answered 503 `upstream_busy`).
         configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: config.maxConnections)
         configuration.httpVersion = .http1Only
+        // Not followed: AsyncHTTPClient would resend a POST redirected by 301/302 as a GET
+        // without its body, and the answer to that would be a puzzle; the redirect itself is
+        // reported (errorForStatus), naming what to fix.
+        configuration.redirectConfiguration = .disallow
         http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
         baseURL = config.url.hasSuffix("/") ? String(config.url.dropLast()) : config.url
         apiKey = config.apiKey
@@ -181,6 +185,10 @@ final class UpstreamClient: Sendable {
             return withUpstreamCode(OpenAIError(
                 .badRequest, "\(backend) rejected the request (it answered HTTP 500, but as a validation error): \(message)",
                 code: "upstream_rejected"))
+        case 300..<400:
+            return OpenAIError(
+                .badGateway, "\(backend) answered with a redirect (HTTP \(status)), which the gateway does not follow: set the upstream URL to the address it redirects to",
+                code: "upstream_redirect")
         case 503:
             // Overloaded, not broken (Ollama past OLLAMA_MAX_QUEUE, vLLM or a load balancer with
             // no capacity): a 503 tells the client to come back, as the upstream did.

@@ -67,7 +67,7 @@ struct ClientAddressResolver: Sendable {
     ///   - forwardedFor: every `X-Forwarded-For` field value, in order.
     func clientAddress(peer: String, forwardedFor: [String]) -> String {
         guard isEnabled, !forwardedFor.isEmpty, isTrusted(peer) else { return peer }
-        let hops = forwardedFor.flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: .whitespaces) }
+        let hops = forwardedFor.flatMap { $0.split(separator: ",") }.map { Self.withoutPort($0.trimmingCharacters(in: .whitespaces)) }
         var client = peer
         for hop in hops.reversed() {
             guard IPRange.parse(hop) != nil else { break }  // garbage: trust nothing further left
@@ -75,6 +75,18 @@ struct ClientAddressResolver: Sendable {
             if !isTrusted(hop) { break }
         }
         return client
+    }
+
+    /// A hop without the port some proxies append (Azure's Application Gateway writes
+    /// `203.0.113.7:51234`, RFC 7239's style `[2001:db8::1]:443`), which would otherwise not
+    /// parse and end the walk at the proxy, putting every client in the proxy's rate bucket.
+    static func withoutPort(_ hop: String) -> String {
+        if hop.hasPrefix("["), let close = hop.firstIndex(of: "]") {
+            return String(hop[hop.index(after: hop.startIndex)..<close])
+        }
+        let parts = hop.split(separator: ":", omittingEmptySubsequences: false)
+        if parts.count == 2, parts[1].allSatisfy(\.isNumber), IPRange.parse(String(parts[0])) != nil { return String(parts[0]) }
+        return hop
     }
 
     private func isTrusted(_ address: String) -> Bool {
