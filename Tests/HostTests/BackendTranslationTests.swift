@@ -292,6 +292,9 @@ import Testing
         if case .usage(let prompt, let completion) = swallowed[0] { #expect(prompt == 4 && completion == 5) } else { Issue.record("no usage") }
         #expect(try OpenAIBackend.events(for: usageOnly, forwardUsage: true).count == 2)
         #expect(throws: OpenAIError.self) { try OpenAIBackend.events(for: Data(#"{"error":{"message":"boom"}}"#.utf8), forwardUsage: false) }
+        // A chunk saying "error": null has none: relayed (it ended the stream as "unknown error").
+        let fine = Data(#"{"choices":[{"index":0,"delta":{"content":"a"}}],"error":null}"#.utf8)
+        #expect(try OpenAIBackend.events(for: fine, forwardUsage: false).count == 1)
     }
 
     @Test func onlyUsageAndErrorPayloadsAreParsed() {

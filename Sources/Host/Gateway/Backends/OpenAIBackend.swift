@@ -76,7 +76,7 @@ struct OpenAIBackend: ChatBackend {
     static func events(for payload: Data, forwardUsage: Bool) throws -> [ChatStreamEvent] {
         guard payload.withUnsafeBytes(needsParsing) else { return [.chunk(payload)] }
         let object = (try? JSONSerialization.jsonObject(with: payload) as? [String: Any]) ?? [:]
-        if let error = object["error"] {
+        if let error = object["error"], !(error is NSNull) {  // `"error": null` on a chunk says there is none
             let message = (error as? [String: Any])?["message"] as? String ?? (error as? String) ?? "unknown error"
             throw OpenAIError(.badGateway, "openai upstream failed mid-stream: \(message)", code: "upstream_error")
         }
