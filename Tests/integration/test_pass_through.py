@@ -622,6 +622,28 @@ def test_a_client_that_stops_reading_a_stream_stops_the_upstream(start, plugins_
         upstream.server_close()
 
 
+def test_a_client_that_takes_nothing_for_the_timeout_is_ended_without_blaming_the_upstream(start, plugins_dir):
+    # Held reads stop the upstream's bytes: its "silence" is then the client's stall, which
+    # ended the stream as "upstream sent nothing for 2 s", an error counted against the upstream.
+    _Firehose.sent = 0
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Firehose)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        server = start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}', timeout: 2s}}\n"
+                                           "cache: {enabled: false}\n")
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.sendall(post_bytes({**BODY, "stream": True}))
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+            wait_for_log(server, lambda l: l.get("msg") == "client stopped reading its stream", timeout=10)
+        assert not [l for l in server.log_lines() if l.get("msg") == "stream failed"], server.log()
+        assert server.client.get("/health").status_code == 200
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
 def test_requests_pipelined_behind_an_answer_wait_in_the_socket_not_in_memory(openai_gateway):
     # Parts read behind an answer in progress wait in a queue; reading went on regardless, so a
     # client pipelining behind a long stream (a chunked body that never ends, or requests by the

@@ -302,6 +302,14 @@ final class ChatExchange: UpstreamResponseDelegate {
             armTimer()  // something was read since the timer was set: silence has not lasted yet
             return
         }
+        if phase == .streaming, silent, handler?.isWritable == false {
+            // Reading is held for a client that has taken nothing for the timeout: its stall,
+            // not the upstream's silence (nginx's send_timeout ends such a client too).
+            logger.info("client stopped reading its stream", metadata: ["timeout_s": .string(UpstreamFailure.seconds(passThrough.timeout))])
+            return endStream(
+                error: OpenAIError(.requestTimeout, "the client took nothing for \(UpstreamFailure.seconds(passThrough.timeout))", code: "client_read_timeout"),
+                blamingUpstream: false)
+        }
         switch phase {
         case .waiting, .collecting, .streaming:
             // Silence past the timeout, else the whole time allowed (a stream's hour, an answer's timeout).
@@ -330,8 +338,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         if stream { lastUpstreamRead = .now() }
         if stream, head.status == 200 {
             phase = .streaming
-            status = 200
-            streamHeadPending = true
+            streamHeadPending = true  // the 200 is the client's status once its head is written
         } else {
             phase = .collecting
         }
@@ -559,6 +566,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func makeStreamBuffer(capacity: Int) -> ByteBuffer {
         guard streamHeadPending else { return ChunkedBody.makeBuffer(capacity: capacity) }
         streamHeadPending = false
+        status = 200
         var head = responseHead(
             .ok, contentType: "text/event-stream", cache: "BYPASS", capacity: ResponseHead.typicalCapacity + ChunkedBody.capacity(for: capacity))
         head.add("Cache-Control", "no-cache")
@@ -578,18 +586,18 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`, in one write.
-    private func endStream(error: OpenAIError?) {
+    private func endStream(error: OpenAIError?, blamingUpstream: Bool = true) {
         var output = makeStreamBuffer(capacity: 256)
-        endStream(error: error, appendingTo: &output)
+        endStream(error: error, blamingUpstream: blamingUpstream, appendingTo: &output)
     }
 
     /// Ends the client's stream after the events already in `output` (unframed), in one write.
     /// `inout`, so the buffer stays uniquely referenced and grows in place: a copy passed by
     /// value would be duplicated (with its allocation) by the first byte appended.
-    private func endStream(error: OpenAIError?, appendingTo output: inout ByteBuffer) {
+    private func endStream(error: OpenAIError?, blamingUpstream: Bool = true, appendingTo output: inout ByteBuffer) {
         guard phase == .streaming else { return }
         if let error {
-            logger.error("stream failed", metadata: ["error": .string(error.message)])
+            if blamingUpstream { logger.error("stream failed", metadata: ["error": .string(error.message)]) }
             output.writeStaticString("data: ")
             output.writeBytes(error.body(requestID: requestID))
             output.writeStaticString("\n\n")
@@ -729,6 +737,8 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     func clientWritabilityChanged(_ writable: Bool) {
         connection?.handler.holdReads(!writable)
+        // The upstream's silence counts only while the gateway reads it.
+        if writable, stream { lastUpstreamRead = .now() }
     }
 
     /// Whether the answer is being streamed: its head has gone to the client. (The upstream's

@@ -263,6 +263,11 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             rejectedAfterPending = nil
             return answerRejected(rejected, context)  // the last answer on this connection
         }
+        if quiesceHeld, exchange == nil, queued.isEmpty {
+            // Held for what was queued, which went to the router after all: it closes after it.
+            quiesceHeld = false
+            context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        }
         if inputClosedHeld, exchange == nil, queued.isEmpty {
             inputClosedHeld = false
             context.flush()  // the last answer's flush would otherwise wait for the round's end

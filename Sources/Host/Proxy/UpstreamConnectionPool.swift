@@ -257,6 +257,9 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler, RoundFlushable {
                         body = nil
                         delegate?.upstreamBody(bytes)
                     }
+                    // The hold was for this reply's client: an idle connection (pooled, or taken
+                    // by the next exchange) must read, or its next reply, and its close, go unread.
+                    holdReads(false)
                     // Bytes behind the end were not asked for: the connection is not used again.
                     let reusable = keepAlive && input.readableBytes == 0
                     let delegate = delegate

@@ -23,7 +23,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }
-                return streamResponse(events, first: try await departure.untilClientLeaves { await Self.firstWrite(of: events) }, context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
             let (completion, outcome) = try await departure.untilClientLeaves {
@@ -40,7 +40,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }
-                return streamResponse(events, first: try await departure.untilClientLeaves { await Self.firstWrite(of: events) }, context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
@@ -96,7 +96,14 @@ struct GatewayRoutes {
     /// once the route has answered, only a write notices that the client has gone: this wait is
     /// the one run until the client leaves, abandoning the upstream call (later, each token's
     /// write notices). Failures are returned, to be written as the stream's error event.
-    static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>) async -> FirstWrite {
+    static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>, departure: ClientDeparture) async throws -> FirstWrite {
+        let first = try await departure.untilClientLeaves { await Self.firstWrite(of: events) }
+        // Cancelled because the client left: its 499, not a 200 whose body fails.
+        if case .failed = first, departure.hasDeparted { throw OpenAIError.clientClosedRequest }
+        return first
+    }
+
+    private static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>) async -> FirstWrite {
         do {
             // The same pull-driven stream continues later in the response body (EventPump: one
             // task at a time, each pulling the next element).
