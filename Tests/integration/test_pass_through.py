@@ -45,13 +45,14 @@ def post_bytes(body: dict, *, path="/v1/chat/completions", extra_headers="") -> 
 
 
 @contextlib.contextmanager
-def raw_upstream(start, plugins_dir, handler):
-    """A gateway in front of a socketserver upstream answering with `handler`; yields the gateway."""
+def raw_upstream(start, plugins_dir, handler, backend="openai", upstream_extra=""):
+    """A gateway in front of a socketserver upstream answering with `handler`; yields the gateway.
+    `upstream_extra` adds to the upstream section (", timeout: 2s")."""
     upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     upstream.daemon_threads = True
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     try:
-        yield start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
+        yield start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{upstream.server_address[1]}'{upstream_extra}}}\n"
                                         "cache: {enabled: false}\n")
     finally:
         upstream.shutdown()
@@ -584,64 +585,49 @@ class _Firehose(socketserver.BaseRequestHandler):
                 type(self).sent += len(block)
 
 
+def _unread_stream(server) -> socket.socket:
+    """A connection that asked `server` for a stream, read its head and then reads nothing."""
+    client = socket.create_connection(("127.0.0.1", server.port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    client.sendall(post_bytes({**BODY, "stream": True}))
+    assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    return client
+
+
 @pytest.mark.parametrize("backend", ["openai", "ollama"], ids=["pass-through", "router"])
 def test_a_client_that_stops_reading_a_stream_stops_the_upstream(start, plugins_dir, backend):
     # Back-pressure from client to upstream: the pass-through's upstream handler was inbound
     # only, so NIO never asked it whether to read, and its holding reads did nothing; a client
     # that stopped reading had the gateway take (and keep in memory) the whole stream.
     _Firehose.sent = 0
-    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Firehose)
-    upstream.daemon_threads = True
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    try:
-        server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{upstream.server_address[1]}'}}\n"
-                                           "cache: {enabled: false}\n")
-        with socket.create_connection(("127.0.0.1", server.port)) as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            client.sendall(post_bytes({**BODY, "stream": True}))
-            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
-            # Then nothing read: what the upstream manages to send must stop at what the
-            # sockets' buffers hold (a few MB each way on loopback), not run to the limit. It
-            # stops when it has not moved for a second (the debug build's router path is slow
-            # to fill those buffers when the machine is busy).
-            taken, deadline = -1, time.monotonic() + 20
-            while _Firehose.sent != taken:
-                assert time.monotonic() < deadline, "the upstream was still being read"
-                taken = _Firehose.sent
-                time.sleep(1)
-            assert taken < 48 * 1024 * 1024, f"the gateway took {taken} bytes of a stream its client was not reading"
-            # Reading again resumes it (once the buffers between have drained).
-            client.settimeout(10)
-            deadline = time.monotonic() + 20
-            while _Firehose.sent == taken:
-                assert time.monotonic() < deadline, "reading again did not resume the upstream"
-                assert client.recv(1 << 20)
+    with raw_upstream(start, plugins_dir, _Firehose, backend=backend) as server, _unread_stream(server) as client:
+        # Nothing read: what the upstream manages to send must stop at what the sockets'
+        # buffers hold (a few MB each way on loopback), not run to the limit. It stops when it
+        # has not moved for a second (the debug build's router path is slow to fill those
+        # buffers when the machine is busy).
+        taken, deadline = -1, time.monotonic() + 20
+        while _Firehose.sent != taken:
+            assert time.monotonic() < deadline, "the upstream was still being read"
+            taken = _Firehose.sent
+            time.sleep(1)
+        assert taken < 48 * 1024 * 1024, f"the gateway took {taken} bytes of a stream its client was not reading"
+        # Reading again resumes it (once the buffers between have drained).
+        client.settimeout(10)
+        deadline = time.monotonic() + 20
+        while _Firehose.sent == taken:
+            assert time.monotonic() < deadline, "reading again did not resume the upstream"
+            assert client.recv(1 << 20)
         assert server.client.get("/health").status_code == 200
-    finally:
-        upstream.shutdown()
-        upstream.server_close()
 
 
 def test_a_client_that_takes_nothing_for_the_timeout_is_ended_without_blaming_the_upstream(start, plugins_dir):
     # Held reads stop the upstream's bytes: its "silence" is then the client's stall, which
     # ended the stream as "upstream sent nothing for 2 s", an error counted against the upstream.
     _Firehose.sent = 0
-    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Firehose)
-    upstream.daemon_threads = True
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    try:
-        server = start(plugins_dir, config=f"upstream: {{backend: openai, url: 'http://127.0.0.1:{upstream.server_address[1]}', timeout: 2s}}\n"
-                                           "cache: {enabled: false}\n")
-        with socket.create_connection(("127.0.0.1", server.port)) as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            client.sendall(post_bytes({**BODY, "stream": True}))
-            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
-            wait_for_log(server, lambda l: l.get("msg") == "client stopped reading its stream", timeout=10)
+    with raw_upstream(start, plugins_dir, _Firehose, upstream_extra=", timeout: 2s") as server, _unread_stream(server):
+        wait_for_log(server, lambda l: l.get("msg") == "client stopped reading its stream", timeout=10)
         assert not [l for l in server.log_lines() if l.get("msg") == "stream failed"], server.log()
         assert server.client.get("/health").status_code == 200
-    finally:
-        upstream.shutdown()
-        upstream.server_close()
 
 
 def test_requests_pipelined_behind_an_answer_wait_in_the_socket_not_in_memory(openai_gateway):
