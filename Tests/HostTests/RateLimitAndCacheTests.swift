@@ -45,6 +45,41 @@ final class ManualClock: Sendable {
         #expect(limiter.check(client: "a") == nil)
     }
 
+    @Test func failedKeyChecksDoNotSpendTheGlobalRate() {
+        // Requests without the key, from a few addresses, emptied the global bucket, and every
+        // holder of the key got 429s.
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 5, burst: 5, globalRate: 2, now: { clock.now })
+        let unauthorized = APIKeyCheck.unauthorized("invalid API key", code: "invalid_api_key")
+        for address in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            #expect(limiter.answerToFailedKeyCheck(unauthorized, address: address).status == .unauthorized)
+        }
+        #expect(limiter.refusal(client: "key", address: "10.0.0.9") == nil)
+        #expect(limiter.refusal(client: "key", address: "10.0.0.9") == nil)
+        // The global rate (2) is spent now, by the key's holders.
+        let refusal = limiter.refusal(client: "key", address: "10.0.0.9")
+        #expect(refusal?.status == .tooManyRequests)
+        #expect(refusal?.message.hasPrefix("global rate limit exceeded (2 requests/s for all clients together)") == true)
+    }
+
+    @Test func aRateOfZeroTurnsThatLimitOff() {
+        // `global_requests_per_second: 0` let one request through, then refused all for a year.
+        let clock = ManualClock()
+        let perClientOnly = RateLimiter(rate: 1, burst: 1, globalRate: 0, now: { clock.now })
+        #expect(perClientOnly.globalRate == nil)
+        for client in ["a", "b", "c"] { #expect(perClientOnly.refusal(client: client, address: "x") == nil) }
+        #expect(RateLimiter.make(requestsPerSecond: 0, burst: nil, globalRequestsPerSecond: 0) == nil)
+        #expect(RateLimiter.make(requestsPerSecond: 0, burst: nil, globalRequestsPerSecond: nil) == nil)
+        // Only the global limit: no client has a bucket, and everyone together gets 2 a second.
+        let globalOnly = RateLimiter(rate: 0, burst: nil, globalRate: 2, now: { clock.now })
+        #expect(globalOnly.refusal(client: "a", address: "x") == nil)
+        #expect(globalOnly.refusal(client: "a", address: "x") == nil)
+        #expect(globalOnly.refusal(client: "b", address: "y")?.status == .tooManyRequests)
+        #expect(globalOnly.trackedClients == 0)
+        clock.advance(0.5)
+        #expect(globalOnly.refusal(client: "b", address: "y") == nil)
+    }
+
     @Test func ratesPrintWithoutTrappingHoweverLarge() {
         #expect(RateLimiter.format(50) == "50")
         #expect(RateLimiter.format(0.5) == "0.5")
@@ -86,17 +121,21 @@ final class ManualClock: Sendable {
 }
 
 @Suite struct ResponseCacheTests {
+    static func json(_ text: String) -> Data {
+        Data(#"{"choices":[{"index":0,"message":{"role":"assistant","content":"\#(text)"}}]}"#.utf8)
+    }
+
     func completion(_ text: String) -> ChatCompletion {
-        ChatCompletion(json: Data(#"{"text":"\#(text)"}"#.utf8), promptTokens: 1, completionTokens: 1)
+        ChatCompletion(json: Self.json(text), promptTokens: 1, completionTokens: 1)
     }
 
     @Test func expiresAfterTheTTL() {
         let clock = ManualClock()
         let cache = ResponseCache(limits: .init(maxEntries: 10, maxBytes: 10_000, ttl: 60), now: { clock.now })
         cache.put("k", completion("v"))
-        #expect(cache.get("k")?.json == Data(#"{"text":"v"}"#.utf8))
+        #expect(cache.get("k")?.json == Self.json("v"))
         clock.advance(59)
-        #expect(cache.get("k")?.json == Data(#"{"text":"v"}"#.utf8))
+        #expect(cache.get("k")?.json == Self.json("v"))
         clock.advance(2)
         #expect(cache.get("k") == nil)
         #expect(cache.count == 0 && cache.bytes == 0)
@@ -116,7 +155,7 @@ final class ManualClock: Sendable {
 
     @Test func staysWithinMaxBytes() {
         let entry = completion(String(repeating: "x", count: 100))
-        let size = entry.json.count + 1
+        let size = entry.json.count + 1 + ResponseCache.entryOverhead
         let cache = ResponseCache(limits: .init(maxEntries: 100, maxBytes: size * 3, ttl: 60))
         for key in ["a", "b", "c", "d", "e"] { cache.put(key, entry) }
         #expect(cache.count == 3)
@@ -132,6 +171,34 @@ final class ManualClock: Sendable {
         let once = cache.bytes
         cache.put("k", completion("first"))
         #expect(cache.bytes == once && cache.count == 1)
+    }
+
+    @Test func onlyWholeAnswersAreStored() {
+        let cache = ResponseCache(limits: .init(maxEntries: 10, maxBytes: 10_000, ttl: 60))
+        let notAnswers = [
+            #"{"id":"chatcmpl-1","object":"chat.completion","created""#,  // cut short where the connection closed
+            #"{"error":{"message":"overloaded","type":"server_error"}}"#,  // an error sent with a 200
+            #"{"choices":[],"error":{"message":"overloaded"}}"#,
+            #"{"choices":[{"index":0}],"error":{"message":"overloaded"}}"#,
+            #"{"object":"chat.completion"}"#,
+            #"[{"choices":[{"index":0}]}]"#,
+        ]
+        for json in notAnswers {
+            #expect(!cache.put("k", ChatCompletion(json: Data(json.utf8), promptTokens: 0, completionTokens: 0)), "\(json)")
+            #expect(cache.get("k") == nil)
+        }
+        #expect(cache.put("k", ChatCompletion(json: Data(#"{"choices":[{"index":0}],"error":null}"#.utf8), promptTokens: 0, completionTokens: 0)))
+        #expect(cache.count == 1)
+    }
+
+    @Test func aNewerAnswerThatCannotBeStoredStillRemovesTheOldOne() {
+        // A refresh (`Cache-Control: no-cache`) whose fresh answer is too large for the cache
+        // left the old answer to be served to everyone after it.
+        let cache = ResponseCache(limits: .init(maxEntries: 10, maxBytes: 2_000, ttl: 60))
+        cache.put("k", completion("old"))
+        #expect(!cache.put("k", completion(String(repeating: "n", count: 3_000))))
+        #expect(cache.get("k") == nil)
+        #expect(cache.count == 0 && cache.bytes == 0)
     }
 }
 

@@ -28,6 +28,10 @@ Special model names change behaviour:
                 param messages; Ollama's plain {"error": …} on its routes)
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
+  error-200     (whole answers) an error object sent with a 200, as some servers and proxies do;
+                its message counts the calls, so a replayed one shows
+  cut-short     (whole answers) a 200 whose body ends where the connection closes (no length),
+                cut off after 60 bytes
   drip          (whole answers) the head at once, then the body a byte every 0.3 s (3 s in all)
   huge          a whole answer past 64 MiB; streamed, one token, then a line that runs on past 64 MiB
   few-vectors   (Ollama /api/embed) one vector fewer than the inputs
@@ -254,6 +258,20 @@ class FakeLLM:
                     return self._send(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
                 if model == "garbage":
                     return self._send(200, b"<html>upstream proxy error</html>")
+                if model == "error-200" and not body.get("stream"):
+                    calls = sum(1 for r in fake.requests if isinstance(r[3], dict) and r[3].get("model") == model)
+                    return self._send(200, {"error": {"message": f"overloaded (call {calls})", "type": "server_error"}})
+                if model == "cut-short" and not body.get("stream"):
+                    whole = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Echo: x"},
+                                                     "finish_reason": "stop"}]}).encode()
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("connection", "close")
+                    self.end_headers()
+                    self.wfile.write(whole[:60])
+                    self.close_connection = True
+                    return
                 if model == "drip" and not body.get("stream"):
                     # A whole answer whose head comes at once and whose body comes a byte every
                     # 0.3 s: never silent for long, but 3 s in all.

@@ -517,6 +517,40 @@ def test_clients_cache_control_skips_the_cache(gateway, fake_llm, backend):
 
 
 @both_backends
+def test_only_whole_answers_are_cached(gateway, fake_llm, backend):
+    # An error sent with a 200, and a body cut short where the connection closed (no length),
+    # were stored and replayed to every identical request for the TTL.
+    server = gateway(backend)
+    for model in ("error-200", "cut-short"):
+        body = {"model": model, "messages": [{"role": "user", "content": "x"}]}
+        answers = [server.client.post("/v1/chat/completions", json=body) for _ in range(2)]
+        assert [a.headers.get("x-cache") for a in answers] != ["MISS", "HIT"], [a.text for a in answers]
+        assert sum(1 for call in fake_llm.calls(CHAT_PATH[backend]) if call[3].get("model") == model) == 2
+    if backend == "openai":  # relayed as the upstream sent it, each call its own
+        error = server.client.post("/v1/chat/completions", json={"model": "error-200", "messages": [{"role": "user", "content": "x"}]})
+        assert error.json()["error"]["message"] == "overloaded (call 3)"
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_cache_hits_total") == 0
+
+
+@both_backends
+def test_global_rate_is_not_spent_by_failed_key_checks(gateway, backend):
+    # Requests without the key spent the global rate, and then every holder of the key got 429s.
+    server = gateway(backend, env={"API_KEY": "right-key"},
+                     extra_config="rate_limit: {requests_per_second: 100, global_requests_per_second: 0.01}\ncache: {enabled: false}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    guesses = [server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": f"guess-{n}"}) for n in range(4)]
+    assert [r.status_code for r in guesses] == [401] * 4
+    ok = [server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "right-key"}) for _ in range(2)]
+    assert [r.status_code for r in ok] == [200, 429]  # the global bucket holds one request, refilled in 100 s
+    assert "global rate limit exceeded (0.01 requests/s for all clients together)" in ok[1].json()["error"]["message"]
+    # 0 means no global limit (it let one request through, then refused all for a year).
+    server.stop()
+    server = gateway(backend, extra_config="rate_limit: {requests_per_second: 100, global_requests_per_second: 0}\n")
+    assert [server.client.get("/v1/models").status_code for _ in range(3)] == [200] * 3
+
+
+@both_backends
 def test_cache_can_be_disabled(gateway, fake_llm, backend):
     server = gateway(backend, extra_config="cache: {enabled: false}\n")
     body = {"model": "m", "messages": [{"role": "user", "content": "again"}]}

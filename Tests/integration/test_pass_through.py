@@ -731,3 +731,40 @@ def test_graceful_shutdown_answers_a_chat_queued_behind_a_router_response(openai
     last_head = result["received"][result["received"].rindex(b"HTTP/1.1 200"):].partition(b"\r\n\r\n")[0]
     assert b"\r\nConnection: close" in last_head
     assert server.process.wait(20) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "//v1/chat/completions"])
+def test_requests_the_key_or_rate_refuses_are_answered_before_their_bodies(openai_gateway, path):
+    # The pass-through read a request's body (up to max_body_bytes, 10 MiB) before it checked
+    # the key and the rate: anyone could have it hold 10 MiB per connection by never sending
+    # the last byte. The router path (doubled slash) refused at the head already.
+    server = openai_gateway(env={"API_KEY": "right-key"}, extra_config="rate_limit: {requests_per_second: 0.01, burst: 1}\ncache: {enabled: false}\n")
+    started = (f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n").encode()
+    partial_body = b'{"model": "m", "messages": [' + b" " * 1000
+    received, closed = raw_exchange(server.port, started + b"X-API-Key: wrong-key\r\n\r\n" + partial_body, until=None, timeout=5)
+    assert received.startswith(b"HTTP/1.1 401") and closed, received
+    assert b'"code":"invalid_api_key"' in received and b"connection: close" in received.lower(), received
+    # The key's holder spends the one token, whole; the next request, its body unfinished, gets the 429 at once.
+    assert server.client.post("/v1/chat/completions", json=BODY, headers={"X-API-Key": "right-key"}).status_code == 200
+    received, closed = raw_exchange(server.port, started + b"X-API-Key: right-key\r\n\r\n" + partial_body, until=None, timeout=5)
+    assert received.startswith(b"HTTP/1.1 429") and closed, received
+    assert b"retry-after: " in received.lower(), received
+    # A refused request that comes whole (the usual one) keeps its connection.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    for _ in range(2):
+        connection.request("POST", path, body=json.dumps(BODY), headers={"Content-Type": "application/json", "X-API-Key": "wrong-key"})
+        answer = connection.getresponse()
+        assert answer.status == 429 and not answer.will_close, answer.getheaders()  # the address spent its token on the first guess
+        answer.read()
+    connection.close()
+
+
+def test_repeated_key_fields_are_judged_alike_on_both_paths(openai_gateway):
+    # The pass-through read the first of two X-API-Key fields; the router joins them (as
+    # HTTP says to), which no key matches.
+    server = openai_gateway(env={"API_KEY": "right-key"})
+    for path in ("/v1/chat/completions", "//v1/chat/completions"):
+        for first, second in (("right-key", "wrong-key"), ("wrong-key", "right-key")):
+            request = post_bytes(BODY, path=path, extra_headers=f"X-API-Key: {first}\r\nX-API-Key: {second}\r\nConnection: close\r\n")
+            received, _ = raw_exchange(server.port, request, until=None)
+            assert received.startswith(b"HTTP/1.1 401"), (path, received)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SERVICES_SO, compile_c_plugin, metric_value, PLUGINS_SRC
+from conftest import SERVICES_SO, compile_c_plugin, metric_value, raw_exchange, PLUGINS_SRC
 
 SWIFT = "services-test"
 C = "services-c"
@@ -150,6 +150,12 @@ def test_response_middleware_rewrites_status_headers_and_body(services):
     assert response.headers["x-rewritten-by"] == "services-c"
     assert int(response.headers["content-length"]) == len(response.text)
     assert server.client.get(f"/v1/plugins/{C}/ping").text == "pong"  # outside its prefix: untouched
+    # Doubled slashes reach the same route, so they meet the same middleware: they escaped it
+    # (a prefix compared as text), and the plugin was handed the path "/".
+    for path in (f"//v1/plugins/{C}/rewrite", f"/v1/plugins//{C}//rewrite"):
+        received, _ = raw_exchange(server.port, f"GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n".encode(), until=None)
+        assert received.startswith(b"HTTP/1.1 201"), received
+        assert received.endswith(b"rewritten(200):original"), received
 
 
 def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp_path):

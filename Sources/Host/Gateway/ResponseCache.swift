@@ -61,17 +61,37 @@ final class ResponseCache: Sendable {
         }
     }
 
-    func put(_ key: String, _ value: ChatCompletion) {
-        let size = value.json.count + key.utf8.count
-        guard size <= limits.maxBytes else { return }
-        let node = Node(key: key, value: value, size: size, expires: now() + limits.ttl)
-        state.withLock { state in
+    /// What an entry costs beyond its answer and key (node, table slot, `Data`), counted in
+    /// `max_bytes` so that many small answers cannot take twice the memory it allows.
+    static let entryOverhead = 256
+
+    /// Stores `value` under `key` when it is a whole answer (`isCompleteAnswer`) that fits in
+    /// `max_bytes`; either way it supersedes what `key` held. Returns whether it was stored.
+    @discardableResult
+    func put(_ key: String, _ value: ChatCompletion) -> Bool {
+        let size = value.json.count + key.utf8.count + Self.entryOverhead
+        let storable = size <= limits.maxBytes && Self.isCompleteAnswer(value.json)
+        let node = storable ? Node(key: key, value: value, size: size, expires: now() + limits.ttl) : nil
+        return state.withLock { state in
             if let existing = state.nodes[key] { Self.unlink(existing, from: &state) }
+            guard let node else { return false }
             Self.pushNewest(node, into: &state)
             while state.nodes.count > limits.maxEntries || state.bytes > limits.maxBytes, let oldest = state.oldest {
                 Self.unlink(oldest, from: &state)
             }
+            return true
         }
+    }
+
+    /// Whether `json` is a whole chat completion, worth replaying: a JSON object with choices
+    /// and no error. A 200 that is not one (a body cut short where the connection closed, the
+    /// upstream having sent no length; an error some servers send with a 200) would otherwise
+    /// be served to every identical request for the TTL.
+    static func isCompleteAnswer(_ json: Data) -> Bool {
+        guard let object = (try? JSONSerialization.jsonObject(with: json)) as? [String: Any],
+            let choices = object["choices"] as? [Any], !choices.isEmpty
+        else { return false }
+        return object["error"] == nil || object["error"] is NSNull
     }
 
     private static func pushNewest(_ node: Node, into state: inout State) {

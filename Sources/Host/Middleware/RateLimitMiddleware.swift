@@ -53,20 +53,48 @@ final class RateLimiter: Sendable {
         var lastPrune = 0.0
     }
 
-    let rate: Double
+    /// Which bucket refused a request.
+    enum Limit: Equatable {
+        /// The client's own (its key, else its address).
+        case client
+        /// Everyone's together (`global_requests_per_second`).
+        case global
+    }
+
+    /// A refused request: the seconds until the bucket that refused it has a token again.
+    struct Refusal: Equatable {
+        let wait: Double
+        let limit: Limit
+    }
+
+    /// Each client's rate (requests per second); nil when only the global limit applies.
+    let rate: Double?
     let burst: Double
+    /// Everyone's rate together; nil when there is no global limit.
+    let globalRate: Double?
     private let now: @Sendable () -> Double
     private let state: Mutex<State>
     /// Idle buckets are dropped once the table grows past this many clients.
     private let pruneThreshold = 10_000
 
-    init(rate: Double, burst: Double?, globalRate: Double?, now: @escaping @Sendable () -> Double = { ProcessInfo.processInfo.systemUptime }) {
+    /// A rate of 0 (or nil) turns that limit off; the caller makes no limiter when both are off.
+    init(rate: Double?, burst: Double?, globalRate: Double?, now: @escaping @Sendable () -> Double = { ProcessInfo.processInfo.systemUptime }) {
+        let rate = rate.flatMap { $0 > 0 ? $0 : nil }
         self.rate = rate
-        self.burst = max(1, burst ?? rate)
+        self.burst = max(1, burst ?? rate ?? 1)
+        let globalRate = globalRate.flatMap { $0 > 0 ? $0 : nil }
+        self.globalRate = globalRate
         self.now = now
         let start = now()
         let global = globalRate.map { TokenBucket(rate: $0, burst: max(1, $0), now: start) }
         state = Mutex(State(global: global))
+    }
+
+    /// The limiter for `requestsPerSecond` per client and `globalRequestsPerSecond` for all
+    /// together, or nil when both are off (0 or absent).
+    static func make(requestsPerSecond: Double, burst: Double?, globalRequestsPerSecond: Double?) -> RateLimiter? {
+        guard requestsPerSecond > 0 || (globalRequestsPerSecond ?? 0) > 0 else { return nil }
+        return RateLimiter(rate: requestsPerSecond, burst: burst, globalRate: globalRequestsPerSecond)
     }
 
     /// How many clients have a bucket (for tests and diagnostics).
@@ -74,21 +102,35 @@ final class RateLimiter: Sendable {
 
     /// Returns nil when `client` may proceed, else the seconds to wait.
     func check(client: String) -> Double? {
+        take(client: client, countingGlobally: true)?.wait
+    }
+
+    /// Takes a token from `client`'s bucket and, when `countingGlobally`, from the global one;
+    /// returns nil when the request may proceed, else which limit refused it and for how long.
+    /// A request the global bucket refuses gives the client its token back.
+    func take(client: String, countingGlobally: Bool) -> Refusal? {
         let time = now()
         return state.withLock { state in
-            var bucket = state.clients[client] ?? TokenBucket(rate: rate, burst: burst, now: time)
-            if let wait = bucket.take(now: time) {
-                state.clients[client] = bucket
-                return wait
+            var bucket: TokenBucket?
+            if let rate {
+                var own = state.clients[client] ?? TokenBucket(rate: rate, burst: burst, now: time)
+                if let wait = own.take(now: time) {
+                    state.clients[client] = own
+                    return Refusal(wait: wait, limit: .client)
+                }
+                bucket = own
             }
-            if var global = state.global {
+            if countingGlobally, var global = state.global {
                 if let wait = global.take(now: time) {
-                    bucket.giveBack()
-                    state.clients[client] = bucket
-                    return wait
+                    if var bucket {
+                        bucket.giveBack()
+                        state.clients[client] = bucket
+                    }
+                    return Refusal(wait: wait, limit: .global)
                 }
                 state.global = global
             }
+            guard let bucket else { return nil }
             state.clients[client] = bucket
             // Forget idle clients, at most once a second so many active ones cannot make every
             // request pay for a scan.
@@ -121,16 +163,29 @@ extension RateLimiter {
     /// Takes a token for the client (its key digest, else its IP address), or returns the 429
     /// with `Retry-After` to answer. Shared by the router middleware and the chat pass-through.
     func refusal(client: String?, address: String) -> OpenAIError? {
-        guard let wait = check(client: client ?? "ip:\(address)") else { return nil }
-        return OpenAIError.rateLimited(wait: wait, code: "rate_limit_exceeded") {
-            "rate limit exceeded (\(Self.format(rate)) requests/s); retry after \($0) s"
-        }
+        refusal(client: client ?? "ip:\(address)", countingGlobally: true)
     }
 
     /// The answer to a request whose key check failed: its 401, or the 429 once the client's
     /// address has spent its tokens on failures, so keys cannot be guessed faster than the rate.
+    /// Failures cost only the address: counted globally, requests without the key could spend
+    /// the global rate and lock out every holder of the key.
     func answerToFailedKeyCheck(_ error: OpenAIError, address: String) -> OpenAIError {
-        refusal(client: nil, address: address) ?? error
+        refusal(client: "ip:\(address)", countingGlobally: false) ?? error
+    }
+
+    private func refusal(client: String, countingGlobally: Bool) -> OpenAIError? {
+        guard let refusal = take(client: client, countingGlobally: countingGlobally) else { return nil }
+        switch refusal.limit {
+        case .client:
+            let rate = Self.format(rate ?? 0)
+            return OpenAIError.rateLimited(wait: refusal.wait, code: "rate_limit_exceeded") { "rate limit exceeded (\(rate) requests/s); retry after \($0) s" }
+        case .global:
+            let rate = Self.format(globalRate ?? 0)
+            return OpenAIError.rateLimited(wait: refusal.wait, code: "rate_limit_exceeded") {
+                "global rate limit exceeded (\(rate) requests/s for all clients together); retry after \($0) s"
+            }
+        }
     }
 
     static func format(_ rate: Double) -> String {

@@ -62,6 +62,10 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     private var body = ByteBuffer()
     private var bodyTooLarge = false
+    /// The checks the head alone decides (key, rate, encoding) have been made.
+    private var headChecked = false
+    /// What those checks (and a declared length over the limit) refused the request with.
+    private var heldRefusal: OpenAIError?
     private var stream = false
     private var includeUsage = false
     /// Where the answer is stored when it comes (nil: not cached), and what `X-Cache` says of it.
@@ -115,7 +119,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     // MARK: The client's request
 
     func receive(_ buffer: ByteBuffer) {
-        guard !bodyTooLarge else { return }
+        guard !bodyTooLarge, heldRefusal == nil else { return }
         guard body.readableBytes + buffer.readableBytes <= passThrough.maxBodyBytes else {
             bodyTooLarge = true
             body = ByteBuffer()
@@ -129,13 +133,55 @@ final class ChatExchange: UpstreamResponseDelegate {
         }
     }
 
-    /// The request cannot be read to its end (its body broke HTTP's framing): answer `error`,
-    /// after which the connection closes.
+    /// The request cannot be read to its end (its body broke HTTP's framing), or was refused
+    /// at its head and its end is not at hand: answer `error`, after which the connection closes.
     func requestFailed(_ error: OpenAIError) {
         guard phase == .reading else { return }
         phase = .waiting
         body = ByteBuffer()
         answer(error)
+    }
+
+    /// Makes the checks the head alone decides (the router's order: key, rate, encoding,
+    /// declared size) before any of the body is read, and returns whether they refused the
+    /// request: a client without the key must not have the gateway hold `max_body_bytes` for it
+    /// while it sends, or takes its time sending. A refused request's body is dropped as it
+    /// comes; the refusal is answered at the request's end when that comes in the same read
+    /// (the usual small request: the connection is kept), else by `answerHeldRefusal`.
+    func refuseBeforeBody() -> Bool {
+        guard head.declaresBody else { return false }  // checked at its end, which is at hand
+        do {
+            try checkHead()
+            if bodyTooLarge { heldRefusal = .bodyTooLarge }
+        } catch {
+            heldRefusal = error
+        }
+        return heldRefusal != nil
+    }
+
+    /// The request was refused at its head and its end has not come: answer now, after which
+    /// the connection closes (lingering), as the client may still be sending the body.
+    func answerHeldRefusal() {
+        guard let heldRefusal else { return }
+        requestFailed(heldRefusal)
+    }
+
+    /// Refused at its head, and its end not yet read.
+    var awaitsEndOfRefusedBody: Bool { heldRefusal != nil && phase == .reading }
+
+    /// The key (its header values are looked up only when one is required), the rate, and the
+    /// body's encoding.
+    private func checkHead() throws(OpenAIError) {
+        guard !headChecked else { return }
+        headChecked = true
+        let clientID =
+            passThrough.apiKeys.isRequired
+            ? try passThrough.apiKeys.verify(
+                apiKeyHeader: head.headers.combinedValue("X-API-Key"), authorization: head.headers.combinedValue("Authorization"),
+                path: ChatPassThrough.path, chargingFailuresTo: passThrough.limiter, address: remoteAddress)
+            : nil
+        if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
+        if let refusal = ContentEncodingMiddleware.refusal(contentEncoding: head.headers.combinedValue("Content-Encoding")) { throw refusal }
     }
 
     /// The whole request is in (or, for a body declared over the limit that the client holds
@@ -144,16 +190,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     func requestEnded() {
         guard phase == .reading else { return }
         phase = .waiting
+        if let heldRefusal { return answer(heldRefusal) }
         do {
-            // The key headers are looked up only when a key is required.
-            let clientID =
-                passThrough.apiKeys.isRequired
-                ? try passThrough.apiKeys.verify(
-                    apiKeyHeader: head.headers.first(name: "X-API-Key"), authorization: head.headers.first(name: "Authorization"),
-                    path: ChatPassThrough.path, chargingFailuresTo: passThrough.limiter, address: remoteAddress)
-                : nil
-            if let refusal = passThrough.limiter?.refusal(client: clientID, address: remoteAddress) { throw refusal }
-            if let refusal = ContentEncodingMiddleware.refusal(contentEncoding: head.headers.first(name: "Content-Encoding")) { throw refusal }
+            try checkHead()
             guard !bodyTooLarge else {
                 throw OpenAIError.bodyTooLarge
             }
@@ -170,7 +209,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                 stream = request.stream
                 includeUsage = request.includeUsage
                 if !stream, let cache = passThrough.cache {
-                    let use = CacheUse(cacheControl: head.headers.first(name: "Cache-Control"))
+                    let use = CacheUse(cacheControl: head.headers.combinedValue("Cache-Control"))
                     let key = request.cacheKey(backend: passThrough.backendName)
                     if use == .normal, let cached = cache.get(key) {
                         passThrough.metrics?.cacheHits.increment()

@@ -238,6 +238,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// Passed on only when this read gave the router something: the handlers behind (up to
     /// the router's async channel) have nothing to do for a read the pass-through consumed.
     func channelReadComplete(context: ChannelHandlerContext) {
+        // A request refused at its head whose end this read did not bring: answered now, and the
+        // connection closes after it, not held while the client sends (or never sends) the rest.
+        if reader == .exchange, let exchange, exchange.awaitsEndOfRefusedBody {
+            closeAfterExchange = true
+            exchange.answerHeldRefusal()
+        }
         guard forwardedUnread else { return }
         forwardedUnread = false
         context.fireChannelReadComplete()
@@ -258,6 +264,11 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             // Off the queue before it is acted on: answering may end the exchange, which drains again.
             queued.removeFirst()
             process(part, context)
+        }
+        // Outside a read, no channelReadComplete follows to answer a request refused at its head.
+        if !insideChannelRead, reader == .exchange, let exchange, exchange.awaitsEndOfRefusedBody {
+            closeAfterExchange = true
+            exchange.answerHeldRefusal()
         }
         if let rejected = rejectedAfterPending, exchange == nil, routerResponsesPending == 0, queued.isEmpty {
             rejectedAfterPending = nil
@@ -306,11 +317,6 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 // the parser would take what the client sends next for that body.
                 let expectsContinue = head.expectsContinue
                 let refuseNow = expectsContinue && head.declaresBody(longerThan: passThrough.maxBodyBytes)
-                // Nothing else is being answered here (canProcess), so an interim answer is safe.
-                if expectsContinue, !refuseNow, let rawWriter {
-                    rawWriter.write(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
-                    rawWriter.flushNow()
-                }
                 let client =
                     passThrough.clientAddresses.isEnabled
                     ? passThrough.clientAddresses.clientAddress(peer: remoteAddress, forwardedFor: head.headers["X-Forwarded-For"]) : remoteAddress
@@ -319,6 +325,17 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
                 if refuseNow {
                     closeAfterExchange = true
                     exchange.requestEnded()
+                } else if exchange.refuseBeforeBody() {
+                    // Its end may be in this read (channelReadComplete answers if not); a client
+                    // holding its body back for a 100 is answered now instead.
+                    if expectsContinue {
+                        closeAfterExchange = true
+                        exchange.answerHeldRefusal()
+                    }
+                } else if expectsContinue, let rawWriter {
+                    // Nothing else is being answered here (canProcess), so an interim answer is safe.
+                    rawWriter.write(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
+                    rawWriter.flushNow()
                 }
             } else {
                 reader = .router

@@ -44,10 +44,9 @@ public struct GatehouseServer: Sendable {
             await upstream.shutdown()
             throw error
         }
-        let limiter =
-            config.rateLimit.requestsPerSecond > 0
-            ? RateLimiter(rate: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst, globalRate: config.rateLimit.globalRequestsPerSecond)
-            : nil
+        let limiter = RateLimiter.make(
+            requestsPerSecond: config.rateLimit.requestsPerSecond, burst: config.rateLimit.burst,
+            globalRequestsPerSecond: config.rateLimit.globalRequestsPerSecond)
         // Both paths name a request's client the same way (behind trusted proxies, the forwarded one).
         let clientAddresses = ClientAddressResolver(trustedProxies: config.trustedProxies.compactMap(IPRange.init))
         let passThrough = ChatPassThrough(

@@ -11,10 +11,37 @@ extension HTTPRequestHead {
         return headers[canonicalForm: "Expect"].contains(where: { $0.lowercased() == "100-continue" })
     }
 
+    /// Whether the request declares a body: a `Transfer-Encoding`, or a `Content-Length`
+    /// other than 0.
+    var declaresBody: Bool {
+        headers.contains(name: "Transfer-Encoding") || headers.first(name: "Content-Length").map { $0 != "0" } ?? false
+    }
+
     /// Whether the request declares a body longer than `maxBodyBytes`.
     func declaresBody(longerThan maxBodyBytes: Int) -> Bool {
         guard let length = headers.first(name: "Content-Length").flatMap(Int.init) else { return false }
         return length > maxBodyBytes
+    }
+}
+
+extension HTTPHeaders {
+    /// The value of field `name` as the router reads it (HTTPFields): every field of that name,
+    /// joined with ", " in order (RFC 9110 5.3), or nil when there is none. A repeated field read
+    /// by its first value (NIO's `first(name:)`) would make the pass-through judge a request
+    /// with two keys, or two cache directives, otherwise than the router does.
+    func combinedValue(_ name: String) -> String? {
+        var combined: String?
+        for field in self where Self.sameName(field.name, name) {
+            combined = combined.map { "\($0), \(field.value)" } ?? field.value
+        }
+        return combined
+    }
+
+    /// ASCII case-insensitive equality, without allocating (every pass-through request asks).
+    private static func sameName(_ a: String, _ b: String) -> Bool {
+        guard a.utf8.count == b.utf8.count else { return false }
+        @inline(__always) func lower(_ byte: UInt8) -> UInt8 { byte >= 0x41 && byte <= 0x5A ? byte | 0x20 : byte }
+        return zip(a.utf8, b.utf8).allSatisfy { lower($0) == lower($1) }
     }
 }
 
@@ -176,6 +203,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             head.headers.remove(name: "Expect")
             changed = true
         }
+        if let merged = RequestTarget.mergingSlashes(head.uri) {
+            head.uri = merged
+            changed = true
+        }
         if !keepAlive, head.headers.first(name: "Connection") != "close" {
             head.headers.replaceOrAdd(name: "Connection", value: "close")
             changed = true
@@ -189,8 +220,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             guard var request = unanswered.first else { return context.write(data, promise: promise) }
             // A final answer written without reading the body (an early 401, say): no 100 now.
             request.awaitsContinue = false
-            if request.bodyHeldBack {
-                // The body was never sent: this answer ends the connection (see the type's doc).
+            if request.bodyHeldBack || (readingBody && unanswered.count == 1) {
+                // The body was never sent, or is still coming for an answer that did not need it
+                // (an early 401 or 429): this answer ends the connection (see the type's doc)
+                // rather than wait for, and read, the rest of a body nobody will use.
                 request.keepAlive = false
                 request.closeAfterResponse = true
             }
@@ -248,5 +281,44 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         request.bodyHeldBack = false
         unanswered[unanswered.startIndex] = request
         context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: .continue))), promise: nil)
+    }
+}
+
+/// The request target as the router's path checks must see it.
+enum RequestTarget {
+    /// `target` with each run of slashes in its path merged into one (nginx's `merge_slashes`),
+    /// or nil when there is none. The router skips empty path segments, so `//v1/chat/completions`
+    /// reaches the chat route; unmerged, it would escape every check that compares the path's
+    /// text, such as plugin middleware scoped to `/v1/chat/`. The query is left as it is.
+    static func mergingSlashes(_ target: String) -> String? {
+        let slash = UInt8(ascii: "/")
+        // Most targets have no "//" at all: decided without allocating.
+        var previous: UInt8 = 0
+        let hasDoubleSlash = target.utf8.contains { byte in
+            defer { previous = byte }
+            return byte == slash && previous == slash
+        }
+        guard hasDoubleSlash else { return nil }
+        let bytes = Array(target.utf8)
+        let pathStart: Int
+        if bytes.first == slash {
+            pathStart = 0  // origin-form
+        } else if let scheme = target.range(of: "://") {
+            // absolute-form: the path starts at the first slash after the authority
+            let afterScheme = target.utf8.distance(from: target.utf8.startIndex, to: scheme.upperBound)
+            guard let first = bytes[afterScheme...].firstIndex(of: slash) else { return nil }
+            pathStart = first
+        } else {
+            return nil  // authority-form: no path
+        }
+        let pathEnd = bytes[pathStart...].firstIndex { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") } ?? bytes.count
+        func repeatsSlash(_ index: Int) -> Bool { index > pathStart && bytes[index] == slash && bytes[index - 1] == slash }
+        guard (pathStart..<pathEnd).contains(where: repeatsSlash) else { return nil }
+        var merged: [UInt8] = []
+        merged.reserveCapacity(bytes.count)
+        merged.append(contentsOf: bytes[..<pathStart])
+        for index in pathStart..<pathEnd where !repeatsSlash(index) { merged.append(bytes[index]) }
+        merged.append(contentsOf: bytes[pathEnd...])
+        return String(decoding: merged, as: UTF8.self)
     }
 }

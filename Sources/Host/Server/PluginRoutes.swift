@@ -47,7 +47,7 @@ struct PluginRoutes {
         if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
             instance.requestFinished()
             throw OpenAIError.rateLimited(
-                wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimiter.format(limiter.rate)) requests/s; retry after \($0) s" }
+                wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimiter.format(limiter.rate ?? 0)) requests/s; retry after \($0) s" }
         }
         var headers: [(String, String)] = []
         headers.reserveCapacity(request.headers.count)

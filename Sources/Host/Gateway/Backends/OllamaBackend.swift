@@ -16,7 +16,10 @@ struct OllamaBackend: ChatBackend {
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
         let reply = try Self.replyObject(
             try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name))
-        let message = reply["message"] as? [String: Any] ?? [:]
+        // Ollama's whole chat reply always has its message (empty content while a model loads).
+        guard let message = reply["message"] as? [String: Any] else {
+            throw OpenAIError(.badGateway, "ollama sent a chat reply without a message", code: "upstream_invalid")
+        }
         let text = message["content"] as? String ?? ""
         let toolCalls = Self.openAIToolCalls(message["tool_calls"])
         let (prompt, completion) = Self.tokenCounts(reply)
@@ -53,8 +56,19 @@ struct OllamaBackend: ChatBackend {
         guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
             throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
         }
-        if let error = reply["error"] as? String { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        if let error = errorText(reply["error"]) { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
         return reply
+    }
+
+    /// The text of a reply's `error` member: Ollama's is a string; an object's `message` (as
+    /// OpenAI-minded servers and proxies write it) or its JSON. Nil when absent or null.
+    static func errorText(_ error: Any?) -> String? {
+        switch error {
+        case nil, is NSNull: nil
+        case let text as String: text
+        case let object as [String: Any]: object["message"] as? String ?? String(decoding: JSONText.data(object), as: UTF8.self)
+        case let other?: "\(other)"
+        }
     }
 
     /// An NDJSON stream (`/api/chat`, `/api/generate`) as events: each line a JSON object, given
@@ -73,7 +87,7 @@ struct OllamaBackend: ChatBackend {
             guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
                 throw OpenAIError(.badGateway, "ollama sent a stream line that is not JSON", code: "upstream_invalid")
             }
-            if let error = object["error"] as? String {
+            if let error = Self.errorText(object["error"]) {
                 throw OpenAIError(.badGateway, "ollama failed mid-stream: \(error)", code: "upstream_error")
             }
             return transform(object)
