@@ -1,6 +1,7 @@
 // Unit tests for configuration layering, durations, .env parsing and log redaction.
 import Foundation
 import Logging
+import NIOCore
 import NIOPosix
 import Testing
 
@@ -428,5 +429,24 @@ import Testing
         // The path as written: decoded, a space (or a line break) went into the request line.
         #expect(try #require(UpstreamTarget(url: "http://h/my%20api/")).pathPrefix == "/my%20api")
         #expect(GatehouseConfig.upstreamBaseURL("http://h/my%20api/v1/") == "http://h/my%20api")
+    }
+}
+
+@Suite struct ListeningAddressTests {
+    @Test func ipv6HostsAreBracketedAndBracketedOnesAreAccepted() {
+        // `cannot listen on :::8080` read as nonsense, and `--host [::1]` did not resolve.
+        #expect(GatehouseServer.display(host: "::", port: 8080) == "[::]:8080")
+        #expect(GatehouseServer.display(host: "127.0.0.1", port: 8080) == "127.0.0.1:8080")
+        #expect(GatehouseServer.display(host: "localhost", port: 80) == "localhost:80")
+        #expect(GatehouseServer.unbracketed("[::1]") == "::1")
+        #expect(GatehouseServer.unbracketed("::1") == "::1")
+        #expect(GatehouseServer.unbracketed("example.com") == "example.com")
+    }
+
+    @Test func bindFailuresAreExplainedInOneLine() {
+        let refused = GatehouseServer.explain(IOError(errnoCode: 22, reason: "bind(descriptor:ptr:bytes:)"), address: "[fe80::1]:8080")
+        #expect("\(refused)".hasPrefix("cannot listen on [fe80::1]:8080: the system refuses this address"))
+        let taken = GatehouseServer.explain(IOError(errnoCode: 98, reason: "bind(descriptor:ptr:bytes:)"), address: "127.0.0.1:8080")
+        #expect("\(taken)" == "cannot listen on 127.0.0.1:8080: the address is already in use (another Gatehouse may be running on 127.0.0.1:8080)")
     }
 }

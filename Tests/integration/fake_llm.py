@@ -203,7 +203,8 @@ class FakeLLM:
                     self._send(200, {"models": [
                         {"name": "llama3.2:1b", "model": "llama3.2:1b", "modified_at": "2026-01-02T03:04:05.123456789Z", "size": 1},
                         {"name": "qwen3:0.6b", "model": "qwen3:0.6b", "modified_at": "2026-02-03T04:05:06Z", "size": 2},
-                        {"name": "hf.co/org/repo:Q4_K_M", "model": "hf.co/org/repo:Q4_K_M", "modified_at": "2026-02-03T04:05:06Z", "size": 3}]})
+                        {"name": "hf.co/org/repo:Q4_K_M", "model": "hf.co/org/repo:Q4_K_M", "modified_at": "2026-02-03T04:05:06Z", "size": 3},
+                        {"name": "nomic-embed-text:latest", "model": "nomic-embed-text:latest", "modified_at": "2026-02-03T04:05:06Z", "size": 4}]})
                 elif self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [
                         {"id": "smollm2", "object": "model", "created": 1700000000, "owned_by": "llamacpp"}]})

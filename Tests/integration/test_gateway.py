@@ -209,16 +209,24 @@ def test_models_and_embeddings(gateway, backend):
     server = gateway(backend)
     client = client_for(server)
     ids = [m.id for m in client.models.list()]
-    assert ids == (["llama3.2:1b", "qwen3:0.6b", "hf.co/org/repo:Q4_K_M"] if backend == "ollama" else ["smollm2"])
+    assert ids == (["llama3.2:1b", "qwen3:0.6b", "hf.co/org/repo:Q4_K_M", "nomic-embed-text:latest"] if backend == "ollama" else ["smollm2"])
     for model_id in ids:
         model = client.models.retrieve(model_id)
         assert model.id == model_id and model.object == "model"
+    if backend == "ollama":  # a name without its tag is the :latest one, as Ollama takes it in chat
+        assert client.models.retrieve("nomic-embed-text").id == "nomic-embed-text:latest"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("qwen3")  # no qwen3:latest
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["message"] == "the model 'no-such-model' does not exist"
     embedding = client.embeddings.create(model="nomic", input=["a b", "c"])
     assert len(embedding.data) == 2 and embedding.data[1].index == 1
     assert len(embedding.data[0].embedding) >= 2
+    # Measured like chat: the upstream's time, and the input tokens as prompt tokens.
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_upstream_request_duration_seconds_count", backend=backend, operation="embeddings") == 1
+    assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="prompt") == 3
 
 
 def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
@@ -249,6 +257,9 @@ def test_ollama_embeddings_in_openai_encodings(gateway, fake_llm):
             f"'input' must be a string or a list of strings for Ollama (token arrays are not supported; got {detail})")
     assert server.client.post("/v1/embeddings", json={"model": "nomic", "input": []}).json()["error"]["message"] == (
         "'input' must not be an empty list")
+    # Ollama takes "" for no input and answers no vector, which read as the upstream's fault (502).
+    empty = server.client.post("/v1/embeddings", json={"model": "nomic", "input": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "'input' must not be an empty string"
     assert len(fake_llm.calls("/api/embed")) == calls
     # A reply short of a vector per input is the upstream's fault, not an empty 200.
     short = server.client.post("/v1/embeddings", json={"model": "few-vectors", "input": ["a", "b"]})
@@ -1554,6 +1565,15 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
         assert plain.json()["error"]["code"] == "plain_http_on_tls_port" and "use https://" in plain.json()["error"]["message"]
         # TLS still works after that.
         assert httpx.get(f"https://localhost:{port}/health", verify=context).status_code == 200
+        # An idle keep-alive connection whose client never reads it (urllib3's pool) does not
+        # hold the shutdown: closing waited 5 s (NIOSSL's default) for the client's close_notify.
+        with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw, server_hostname="localhost") as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+            assert time.monotonic() - started < 3.5
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
@@ -1769,6 +1789,43 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
     assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+@both_backends
+def test_a_second_signal_during_the_drain_stops_at_once(gateway, backend):
+    server = gateway(backend, extra_config="server: {shutdown_timeout: 60s}\n", env={"TIMEOUT": "60s"})
+    stream_in_background(server, "stall", "a b c d")  # stalls for 30 s, within the upstream timeout
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert server.process.poll() is None  # draining: the stream may still finish
+    server.process.send_signal(signal.SIGINT)  # a second Ctrl-C: it went unheard until the 60 s ran out
+    server.process.wait(20)
+    assert time.monotonic() - started < 15
+
+
+def test_the_pass_through_tells_clients_still_waiting_at_the_shutdown_deadline_that_it_is_stopping(gateway):
+    # They were answered "499 the client closed the connection", which was false, and a 4xx
+    # an SDK does not retry.
+    server = gateway("openai", extra_config="server: {shutdown_timeout: 1s}\ncache: {enabled: false}\n")
+    answers = []
+
+    def ask():
+        answers.append(httpx.post(server.base + "/v1/chat/completions", timeout=30,
+                                  json={"model": "hang", "messages": [{"role": "user", "content": "x"}]}))
+
+    waiting = threading.Thread(target=ask, daemon=True)
+    waiting.start()
+    time.sleep(0.5)  # the request reaches the upstream, which never answers
+    reader, received, errors = stream_in_background(server, "stall", "a b c d")
+    server.process.send_signal(signal.SIGTERM)
+    waiting.join(15)
+    reader.join(15)
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
+    assert not errors, errors
+    assert '"code":"server_shutting_down"' in received[-2] and received[-1] == "data: [DONE]", received[-3:]
+    assert server.process.wait(15) == 0
 
 
 @pytest.mark.parametrize("how", ["yaml", "env", "flag"])

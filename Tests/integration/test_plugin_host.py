@@ -1,11 +1,15 @@
 """The plugin host against real .so files: Swift and C echo, refusals with reasons, async and streaming C answers."""
 import concurrent.futures
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import ECHO_SO, GATEHOUSE, ROOT, compile_c_plugin
@@ -214,6 +218,24 @@ def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(
     assert server.stop() == 0
     assert time.monotonic() - started < 10
     assert any("unfinished requests at the drain deadline" in l.get("msg", "") for l in server.log_lines())
+
+
+def test_a_plugin_request_never_answered_does_not_hold_shutdown_past_its_timeout(plugins_dir, start, variants):
+    # The wait for the plugin ignored cancellation, so the process stayed up until the plugin's
+    # own timeout (upstream.timeout, 60 s here), whatever shutdown_timeout said.
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir, config="server: {shutdown_timeout: 1s}\nupstream: {timeout: 60s}\n")
+    def ask():
+        with contextlib.suppress(httpx.HTTPError):  # the connection may close unanswered
+            httpx.get(server.base + "/v1/plugins/variant/never", timeout=90)
+
+    threading.Thread(target=ask, daemon=True).start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)
+    assert time.monotonic() - started < 10
+    assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
 
 
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):

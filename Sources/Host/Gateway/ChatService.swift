@@ -63,6 +63,16 @@ final class ChatService: Sendable {
         return completion
     }
 
+    /// Embeddings (`/v1/embeddings`), timed as operation "embeddings"; their input tokens
+    /// (`usage.prompt_tokens`) count as prompt tokens.
+    func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
+        let started = ContinuousClock.now
+        let reply = try await backend.embeddings(body, requestID: requestID)
+        metrics?.recordUpstream(backend: backend.name, operation: "embeddings", duration: ContinuousClock.now - started)
+        metrics?.recordTokens(prompt: JSONScan.integer(after: "prompt_tokens", in: reply) ?? 0, completion: 0)
+        return reply
+    }
+
     /// A streamed legacy text completion, measured as chat streams are.
     func textStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now

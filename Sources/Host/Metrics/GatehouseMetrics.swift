@@ -109,7 +109,7 @@ public final class GatehouseMetrics: Sendable {
         }
     }
 
-    /// Times one upstream operation ("chat", "chat_stream", "models", "embeddings", "ready").
+    /// Times one upstream operation ("chat", "chat_stream", "completion", "completion_stream", "embeddings").
     func recordUpstream(backend: String, operation: String, duration: Duration) {
         upstreamDuration(backend: backend, operation: operation).record(duration)
     }

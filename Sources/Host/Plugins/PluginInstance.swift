@@ -151,9 +151,15 @@ public final class PluginInstance: @unchecked Sendable {
         }
         defer { timer.cancel() }
         let handle = library.descriptor.pointee.handle!
-        return await withCheckedContinuation { continuation in
-            exchange.waitForReply(continuation)
-            call.withCRequest { request in handle(state, request, pointer) }
+        // Cancelled (at the end of the shutdown's time), the wait ends as a timeout would: a
+        // plugin that never answers must not hold the process past `shutdown_timeout`.
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                exchange.waitForReply(continuation)
+                call.withCRequest { request in handle(state, request, pointer) }
+            }
+        } onCancel: {
+            exchange.abandon()
         }
     }
 

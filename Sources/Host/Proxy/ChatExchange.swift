@@ -794,6 +794,25 @@ final class ChatExchange: UpstreamResponseDelegate {
         answer(.clientClosedRequest)
     }
 
+    /// The gateway's shutdown has run out of `shutdown_timeout` with this answer unfinished: a
+    /// 503 when the answer has not begun, else the stream ends with an error event and `[DONE]`.
+    /// (Not the 499 of a client that left: this client is still there, and may retry elsewhere.)
+    func serverStopping() {
+        let error = OpenAIError(
+            .serviceUnavailable, "the gateway is shutting down and its shutdown_timeout ran out before this answer was done",
+            code: "server_shutting_down")
+        switch phase {
+        case .streaming where !streamHeadPending:
+            endStream(error: error, blamingUpstream: false)
+        case .reading, .waiting, .collecting, .streaming:
+            cancelTimer()
+            body = ByteBuffer()
+            answer(error)
+        case .draining, .done:
+            break
+        }
+    }
+
     /// The client went away: stop the upstream work (its connection cannot be reused mid-answer).
     func clientClosed() {
         handler = nil

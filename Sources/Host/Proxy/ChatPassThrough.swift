@@ -408,6 +408,18 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             quiesceHeld = true
             return
         }
+        if case .inputClosed? = event as? ChannelEvent, closingInputHere, let exchange {
+            // Not the client: the router's connection handler, cancelled when the shutdown's
+            // time ran out, closing the input. The client is still there, and is told so.
+            queued.removeAll()
+            closeAfterExchange = true
+            exchange.serverStopping()
+            context.flush()
+            lingering.cancel()
+            closed = true
+            context.close(promise: nil)
+            return
+        }
         if case .inputClosed? = event as? ChannelEvent {
             // The client closed its side while its answer was being made: it has gone (an SDK's
             // timeout, a stopped generation), as nginx and Go's net/http take it, so the upstream
@@ -433,6 +445,16 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             }
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The connection's input is being closed from this side (Hummingbird's connection handler
+    /// does so when cancelled, at the end of `shutdown_timeout`): the `inputClosed` that follows
+    /// is not the client's.
+    private var closingInputHere = false
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        if mode == .input { closingInputHere = true }
+        context.close(mode: mode, promise: promise)
     }
 
     /// A request NIO's parser rejected: the parser cannot find the next one, so the connection

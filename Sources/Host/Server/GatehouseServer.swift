@@ -76,13 +76,14 @@ public struct GatehouseServer: Sendable {
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
         router.add(middleware: MethodNotAllowedMiddleware(routes: router.routes))
 
-        let address = "\(config.host):\(config.port)"
+        let bindHost = Self.unbracketed(config.host)
+        let address = Self.display(host: bindHost, port: config.port)
         let app = Application(
             router: router,
             server: server,
-            configuration: .init(address: .hostname(config.host, port: config.port), serverName: Self.serverName),
+            configuration: .init(address: .hostname(bindHost, port: config.port), serverName: Self.serverName),
             onServerRunning: { [logger, config] channel in
-                let bound = channel.localAddress.map { "\($0.ipAddress ?? config.host):\($0.port ?? config.port)" } ?? address
+                let bound = channel.localAddress.map { Self.display(host: $0.ipAddress ?? bindHost, port: $0.port ?? config.port) } ?? address
                 logger.info(
                     "listening",
                     metadata: [
@@ -98,10 +99,11 @@ public struct GatehouseServer: Sendable {
             logger: logger
         )
         // Services shut down in reverse order: the clock notes the signal's time, then the app
-        // stops accepting and drains.
+        // stops accepting and drains, and the watch for a second signal ends last.
         let shutdownClock = ShutdownClock()
         var groupConfiguration = ServiceGroupConfiguration(
             services: [
+                .init(service: StopOnSecondSignal(logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .cancelGroup),
                 .init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore),
                 .init(service: ReloadOnHangup(logSink: logSink, certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
             ],
@@ -110,6 +112,12 @@ public struct GatehouseServer: Sendable {
         let serviceGroup = ServiceGroup(configuration: groupConfiguration)
         do {
             try await serviceGroup.run()
+        } catch is StopOnSecondSignal.Stopped {
+            // Requests in flight were cut off; plugins get no drain either.
+            await registry.shutdownAll(drainTimeout: 0)
+            await upstream.shutdown()
+            logger.info("shutdown complete", metadata: ["forced": .string("second signal")])
+            return
         } catch {
             await registry.shutdownAll(drainTimeout: 0)
             await upstream.shutdown()
@@ -141,6 +149,16 @@ public struct GatehouseServer: Sendable {
         }
     }
 
+    /// A host as written in a URL (`[::1]`) is the host without its brackets.
+    static func unbracketed(_ host: String) -> String {
+        host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+    }
+
+    /// `host:port`, an IPv6 host in brackets (`[::1]:8080`) so the port is told apart.
+    static func display(host: String, port: Int) -> String {
+        host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
+
     /// Turns a bind failure into the one-line message a user needs.
     static func explain(_ error: any Error, address: String) -> any Error {
         let text = String(describing: error)
@@ -152,6 +170,10 @@ public struct GatehouseServer: Sendable {
         }
         if text.contains("Cannot assign requested address") || text.contains("errno: 99") {
             return StartupError("cannot listen on \(address): the address is not one of this machine's (server.host, GATEHOUSE_HOST or --host)")
+        }
+        if text.contains("Invalid argument") || text.contains("errno: 22") {
+            return StartupError(
+                "cannot listen on \(address): the system refuses this address (an IPv6 link-local address needs its interface, like fe80::1%eth0)")
         }
         if error is SocketAddressError.UnknownHost || text.contains("UnknownHost") {
             return StartupError("cannot listen on \(address): the host name does not resolve (server.host, GATEHOUSE_HOST or --host)")

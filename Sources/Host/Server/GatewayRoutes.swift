@@ -55,7 +55,10 @@ struct GatewayRoutes {
             let id = rawID.removingPercentEncoding ?? String(rawID)
             let list = try await chat.backend.models(requestID: context.requestID)
             let models = ((try? JSONSerialization.jsonObject(with: list)) as? [String: Any])?["data"] as? [[String: Any]] ?? []
-            guard let model = models.first(where: { $0["id"] as? String == id }) else {
+            // Ollama takes a name without a tag for its `:latest` (as in chat requests).
+            let latest = chat.backend.name == "ollama" && !(id.split(separator: "/").last ?? "").contains(":") ? id + ":latest" : nil
+            guard let model = models.first(where: { $0["id"] as? String == id }) ?? models.first(where: { latest != nil && $0["id"] as? String == latest })
+            else {
                 throw OpenAIError(.notFound, "the model '\(id)' does not exist", type: "invalid_request_error", code: "model_not_found")
             }
             return try Response.json(object: model)
@@ -70,7 +73,7 @@ struct GatewayRoutes {
             let requestID = context.requestID
             // A large batch takes a while: abandoned too when the client leaves.
             let departure = await ClientDeparture.of(context.channel)
-            return Response.json(try await departure.untilClientLeaves { try await chat.backend.embeddings(object, requestID: requestID) })
+            return Response.json(try await departure.untilClientLeaves { try await chat.embeddings(object, requestID: requestID) })
         }
         let readiness = ReadinessProbe(backend: chat.backend)
         router.get("/health/ready") { _, context in

@@ -50,7 +50,11 @@ final class TLSCertificates: Sendable {
         } catch {
             throw StartupError("cannot load TLS private key \(keyFile): \(FileProblem.of(keyFile) ?? "not an unencrypted PEM private key (\(error))")")
         }
-        let configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        // How long a closing connection waits for the client's close_notify (NIOSSL's default is
+        // 5 s): clients that never read an idle pooled connection (urllib3) never send one, and
+        // each added 5 s to a graceful shutdown.
+        configuration.shutdownTimeout = .seconds(1)
         do {
             // BoringSSL checks here that the key belongs to the certificate.
             return (try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter)))

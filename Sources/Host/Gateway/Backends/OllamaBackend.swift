@@ -234,6 +234,9 @@ struct OllamaBackend: ChatBackend {
         // Ollama embeds text: one string or a list of them (OpenAI's token arrays it cannot take).
         let inputCount: Int
         switch input {
+        case let text as String where text.isEmpty:
+            // Ollama takes "" for no input at all and answers no vector (OpenAI answers 400).
+            throw RequestFields.invalid("input", "must not be an empty string")
         case is String: inputCount = 1
         case let list as [Any] where !list.isEmpty && list.allSatisfy({ $0 is String }): inputCount = list.count
         case let list as [Any] where list.isEmpty:
