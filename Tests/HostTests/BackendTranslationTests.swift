@@ -36,6 +36,23 @@ import Testing
         // Integers Double cannot tell apart (above 2^53) are still different seeds.
         #expect(try key("9007199254740993") != key("9007199254740992"))
         #expect(try key("-9007199254740993") != key("-9007199254740992"))
+        // Past Int64 they decode as Doubles: 2^63+1000 and 2^63+1001 shared a key, and the
+        // second was answered with the first's seed's answer.
+        #expect(try key("9223372036854776808") != key("9223372036854776809"))
+        #expect(try key("18446744073709551615") != key("18446744073709551614"))
+        #expect(try key("1e300") == key("1e300"))
+    }
+
+    @Test func cacheKeyKeepsApartObjectKeysSwiftWouldMerge() throws {
+        // "é" composed and decomposed are one dictionary key to Swift (one value kept of two),
+        // two to the upstream, which is sent the client's bytes.
+        func key(_ format: String) throws -> String {
+            try parse(#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":\#(format)}"#).cacheKey(backend: "openai")
+        }
+        #expect(try key(#"{"café":2,"café":1}"#) != key(#"{"café":3,"café":1}"#))
+        #expect(try key(#"{"café":2}"#) == key(#"{"café":2}"#))
+        // ASCII keys keep the canonical form: order and spacing still do not matter.
+        #expect(try key(#"{"a":1,"b":2}"#) == key(#"{ "b": 2, "a": 1 }"#))
     }
 }
 

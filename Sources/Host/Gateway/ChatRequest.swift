@@ -63,14 +63,20 @@ struct ChatRequest: @unchecked Sendable {
     /// Cache key over the model, messages and every sampling parameter: the whole request
     /// except how it is delivered (`stream`, `stream_options`) and who asks (`user`), in a
     /// canonical form (sorted keys), so a plugin's request and a client's with the same content
-    /// share an entry.
+    /// share an entry. Where decoding may have merged what the upstream (sent the client's
+    /// bytes) tells apart, the key is over those bytes too (see `CanonicalJSON.append`).
     func cacheKey(backend: String) -> String {
         var canonical: [UInt8] = Array(backend.utf8)
         canonical.append(0)
         canonical.reserveCapacity(raw?.count ?? 256)
         var keyed = body
         for field in ["stream", "stream_options", "user"] { keyed.removeValue(forKey: field) }
-        CanonicalJSON.append(keyed, to: &canonical)
+        var exact = true
+        CanonicalJSON.append(keyed, to: &canonical, exact: &exact)
+        if !exact, let raw {
+            canonical.append(0)
+            canonical.append(contentsOf: raw)
+        }
         return Hex.string(SHA256.hash(data: canonical))
     }
 }
@@ -142,6 +148,15 @@ enum RequestFields {
 /// A canonical byte form of decoded JSON (sorted keys, one spelling per number), for hashing.
 enum CanonicalJSON {
     static func append(_ value: Any, to output: inout [UInt8]) {
+        var exact = true
+        append(value, to: &output, exact: &exact)
+    }
+
+    /// `exact` turns false where decoding may have merged values the JSON text told apart:
+    /// integers past Int64 (decoded as Doubles, so 2^63+1 and 2^63+2 are one number), and
+    /// object keys beyond ASCII (Swift's dictionary takes canonically equivalent strings, "é"
+    /// composed and decomposed, as one key, keeping one value of two).
+    static func append(_ value: Any, to output: inout [UInt8], exact: inout Bool) {
         switch value {
         case let text as String:
             output.append(UInt8(ascii: "\""))
@@ -154,16 +169,17 @@ enum CanonicalJSON {
             output.append(UInt8(ascii: "{"))
             for (index, key) in object.keys.sorted().enumerated() {
                 if index > 0 { output.append(UInt8(ascii: ",")) }
-                append(key, to: &output)
+                if exact, key.utf8.contains(where: { $0 >= 0x80 }) { exact = false }
+                append(key, to: &output, exact: &exact)
                 output.append(UInt8(ascii: ":"))
-                append(object[key]!, to: &output)
+                append(object[key]!, to: &output, exact: &exact)
             }
             output.append(UInt8(ascii: "}"))
         case let array as [Any]:
             output.append(UInt8(ascii: "["))
             for (index, element) in array.enumerated() {
                 if index > 0 { output.append(UInt8(ascii: ",")) }
-                append(element, to: &output)
+                append(element, to: &output, exact: &exact)
             }
             output.append(UInt8(ascii: "]"))
         case is NSNull:
@@ -175,6 +191,8 @@ enum CanonicalJSON {
                 // Exact, before the Double below rounds integers beyond 2^53 together.
                 output.append(contentsOf: String(integer).utf8)
             } else if let number = JSONNumbers.double(value) {
+                // Beyond 2^53, neighbouring integers are one Double.
+                if abs(number) >= 9_007_199_254_740_992 { exact = false }
                 // 1 and 1.0 are the same JSON number: spell integral values as integers.
                 let text = number == number.rounded() && abs(number) < 1e15 ? String(Int(number)) : String(number)
                 output.append(contentsOf: text.utf8)
