@@ -1563,8 +1563,10 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
         plain = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Connection": "keep-alive"})
         assert plain.status_code == 400 and plain.headers["connection"] == "close"
         assert plain.json()["error"]["code"] == "plain_http_on_tls_port" and "use https://" in plain.json()["error"]["message"]
-        # TLS still works after that.
+        # TLS still works after that, and the refusal is counted.
         assert httpx.get(f"https://localhost:{port}/health", verify=context).status_code == 200
+        metrics = httpx.get(f"https://localhost:{port}/metrics", verify=context).text
+        assert metric_value(metrics, "gatehouse_http_requests_total", route="unparsed", method="unknown", status="400") == 1
         # An idle keep-alive connection whose client never reads it (urllib3's pool) does not
         # hold the shutdown: closing waited 5 s (NIOSSL's default) for the client's close_notify.
         with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw, server_hostname="localhost") as idle:
@@ -1789,6 +1791,19 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
     assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+@both_backends
+def test_requests_the_parser_rejects_are_counted(gateway, backend):
+    # They were logged but missing from gatehouse_http_requests_total.
+    server = gateway(backend)
+    for payload, status in ((b"GARBAGE\r\n\r\n", b"400"), (b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"x" * 90_000 + b"\r\n\r\n", b"431"),
+                            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", b"400")):
+        received, _ = raw_exchange(server.port, payload, until=None)
+        assert received.startswith(b"HTTP/1.1 " + status), received
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="unparsed", method="unknown", status="400") == 2
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="unparsed", method="unknown", status="431") == 1
 
 
 @both_backends

@@ -55,6 +55,13 @@ public final class GatehouseMetrics: Sendable {
         requestDuration(route: route).record(duration)
     }
 
+    /// Counts a request refused before it was one the router or the pass-through could read
+    /// (the HTTP parser's 400s and 431s, plain HTTP on the TLS port): route "unparsed", method
+    /// "unknown", since neither is known. Counted only, not timed.
+    func recordUnparsed(status: Int) {
+        requestCounter(route: "unparsed", method: "unknown", status: status).increment()
+    }
+
     /// The counter of requests with this route template, method and status (created once).
     func requestCounter(route: String, method: String, status: Int) -> Counter {
         let key = RouteKey(route: route, method: method, status: status)

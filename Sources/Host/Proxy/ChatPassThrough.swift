@@ -473,7 +473,8 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         if let exchange, reader == .exchange {
             reader = .none
             closeAfterExchange = true
-            exchange.requestFailed(HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger).0)
+            exchange.requestFailed(
+                HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: nil).0)
         } else if exchange != nil || routerResponsesPending > 0 || !queued.isEmpty {
             rejectedAfterPending = parserError
         } else {
@@ -483,7 +484,8 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     private func answerRejected(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
         guard let rawWriter else { return }
-        let (failure, requestID) = HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger)
+        let (failure, requestID) = HTTP1SemanticsHandler.logRejected(
+            parserError, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: passThrough.metrics)
         rawWriter.write(failure.closingResponseBytes(requestID: requestID))
         rawWriter.flushNow()
         closed = true

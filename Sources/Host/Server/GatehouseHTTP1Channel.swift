@@ -21,6 +21,8 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
     let idleTimeout: Duration?
     /// The request body limit: a request declaring a longer body is not invited to send it.
     let maxBodyBytes: Int
+    /// Where requests the HTTP parser rejects are counted.
+    let metrics: GatehouseMetrics?
 
     /// The longest request head, and header field, accepted (Hummingbird's limits); longer gets 431.
     static let maxHeaderBytes = 80 * 1024
@@ -49,7 +51,7 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
             }
             // For the router's requests (all of them without the pass-through, which keeps
             // versions and keep-alive and answers `Expect` for its own).
-            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger))
+            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger, metrics: metrics))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             // With the pass-through, this handler sees only the router's requests, so the
             // pass-through handler, which sees them all, keeps the idle timeout instead.

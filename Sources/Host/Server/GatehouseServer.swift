@@ -52,7 +52,7 @@ public struct GatehouseServer: Sendable {
         let passThrough = ChatPassThrough(
             config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, clientAddresses: clientAddresses,
             logger: logger, serverName: Self.serverName)
-        let server = makeServerBuilder(passThrough: passThrough, certificates: certificates)
+        let server = makeServerBuilder(passThrough: passThrough, certificates: certificates, metrics: metrics)
         registry.loadAll()
 
         // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
@@ -136,16 +136,16 @@ public struct GatehouseServer: Sendable {
     /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key
     /// (where a plain-HTTP request gets a readable 400); with the chat pass-through in every
     /// connection's pipeline when the backend allows it.
-    private func makeServerBuilder(passThrough: ChatPassThrough?, certificates: TLSCertificates?) -> HTTPServerBuilder {
+    private func makeServerBuilder(passThrough: ChatPassThrough?, certificates: TLSCertificates?, metrics: GatehouseMetrics) -> HTTPServerBuilder {
         let idleTimeout = config.idleTimeout > 0 ? Duration.nanoseconds(Int64(config.idleTimeout * 1e9)) : nil
         let maxBodyBytes = config.maxBodyBytes
         let http1 = { @Sendable (responder: @escaping HTTPChannelHandler.Responder) in
-            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes)
+            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes, metrics: metrics)
         }
         guard let certificates else { return HTTPServerBuilder { http1($0) } }
         let logger = self.logger
         return HTTPServerBuilder { responder in
-            ReloadableTLSChannel(base: http1(responder), certificates: certificates, serverLogger: logger)
+            ReloadableTLSChannel(base: http1(responder), certificates: certificates, serverLogger: logger, metrics: metrics)
         }
     }
 

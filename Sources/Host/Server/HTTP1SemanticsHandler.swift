@@ -109,9 +109,12 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// still sends is dropped until the connection closes.
     private let lingering = LingeringClose()
 
-    init(maxBodyBytes: Int, logger: Logger) {
+    private let metrics: GatehouseMetrics?
+
+    init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?) {
         self.maxBodyBytes = maxBodyBytes
         self.logger = logger
+        self.metrics = metrics
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -134,7 +137,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// Answers a request the parser rejected, then closes (lingering): the parser cannot find
     /// the next one.
     private func answer(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
-        let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger)
+        let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger, countingIn: metrics)
         let body = ByteBuffer(data: failure.body(requestID: requestID))
         let head = HTTPResponseHead(
             version: .http1_1, status: HTTPResponseStatus(statusCode: failure.status.code),
@@ -148,8 +151,13 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
 
     /// The error a rejected request is answered with, and its new request id; logged at info,
     /// as the access log would show a 400 (there is no method or path to log).
-    static func logRejected(_ error: HTTPParserError, client: SocketAddress?, logger: Logger) -> (OpenAIError, requestID: String) {
+    /// `metrics` counts it (`recordUnparsed`); nil where the answer is counted otherwise (an
+    /// exchange's, whose access line counts it).
+    static func logRejected(_ error: HTTPParserError, client: SocketAddress?, logger: Logger, countingIn metrics: GatehouseMetrics?) -> (
+        OpenAIError, requestID: String
+    ) {
         let failure = OpenAIError.malformedRequest(error)
+        metrics?.recordUnparsed(status: failure.status.code)
         let requestID = RequestIDGenerator.next()
         logger.info(
             "request rejected by the HTTP parser",

@@ -12,9 +12,11 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     private let logger: Logger
+    private let metrics: GatehouseMetrics?
 
-    init(logger: Logger) {
+    init(logger: Logger, metrics: GatehouseMetrics?) {
         self.logger = logger
+        self.metrics = metrics
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -27,6 +29,7 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
         let failure = OpenAIError(
             .badRequest, "this port speaks HTTPS: the request was sent as plain HTTP (use https://)", code: "plain_http_on_tls_port")
         let requestID = RequestIDGenerator.next()
+        metrics?.recordUnparsed(status: failure.status.code)
         logger.info(
             "plain HTTP request on the TLS port",
             metadata: ["client": .string(context.channel.remoteAddress?.ipAddress ?? "unknown"), "request_id": .string(requestID)])

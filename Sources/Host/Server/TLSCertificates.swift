@@ -72,12 +72,13 @@ struct ReloadableTLSChannel<Base: ServerChildChannel>: ServerChildChannel {
     typealias Value = Base.Value
     let base: Base
     let certificates: TLSCertificates
-    /// For the plain-HTTP detector's log line.
+    /// For the plain-HTTP detector's log line and count.
     let serverLogger: Logger
+    let metrics: GatehouseMetrics?
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandlers(PlainHTTPDetector(logger: serverLogger), NIOSSLServerHandler(context: certificates.context))
+            try channel.pipeline.syncOperations.addHandlers(PlainHTTPDetector(logger: serverLogger, metrics: metrics), NIOSSLServerHandler(context: certificates.context))
         }.flatMap {
             base.setup(channel: channel, logger: logger)
         }
