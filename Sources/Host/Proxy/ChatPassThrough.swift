@@ -238,15 +238,18 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// Passed on only when this read gave the router something: the handlers behind (up to
     /// the router's async channel) have nothing to do for a read the pass-through consumed.
     func channelReadComplete(context: ChannelHandlerContext) {
-        // A request refused at its head whose end this read did not bring: answered now, and the
-        // connection closes after it, not held while the client sends (or never sends) the rest.
-        if reader == .exchange, let exchange, exchange.awaitsEndOfRefusedBody {
-            closeAfterExchange = true
-            exchange.answerHeldRefusal()
-        }
+        answerRefusalAwaitingItsBody()  // its end did not come in this read
         guard forwardedUnread else { return }
         forwardedUnread = false
         context.fireChannelReadComplete()
+    }
+
+    /// A request refused at its head whose end has not come is answered now, and the connection
+    /// closes after it, rather than wait while the client sends (or never sends) the rest.
+    private func answerRefusalAwaitingItsBody() {
+        guard reader == .exchange, let exchange, exchange.awaitsEndOfRefusedBody else { return }
+        closeAfterExchange = true
+        exchange.answerHeldRefusal()
     }
 
     /// Processes queued parts in order while nothing earlier is still being answered.
@@ -266,10 +269,7 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             process(part, context)
         }
         // Outside a read, no channelReadComplete follows to answer a request refused at its head.
-        if !insideChannelRead, reader == .exchange, let exchange, exchange.awaitsEndOfRefusedBody {
-            closeAfterExchange = true
-            exchange.answerHeldRefusal()
-        }
+        if !insideChannelRead { answerRefusalAwaitingItsBody() }
         if let rejected = rejectedAfterPending, exchange == nil, routerResponsesPending == 0, queued.isEmpty {
             rejectedAfterPending = nil
             return answerRejected(rejected, context)  // the last answer on this connection
