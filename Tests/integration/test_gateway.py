@@ -1881,13 +1881,17 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_limit(start, plugins_di
     assert listening["open_files_limit"] == str(hard)
 
 
-def test_port_in_use_is_one_clear_line(gateway, tmp_path):
+def test_port_in_use_is_one_clear_line_before_any_plugin_starts(gateway, plugins_dir, c_echo_so, tmp_path):
+    plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
     server = gateway()
-    result = subprocess.run([GATEHOUSE, "serve", "--port", str(server.port), "--plugins-dir", str(tmp_path)],
+    assert server.plugins()["echo-c"]["state"] == "loaded"
+    # The second one is given the same plugins: it must stop before initialising any of them.
+    result = subprocess.run([GATEHOUSE, "serve", "--port", str(server.port), "--plugins-dir", str(plugins_dir.path)],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{server.port}: the address is already in use " \
            f"(another Gatehouse may be running on 127.0.0.1:{server.port})" in result.stderr
+    assert "plugin loaded" not in result.stdout and "echo-c" not in result.stdout, result.stdout
     assert server.client.get("/health").status_code == 200
 
 
@@ -1896,10 +1900,12 @@ def test_port_in_use_is_one_clear_line(gateway, tmp_path):
     ("no-such-host.invalid", "the host name does not resolve"),
 ])
 def test_an_address_it_cannot_listen_on_is_one_clear_line(tmp_path, host, reason):
-    result = subprocess.run([GATEHOUSE, "serve", "--host", host, "--port", "0", "--plugins-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
-    assert result.returncode != 0
-    assert f"gatehouse: cannot listen on {host}:0: {reason} (server.host, GATEHOUSE_HOST or --host)" in result.stderr, result.stderr
+    # Port 0 is found out by the server's bind; a given port already by the check before plugins start.
+    for port in (0, free_port()):
+        result = subprocess.run([GATEHOUSE, "serve", "--host", host, "--port", str(port), "--plugins-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert result.returncode != 0
+        assert f"gatehouse: cannot listen on {host}:{port}: {reason} (server.host, GATEHOUSE_HOST or --host)" in result.stderr, result.stderr
 
 
 def test_invalid_configuration_fails_start_naming_the_key(tmp_path):

@@ -32,6 +32,10 @@ public struct GatehouseServer: Sendable {
         // Before the upstream client: once made, it must be shut down before it goes (its deinit
         // is a fatal error otherwise), so what can fail comes first or shuts it down.
         let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile) : nil
+        let bindHost = Self.unbracketed(config.host)
+        let address = Self.display(host: bindHost, port: config.port)
+        // Before plugins start: a second Gatehouse on a busy port stops here, having started nothing.
+        do { try ListenAddressProbe.check(host: bindHost, port: config.port) } catch { throw Self.explain(error, address: address) }
         let openFiles = OpenFilesLimit.raiseToHardLimit()
         let metrics = GatehouseMetrics()
         let upstream = UpstreamClient(config: config.upstream)
@@ -76,8 +80,6 @@ public struct GatehouseServer: Sendable {
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
         router.add(middleware: MethodNotAllowedMiddleware(routes: router.routes))
 
-        let bindHost = Self.unbracketed(config.host)
-        let address = Self.display(host: bindHost, port: config.port)
         let app = Application(
             router: router,
             server: server,
