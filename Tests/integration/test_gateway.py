@@ -468,6 +468,13 @@ def test_request_id_is_propagated_upstream_and_echoed(gateway, fake_llm, backend
     assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == "streamed-1"
     unacceptable = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": "bad id with spaces"})
     assert unacceptable.headers["x-request-id"] != "bad id with spaces"
+    # Two ids are one unusable value on every path (the pass-through took the first): a new id,
+    # the one the upstream is sent.
+    doubled_ids = [("x-request-id", "dup1"), ("x-request-id", "dup2")]
+    doubled = server.client.post("/v1/chat/completions", json={**body, "seed": 3}, headers=doubled_ids)
+    assert re.fullmatch(r"[0-9a-f-]{36}", doubled.headers["x-request-id"]), doubled.headers["x-request-id"]
+    assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == doubled.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f-]{36}", server.client.get("/v1/models", headers=doubled_ids).headers["x-request-id"])
     lines = [l for l in server.log_lines() if l.get("request_id") == request_id]
     assert any(l.get("msg") == "request" and l["status"] == "200" and l["path"] == "/v1/chat/completions" and "latency_ms" in l
                for l in lines)
@@ -1819,10 +1826,11 @@ def test_a_second_signal_during_the_drain_stops_at_once(gateway, backend):
     assert time.monotonic() - started < 15
 
 
-def test_the_pass_through_tells_clients_still_waiting_at_the_shutdown_deadline_that_it_is_stopping(gateway):
-    # They were answered "499 the client closed the connection", which was false, and a 4xx
-    # an SDK does not retry.
-    server = gateway("openai", extra_config="server: {shutdown_timeout: 1s}\ncache: {enabled: false}\n")
+@both_backends
+def test_clients_still_waiting_at_the_shutdown_deadline_are_told_it_is_stopping(gateway, backend):
+    # The pass-through answered "499 the client closed the connection", which was false, and a
+    # 4xx an SDK does not retry.
+    server = gateway(backend, extra_config="server: {shutdown_timeout: 1s}\ncache: {enabled: false}\n")
     answers = []
 
     def ask():
@@ -1841,6 +1849,11 @@ def test_the_pass_through_tells_clients_still_waiting_at_the_shutdown_deadline_t
     assert not errors, errors
     assert '"code":"server_shutting_down"' in received[-2] and received[-1] == "data: [DONE]", received[-3:]
     assert server.process.wait(15) == 0
+    # Logged as what the client was told, under the id it was given (the router's said 499).
+    request_id = answers[0].headers["x-request-id"]
+    assert answers[0].json()["error"]["request_id"] == request_id
+    access = [l for l in server.log_lines() if l.get("msg") == "request" and l.get("request_id") == request_id]
+    assert [l["status"] for l in access] == ["503"], access
 
 
 @pytest.mark.parametrize("how", ["yaml", "env", "flag"])

@@ -225,17 +225,22 @@ def test_a_plugin_request_never_answered_does_not_hold_shutdown_past_its_timeout
     # own timeout (upstream.timeout, 60 s here), whatever shutdown_timeout said.
     plugins_dir.add("variant", variants["ok"])
     server = start(plugins_dir, config="server: {shutdown_timeout: 1s}\nupstream: {timeout: 60s}\n")
-    def ask():
-        with contextlib.suppress(httpx.HTTPError):  # the connection may close unanswered
-            httpx.get(server.base + "/v1/plugins/variant/never", timeout=90)
-
-    threading.Thread(target=ask, daemon=True).start()
-    time.sleep(0.5)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(httpx.get(server.base + "/v1/plugins/variant/never", timeout=90)), daemon=True)
+    asking.start()
+    deadline = time.monotonic() + 10
+    while server.client.get("/v1/plugins/variant").json()["metrics"]["in_flight"] != 1:
+        assert time.monotonic() < deadline, "the request never reached the plugin"
+        time.sleep(0.05)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(30)
     assert time.monotonic() - started < 10
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+    # Told the gateway is stopping (the connection used to close unanswered), not that the plugin timed out.
+    asking.join(10)
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
 
 
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):

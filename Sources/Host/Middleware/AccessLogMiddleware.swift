@@ -65,6 +65,10 @@ public struct AccessLogMiddleware: RouterMiddleware {
             return openAIError(for: error, request: request).response(requestID: context.requestID)
         case is NIOTooManyBytesError:
             return openAIError(for: HTTPError(.contentTooLarge), request: request).response(requestID: context.requestID)
+        case is CancellationError:
+            // A router request's task is cancelled only when the shutdown's time runs out (a
+            // client that leaves is told apart by ClientDeparture).
+            return OpenAIError.serverShuttingDown.response(requestID: context.requestID)
         case let error as HTTPParserError:
             // The body broke HTTP's framing (a bad chunk size, say): the client's error.
             return OpenAIError.malformedRequest(error).response(requestID: context.requestID)

@@ -110,7 +110,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         self.loop = loop
         self.remoteAddress = remoteAddress
         upstreamStarted = started
-        requestID = RequestIDMiddleware.requestID(clientValue: head.headers.first(name: "X-Request-ID"))
+        // Joined as the router reads it: two ids are one unusable value, and a new id is made.
+        requestID = RequestIDMiddleware.requestID(clientValue: head.headers.combinedValue("X-Request-ID"))
         passThrough.metrics?.inFlight.increment()
         pool.flusher.exchangeBegan()
         if let length = head.headers.first(name: "Content-Length").flatMap(Int.init), length > passThrough.maxBodyBytes { bodyTooLarge = true }
@@ -798,9 +799,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// 503 when the answer has not begun, else the stream ends with an error event and `[DONE]`.
     /// (Not the 499 of a client that left: this client is still there, and may retry elsewhere.)
     func serverStopping() {
-        let error = OpenAIError(
-            .serviceUnavailable, "the gateway is shutting down and its shutdown_timeout ran out before this answer was done",
-            code: "server_shutting_down")
+        let error = OpenAIError.serverShuttingDown
         switch phase {
         case .streaming where !streamHeadPending:
             endStream(error: error, blamingUpstream: false)

@@ -12,22 +12,43 @@ internal import Synchronization
 /// request's context on a FIN the same way, and nginx (`proxy_ignore_client_abort off`, its
 /// default) abandons its upstream request.
 final class ClientDeparture: Sendable {
+    /// Why the request's answer is abandoned.
+    enum Reason: Sendable {
+        /// The client closed its side: the 499.
+        case clientLeft
+        /// The server's shutdown ran out of `shutdown_timeout`: the client is still there and
+        /// is told so (`OpenAIError.serverShuttingDown`).
+        case serverStopping
+    }
+
     private struct State {
-        var departed = false
+        var departed: Reason?
         var nextToken = 0
         var handlers: [Int: @Sendable () -> Void] = [:]
     }
 
     private let state = Mutex(State())
 
-    /// Whether the client has gone.
-    var hasDeparted: Bool { state.withLock { $0.departed } }
+    /// Whether the answer has been abandoned, and why (nil: it has not).
+    var departure: Reason? { state.withLock { $0.departed } }
 
-    /// The client has gone: runs every registered handler, once.
-    func depart() {
+    /// Whether the answer has been abandoned (the client went, or the server is stopping).
+    var hasDeparted: Bool { departure != nil }
+
+    /// The error an abandoned answer ends with (nil while it is not abandoned).
+    var abandonment: OpenAIError? {
+        switch departure {
+        case .clientLeft: .clientClosedRequest
+        case .serverStopping: .serverShuttingDown
+        case nil: nil
+        }
+    }
+
+    /// The client has gone (or the server is stopping): runs every registered handler, once.
+    func depart(_ reason: Reason = .clientLeft) {
         let handlers = state.withLock { state -> [@Sendable () -> Void] in
-            guard !state.departed else { return [] }
-            state.departed = true
+            guard state.departed == nil else { return [] }
+            state.departed = reason
             defer { state.handlers = [:] }
             return Array(state.handlers.values)
         }
@@ -36,11 +57,12 @@ final class ClientDeparture: Sendable {
 
     /// Runs `work` in a task of its own, cancelled when the client leaves before it ends (at once
     /// if it already has): the upstream call inside stops, and `work` throws.
-    /// - Throws: `OpenAIError.clientClosedRequest` when the client left; otherwise what `work` throws.
+    /// - Throws: `OpenAIError.clientClosedRequest` when the client left,
+    ///   `OpenAIError.serverShuttingDown` when the server stopped it; otherwise what `work` throws.
     func untilClientLeaves<T: Sendable>(_ work: sending @escaping () async throws -> T) async throws -> T {
         let task = Task { try await work() }
         let token = state.withLock { state -> Int? in
-            guard !state.departed else { return nil }
+            guard state.departed == nil else { return nil }
             state.nextToken += 1
             state.handlers[state.nextToken] = { task.cancel() }
             return state.nextToken
@@ -50,7 +72,7 @@ final class ClientDeparture: Sendable {
         do {
             return try await withTaskCancellationHandler { try await task.value } onCancel: { task.cancel() }
         } catch {
-            if hasDeparted { throw OpenAIError.clientClosedRequest }
+            if let abandonment { throw abandonment }
             throw error
         }
     }
@@ -74,5 +96,13 @@ extension OpenAIError {
     /// to nobody, but logged and counted as such.
     static var clientClosedRequest: OpenAIError {
         OpenAIError(HTTPResponse.Status(code: 499, reasonPhrase: "Client Closed Request"), "the client closed the connection before the answer", code: "client_closed_request")
+    }
+
+    /// The gateway's shutdown ran out of `shutdown_timeout` before this answer was done. A 503,
+    /// not the 499 of a client that left: this client is still there, and may retry elsewhere.
+    static var serverShuttingDown: OpenAIError {
+        OpenAIError(
+            .serviceUnavailable, "the gateway is shutting down and its shutdown_timeout ran out before this answer was done",
+            code: "server_shutting_down")
     }
 }

@@ -101,8 +101,8 @@ struct GatewayRoutes {
     /// write notices). Failures are returned, to be written as the stream's error event.
     static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>, departure: ClientDeparture) async throws -> FirstWrite {
         let first = try await departure.untilClientLeaves { await Self.firstWrite(of: events) }
-        // Cancelled because the client left: its 499, not a 200 whose body fails.
-        if case .failed = first, departure.hasDeparted { throw OpenAIError.clientClosedRequest }
+        // Cancelled because the client left (or the server stopped it): its 499 (503), not a 200 whose body fails.
+        if case .failed = first, let abandonment = departure.abandonment { throw abandonment }
         return first
     }
 

@@ -80,6 +80,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// A request read whose response has not ended.
     private struct Unanswered {
         let version: HTTPVersion
+        /// The id the router gives the request (this handler sets it when the client's is unusable).
+        let requestID: String
+        /// The request is for one of the gateway's completion routes, whose streams end with `[DONE]`.
+        let completionRoute: Bool
         var keepAlive: Bool
         /// Still owed a `100 Continue`.
         var awaitsContinue: Bool
@@ -90,6 +94,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         /// HTTP/1.0 keep-alive request answered without a length (the close ends the body), one
         /// answered before the body it held back, one whose body the parser rejected.
         var closeAfterResponse = false
+        /// The response's head has been written.
+        var responseBegun = false
+        /// The response is such a stream of server-sent events.
+        var eventStream = false
     }
 
     private let maxBodyBytes: Int
@@ -110,6 +118,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     private let lingering = LingeringClose()
 
     private let metrics: GatehouseMetrics?
+    /// The shutdown's time ran out: this handler answered the request in progress itself, and
+    /// what the router still writes is dropped.
+    private var stoppedByShutdown = false
 
     init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?) {
         self.maxBodyBytes = maxBodyBytes
@@ -198,21 +209,29 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         readingBody = true
         let keepAlive = head.isKeepAlive
         let expectsContinue = head.expectsContinue
+        var changed = false
+        if let merged = RequestTarget.mergingSlashes(head.uri) {
+            head.uri = merged
+            changed = true
+        }
+        // The id is settled here, where an answer may have to be written without the router
+        // (see `close`), so that answer and the router's log lines carry the same one.
+        let clientID = head.headers.combinedValue("X-Request-ID")
+        let requestID = RequestIDMiddleware.requestID(clientValue: clientID)
+        if requestID != clientID {
+            head.headers.replaceOrAdd(name: "X-Request-ID", value: requestID)
+            changed = true
+        }
         unanswered.append(
             Unanswered(
-                version: head.version, keepAlive: keepAlive, awaitsContinue: expectsContinue && !head.declaresBody(longerThan: maxBodyBytes),
-                bodyHeldBack: expectsContinue))
+                version: head.version, requestID: requestID, completionRoute: Self.isCompletionRoute(head.uri), keepAlive: keepAlive,
+                awaitsContinue: expectsContinue && !head.declaresBody(longerThan: maxBodyBytes), bodyHeldBack: expectsContinue))
         if unanswered.count == 1 { sendContinueIfAwaited(context) }
-        var changed = false
         if !expectsContinue, head.headers.contains(name: "Expect") {
             // An expectation not acted on (HTTP/1.0's 100-continue, which RFC 9110 ignores, or
             // another): the router (HeldBackBodyMiddleware) takes any `Expect` left for a client
             // waiting for a 100.
             head.headers.remove(name: "Expect")
-            changed = true
-        }
-        if let merged = RequestTarget.mergingSlashes(head.uri) {
-            head.uri = merged
             changed = true
         }
         if !keepAlive, head.headers.first(name: "Connection") != "close" {
@@ -223,11 +242,17 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if stoppedByShutdown {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
         switch unwrapOutboundIn(data) {
         case .head(var head) where head.status.code >= 200 || head.status == .switchingProtocols:
             guard var request = unanswered.first else { return context.write(data, promise: promise) }
             // A final answer written without reading the body (an early 401, say): no 100 now.
             request.awaitsContinue = false
+            request.responseBegun = true
+            request.eventStream = request.completionRoute && head.headers.first(name: "Content-Type")?.hasPrefix("text/event-stream") == true
             if request.bodyHeldBack || (readingBody && unanswered.count == 1) {
                 // The body was never sent, or is still coming for an answer that did not need it
                 // (an early 401 or 429): this answer ends the connection (see the type's doc)
@@ -280,6 +305,48 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         default:
             context.write(data, promise: promise)
         }
+    }
+
+    /// Hummingbird's connection handler closes the input when its task is cancelled, which
+    /// happens only when the shutdown's `shutdown_timeout` has run out. The router's answer in
+    /// progress can then no longer be written (a cancelled task's writes are dropped), so the
+    /// client would see the connection drop: a failure SDKs report as a network error. It is
+    /// told instead, as the pass-through tells its clients: a 503 `server_shutting_down` when
+    /// its answer has not begun, an error event and `[DONE]` ending a completion stream that has;
+    /// another body (a plugin's) is cut short (its framing shows it). Then the connection closes.
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard mode == .input, !stoppedByShutdown, let request = unanswered.first else { return context.close(mode: mode, promise: promise) }
+        // The route, cancelled, ends with this error too, so its log line and metrics say 503.
+        departure.depart(.serverStopping)
+        let error = OpenAIError.serverShuttingDown
+        if !request.responseBegun {
+            let body = ByteBuffer(data: error.body(requestID: request.requestID))
+            let head = HTTPResponseHead(
+                version: request.version, status: .serviceUnavailable,
+                headers: HTTPHeaders(error.closingHeaderFields(requestID: request.requestID, bodyLength: body.readableBytes).map { ($0.name, $0.value) }))
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+        } else if request.eventStream {
+            var events = ByteBuffer()
+            events.writeStaticString("data: ")
+            events.writeBytes(error.body(requestID: request.requestID))
+            events.writeStaticString("\n\ndata: [DONE]\n\n")
+            context.write(wrapOutboundOut(.body(.byteBuffer(events))), promise: nil)
+            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+        context.flush()
+        stoppedByShutdown = true
+        unanswered.removeAll()
+        lingering.cancel()
+        context.close(mode: .all, promise: promise)
+    }
+
+    /// Whether `target` is `/v1/chat/completions` or `/v1/completions` (a plugin's event stream
+    /// has its own ending).
+    private static func isCompletionRoute(_ target: String) -> Bool {
+        let path = target.prefix { $0 != "?" }
+        return path == "/v1/chat/completions" || path == "/v1/completions"
     }
 
     /// The `100` of the oldest unanswered request, if it is owed one.

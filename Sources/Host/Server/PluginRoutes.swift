@@ -68,6 +68,9 @@ struct PluginRoutes {
             case .stream(let status, let replyHeaders, let chunks):
                 response = Response(
                     status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
+            case .timedOut where Task.isCancelled:
+                // Not the plugin's fault: the shutdown's time ran out (the wait ends when cancelled).
+                throw OpenAIError.serverShuttingDown
             case .timedOut:
                 throw OpenAIError(
                     .gatewayTimeout, "plugin \(name) did not answer within \(UpstreamFailure.seconds(instance.timeout))", code: "plugin_timeout")
