@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @testable import Host
@@ -400,6 +401,43 @@ import Testing
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
         let paths = lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: String] }.map { $0["path"] ?? "long" }
         #expect(paths == (0..<40).map { "/\($0)" } + ["long", "/last"])
+    }
+
+    @Test func linesFromManyThreadsStayWholeOnAPipeWithASlowReader() throws {
+        // A pipe takes a write over PIPE_BUF in pieces while its reader is slow: short lines
+        // from an event loop landed between them (stdout piped to journald or docker, say).
+        var ends: [Int32] = [0, 0]
+        #expect(pipe(&ends) == 0)
+        let sink = LogSink(handle: FileHandle(fileDescriptor: ends[1], closeOnDealloc: false), path: nil)
+        let handler = JSONLogHandler(label: "pipe", level: .info, sink: sink)
+        let reading = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true)
+        let received = Mutex(Data())
+        let reader = Thread {
+            while true {
+                let chunk = reading.readData(ofLength: 4096)
+                if chunk.isEmpty { return }
+                received.withLock { $0.append(chunk) }
+                usleep(200)
+            }
+        }
+        reader.start()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let long = String(repeating: "x", count: 20_000)
+        let writers = (0..<2).map { index in
+            group.next().submit {
+                for line in 0..<300 {
+                    handler.logAccess(method: "GET", path: "/\(index)/\(line)", status: 200, latency: .microseconds(1), requestID: nil, client: "127.0.0.1")
+                }
+            }
+        }
+        for _ in 0..<30 { handler.log(event: LogEvent(level: .info, message: "\(long)", metadata: nil, source: "s", file: "f", function: "f", line: 1)) }
+        for writer in writers { try writer.wait() }
+        try group.syncShutdownGracefully()  // the loops' last rounds have been written
+        close(ends[1])  // the reader's end of file
+        while !reader.isFinished { usleep(1000) }
+        let lines = received.withLock { $0 }.split(separator: UInt8(ascii: "\n"))
+        let broken = lines.filter { (try? JSONSerialization.jsonObject(with: Data($0))) == nil }
+        #expect(lines.count == 630 && broken.isEmpty, "\(lines.count) lines, \(broken.count) not JSON")
     }
 
     @Test func requestIDsAreUUIDShapedAndDistinct() {

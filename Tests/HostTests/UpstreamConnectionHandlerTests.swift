@@ -1,4 +1,5 @@
 // The pass-through's upstream connection handler: reads held for a client that cannot take more, and never left held on an idle connection.
+import Foundation
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -32,6 +33,38 @@ import Testing
         try channel.pipeline.syncOperations.addHandlers(counter, handler)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 8000)).wait()
         return (channel, counter, handler)
+    }
+
+    @Test func idleConnectionsBelowTheOneInUseExpire() throws {
+        // After a burst, light traffic keeps taking the most recently released connection: the
+        // ones below it were checked for age only when taken, so they stayed open for good.
+        let loop = EmbeddedEventLoop()
+        let lifetime = TimeAmount.milliseconds(300)
+        let pool = UpstreamConnectionPool(
+            eventLoop: loop, target: try #require(UpstreamTarget(url: "http://127.0.0.1:8000")), connectTimeout: .seconds(1),
+            flusher: RoundFlusher(eventLoop: loop), idleLifetime: lifetime)
+        func released() throws -> EmbeddedChannel {
+            let channel = EmbeddedChannel(loop: loop)
+            let handler = UpstreamConnectionHandler()
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 8000)).wait()
+            pool.release(UpstreamConnection(channel: channel, handler: handler, flusher: RoundFlusher(eventLoop: loop)))
+            return channel
+        }
+        let old = [try released(), try released()]
+        usleep(UInt32(lifetime.nanoseconds / 1000) + 50_000)
+        let recent = try released()
+        #expect(pool.idleCount == 3)
+        // The newest is taken and used again, as light traffic would; the two below it expire.
+        let busy = try #require(pool.takeIdle())
+        #expect(busy.channel === recent)
+        pool.release(busy)
+        loop.advanceTime(to: .now())
+        #expect(pool.idleCount == 1)
+        #expect(!old[0].isActive && !old[1].isActive && recent.isActive)
+        usleep(UInt32(lifetime.nanoseconds / 1000) + 50_000)
+        loop.advanceTime(to: .now())
+        #expect(pool.idleCount == 0 && !recent.isActive)
     }
 
     @Test func readsAreHeldWhileTheClientCannotTakeMoreThenResumed() throws {

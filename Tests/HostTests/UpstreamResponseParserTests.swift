@@ -121,6 +121,14 @@ import Testing
         #expect(parsed == Parsed(status: 200, keepAlive: true, body: "{}", ended: true))
     }
 
+    @Test func lengthsWithLeadingZerosAreRead() throws {
+        // The grammar is 1*DIGIT and 1*HEXDIG: the zeros were counted against the 15-digit cap.
+        #expect(try Self.parse("HTTP/1.1 200 OK\r\nContent-Length: 0000000000000000002\r\n\r\n{}").body == "{}")
+        let chunked = try Self.parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000000002\r\n{}\r\n00000000000000000\r\n\r\n")
+        #expect(chunked.body == "{}" && chunked.ended)
+    }
+
     @Test func repeatedEqualLengthsAreOneLength() throws {
         #expect(try Self.parse("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\n{}").body == "{}")
     }
@@ -141,6 +149,8 @@ import Testing
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size line does not start with a hexadecimal size"),
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2x\r\n", "chunk size line has something other than an extension after the size"),
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000\r\n", "chunk size is too large"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n001000000000000000\r\n", "chunk size is too large"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 01000000000000000\r\n\r\n", "Content-Length \"01000000000000000\" is not a length"),
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n", "chunk data is longer than its size"),
         ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}x", "bytes came while no response was due"),
         ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "Transfer-Encoding applies chunked more than once"),

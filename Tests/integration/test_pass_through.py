@@ -138,6 +138,8 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
     # Seconds between reading the second request and closing: past the gateway's retry window,
     # the loss is no keep-alive race but a failure mid-generation.
     delay = 0.0
+    # Bytes sent back for the second request before the close (the start of an answer).
+    partial = b""
 
     def handle(self):
         type(self).connections += 1
@@ -151,6 +153,9 @@ class _OneAnswerPerConnection(socketserver.BaseRequestHandler):
                              + str(len(reply)).encode() + b"\r\n\r\n" + reply)
         self.request.recv(65536)  # the next request on this connection: close without answering
         time.sleep(type(self).delay)
+        if type(self).partial:
+            self.request.sendall(type(self).partial)
+            time.sleep(0.1)
         if type(self).reset:
             self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
 
@@ -168,12 +173,16 @@ def test_a_reused_connection_lost_at_the_upstream_is_retried_once(start, plugins
         assert _OneAnswerPerConnection.connections == 3
 
 
-def test_a_reused_connection_lost_mid_generation_is_not_retried(start, plugins_dir):
-    # Lost 1.5 s after the request went out, the upstream was working on it: sending it again
-    # would run (and bill) the generation twice, within a fresh timeout as it was.
+@pytest.mark.parametrize("delay, partial", [(1.5, b""), (0.0, b"HTTP/1.1 200 OK\r\nContent-Ty"), (0.0, b"HTTP/1.1 100 Continue\r\n\r\n")],
+                         ids=["mid-generation", "part-of-a-head", "interim"])
+def test_a_reused_connection_lost_once_the_upstream_had_the_request_is_not_retried(start, plugins_dir, delay, partial):
+    # Lost 1.5 s after the request went out, or within the retry window but after the upstream
+    # began to answer, the upstream had read the request: sending it again would run (and bill)
+    # the generation twice, within a fresh timeout as it was.
     _OneAnswerPerConnection.connections = 0
     _OneAnswerPerConnection.reset = False
-    _OneAnswerPerConnection.delay = 1.5
+    _OneAnswerPerConnection.delay = delay
+    _OneAnswerPerConnection.partial = partial
     try:
         with raw_upstream(start, plugins_dir, _OneAnswerPerConnection) as server:
             assert server.client.post("/v1/chat/completions", json=BODY).status_code == 200
@@ -183,6 +192,7 @@ def test_a_reused_connection_lost_mid_generation_is_not_retried(start, plugins_d
             assert _OneAnswerPerConnection.connections == 1
     finally:
         _OneAnswerPerConnection.delay = 0.0
+        _OneAnswerPerConnection.partial = b""
 
 
 def test_events_split_at_any_byte_arrive_whole(openai_gateway):
@@ -510,8 +520,8 @@ def test_a_stream_without_usage_is_counted_and_said_once(openai_gateway, plugins
         plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
     server = openai_gateway()
     team = {"x-team": "blue"}
-    for _ in range(2):
-        events = stream_events(server, "no-usage", team, text="hello")
+    for attempt in range(2):
+        events = stream_events(server, "no-usage", {**team, "x-request-id": f"no-usage-{attempt}"}, text="hello")
         assert events[-1] == "[DONE]" and streamed_text(events[:-1]) == "Echo: hello"
     counted = stream_events(server, "m", team, text="hello")  # usage sent: counted, not a stream without usage
     assert streamed_text(counted[:-1]) == "Echo: hello"
@@ -519,7 +529,7 @@ def test_a_stream_without_usage_is_counted_and_said_once(openai_gateway, plugins
     assert metric_value(metrics, "gatehouse_upstream_streams_without_usage_total", backend="openai") == 2
     assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="completion") == 2  # the last stream's
     warning = wait_for_log(server, lambda l: l.get("level") == "warning" and "without reporting its token usage" in l.get("msg", ""))
-    assert warning["backend"] == "openai"
+    assert warning["backend"] == "openai" and warning["request_id"] == "no-usage-0"  # the router's had none
     assert len([l for l in server.log_lines() if "without reporting its token usage" in l.get("msg", "")]) == 1
 
 

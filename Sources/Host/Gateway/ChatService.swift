@@ -50,7 +50,7 @@ final class ChatService: Sendable {
     /// A streamed completion; token counts and the upstream time are recorded when it ends.
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now
-        return measured(try await backend.stream(request, requestID: requestID), operation: "chat_stream", started: started)
+        return measured(try await backend.stream(request, requestID: requestID), operation: "chat_stream", started: started, requestID: requestID)
     }
 
     /// A legacy text completion (`/v1/completions`). Not cached: it serves code completion,
@@ -76,14 +76,14 @@ final class ChatService: Sendable {
     /// A streamed legacy text completion, measured as chat streams are.
     func textStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now
-        return measured(try await backend.textCompletionStream(request, requestID: requestID), operation: "completion_stream", started: started)
+        return measured(try await backend.textCompletionStream(request, requestID: requestID), operation: "completion_stream", started: started, requestID: requestID)
     }
 
     /// `events`, recording the upstream time and the token counts when it ends: the last usage
     /// seen, as the pass-through and plugins take it, since some upstreams report running
     /// totals on every chunk (vLLM's `continuous_usage_stats`), which summed would overcount.
     private func measured(
-        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, operation: String, started: ContinuousClock.Instant
+        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, operation: String, started: ContinuousClock.Instant, requestID: String
     ) -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         guard let metrics else { return events }
         let backendName = backend.name
@@ -95,7 +95,11 @@ final class ChatService: Sendable {
                 if let (prompt, completion) = usage.last {
                     metrics.recordTokens(prompt: prompt, completion: completion)
                 } else {
-                    metrics.recordStreamWithoutUsage(backend: backendName, logger: Logger(label: "gatehouse"))
+                    metrics.recordStreamWithoutUsage(backend: backendName, logger: {
+                        var logger = Logger(label: "gatehouse")
+                        logger[metadataKey: "request_id"] = .string(requestID)
+                        return logger
+                    }())
                 }
             },
             endedEarly: { _ in nil }  // the backend's own pump has judged the ending

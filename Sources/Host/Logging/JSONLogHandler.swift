@@ -267,9 +267,9 @@ private final class SecondText: @unchecked Sendable {
 /// the loop's tasks run, microseconds later). Lines from other threads are written at once.
 /// A crash loses at most the lines of the loop's current round.
 ///
-/// Every `write(2)` is at most `PIPE_BUF` bytes of whole lines, which the kernel writes
-/// unbroken to a pipe or a file alike, so lines from different threads never interleave and
-/// only lines longer than that take the lock.
+/// A `write(2)` carries whole lines, at most `PIPE_BUF` bytes of them unless one line is longer,
+/// and every write is made under one lock, so lines from different threads never interleave,
+/// not even on a pipe, which takes a longer write in pieces.
 public final class LogSink: Sendable {
     private let handle: Mutex<FileHandle>
     private let descriptor: Int32
@@ -294,8 +294,8 @@ public final class LogSink: Sendable {
     /// Opens the file at `path` again, and makes this sink write there from the next line on:
     /// after a log rotation (logrotate's `create` mode, or `mv` then SIGHUP) the old path names
     /// a new, empty file, while the open descriptor still wrote to the renamed one. The new file
-    /// takes this sink's descriptor number (`dup2`, atomic), so writers on every thread go on
-    /// without a lock: each line lands whole in the old file or the new. Does nothing for
+    /// takes this sink's descriptor number (`dup2`, atomic), so writers on every thread go on:
+    /// each line lands whole in the old file or the new. Does nothing for
     /// standard output.
     /// - Throws: `LogFileError` when the file cannot be opened; the sink keeps writing where it did.
     public func reopen() throws {
@@ -321,11 +321,7 @@ public final class LogSink: Sendable {
             var line: [UInt8] = []
             line.reserveCapacity(256)
             build(&line)
-            if line.count <= Int(PIPE_BUF) {
-                Self.write(line[...], to: descriptor)
-            } else {
-                handle.withLock { Self.write(line[...], to: $0.fileDescriptor) }
-            }
+            writeLocked(line[...])
             return
         }
         let lines: PendingLines
@@ -339,10 +335,10 @@ public final class LogSink: Sendable {
         build(&lines.bytes)
         if lines.bytes.count > Int(PIPE_BUF) {
             // The earlier lines go out first (whole lines, at most PIPE_BUF bytes together)...
-            if start > 0 { Self.write(lines.bytes[..<start], to: descriptor) }
+            if start > 0 { writeLocked(lines.bytes[..<start]) }
             if lines.bytes.count - start > Int(PIPE_BUF) {
-                // ...and a line too long to go out unbroken without the lock, under it, at once.
-                handle.withLock { Self.write(lines.bytes[start...], to: $0.fileDescriptor) }
+                // ...and a line too long to share a write, at once.
+                writeLocked(lines.bytes[start...])
                 lines.bytes.removeAll(keepingCapacity: true)
                 return
             }
@@ -360,8 +356,15 @@ public final class LogSink: Sendable {
     /// Writes a thread's pending lines (whole lines, at most PIPE_BUF bytes) with one `write(2)`.
     private func writeOut(_ lines: PendingLines) {
         guard !lines.bytes.isEmpty else { return }
-        Self.write(lines.bytes[...], to: descriptor)
+        writeLocked(lines.bytes[...])
         lines.bytes.removeAll(keepingCapacity: true)
+    }
+
+    /// Every write holds the lock: a pipe takes a write over `PIPE_BUF` in pieces (when the
+    /// reader is slow, say), and another thread's line written between two of them would break
+    /// both lines' JSON. Held only for the `write(2)` of lines already built.
+    private func writeLocked(_ bytes: ArraySlice<UInt8>) {
+        handle.withLock { _ in Self.write(bytes, to: descriptor) }
     }
 
     private static func write(_ bytes: ArraySlice<UInt8>, to descriptor: Int32) {

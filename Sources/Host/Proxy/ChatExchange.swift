@@ -430,12 +430,16 @@ final class ChatExchange: UpstreamResponseDelegate {
 
     func upstreamFailed(_ failure: UpstreamFailure) {
         let reused = connection?.reused ?? false
+        // Any byte back (part of a head, a 100) means the upstream read the request, and may
+        // be generating: sent again, it would be run, and billed, twice.
+        let unanswered = !(connection?.handler.heardSinceRequest ?? true)
         connection = nil
         switch phase {
         case .waiting:
-            // A keep-alive connection the upstream closed (or reset) just as it was reused:
-            // try once on a new one. Timeouts are not retried: that would double the wait.
-            if reused, !retried, failure.isConnectionLoss, NIODeadline.now() < sentAt + Self.retryWindow {
+            // A keep-alive connection the upstream closed (or reset) just as it was reused,
+            // before any answer: try once on a new one. Timeouts are not retried: that would
+            // double the wait.
+            if reused, unanswered, !retried, failure.isConnectionLoss, NIODeadline.now() < sentAt + Self.retryWindow {
                 retried = true
                 callUpstream(retry: true)
                 return

@@ -55,11 +55,16 @@ final class UpstreamConnectionPool {
     let flusher: RoundFlusher
     /// Idle connections kept at most (nginx's `keepalive` in the benchmark is 128).
     let maxIdle = 128
-    /// An idle connection older than this is closed instead of reused (AsyncHTTPClient's default).
-    let idleLifetime = TimeAmount.seconds(60)
+    /// An idle connection older than this is closed (AsyncHTTPClient's default): when taken,
+    /// and by a sweep, so that the connections below the most recently used ones (the list is a
+    /// stack) do not stay open forever after a burst.
+    let idleLifetime: TimeAmount
+    /// Oldest first, so the most recently released is taken first and the oldest expire first.
     private var idle: [UpstreamConnection] = []
+    private var expirySweepScheduled = false
 
-    init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount, flusher: RoundFlusher) {
+    init(eventLoop: any EventLoop, target: UpstreamTarget, connectTimeout: TimeAmount, flusher: RoundFlusher, idleLifetime: TimeAmount = .seconds(60)) {
+        self.idleLifetime = idleLifetime
         self.eventLoop = eventLoop
         self.target = target
         self.connectTimeout = connectTimeout
@@ -124,6 +129,29 @@ final class UpstreamConnectionPool {
         connection.handler.delegate = nil
         connection.idleSince = .now()
         idle.append(connection)
+        scheduleExpirySweep()
+    }
+
+    /// Idle connections: how many there are (for tests).
+    var idleCount: Int { idle.count }
+
+    /// Closes, when the oldest idle connection reaches `idleLifetime`, those that have.
+    private func scheduleExpirySweep() {
+        guard !expirySweepScheduled, let oldest = idle.first else { return }
+        expirySweepScheduled = true
+        // Strong, as PassThroughLoop's sweep: the pool lives as long as its loop's state.
+        eventLoop.assumeIsolated().scheduleTask(deadline: oldest.idleSince + idleLifetime) { self.expire() }
+    }
+
+    private func expire() {
+        expirySweepScheduled = false
+        let now = NIODeadline.now()
+        let expired = idle.prefix { now - $0.idleSince >= idleLifetime }.count
+        if expired > 0 {
+            for connection in idle[..<expired] { connection.close() }
+            idle.removeFirst(expired)
+        }
+        scheduleExpirySweep()
     }
 
     /// Drops the connection of a handler whose channel the upstream closed while it sat idle.
@@ -188,6 +216,9 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler, RoundFlushable {
     private var unparsed: ByteBuffer?
     private var readsHeld = false
     private var readPending = false
+    /// Whether any byte has come since the last request was sent: after one, the request may
+    /// have been acted on, so a failure is not retried.
+    private(set) var heardSinceRequest = false
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -206,6 +237,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler, RoundFlushable {
             return
         }
         parser.expectResponse()
+        heardSinceRequest = false
         context.writeSerialized(request, then: body)
         flusher.flushAtEndOfRound(self)
     }
@@ -232,6 +264,7 @@ final class UpstreamConnectionHandler: ChannelDuplexHandler, RoundFlushable {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        heardSinceRequest = true
         var input = unwrapInboundIn(data)
         if var unparsed {
             self.unparsed = nil

@@ -169,9 +169,11 @@ struct UpstreamResponseParser {
         let parsed = line.withUnsafeReadableBytes { bytes -> Result<Int, MalformedUpstreamReply> in
             var size = 0
             var index = 0
+            var significant = 0  // digits after leading zeros, which the grammar allows (1*HEXDIG)
             while index < bytes.count, let value = hexValue(bytes[index]) {
+                if size != 0 || value != 0 { significant += 1 }
                 // 15 hex digits: far beyond any body the gateway reads, and no overflow.
-                guard index < 15 else { return .failure(MalformedUpstreamReply(reason: "chunk size is too large")) }
+                guard significant <= 15 else { return .failure(MalformedUpstreamReply(reason: "chunk size is too large")) }
                 size = size << 4 | value
                 index += 1
             }
@@ -375,8 +377,10 @@ private struct HeadFields {
     /// §8.6); a second field must agree too.
     private mutating func addContentLength(_ value: UnsafeRawBufferPointer) throws(MalformedUpstreamReply) {
         var elements = Elements(of: value)
-        while let digits = elements.next() {
-            guard !digits.isEmpty, digits.count <= 15, digits.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
+        while let element = elements.next() {
+            // Leading zeros are allowed (1*DIGIT); 15 digits after them cannot overflow.
+            let digits = element.drop { $0 == UInt8(ascii: "0") }
+            guard !element.isEmpty, digits.count <= 15, element.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
                 throw MalformedUpstreamReply(reason: "Content-Length \"\(String(decoding: value.prefix(40), as: UTF8.self))\" is not a length")
             }
             let length = digits.reduce(0) { $0 * 10 + Int($1 - UInt8(ascii: "0")) }
