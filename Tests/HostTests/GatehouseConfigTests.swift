@@ -123,6 +123,12 @@ import Testing
         #expect(config.apply(yaml: "upstream: {url: 'http://u:p@h'}\n", file: "g.yaml").map(\.message) == [
             "must not hold credentials (user:password@): set the key in upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY), sent as Bearer"
         ])
+        // A query: the routes would be appended after it, and a key in it shown everywhere.
+        for url in ["http://h:8000/?key=hunter2pw", "http://h/v1#hunter2pw"] {
+            var withQuery = GatehouseConfig()
+            let problems = withQuery.apply(yaml: "upstream: {url: '\(url)'}\n", file: "g.yaml").map(\.description)
+            #expect(problems.count == 1 && problems[0].contains("must not have a query or fragment") && !problems[0].contains("hunter2pw"), "\(problems)")
+        }
         // A key with a line break in it (a YAML block scalar, a .env "\n") cannot be a header.
         var broken = GatehouseConfig()
         _ = broken.apply(yaml: "auth:\n  api_key: |\n    sk-client\nupstream:\n  api_key: \"sk-up\\r\"\n", file: "g.yaml")
@@ -208,15 +214,18 @@ import Testing
 
     @Test func dotEnvLinesItCannotReadAreProblemsWithTheirLine() {
         // Another tool's keys (dots, dashes) are no problem; a name with a space or an empty one is.
-        let text = "OK=1\nno equals sign\nBAD KEY=1\nspring.datasource-url=x\nOPEN=\"never closed\nAFTER='x' y\n=v\n"
+        let text = "OK=1\nno equals sign\nBAD KEY=1\nspring.datasource-url=x\nOPEN=\"never closed\nAFTER='x' y\n=v\nAPI_KEY: c2VjcmV0LXRva2Vu==\n"
         let (values, problems) = parseDotEnv(text, file: ".env")
         #expect(values == ["OK": "1", "spring.datasource-url": "x"])
         #expect(problems.map(\.description) == [
             ".env:2: expected KEY=value",
-            ".env:3: 'BAD KEY' is not a variable name (it is empty or holds spaces or quotes)",
+            ".env:3: the name before '=' holds spaces or quotes after 'BAD'",
             ".env:5: key 'OPEN': the value's opening \" is never closed",
             ".env:6: key 'AFTER': unexpected text after the quoted value's closing quote (only a # comment may follow it)",
-            ".env:7: '' is not a variable name (it is empty or holds spaces or quotes)",
+            ".env:7: the name before '=' is empty",
+            // Not the value: a YAML-style line reads as a name up to the key's padding, which
+            // must not be printed.
+            ".env:8: 'API_KEY' is followed by a colon: .env lines are KEY=value, not YAML's KEY: value",
         ])
     }
 

@@ -468,6 +468,10 @@ def test_request_id_is_propagated_upstream_and_echoed(gateway, fake_llm, backend
     assert fake_llm.calls(CHAT_PATH[backend])[-1][2]["x-request-id"] == "streamed-1"
     unacceptable = server.client.post("/v1/chat/completions", json=body, headers={"x-request-id": "bad id with spaces"})
     assert unacceptable.headers["x-request-id"] != "bad id with spaces"
+    # One the log would mask as a key is replaced too: the logged id is always the one given out.
+    keylike = server.client.post("/v1/chat/completions", json={**body, "seed": 4}, headers={"x-request-id": "sk-abcdefghijkl"})
+    assert keylike.headers["x-request-id"] != "sk-abcdefghijkl"
+    assert wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("request_id") == keylike.headers["x-request-id"])
     # Two ids are one unusable value on every path (the pass-through took the first): a new id,
     # the one the upstream is sent.
     doubled_ids = [("x-request-id", "dup1"), ("x-request-id", "dup2")]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SERVICES_SO, compile_c_plugin, metric_value, raw_exchange, PLUGINS_SRC
+from conftest import SERVICES_SO, compile_c_plugin, metric_value, raw_exchange, wait_for_log, PLUGINS_SRC
 
 SWIFT = "services-test"
 C = "services-c"
@@ -144,10 +144,13 @@ def test_middleware_of_a_plugin_whose_init_fails_is_removed(gateway, plugins_dir
 
 def test_response_middleware_rewrites_status_headers_and_body(services):
     server = services()
-    response = server.client.get(f"/v1/plugins/{C}/rewrite")
+    response = server.client.get(f"/v1/plugins/{C}/rewrite", headers={"x-request-id": "mw-log-1"})
     assert response.status_code == 201
     assert response.text == "rewritten(200):original"
     assert response.headers["x-rewritten-by"] == "services-c"
+    # Logged from the middleware without an exchange: still the request's line, and the plugin's.
+    rewriting = wait_for_log(server, lambda l: l.get("msg") == "rewriting")
+    assert rewriting["request_id"] == "mw-log-1" and rewriting["plugin"] == C, rewriting
     assert int(response.headers["content-length"]) == len(response.text)
     assert server.client.get(f"/v1/plugins/{C}/ping").text == "pong"  # outside its prefix: untouched
     # Doubled slashes reach the same route, so they meet the same middleware: they escaped it

@@ -149,7 +149,16 @@ func parseDotEnv(_ text: String, file: String, environment: [String: String] = [
         // Other tools' keys may share the file (dots and dashes included); only a name that
         // cannot be one (empty, or with spaces or quotes: a typo) is a problem.
         guard isVariableName(key) else {
-            problem("'\(key)' is not a variable name (it is empty or holds spaces or quotes)")
+            // Only the name's first word is quoted: the rest may be a secret (`API_KEY: c2VjcmV0==`
+            // reads as a name up to its padding's `=`).
+            let firstWord = key.prefix { !" \t:'\"".contains($0) }
+            if key.isEmpty {
+                problem("the name before '=' is empty")
+            } else if key.contains(":") {
+                problem("'\(firstWord)' is followed by a colon: .env lines are KEY=value, not YAML's KEY: value")
+            } else {
+                problem("the name before '=' holds spaces or quotes after '\(firstWord)'")
+            }
             continue
         }
         var raw = String(line[line.index(after: equals)...].drop(while: { $0 == " " || $0 == "\t" }))

@@ -290,6 +290,12 @@ extension GatehouseConfig {
             // upstream error, /health/ready's included.
             return "must not hold credentials (user:password@): set the key in upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY), sent as Bearer"
         }
+        if components.query != nil || components.fragment != nil {
+            // The routes (/api/chat, /v1/chat/completions) are appended to the URL, so a query
+            // would end up inside the path; and it is shown in every upstream error and the
+            // start-up line, where a key in it would be too. Not repeated here for that reason.
+            return "must not have a query or fragment (?… or #…): the gateway appends its routes to the URL; a key goes in upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY)"
+        }
         return nil
     }
 }

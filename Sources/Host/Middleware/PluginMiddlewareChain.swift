@@ -3,6 +3,7 @@ internal import Foundation
 internal import HTTPTypes
 public import Hummingbird
 internal import NIOCore
+internal import NIOPosix
 internal import PluginABI
 
 /// The state behind one `gh_mw_call*`: what a middleware function may change. Lives only for
@@ -31,6 +32,26 @@ final class MiddlewareCallState {
     static func from(_ pointer: OpaquePointer?) -> MiddlewareCallState? {
         pointer.map { Unmanaged<MiddlewareCallState>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
     }
+
+    /// The request id of the middleware call running on this thread, if any: a middleware
+    /// function has no exchange to log with, and its lines belong to that request all the same.
+    /// (Middleware functions are called synchronously, so the call runs on the thread that set it.)
+    static var requestIDOnThisThread: String? { currentRequestID.currentValue?.id }
+
+    /// Runs `body` with `requestID` as this thread's middleware request id.
+    static func withRequestID<T>(_ requestID: String, _ body: () -> T) -> T {
+        let previous = currentRequestID.currentValue
+        currentRequestID.currentValue = RequestIDBox(id: requestID)
+        defer { currentRequestID.currentValue = previous }
+        return body()
+    }
+
+    private final class RequestIDBox: Sendable {
+        let id: String
+        init(id: String) { self.id = id }
+    }
+
+    private static let currentRequestID = ThreadSpecificVariable<RequestIDBox>()
 
     func setHeader(_ name: String, _ value: String) {
         let lowered = name.lowercased()
@@ -122,7 +143,7 @@ public struct PluginMiddlewareChain: RouterMiddleware {
                 query: cRequest.pointee.query, headers: cRequest.pointee.headers, header_count: cRequest.pointee.header_count,
                 body: cRequest.pointee.body, request_id: cRequest.pointee.request_id,
                 status: state.phase == .response ? UInt16(clamping: state.status) : 0, body_is_stream: state.bodyIsStream ? 1 : 0)
-            function(middleware.context, &message, pointer)
+            MiddlewareCallState.withRequestID(context.requestID) { function(middleware.context, &message, pointer) }
         }
         middleware.instance.stats.middlewareInvoked(shortCircuited: state.shortCircuit != nil)
     }

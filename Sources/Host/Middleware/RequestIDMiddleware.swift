@@ -32,9 +32,11 @@ public struct RequestIDMiddleware: RouterMiddleware {
         clientValue.flatMap { isAcceptable($0) ? $0 : nil } ?? RequestIDGenerator.next()
     }
 
-    /// Ids are echoed into headers and logs: accept only short, printable, header-safe ones.
+    /// Ids are echoed into headers and logs: accept only short, printable, header-safe ones,
+    /// and none the log would mask as a secret (`sk-…`), or the logged id would not be the one
+    /// the client and the upstream were given.
     static func isAcceptable(_ id: String) -> Bool {
-        !id.isEmpty && id.utf8.count <= 128 && id.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7f }
+        !id.isEmpty && id.utf8.count <= 128 && id.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7f } && Redactor.redact(text: id) == id
     }
 }
 

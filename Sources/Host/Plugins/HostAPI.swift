@@ -21,8 +21,12 @@ enum HostAPI {
                         let field = fields![index]
                         metadata[String(field.name)] = .string(String(field.value))
                     }
-                    if let exchange = ExchangeTable.shared.lookup(exchange) {
-                        metadata["request_id"] = .string(exchange.requestID)
+                    // The host's keys win: a plugin's `plugin` field would mislabel the line.
+                    metadata["plugin"] = nil
+                    // A line logged during an exchange, or inside a middleware call (which has
+                    // none), belongs to that request.
+                    if let requestID = ExchangeTable.shared.lookup(exchange)?.requestID ?? MiddlewareCallState.requestIDOnThisThread {
+                        metadata["request_id"] = .string(requestID)
                     }
                     instance.logger.log(level: Logger.Level(level), "\(String(message))", metadata: metadata)
                 },

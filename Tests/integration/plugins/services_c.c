@@ -35,6 +35,9 @@ static void rewrite_response(void *context, const gh_mw_message *message, gh_mw_
     host->mw_set_body(call, replaced);
     host->mw_set_status(call, 201);
     host->mw_set_header(call, text("x-rewritten-by"), text("services-c"));
+    /* No exchange in a middleware call; and a field that would mislabel the line. */
+    gh_header fields[1] = {{text("plugin"), text("impostor")}};
+    host->log(self_handle, NULL, GH_LOG_INFO, text("rewriting"), fields, 1);
 }
 
 static int services_init(const gh_host_api *api, gh_plugin *self, void **state_out, char *error, size_t cap) {
