@@ -345,7 +345,7 @@ import Testing
     @Test func passesOnTheUpstreamsRetryAfterForBusyAnswersOnly() {
         let body = ByteBuffer(string: #"{"error":{"message":"slow down"}}"#)
         func retryAfter(_ status: Int, _ value: String?) -> String? {
-            UpstreamClient.upstreamStatusError(status: status, body: body, backend: "openai", retryAfter: value).headers[.retryAfter]
+            UpstreamClient.upstreamStatusError(status: status, body: body, backend: "openai", retryAfter: value, masking: SecretMask()).headers[.retryAfter]
         }
         #expect(retryAfter(429, "7") == "7")
         #expect(retryAfter(503, " 30 ") == "30")
@@ -354,14 +354,22 @@ import Testing
         #expect(retryAfter(429, "soon") == nil)
         #expect(retryAfter(429, "7\r\nX-Injected: 1") == nil)
         #expect(retryAfter(429, nil) == nil)
-        let unavailable = UpstreamClient.upstreamStatusError(status: 503, body: body, backend: "openai")
+        let unavailable = UpstreamClient.upstreamStatusError(status: 503, body: body, backend: "openai", masking: SecretMask())
         #expect(unavailable.status == .serviceUnavailable && unavailable.code == "upstream_unavailable")
         #expect(unavailable.message == "openai is unavailable: slow down")
     }
 
+    @Test func theUpstreamKeyQuotedInItsMessageIsMasked() {
+        let body = ByteBuffer(string: #"{"error":{"message":"Invalid key abcd-1234-long (prefix abcd-1234); use ab","param":"abcd-1234"}}"#)
+        let error = UpstreamClient.upstreamStatusError(status: 401, body: body, backend: "openai", masking: SecretMask(["abcd-1234", "abcd-1234-long", "ab", nil]))
+        // Longest first (no half-masked key); a value too short to be a key is left alone.
+        #expect(error.message == "openai refused the gateway's credentials: Invalid key [REDACTED] (prefix [REDACTED]); use ab")
+        #expect(SecretMask().mask("abcd-1234") == "abcd-1234")
+    }
+
     @Test func aNotFoundNamesTheModelOrTheRoute() {
         func error(_ body: String) -> OpenAIError {
-            UpstreamClient.upstreamStatusError(status: 404, body: ByteBuffer(string: body), backend: "ollama")
+            UpstreamClient.upstreamStatusError(status: 404, body: ByteBuffer(string: body), backend: "ollama", masking: SecretMask())
         }
         // Ollama's, vLLM's and OpenAI's answers for an unknown model: the client's to fix.
         let ollama = error(#"{"error":"model \"x\" not found, try pulling it first"}"#)

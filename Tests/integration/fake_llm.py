@@ -128,6 +128,11 @@ class FakeLLM:
             def log_message(self, *args):
                 pass
 
+            def _quoted_key(self) -> str:
+                """The key received, quoted back as some servers and proxies do in their errors ("" without one)."""
+                authorization = self.headers.get("Authorization", "")
+                return f" (key {authorization[7:]})" if authorization else ""
+
             def _json_body(self):
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b""
@@ -237,7 +242,7 @@ class FakeLLM:
                                "or equal to 1', 'input': 7, 'ctx': {'le': 1.0}}]")
                     return self._send(500, {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})
                 if model == "denied":
-                    return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                    return self._send(401, {"error": {"message": "Incorrect API key provided" + self._quoted_key(), "type": "invalid_request_error"}})
                 if model == "moved":
                     # As a proxy in front of a server does when it moved, or for http -> https.
                     return self._send(301, b"<html>Moved Permanently</html>", content_type="text/html",
@@ -426,7 +431,7 @@ class FakeLLM:
                         time.sleep(30)
                         return
                     if model == "crash" and index == 2:
-                        self._chunk(json.dumps({"error": "model runner crashed"}).encode() + b"\n")
+                        self._chunk(json.dumps({"error": "model runner crashed" + self._quoted_key()}).encode() + b"\n")
                         return self._end_chunked()
                     line = {"model": model, "created_at": "2026-11-23T10:00:00Z",
                             "message": {"role": "assistant", "content": token}, "done": False}
@@ -477,7 +482,7 @@ class FakeLLM:
                         time.sleep(30)
                         return
                     if model == "crash" and index == 2:
-                        event({"error": {"message": "model runner crashed", "type": "server_error"}})
+                        event({"error": {"message": "model runner crashed" + self._quoted_key(), "type": "server_error"}})
                         return self._end_chunked()
                     event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
                 if tool_calls:

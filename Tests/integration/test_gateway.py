@@ -880,6 +880,22 @@ def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, bac
 
 
 @both_backends
+def test_the_upstream_key_quoted_back_by_the_upstream_is_masked(gateway, backend):
+    # An upstream that quotes the key it was sent in its error: the message went on to the
+    # client, and into the log, as it was (a key not shaped sk-… or Bearer … is not masked by pattern).
+    secret = "gh-upstream-secret-4711"
+    server = gateway(backend, env={"GATEHOUSE_UPSTREAM_API_KEY": secret})
+    for stream in (False, True):
+        denied = server.client.post("/v1/chat/completions", json={"model": "denied", "messages": [{"role": "user", "content": "x"}], "stream": stream})
+        assert denied.status_code == 502
+        assert denied.json()["error"]["message"] == f"{backend} refused the gateway's credentials: Incorrect API key provided (key [REDACTED])"
+    crashed = stream_events(server, "crash")
+    assert json.loads(crashed[-2])["error"]["message"].endswith("model runner crashed (key [REDACTED])"), crashed[-2]
+    wait_for_log(server, lambda l: l.get("msg") == "stream failed")
+    assert secret not in server.log()
+
+
+@both_backends
 def test_an_upstream_answer_past_the_gateways_limit_is_a_precise_502(gateway, backend):
     # The gateway reads a whole answer into memory only up to 64 MiB; past that it stops reading
     # and says why, on the router (Ollama, embeddings) as on the pass-through (openai chat).

@@ -12,6 +12,8 @@ final class UpstreamClient: Sendable {
     let baseURL: String
     let apiKey: String?
     let timeout: Double
+    /// The upstream key, masked in the upstream's messages (it may quote the key it was sent).
+    let secrets: SecretMask
 
     init(config: GatehouseConfig.Upstream) {
         var configuration = HTTPClient.Configuration()
@@ -29,6 +31,7 @@ final class UpstreamClient: Sendable {
         http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
         baseURL = config.url.hasSuffix("/") ? String(config.url.dropLast()) : config.url
         apiKey = config.apiKey
+        secrets = SecretMask([config.apiKey])
         timeout = config.timeout
     }
 
@@ -73,7 +76,8 @@ final class UpstreamClient: Sendable {
         }
         guard response.status == .ok else {
             throw Self.upstreamStatusError(
-                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
+                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"),
+                masking: secrets)
         }
         return body
     }
@@ -108,7 +112,8 @@ final class UpstreamClient: Sendable {
         guard response.status == .ok else {
             let body = try await collect(response, path: path)
             throw Self.upstreamStatusError(
-                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"))
+                status: Int(response.status.code), body: body, backend: backend, retryAfter: response.headers.first(name: "Retry-After"),
+                masking: secrets)
         }
         return DeadlineBody(
             base: response.body, deadline: started + .milliseconds(Int64(limit * 1000)),
@@ -131,15 +136,16 @@ final class UpstreamClient: Sendable {
 
     /// Turns a transport failure into the gateway error a client should see.
     func map(_ error: any Error, path: String) -> any Error {
-        if error is OpenAIError || error is CancellationError { return error }
+        if let error = error as? OpenAIError { return secrets.masked(error) }  // a mid-stream error in the upstream's words
+        if error is CancellationError { return error }
         return UpstreamFailure(error).error(target: "\(baseURL)\(path)", timeout: timeout)
     }
 
     /// An upstream error status as a gateway error, keeping the upstream's own message.
     /// The upstream's `Retry-After` (a 429's or a 503's, in seconds or as an HTTP date) goes to
     /// the client with the error, so its SDK waits as long as the upstream asked.
-    static func upstreamStatusError(status: Int, body: ByteBuffer, backend: String, retryAfter: String? = nil) -> OpenAIError {
-        var error = errorForStatus(status, body: body, backend: backend)
+    static func upstreamStatusError(status: Int, body: ByteBuffer, backend: String, retryAfter: String? = nil, masking secrets: SecretMask) -> OpenAIError {
+        var error = secrets.masked(errorForStatus(status, body: body, backend: backend))
         if let retryAfter = retryAfter?.trimmingCharacters(in: .whitespaces), [429, 503].contains(status), isRetryAfterValue(retryAfter) {
             error.headers[.retryAfter] = retryAfter
         }

@@ -477,7 +477,9 @@ final class ChatExchange: UpstreamResponseDelegate {
     private func replyCollected() {
         guard let head = upstreamResponse else { return }
         guard head.status == 200 else {
-            answer(UpstreamClient.upstreamStatusError(status: head.status, body: reply, backend: passThrough.backendName, retryAfter: head.retryAfter))
+            answer(
+                UpstreamClient.upstreamStatusError(
+                    status: head.status, body: reply, backend: passThrough.backendName, retryAfter: head.retryAfter, masking: passThrough.secrets))
             return
         }
         do {
@@ -561,7 +563,7 @@ final class ChatExchange: UpstreamResponseDelegate {
                 do {
                     try appendEvents(for: payload, parse: mayNeedParsing, to: &output)
                 } catch {
-                    streamError = error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)")
+                    streamError = passThrough.secrets.masked(error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)"))
                 }
             }
             copyRun()

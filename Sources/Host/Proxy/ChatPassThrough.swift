@@ -31,6 +31,8 @@ final class ChatPassThrough: Sendable {
     let cache: ResponseCache?
     let metrics: GatehouseMetrics?
     let backendName: String
+    /// The upstream key, masked in the upstream's error messages.
+    let secrets: SecretMask
     let logger: Logger
     /// The access log's handler, cast once here rather than per request (the cast showed in
     /// profiles); nil when the level hides access lines or another handler is installed.
@@ -68,6 +70,7 @@ final class ChatPassThrough: Sendable {
         cache = chat.cache
         self.metrics = metrics
         backendName = chat.backend.name
+        secrets = SecretMask([config.upstream.apiKey])
         self.logger = logger
         accessLogHandler = logger.logLevel <= .info ? logger.handler as? JSONLogHandler : nil
         self.serverName = serverName
