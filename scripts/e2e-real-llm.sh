@@ -70,6 +70,8 @@ assert text.strip(), "empty answer"
 assert reply.usage.completion_tokens > 0
 again = client.chat.completions.with_raw_response.create(model=models[0], messages=messages, max_tokens=40, temperature=0)
 print("cache on repeat:", again.headers.get("x-cache"))
+assert again.headers.get("x-cache") == "HIT", "the repeated request was not served from the cache"
+assert again.parse().choices[0].message.content == text
 started = time.monotonic()
 pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
     model=models[0], messages=messages, max_tokens=40, temperature=0, stream=True) if c.choices]

@@ -111,6 +111,18 @@ async def worker(end, ports):
         await one(random.choice(ports))
 
 
+# The response cache may hold 64 MiB (its default max_bytes), the pools and buffers some more.
+MAX_RSS_GROWTH_KB = 128 * 1024
+
+
+def answers_health(port) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def rss_kb(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -153,7 +165,8 @@ def main():
             await asyncio.gather(*[worker(end, ports) for _ in range(40)])
         asyncio.run(run())
         after = [rss_kb(g.pid) for g in gateways]
-        alive = [g.poll() is None for g in gateways]
+        # Alive means still answering, not only a process.
+        alive = [g.poll() is None and answers_health(port) for g, port in zip(gateways, ports)]
         for gateway in gateways:
             gateway.terminate()
             gateway.wait(timeout=40)
@@ -167,8 +180,16 @@ def main():
     for backend, b, a, up in zip(["ollama", "openai"], before, after, alive):
         print(f"{backend} gateway: RSS {b // 1024} MB before, {a // 1024} MB after; {'running' if up else 'GONE'}")
     unexpected = set(stats) - EXPECTED
-    if unexpected or not all(alive):
-        print(f"soak: unexpected outcomes: {sorted(unexpected)}" if unexpected else "soak: a gateway stopped")
+    # The response cache (64 MiB by default) and the pools fill as the soak runs; past that,
+    # growth is a leak.
+    grown = [backend for backend, b, a in zip(["ollama", "openai"], before, after) if a - b > MAX_RSS_GROWTH_KB]
+    if unexpected or not all(alive) or grown:
+        if unexpected:
+            print(f"soak: unexpected outcomes: {sorted(unexpected)}")
+        if not all(alive):
+            print("soak: a gateway stopped answering")
+        if grown:
+            print(f"soak: RSS grew by more than {MAX_RSS_GROWTH_KB // 1024} MB: {grown}")
         sys.exit(1)
 
 

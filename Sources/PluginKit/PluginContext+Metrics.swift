@@ -20,12 +20,12 @@ public struct PluginMetric: @unchecked Sendable {
 }
 
 extension PluginContext {
-    /// Declares a counter (name `[a-z_][a-z0-9_]*`, conventionally ending in `_total`).
+    /// Declares a counter (name `[a-z_][a-z0-9_]*`; exported ending in `_total`, added if missing).
     public func counter(_ name: String, help: String) throws -> PluginMetric {
         try declare(GH_METRIC_COUNTER, name, help)
     }
 
-    /// Declares a gauge.
+    /// Declares a gauge (name `[a-z_][a-z0-9_]*`, not ending in `_total`, which marks a counter).
     public func gauge(_ name: String, help: String) throws -> PluginMetric {
         try declare(GH_METRIC_GAUGE, name, help)
     }

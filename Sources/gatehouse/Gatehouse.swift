@@ -63,7 +63,8 @@ struct Serve: AsyncParsableCommand {
             throw fail("cannot open log file \(config.logFile ?? ""): \((error as? LogFileError)?.reason ?? "\(error)")")
         }
         let level = Logger.Level(rawValue: config.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in JSONLogHandler(label: label, level: level, sink: sink) }
+        let secrets = SecretMask([config.apiKey, config.upstream.apiKey])
+        LoggingSystem.bootstrap { label in JSONLogHandler(label: label, level: level, sink: sink, secrets: secrets) }
         let logger = Logger(label: "gatehouse")
         do {
             try await GatehouseServer(config: config, logger: logger, logSink: sink).run()

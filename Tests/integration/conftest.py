@@ -240,5 +240,9 @@ def stream_events(server, model, headers=None, text="a b c"):
 
 
 def streamed_text(events):
-    """The content the chunks among `events` carry, joined."""
-    return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events if json.loads(e).get("choices"))
+    """The content the chunks among `events` carry, joined; fails on an error event among them
+    (pass the events before an expected one)."""
+    parsed = [json.loads(e) for e in events]
+    errors = [e for e in parsed if "error" in e]
+    assert not errors, errors
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in parsed if e.get("choices"))

@@ -223,6 +223,9 @@ class FakeLLM:
                     return self._send(400, {"error": "invalid JSON"})
                 model = body.get("model", "")
                 self.head_sent = False
+                if self.path == "/api/chat" and any(not isinstance(m.get("content") or "", str) for m in body.get("messages") or []):
+                    # Ollama's messages carry text only (images apart): content parts are refused.
+                    return self._send(400, {"error": "json: cannot unmarshal array into Go struct field ChatRequest.messages.content of type string"})
                 if model == "ponder" and not self._ponder():
                     return
                 if model == "ponder-streaming" and body.get("stream", self.path in ("/api/chat", "/api/generate")):
@@ -246,7 +249,8 @@ class FakeLLM:
                 if model == "moved":
                     # As a proxy in front of a server does when it moved, or for http -> https.
                     return self._send(301, b"<html>Moved Permanently</html>", content_type="text/html",
-                                      headers=[("Location", "https://elsewhere.example" + self.path)])
+                                      # Back to this server: a redirect followed would show up here as a GET.
+                                      headers=[("Location", f"http://{self.headers['Host']}{self.path}")])
                 if model == "busy":
                     return self._send(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
                                       headers=[("Retry-After", "7")])
@@ -340,7 +344,12 @@ class FakeLLM:
 
             def _tokens(self, body):
                 text = fake.answer(body.get("model", ""), body.get("messages", []))
-                limit = (body.get("options") or {}).get("num_predict") or body.get("max_tokens") or body.get("max_completion_tokens")
+                # As the real servers read it: Ollama only options.num_predict (top-level max_tokens is
+                # ignored), OpenAI-compatible ones max_completion_tokens or the older max_tokens.
+                if self.path.startswith("/api/"):
+                    limit = (body.get("options") or {}).get("num_predict")
+                else:
+                    limit = body.get("max_completion_tokens") or body.get("max_tokens")
                 words = text.split(" ") if text is not None else []
                 truncated = limit is not None and len(words) > limit
                 if truncated:
@@ -474,6 +483,8 @@ class FakeLLM:
                         self._chunk(data[start:start + 5])
 
                 base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    base["usage"] = None  # as OpenAI's API does: every chunk says it has none, until the last
                 event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
                 for index, token in enumerate(tokens):
                     if model.startswith("slow"):

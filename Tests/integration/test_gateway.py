@@ -78,7 +78,39 @@ def test_streaming_chat_arrives_in_chunks_and_ends_with_done(gateway, fake_llm, 
         lines = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
-    assert not any('"usage"' in line and '"choices": []' in line for line in lines)  # not asked for
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events and not any(event.get("choices") == [] for event in events), events  # no usage chunk: not asked for
+
+
+@both_backends
+@pytest.mark.parametrize("limit_field", ["max_tokens", "max_completion_tokens"])
+def test_a_token_limit_cuts_the_answer_short_with_finish_reason_length(gateway, fake_llm, backend, limit_field):
+    # Ollama reads only options.num_predict: either field must arrive there.
+    server = gateway(backend)
+    client = client_for(server)
+    ask = {"model": "m", "messages": [{"role": "user", "content": "a b c d"}], limit_field: 2}
+    whole = client.chat.completions.create(**ask)
+    assert whole.choices[0].message.content == "Echo: a" and whole.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: a"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    if backend == "ollama":
+        assert [call[3]["options"]["num_predict"] for call in fake_llm.calls("/api/chat")] == [2, 2]
+
+
+@both_backends
+def test_the_router_paths_upstream_connections_are_pooled(gateway, fake_llm, backend):
+    # Chat on Ollama, embeddings and models on both: through AsyncHTTPClient's pool, so one
+    # request after another reuses one kept-alive upstream connection.
+    server = gateway(backend)
+    for index in range(3):
+        assert server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": index}).status_code == 200
+        assert server.client.post("/v1/embeddings", json={"model": "e", "input": f"text {index}"}).status_code == 200
+        assert server.client.get("/v1/models").status_code == 200
+    routed = {"ollama": ("/api/chat", "/api/embed", "/api/tags"), "openai": ("/v1/embeddings", "/v1/models")}[backend]
+    peers = [port for (_, path, _, _), port in zip(fake_llm.requests, fake_llm.peers) if path in routed]
+    assert len(peers) == 3 * len(routed), fake_llm.requests
+    assert len(set(peers)) == 1, peers
 
 
 @both_backends
@@ -169,9 +201,12 @@ def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
     assert fake_llm.calls("/api/chat")[-1][3]["messages"][1] == {"role": "tool", "content": "12:00", "tool_name": "get_time"}
 
     stream = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "time?"}], tools=tools, stream=True)
-    deltas = [c.choices[0].delta for c in stream if c.choices]
-    calls = [tc for d in deltas if d.tool_calls for tc in d.tool_calls]
-    assert calls[0].function.name == "get_time"
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks if c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    # Ollama's arguments object becomes OpenAI's JSON text, and the stream ends for the tool call.
+    assert [(call.function.name, json.loads(call.function.arguments)) for call in calls] == [("get_time", {"timezone": "UTC"})]
+    assert calls[0].id and calls[0].type == "function" and calls[0].index == 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
 def test_ollama_tool_call_arguments_null_or_text_come_out_as_json_text(gateway):
@@ -883,16 +918,26 @@ def test_upstream_error_statuses_and_bad_replies_get_precise_errors(gateway, bac
 def test_the_upstream_key_quoted_back_by_the_upstream_is_masked(gateway, backend):
     # An upstream that quotes the key it was sent in its error: the message went on to the
     # client, and into the log, as it was (a key not shaped sk-… or Bearer … is not masked by pattern).
-    secret = "gh-upstream-secret-4711"
-    server = gateway(backend, env={"GATEHOUSE_UPSTREAM_API_KEY": secret})
+    secret, own_key = "gh-upstream-secret-4711", "gh-gateway-key-0815"
+    server = gateway(backend, env={"GATEHOUSE_UPSTREAM_API_KEY": secret, "API_KEY": own_key})
+    server.client.headers["authorization"] = f"Bearer {own_key}"
+    # The gateway's own key, wherever it shows up in a line (a client pasting it into a URL), is masked too.
+    assert server.client.get(f"/v1/models/{own_key}", headers={"x-request-id": "keyed-url"}).status_code == 404
+    assert wait_for_log(server, lambda l: l.get("request_id") == "keyed-url")["path"] == "/v1/models/[REDACTED]"
     for stream in (False, True):
-        denied = server.client.post("/v1/chat/completions", json={"model": "denied", "messages": [{"role": "user", "content": "x"}], "stream": stream})
+        denied = server.client.post("/v1/chat/completions", json={"model": "denied", "messages": [{"role": "user", "content": "x"}], "stream": stream},
+                                    headers={"x-request-id": f"denied-{stream}"})
         assert denied.status_code == 502
         assert denied.json()["error"]["message"] == f"{backend} refused the gateway's credentials: Incorrect API key provided (key [REDACTED])"
-    crashed = stream_events(server, "crash")
+        # The reason is in the log too (the access line has only the status), under the request's id.
+        failed = wait_for_log(server, lambda l: l.get("msg") == "request failed" and l.get("request_id") == f"denied-{stream}")
+        assert failed["level"] == "warning" and failed["code"] == "upstream_auth" and failed["status"] == "502", failed
+        assert failed["error"] == denied.json()["error"]["message"]
+    crashed = stream_events(server, "crash", headers={"x-request-id": "crash-1"})
     assert json.loads(crashed[-2])["error"]["message"].endswith("model runner crashed (key [REDACTED])"), crashed[-2]
-    wait_for_log(server, lambda l: l.get("msg") == "stream failed")
-    assert secret not in server.log()
+    failed = wait_for_log(server, lambda l: l.get("msg") == "stream failed")
+    assert failed["request_id"] == "crash-1" and failed["level"] == "error", failed  # the request's line, as every one
+    assert secret not in server.log() and own_key not in server.log()
 
 
 @both_backends
@@ -1353,7 +1398,9 @@ def test_a_request_refused_before_its_held_back_body_closes_the_connection(gatew
         assert ResponseReader(sock).response().startswith(b"HTTP/1.1 413 ")
     # The refused requests' bodies, cut off by the close, are not further requests, malformed.
     wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "413" and l.get("path") == "/v1/embeddings")
-    time.sleep(0.3)
+    # A later request's line, as a mark: the connections above had closed before it was sent.
+    server.client.get("/health", headers={"x-request-id": "after-the-refusals"})
+    wait_for_log(server, lambda l: l.get("request_id") == "after-the-refusals")
     assert not [l for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"], server.log()
 
 

@@ -692,11 +692,13 @@ class _HeadThenPause(socketserver.BaseRequestHandler):
     """An upstream whose stream sends its head, then thinks for 3 s before the first event (a
     long prompt); `abandoned` is set when the gateway hangs up meanwhile."""
     abandoned = threading.Event()
+    head_sent = threading.Event()
 
     def handle(self):
         if not read_request(self.request):
             return
         self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        type(self).head_sent.set()
         self.request.settimeout(3)
         with contextlib.suppress(socket.timeout):
             if self.request.recv(1) == b"":
@@ -707,10 +709,12 @@ def test_a_client_leaving_before_its_streams_first_event_gets_the_499(start, plu
     # The upstream's head had come, the client's had not (it waits for the first events): the
     # half-closed client got the connection closed with nothing sent, logged as a 200.
     _HeadThenPause.abandoned.clear()
+    _HeadThenPause.head_sent.clear()
     with raw_upstream(start, plugins_dir, _HeadThenPause) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(post_bytes({**BODY, "stream": True}))
-            time.sleep(0.5)
+            assert _HeadThenPause.head_sent.wait(5)
+            time.sleep(0.2)  # for the gateway to read that head
             sock.shutdown(socket.SHUT_WR)
             received = b""
             while chunk := sock.recv(65536):

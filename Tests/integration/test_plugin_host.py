@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ECHO_SO, GATEHOUSE, ROOT, compile_c_plugin
+from conftest import ECHO_SO, GATEHOUSE, ROOT, compile_c_plugin, wait_for_log
 
 VARIANT_C = Path(__file__).parent / "plugins" / "variant.c"
 SWIFT_ECHO_MANIFEST = {"toolchain": "swift-6.3.1"}
@@ -39,7 +39,7 @@ def post_echo(server, name, body: bytes, content_type: str):
 def test_swift_and_c_echo_answer_with_body_and_content_type(plugins_dir, start, c_echo_so):
     plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)
     plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
-    server = start(plugins_dir)
+    server = start(plugins_dir, env={"DEBUG": "true"})  # echo-c logs each echo at debug
     states = server.plugins()
     assert states["echo"]["state"] == "loaded", states["echo"]
     assert states["echo-c"]["state"] == "loaded", states["echo-c"]
@@ -66,7 +66,9 @@ def test_swift_and_c_echo_answer_with_body_and_content_type(plugins_dir, start, 
         assert "POST" in wrong_method.json()["error"]["message"]
 
     # Each request's id reaches the plugin's log lines.
-    post_echo(server, "echo-c", b"x", "text/plain")
+    server.client.post("/v1/plugins/echo-c/echo", content=b"x", headers={"content-type": "text/plain", "x-request-id": "echo-log-1"})
+    echoing = wait_for_log(server, lambda l: l.get("msg") == "echoing" and l.get("request_id") == "echo-log-1")
+    assert echoing["plugin"] == "echo-c" and echoing["level"] == "debug"
     assert '"plugin":"echo"' in server.log() and "echo ready" in server.log()
 
 

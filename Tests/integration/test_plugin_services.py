@@ -175,7 +175,7 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
     assert c_summary["state"] == "loaded"
     m = c_summary["metrics"]
     assert m["requests"] == 4 and m["errors"] == 0 and m["in_flight"] == 0
-    assert m["custom"] == {"pings_total": {"kind": "counter", "value": 3.0}}
+    assert m["custom"] == {"pings": {"kind": "counter", "value": 3.0}}  # as declared; exported with _total
     assert m["loads"] == 1 and m["load_failures"] == 0
     s = server.client.get(f"/v1/plugins/{SWIFT}").json()["metrics"]
     assert s["requests"] == 2 and s["llm_calls"] == 2 and s["llm_tokens"] == {"prompt": 2, "completion": 4}

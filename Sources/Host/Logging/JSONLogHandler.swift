@@ -17,11 +17,16 @@ public struct JSONLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     let label: String
     let sink: LogSink
+    /// The configured keys, masked by value wherever they appear.
+    let secrets: SecretMask
 
-    public init(label: String, level: Logger.Level, sink: LogSink) {
+    /// - Parameter secrets: the gateway's own keys (its API key, the upstream's), masked in
+    ///   every line whatever their shape.
+    public init(label: String, level: Logger.Level, sink: LogSink, secrets: SecretMask = SecretMask()) {
         self.label = label
         self.logLevel = level
         self.sink = sink
+        self.secrets = secrets
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -35,14 +40,16 @@ public struct JSONLogHandler: LogHandler {
         // Bytes written by hand: this runs for every request, and Foundation's JSONSerialization,
         // date formatting and even String concatenation cost more than the rest of a proxied
         // request together.
-        var fields: [(key: String, value: String)] = [("level", event.level.rawValue), ("msg", Redactor.redact(text: "\(event.message)")), ("label", label)]
+        var fields: [(key: String, value: String)] = [
+            ("level", event.level.rawValue), ("msg", secrets.mask(Redactor.redact(text: "\(event.message)"))), ("label", label),
+        ]
         fields.reserveCapacity(4 + metadata.count + (event.metadata?.count ?? 0))
         let extra = event.metadata ?? [:]
         for (key, value) in metadata where extra[key] == nil && !Self.reservedKeys.contains(key) {
-            fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
+            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
         }
         for (key, value) in extra where !Self.reservedKeys.contains(key) {
-            fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
+            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
         }
         if event.level >= .error, metadata["source"] == nil, extra["source"] == nil {
             fields.append(("source", "\(event.file.split(separator: "/").last ?? ""):\(event.line)"))
@@ -72,7 +79,7 @@ public struct JSONLogHandler: LogHandler {
                 line.append(contentsOf: #"","level":"info","method":"#.utf8)
                 Self.appendQuoted(Redactor.redact(text: method), to: &line)
                 line.append(contentsOf: #","msg":"request","path":"#.utf8)
-                Self.appendQuoted(Redactor.redact(text: path), to: &line)
+                Self.appendQuoted(secrets.mask(Redactor.redact(text: path)), to: &line)
                 if let id {
                     line.append(contentsOf: #","request_id":"#.utf8)
                     Self.appendQuoted(Redactor.redact(text: id), to: &line)
@@ -92,12 +99,12 @@ public struct JSONLogHandler: LogHandler {
         }
         var fields: [(key: String, value: String)] = [
             ("level", "info"), ("msg", "request"), ("label", label), ("method", Redactor.redact(text: method)),
-            ("path", Redactor.redact(text: path)), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
+            ("path", secrets.mask(Redactor.redact(text: path))), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
             ("client", client),
         ]
         if let firstByte { fields.append(("ttfb_ms", Self.milliseconds(firstByte))) }
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
-            fields.append((key, Redactor.redact(key: key, value: Self.plain(value))))
+            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
         }
         if let requestID, metadata["request_id"] == nil { fields.append(("request_id", Redactor.redact(text: requestID))) }
         write(&fields)

@@ -183,7 +183,11 @@ public final class PluginStats: Sendable {
     ///   Prometheus requires one type and one help text per metric name across all plugins.
     func declare(kind: CustomMetric.Kind, name: String, help: String, catalog: CustomMetricCatalog) -> CustomMetric? {
         guard Self.isValidMetricName(name) else { return nil }
-        let fullName = "gatehouse_plugin_custom_\(name)"
+        // Prometheus's conventions, which `promtool check metrics` enforces: a counter's name
+        // ends in `_total` (added when missing), and only a counter's does.
+        let isTotal = name.hasSuffix("_total")
+        if kind == .gauge, isTotal { return nil }
+        let fullName = "gatehouse_plugin_custom_\(name)\(kind == .counter && !isTotal ? "_total" : "")"
         guard let helpText = catalog.claim(fullName, kind: kind, help: help.isEmpty ? "Custom metric \(name) of a plugin." : help) else {
             return nil
         }

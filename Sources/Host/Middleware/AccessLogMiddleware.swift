@@ -60,6 +60,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
     static func response(for error: any Error, request: Request, context: Context) -> Response {
         switch error {
         case let error as OpenAIError:
+            error.logIfServerSide(context.logger)
             return error.response(requestID: context.requestID)
         case let error as HTTPError:
             return openAIError(for: error, request: request).response(requestID: context.requestID)
@@ -68,6 +69,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
         case is CancellationError:
             // A router request's task is cancelled only when the shutdown's time runs out (a
             // client that leaves is told apart by ClientDeparture).
+            OpenAIError.serverShuttingDown.logIfServerSide(context.logger)
             return OpenAIError.serverShuttingDown.response(requestID: context.requestID)
         case let error as HTTPParserError:
             // The body broke HTTP's framing (a bad chunk size, say): the client's error.

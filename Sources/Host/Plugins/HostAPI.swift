@@ -113,7 +113,7 @@ enum HostAPI {
                     default: return nil
                     }
                     guard let metric = instance.stats.declare(kind: metricKind, name: String(name), help: String(help), catalog: instance.services.customMetrics) else {
-                        instance.logger.error("metric refused: invalid name or declared with another kind", metadata: ["metric": .string(String(name))])
+                        instance.logger.error("metric refused: invalid name, a gauge named like a counter (_total), or declared with another kind", metadata: ["metric": .string(String(name))])
                         return nil
                     }
                     return OpaquePointer(Unmanaged.passUnretained(metric).toOpaque())

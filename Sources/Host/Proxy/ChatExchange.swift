@@ -661,6 +661,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     // MARK: Answering
 
     private func answer(_ error: OpenAIError) {
+        error.logIfServerSide(logger)
         let body = ByteBuffer(data: error.body(requestID: requestID))
         var head = ResponseHead(
             version: responseVersion, status: error.status.code, reason: error.status.reasonPhrase, capacity: Self.headCapacity(body: body))

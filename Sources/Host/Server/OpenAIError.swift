@@ -1,5 +1,6 @@
 // Errors in OpenAI's JSON shape: {"error":{"message","type","code","param","request_id"}}.
 internal import Foundation
+internal import Logging
 public import HTTPTypes
 public import Hummingbird
 internal import NIOCore
@@ -130,6 +131,16 @@ extension OpenAIError {
 }
 
 extension OpenAIError {
+    /// Logs why a request failed on the gateway's or the upstream's side (a 5xx: an upstream
+    /// unreachable, timed out, refusing the gateway's key, answering garbage), as a warning:
+    /// the access line has only the status, and the client's error body is not in the log.
+    /// Client errors (4xx) are the client's to read, and are not logged.
+    func logIfServerSide(_ logger: Logger) {
+        guard status.code >= 500 else { return }
+        logger.warning(
+            "request failed", metadata: ["status": .stringConvertible(status.code), "code": .string(code ?? type), "error": .string(message)])
+    }
+
     /// The header fields of this error sent as a response after which the connection closes
     /// (a request the server cannot read past).
     func closingHeaderFields(requestID: String, bodyLength: Int) -> [(name: String, value: String)] {
