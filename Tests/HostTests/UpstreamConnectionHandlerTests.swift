@@ -48,7 +48,9 @@ import Testing
             let handler = UpstreamConnectionHandler()
             try channel.pipeline.syncOperations.addHandler(handler)
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 8000)).wait()
-            pool.release(UpstreamConnection(channel: channel, handler: handler, flusher: RoundFlusher(eventLoop: loop)))
+            // Adopted as the pool's own: closing it (expired) runs the pool's `forget` at once,
+            // which crashed the sweep that was closing it.
+            pool.release(pool.adopt(channel, handler: handler))
             return channel
         }
         let old = [try released(), try released()]

@@ -89,12 +89,7 @@ final class UpstreamConnectionPool {
                 case .success(let channel):
                     do {
                         let handler = try channel.pipeline.syncOperations.handler(type: UpstreamConnectionHandler.self)
-                        let connection = UpstreamConnection(channel: channel, handler: handler, flusher: self.flusher)
-                        // No weak references (they give objects side tables, which slow every
-                        // retain and release): the pool lives as long as its loop's state, and the
-                        // closed connection is found by its handler.
-                        handler.onIdleClose = { [self] closed in forget(closed) }
-                        completion(.success(connection))
+                        completion(.success(self.adopt(channel, handler: handler)))
                     } catch {
                         channel.close(promise: nil)
                         completion(.failure(UpstreamFailure(error)))
@@ -103,6 +98,15 @@ final class UpstreamConnectionPool {
                     completion(.failure(UpstreamFailure(error)))
                 }
             }
+    }
+
+    /// A connection of this pool over `channel`, forgotten if the upstream closes it while idle.
+    func adopt(_ channel: any Channel, handler: UpstreamConnectionHandler) -> UpstreamConnection {
+        // No weak references (they give objects side tables, which slow every retain and
+        // release): the pool lives as long as its loop's state, and the closed connection is
+        // found by its handler.
+        handler.onIdleClose = { [self] closed in forget(closed) }
+        return UpstreamConnection(channel: channel, handler: handler, flusher: flusher)
     }
 
     /// The most recently released idle connection that is still usable, if any: the usual
@@ -147,10 +151,11 @@ final class UpstreamConnectionPool {
         expirySweepScheduled = false
         let now = NIODeadline.now()
         let expired = idle.prefix { now - $0.idleSince >= idleLifetime }.count
-        if expired > 0 {
-            for connection in idle[..<expired] { connection.close() }
-            idle.removeFirst(expired)
-        }
+        // Out of the list before they are closed: a close runs `forget` at once, which changing
+        // the list under this loop would make remove the wrong connections (or trap).
+        let closing = idle[..<expired]
+        idle.removeFirst(expired)
+        for connection in closing { connection.close() }
         scheduleExpirySweep()
     }
 
