@@ -45,6 +45,18 @@ final class ManualClock: Sendable {
         #expect(limiter.check(client: "a") == nil)
     }
 
+    @Test func anIPv6ClientIsLimitedByItsSlash64() {
+        // One host holds a whole /64 and could take a fresh address (a fresh bucket) per request.
+        #expect(RateLimiter.addressBucket("2001:db8:1:2:aaaa::1") == RateLimiter.addressBucket("2001:db8:1:2:ffff:1:2:3"))
+        #expect(RateLimiter.addressBucket("2001:db8:1:2::1") == "ip6:2001:db8:1:2::/64")
+        #expect(RateLimiter.addressBucket("2001:db8:1:2::1") != RateLimiter.addressBucket("2001:db8:1:3::1"))
+        #expect(RateLimiter.addressBucket("::ffff:192.0.2.7") == RateLimiter.addressBucket("192.0.2.7"))
+        #expect(RateLimiter.addressBucket("192.0.2.7") == "ip:192.0.2.7" && RateLimiter.addressBucket("192.0.2.8") != "ip:192.0.2.7")
+        let limiter = RateLimiter(rate: 1, burst: 1, globalRate: nil)
+        #expect(limiter.refusal(client: nil, address: "2001:db8:1:2::1") == nil)
+        #expect(limiter.refusal(client: nil, address: "2001:db8:1:2::2") != nil)
+    }
+
     @Test func failedKeyChecksDoNotSpendTheGlobalRate() {
         // Requests without the key, from a few addresses, emptied the global bucket, and every
         // holder of the key got 429s.

@@ -446,11 +446,15 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited_and_logged(gatew
     # Each forwarded client has its own bucket, on chat completions and the router alike.
     assert statuses(proxied, "203.0.113.1") == [200, 200, 429]
     assert statuses(proxied, "203.0.113.2") == [200, 200, 429]
+    # An IPv6 client by its /64: a fresh address from it is no fresh bucket (one host has them all).
+    assert statuses(proxied, "2001:db8:1:2::a", 2) + statuses(proxied, "2001:db8:1:2::b", 1) == [200, 200, 429]
+    assert statuses(proxied, "2001:db8:1:3::a", 1) == [200]
     deadline = time.monotonic() + 5  # access lines are written at the end of their loop's round
-    while len(access := [l for l in proxied.log_lines() if l.get("msg") == "request" and l["path"] != "/health/live"]) < 6:
+    while len(access := [l for l in proxied.log_lines() if l.get("msg") == "request" and l["path"] != "/health/live"]) < 10:
         assert time.monotonic() < deadline, access
         time.sleep(0.05)
-    assert [l["client"] for l in access] == ["203.0.113.1"] * 3 + ["203.0.113.2"] * 3, access
+    assert [l["client"] for l in access] == ["203.0.113.1"] * 3 + ["203.0.113.2"] * 3 + ["2001:db8:1:2::a"] * 2 + [
+        "2001:db8:1:2::b", "2001:db8:1:3::a"], access
     proxied.stop()
     # Without trusted proxies the header means nothing: every request is the peer's.
     direct = gateway(backend, extra_config=limits)

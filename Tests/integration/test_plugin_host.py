@@ -222,6 +222,31 @@ def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(
     assert any("unfinished requests at the drain deadline" in l.get("msg", "") for l in server.log_lines())
 
 
+def test_plugin_api_misuse_is_refused_without_harm(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir)
+    # Views with a NULL pointer and a length aborted the gateway; each call is now refused
+    # (GH_ERR_INVALID_ARGUMENT = 1; a NULL metric for the declaration), and the log line dropped.
+    assert server.client.get("/v1/plugins/variant/null-views").text == "body 1 header 1 start 1 metric-refused 1"
+    assert server.process.poll() is None
+    assert wait_for_log(server, lambda l: l.get("msg", "").startswith("plugin log call refused"))["plugin"] == "variant"
+    # A body with 204 or 304 went out after the head, raw: read by the client as the next
+    # response (a smuggled one here); with 1xx no final answer ever came. Whole and streamed.
+    with httpx.Client(base_url=server.base, timeout=10) as one_connection:
+        for query in ("s=204", "s=304", "s=204&w"):
+            answer = one_connection.get(f"/v1/plugins/variant/status?{query}")
+            assert answer.status_code == int(query[2:5]) and answer.content == b"", (query, answer.content)
+            after = one_connection.get("/v1/plugins/variant/hello")
+            assert after.status_code == 200 and after.text == "hello" and "x-smuggled" not in after.headers, query
+        for query in ("s=103", "s=100&w"):
+            interim = one_connection.get(f"/v1/plugins/variant/status?{query}")
+            assert interim.status_code == 500 and interim.json()["error"]["code"] == "plugin_invalid_status", interim.text
+            assert "interim HTTP status" in interim.json()["error"]["message"]
+        # The plugin's content-length (3) is dropped: the body comes whole.
+        whole = one_connection.get("/v1/plugins/variant/status?s=200")
+        assert whole.content.startswith(b"HTTP/1.1 200 OK") and whole.content.endswith(b"EVIL!")
+
+
 def test_a_plugin_request_never_answered_does_not_hold_shutdown_past_its_timeout(plugins_dir, start, variants):
     # The wait for the plugin ignored cancellation, so the process stayed up until the plugin's
     # own timeout (upstream.timeout, 60 s here), whatever shutdown_timeout said.

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import time
 
+import httpx
 import pytest
 
 from conftest import SERVICES_SO, compile_c_plugin, metric_value, raw_exchange, wait_for_log, PLUGINS_SRC
@@ -151,6 +152,12 @@ def test_response_middleware_rewrites_status_headers_and_body(services):
     # Logged from the middleware without an exchange: still the request's line, and the plugin's.
     rewriting = wait_for_log(server, lambda l: l.get("msg") == "rewriting")
     assert rewriting["request_id"] == "mw-log-1" and rewriting["plugin"] == C, rewriting
+    # The middleware's own content-length (3) was dropped: the connection stays in step.
+    with httpx.Client(base_url=server.base) as one_connection:
+        assert one_connection.get(f"/v1/plugins/{C}/rewrite").text == "rewritten(200):original"
+        assert one_connection.get(f"/v1/plugins/{C}/ping").text == "pong"
+    # A call kept past its function's return is refused (it crashed the gateway).
+    assert server.client.get(f"/v1/plugins/{C}/stale-call").text == "stale call returned 2"  # GH_ERR_STATE
     assert int(response.headers["content-length"]) == len(response.text)
     assert server.client.get(f"/v1/plugins/{C}/ping").text == "pong"  # outside its prefix: untouched
     # Doubled slashes reach the same route, so they meet the same middleware: they escaped it

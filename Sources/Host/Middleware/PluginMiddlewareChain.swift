@@ -4,6 +4,7 @@ internal import HTTPTypes
 public import Hummingbird
 internal import NIOCore
 internal import NIOPosix
+internal import NIOConcurrencyHelpers
 internal import PluginABI
 
 /// The state behind one `gh_mw_call*`: what a middleware function may change. Lives only for
@@ -27,10 +28,40 @@ final class MiddlewareCallState {
         self.status = status
     }
 
-    var pointer: OpaquePointer { OpaquePointer(Unmanaged.passUnretained(self).toOpaque()) }
+    // MARK: Live calls
 
-    static func from(_ pointer: OpaquePointer?) -> MiddlewareCallState? {
-        pointer.map { Unmanaged<MiddlewareCallState>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
+    /// The calls whose middleware function is running, by token. A `gh_mw_call*` is a token,
+    /// never this object's address (as a `gh_exchange*` is): a plugin that keeps one past its
+    /// function's return, and uses it from another thread, gets `GH_ERR_STATE` rather than
+    /// crash the gateway, and the `mw_*` calls on one call, from any thread, take turns.
+    /// The table of open calls; a lock of its own (NIOLock: the states are not Sendable, and are
+    /// touched only under it while open, by the host's task otherwise).
+    private final class LiveCalls: @unchecked Sendable {
+        let lock = NIOLock()
+        var next: UInt = 1
+        var live: [UInt: MiddlewareCallState] = [:]
+    }
+
+    private static let liveCalls = LiveCalls()
+
+    /// Runs `function` with this state open as a call, passed as its token; closed after.
+    func whileOpen(_ function: (OpaquePointer) -> Void) {
+        let calls = Self.liveCalls
+        let token = calls.lock.withLock {
+            let token = calls.next
+            calls.next += 1
+            calls.live[token] = self
+            return token
+        }
+        function(OpaquePointer(bitPattern: token)!)
+        // Under the lock: a plugin thread's mw_* call still running finishes before the host reads.
+        _ = calls.lock.withLock { calls.live.removeValue(forKey: token) }
+    }
+
+    /// `body` applied to the open call `pointer` names, under the table's lock; nil when it
+    /// names none (its function has returned, or it was never one).
+    static func with<T>(_ pointer: OpaquePointer, _ body: (MiddlewareCallState) -> T) -> T? {
+        liveCalls.lock.withLock { liveCalls.live[UInt(bitPattern: pointer)].map(body) }
     }
 
     /// The request id of the middleware call running on this thread, if any: a middleware
@@ -95,8 +126,8 @@ public struct PluginMiddlewareChain: RouterMiddleware {
                 invoke(middleware, middleware.onRequest!, state: state, request: request, context: context)
                 if let answer = state.shortCircuit {
                     return Response(
-                        status: HTTPResponse.Status(code: answer.status), headers: Self.fields(answer.headers),
-                        body: .init(byteBuffer: answer.body))
+                        status: HTTPResponse.Status(code: answer.status), headers: PluginRoutes.responseFields(answer.headers, logger: context.logger),
+                        body: PluginStatus.allowsBody(answer.status) ? .init(byteBuffer: answer.body) : .init())
                 }
             }
             var head = request.head
@@ -122,8 +153,12 @@ public struct PluginMiddlewareChain: RouterMiddleware {
             invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
         }
         response.status = HTTPResponse.Status(code: state.status)
-        response.headers = Self.fields(state.headers)
-        if !isStream { response.body = .init(byteBuffer: state.body) }
+        response.headers = PluginRoutes.responseFields(state.headers, logger: context.logger)
+        if !PluginStatus.allowsBody(state.status) {
+            response.body = .init()  // a 204 or 304 set by a middleware: nothing may follow its head
+        } else if !isStream {
+            response.body = .init(byteBuffer: state.body)
+        }
         return response
     }
 
@@ -136,14 +171,15 @@ public struct PluginMiddlewareChain: RouterMiddleware {
         let call = PluginCall(
             method: request.method.rawValue, path: request.uri.path, query: request.uri.query ?? "", headers: state.headers,
             body: state.phase == .request || !state.bodyIsStream ? state.body : ByteBuffer(), requestID: context.requestID)
-        let pointer = state.pointer
         call.withCRequest { cRequest in
             var message = gh_mw_message(
                 struct_size: UInt32(MemoryLayout<gh_mw_message>.size), method: cRequest.pointee.method, path: cRequest.pointee.path,
                 query: cRequest.pointee.query, headers: cRequest.pointee.headers, header_count: cRequest.pointee.header_count,
                 body: cRequest.pointee.body, request_id: cRequest.pointee.request_id,
                 status: state.phase == .response ? UInt16(clamping: state.status) : 0, body_is_stream: state.bodyIsStream ? 1 : 0)
-            MiddlewareCallState.withRequestID(context.requestID) { function(middleware.context, &message, pointer) }
+            MiddlewareCallState.withRequestID(context.requestID) {
+                state.whileOpen { pointer in function(middleware.context, &message, pointer) }
+            }
         }
         middleware.instance.stats.middlewareInvoked(shortCircuited: state.shortCircuit != nil)
     }

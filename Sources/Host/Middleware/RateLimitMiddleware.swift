@@ -163,7 +163,24 @@ extension RateLimiter {
     /// Takes a token for the client (its key digest, else its IP address), or returns the 429
     /// with `Retry-After` to answer. Shared by the router middleware and the chat pass-through.
     func refusal(client: String?, address: String) -> OpenAIError? {
-        refusal(client: client ?? "ip:\(address)", countingGlobally: true)
+        refusal(client: client ?? Self.addressBucket(address), countingGlobally: true)
+    }
+
+    /// The bucket of a client address: an IPv4 address on its own, an IPv6 address by its /64.
+    /// One IPv6 host is given a whole /64 (SLAAC, privacy addresses), so it could take a fresh
+    /// address, and a fresh bucket, for every request; per-/64 is the usual unit (nginx's
+    /// guidance, Cloudflare's limits). An IPv4-mapped IPv6 address is its IPv4 address.
+    static func addressBucket(_ address: String) -> String {
+        guard address.utf8.contains(UInt8(ascii: ":")) else { return "ip:\(address)" }
+        var bytes = in6_addr()
+        guard inet_pton(AF_INET6, address, &bytes) == 1 else { return "ip:\(address)" }
+        return withUnsafeBytes(of: &bytes) { raw in
+            if raw.prefix(10).allSatisfy({ $0 == 0 }), raw[10] == 0xff, raw[11] == 0xff {
+                return "ip:\(raw[12]).\(raw[13]).\(raw[14]).\(raw[15])"
+            }
+            let groups = stride(from: 0, to: 8, by: 2).map { String(UInt16(raw[$0]) << 8 | UInt16(raw[$0 + 1]), radix: 16) }
+            return "ip6:\(groups.joined(separator: ":"))::/64"
+        }
     }
 
     /// The answer to a request whose key check failed: its 401, or the 429 once the client's
@@ -171,7 +188,7 @@ extension RateLimiter {
     /// Failures cost only the address: counted globally, requests without the key could spend
     /// the global rate and lock out every holder of the key.
     func answerToFailedKeyCheck(_ error: OpenAIError, address: String) -> OpenAIError {
-        refusal(client: "ip:\(address)", countingGlobally: false) ?? error
+        refusal(client: Self.addressBucket(address), countingGlobally: false) ?? error
     }
 
     private func refusal(client: String, countingGlobally: Bool) -> OpenAIError? {

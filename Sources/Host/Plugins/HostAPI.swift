@@ -16,11 +16,12 @@ enum HostAPI {
                 abi_minor: UInt32(GATEHOUSE_ABI_MINOR),
                 log: { plugin, exchange, level, message, fields, fieldCount in
                     guard let instance = PluginInstance.from(plugin) else { return }
-                    var metadata: Logger.Metadata = [:]
-                    for index in 0..<(fields == nil ? 0 : fieldCount) {
-                        let field = fields![index]
-                        metadata[String(field.name)] = .string(String(field.value))
+                    guard message.isReadable, let copied = copyHeaders(fields, fieldCount) else {
+                        instance.logger.warning("plugin log call refused: a NULL pointer with a non-zero length (message or field)")
+                        return
                     }
+                    var metadata: Logger.Metadata = [:]
+                    for (name, value) in copied { metadata[name] = .string(value) }
                     // The host's keys win: a plugin's `plugin` field would mislabel the line.
                     metadata["plugin"] = nil
                     // A line logged during an exchange, or inside a middleware call (which has
@@ -35,15 +36,14 @@ enum HostAPI {
                     return gh_bytes(data: UnsafePointer(instance.configJSON.baseAddress), len: instance.configJSON.count)
                 },
                 respond: { exchangePointer, status, headers, headerCount, body in
-                    guard exchangePointer != nil, headers != nil || headerCount == 0 else { return GH_ERR_INVALID_ARGUMENT }
+                    guard exchangePointer != nil, body.isReadable, let copied = copyHeaders(headers, headerCount) else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
-                    let copied = copyHeaders(headers, headerCount)
                     return exchange.respond(status: status, headers: copied, body: ByteBuffer(body)) ? GH_OK : GH_ERR_STATE
                 },
                 respond_start: { exchangePointer, status, headers, headerCount in
-                    guard exchangePointer != nil, headers != nil || headerCount == 0 else { return GH_ERR_INVALID_ARGUMENT }
+                    guard exchangePointer != nil, let copied = copyHeaders(headers, headerCount) else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
-                    return exchange.start(status: status, headers: copyHeaders(headers, headerCount)) ? GH_OK : GH_ERR_STATE
+                    return exchange.start(status: status, headers: copied) ? GH_OK : GH_ERR_STATE
                 },
                 respond_write: { exchangePointer, chunk in
                     guard exchangePointer != nil, chunk.data != nil || chunk.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
@@ -72,40 +72,48 @@ enum HostAPI {
                     return instance.registerMiddleware(spec.pointee)
                 },
                 mw_set_header: { call, name, value in
-                    guard let state = MiddlewareCallState.from(call), name.len > 0 else { return GH_ERR_INVALID_ARGUMENT }
-                    state.setHeader(String(name), String(value))
-                    return GH_OK
+                    guard let call, name.len > 0, name.isReadable, value.isReadable else { return GH_ERR_INVALID_ARGUMENT }
+                    return MiddlewareCallState.with(call) { state in
+                        state.setHeader(String(name), String(value))
+                        return GH_OK
+                    } ?? GH_ERR_STATE
                 },
                 mw_remove_header: { call, name in
-                    guard let state = MiddlewareCallState.from(call) else { return GH_ERR_INVALID_ARGUMENT }
-                    state.removeHeader(String(name))
-                    return GH_OK
+                    guard let call, name.isReadable else { return GH_ERR_INVALID_ARGUMENT }
+                    return MiddlewareCallState.with(call) { state in
+                        state.removeHeader(String(name))
+                        return GH_OK
+                    } ?? GH_ERR_STATE
                 },
                 mw_set_body: { call, body in
-                    guard let state = MiddlewareCallState.from(call), body.data != nil || body.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
-                    guard !state.bodyIsStream else { return GH_ERR_STATE }
-                    state.body = ByteBuffer(body)
-                    state.removeHeader("content-length")  // the server frames the new body itself
-                    return GH_OK
+                    guard let call, body.isReadable else { return GH_ERR_INVALID_ARGUMENT }
+                    return MiddlewareCallState.with(call) { state in
+                        guard !state.bodyIsStream else { return GH_ERR_STATE }
+                        state.body = ByteBuffer(body)
+                        state.removeHeader("content-length")  // the server frames the new body itself
+                        return GH_OK
+                    } ?? GH_ERR_STATE
                 },
                 mw_set_status: { call, status in
-                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status) else { return GH_ERR_INVALID_ARGUMENT }
-                    guard state.phase == .response else { return GH_ERR_STATE }
-                    state.status = Int(status)
-                    return GH_OK
+                    guard let call, PluginStatus.isFinal(status) else { return GH_ERR_INVALID_ARGUMENT }
+                    return MiddlewareCallState.with(call) { state in
+                        guard state.phase == .response else { return GH_ERR_STATE }
+                        state.status = Int(status)
+                        return GH_OK
+                    } ?? GH_ERR_STATE
                 },
                 mw_respond: { call, status, headers, headerCount, body in
-                    guard let state = MiddlewareCallState.from(call), (100...599).contains(status), headers != nil || headerCount == 0,
-                        body.data != nil || body.len == 0
-                    else {
+                    guard let call, PluginStatus.isFinal(status), body.isReadable, let copied = copyHeaders(headers, headerCount) else {
                         return GH_ERR_INVALID_ARGUMENT
                     }
-                    guard state.phase == .request, state.shortCircuit == nil else { return GH_ERR_STATE }
-                    state.shortCircuit = (Int(status), copyHeaders(headers, headerCount), ByteBuffer(body))
-                    return GH_OK
+                    return MiddlewareCallState.with(call) { state in
+                        guard state.phase == .request, state.shortCircuit == nil else { return GH_ERR_STATE }
+                        state.shortCircuit = (Int(status), copied, ByteBuffer(body))
+                        return GH_OK
+                    } ?? GH_ERR_STATE
                 },
                 metric_declare: { plugin, kind, name, help in
-                    guard let instance = PluginInstance.from(plugin) else { return nil }
+                    guard let instance = PluginInstance.from(plugin), name.isReadable, help.isReadable else { return nil }
                     let metricKind: PluginStats.CustomMetric.Kind
                     switch kind {
                     case GH_METRIC_COUNTER: metricKind = .counter
@@ -132,23 +140,51 @@ enum HostAPI {
     }()
 }
 
-private func copyHeaders(_ headers: UnsafePointer<gh_header>?, _ count: Int) -> [(String, String)] {
-    guard let headers, count > 0 else { return [] }
-    return (0..<count).map { (String(headers[$0].name), String(headers[$0].value)) }
+/// Copies a plugin's header list (or log fields); nil when it cannot be read: a NULL list with
+/// a count, or a name or value with a NULL pointer and a length (GH_ERR_INVALID_ARGUMENT, as
+/// the ABI promises, where reading it would crash the gateway).
+private func copyHeaders(_ headers: UnsafePointer<gh_header>?, _ count: Int) -> [(String, String)]? {
+    guard count > 0 else { return [] }
+    guard let headers else { return nil }
+    var copied: [(String, String)] = []
+    copied.reserveCapacity(count)
+    for index in 0..<count {
+        guard headers[index].name.isReadable, headers[index].value.isReadable else { return nil }
+        copied.append((String(headers[index].name), String(headers[index].value)))
+    }
+    return copied
+}
+
+extension gh_bytes {
+    /// Whether the view can be read: a NULL `data` only with `len` 0. Every entry point checks
+    /// this before copying; one that did not would abort the process on a plugin's mistake.
+    var isReadable: Bool { data != nil || len == 0 }
 }
 
 extension String {
-    /// Copies a borrowed byte view as UTF-8 (invalid sequences are repaired).
+    /// Copies a borrowed byte view as UTF-8 (invalid sequences are repaired); an unreadable
+    /// view (see `isReadable`) is empty.
     init(_ bytes: gh_bytes) {
-        self = bytes.len == 0 ? "" : String(decoding: UnsafeRawBufferPointer(start: bytes.data, count: bytes.len), as: UTF8.self)
+        self = bytes.len == 0 || bytes.data == nil ? "" : String(decoding: UnsafeRawBufferPointer(start: bytes.data, count: bytes.len), as: UTF8.self)
     }
 }
 
 extension ByteBuffer {
-    /// Copies a borrowed byte view.
+    /// Copies a borrowed byte view; an unreadable view (see `isReadable`) is empty.
     init(_ bytes: gh_bytes) {
-        self = bytes.len == 0 ? ByteBuffer() : ByteBuffer(bytes: UnsafeRawBufferPointer(start: bytes.data, count: bytes.len))
+        self = bytes.len == 0 || bytes.data == nil ? ByteBuffer() : ByteBuffer(bytes: UnsafeRawBufferPointer(start: bytes.data, count: bytes.len))
     }
+}
+
+/// Which status codes a plugin may answer with.
+enum PluginStatus {
+    /// A final status (200–599). An interim one (1xx) cannot end a request: the client would
+    /// wait for the final answer, and what the plugin wrote as the body would be read as it.
+    static func isFinal(_ status: UInt16) -> Bool { (200...599).contains(status) }
+
+    /// Whether a response with `status` may carry a body. 204 and 304 have none (RFC 9110
+    /// §6.4.1): a plugin's body sent with one would be read by the client as the next response.
+    static func allowsBody(_ status: Int) -> Bool { status != 204 && status != 304 }
 }
 
 extension Logger.Level {

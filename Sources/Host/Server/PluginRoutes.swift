@@ -2,6 +2,7 @@
 internal import Foundation
 internal import HTTPTypes
 internal import Hummingbird
+internal import Logging
 internal import NIOCore
 
 /// Registers the plugin routes on the gateway's router.
@@ -44,7 +45,7 @@ struct PluginRoutes {
             let reason = state.map { "plugin \(name) is \($0.rawValue)" } ?? "no plugin named \(name)"
             throw OpenAIError(.notFound, reason, code: "plugin_not_found")
         }
-        if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? "ip:\(context.remoteAddress)") {
+        if let limiter = instance.rateLimiter, let wait = limiter.check(client: context.clientID ?? RateLimiter.addressBucket(context.remoteAddress)) {
             instance.requestFinished()
             throw OpenAIError.rateLimited(
                 wait: wait, code: "plugin_rate_limit_exceeded") { "plugin \(name) allows \(RateLimiter.format(limiter.rate ?? 0)) requests/s; retry after \($0) s" }
@@ -63,11 +64,16 @@ struct PluginRoutes {
             let response: Response
             switch reply {
             case .whole(let status, let replyHeaders, let replyBody):
+                let status = try Self.status(status, plugin: name)
                 response = Response(
-                    status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(byteBuffer: replyBody))
+                    status: status, headers: fields(replyHeaders, context: context),
+                    body: PluginStatus.allowsBody(status.code) ? .init(byteBuffer: replyBody) : .init())
             case .stream(let status, let replyHeaders, let chunks):
+                let status = try Self.status(status, plugin: name)
+                // Without a body (204, 304), what the plugin writes is dropped (its writes then fail).
                 response = Response(
-                    status: try Self.status(status, plugin: name), headers: fields(replyHeaders, context: context), body: .init(asyncSequence: chunks))
+                    status: status, headers: fields(replyHeaders, context: context),
+                    body: PluginStatus.allowsBody(status.code) ? .init(asyncSequence: chunks) : .init())
             case .timedOut where Task.isCancelled:
                 // Not the plugin's fault: the shutdown's time ran out (the wait ends when cancelled).
                 throw OpenAIError.serverShuttingDown
@@ -83,19 +89,27 @@ struct PluginRoutes {
         }
     }
 
-    /// A plugin's status code, refused (500) unless it is a real HTTP status (100-599).
+    /// A plugin's status code, refused (500) unless it is a final HTTP status (200-599).
     static func status(_ code: UInt16, plugin: String) throws -> HTTPResponse.Status {
-        guard (100...599).contains(code) else {
-            throw OpenAIError(.internalServerError, "plugin \(plugin) answered with invalid HTTP status \(code)", code: "plugin_invalid_status")
+        guard PluginStatus.isFinal(code) else {
+            let kind = (100...199).contains(code) ? "interim HTTP status \(code), which cannot end a request" : "invalid HTTP status \(code)"
+            throw OpenAIError(.internalServerError, "plugin \(plugin) answered with \(kind)", code: "plugin_invalid_status")
         }
         return HTTPResponse.Status(code: Int(code))
     }
 
     private func fields(_ pairs: [(String, String)], context: GatehouseRequestContext) -> HTTPFields {
+        Self.responseFields(pairs, logger: context.logger)
+    }
+
+    /// A plugin's response header fields without the invalid and the reserved ones (framing is
+    /// the server's: a plugin's `Content-Length` that disagreed with its body would desynchronise
+    /// the connection), each dropped one logged. Middleware's answers go through it too.
+    static func responseFields(_ pairs: [(String, String)], logger: Logger) -> HTTPFields {
         var fields = HTTPFields()
         for (name, value) in pairs {
             guard let fieldName = HTTPField.Name(name), !Self.reservedResponseHeaders.contains(fieldName.canonicalName) else {
-                context.logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name)])
+                logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name)])
                 continue
             }
             fields.append(HTTPField(name: fieldName, value: value))

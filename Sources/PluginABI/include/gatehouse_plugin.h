@@ -252,7 +252,7 @@ typedef struct gh_host_api {
     /** Middleware: replace the body (GH_ERR_STATE for a streamed response body). Any
      *  content-length header is dropped; the server frames the new body. */
     gh_status (*mw_set_body)(gh_mw_call *call, gh_bytes body);
-    /** Response phase: replace the status code (100-599). */
+    /** Response phase: replace the status code (200-599; a 204 or 304 drops the body). */
     gh_status (*mw_set_status)(gh_mw_call *call, uint16_t status);
     /**
      * Request phase: answer now (e.g. 401, 403, 429); the route and later middleware are

@@ -25,9 +25,13 @@ static gh_bytes text(const char *s) {
 
 static int is(gh_bytes b, const char *s) { return b.len == strlen(s) && memcmp(b.data, s, b.len) == 0; }
 
+/* A call kept past its function's return (API misuse, tried by /stale-call). */
+static gh_mw_call *kept_call;
+
 /* Rewrites the answer of /rewrite: new status, a header, and the old body wrapped. */
 static void rewrite_response(void *context, const gh_mw_message *message, gh_mw_call *call) {
     (void)context;
+    kept_call = call;
     char body[256];
     int n = snprintf(body, sizeof body, "rewritten(%d):%.*s", (int)message->status, (int)message->body.len,
                      (const char *)message->body.data);
@@ -35,6 +39,8 @@ static void rewrite_response(void *context, const gh_mw_message *message, gh_mw_
     host->mw_set_body(call, replaced);
     host->mw_set_status(call, 201);
     host->mw_set_header(call, text("x-rewritten-by"), text("services-c"));
+    /* Framing is the server's: dropped, or the client would read 3 of the body's bytes. */
+    host->mw_set_header(call, text("content-length"), text("3"));
     /* No exchange in a middleware call; and a field that would mislabel the line. */
     gh_header fields[1] = {{text("plugin"), text("impostor")}};
     host->log(self_handle, NULL, GH_LOG_INFO, text("rewriting"), fields, 1);
@@ -125,6 +131,13 @@ static void services_handle(void *state, const gh_request *request, gh_exchange 
         host->llm_chat(self_handle, exchange, text(json), streamed ? on_chunk : NULL,
                        streamed ? on_done_stream : on_done_whole, exchange);
         free(json);
+        return;
+    }
+    if (is(request->path, "/stale-call")) {
+        int returned = kept_call ? (int)host->mw_set_header(kept_call, text("x-late"), text("1")) : -1;
+        char line[48];
+        snprintf(line, sizeof line, "stale call returned %d", returned);
+        host->respond(exchange, 200, NULL, 0, text(line));
         return;
     }
     if (is(request->path, "/rewrite")) {

@@ -82,6 +82,42 @@ static void variant_handle(void *state, const gh_request *request, gh_exchange *
     if (is(request->path, "/never")) {
         return; /* the host's timeout answers 504 */
     }
+    /* API misuse: views with a NULL pointer and a length. Each call must be refused, not crash
+       the gateway; the answer reports what the calls returned. */
+    if (is(request->path, "/null-views")) {
+        gh_bytes broken = {NULL, 5};
+        gh_header bad_header = {broken, text("v")};
+        int body = host->respond(exchange, 200, NULL, 0, broken);
+        int header = host->respond(exchange, 200, &bad_header, 1, text("x"));
+        int start = host->respond_start(exchange, 200, &bad_header, 1);
+        host->log(self_handle, exchange, GH_LOG_INFO, broken, NULL, 0);
+        host->log(self_handle, exchange, GH_LOG_INFO, text("bad field"), &bad_header, 1);
+        int metric = host->metric_declare(self_handle, GH_METRIC_COUNTER, broken, text("h")) == NULL;
+        char line[96];
+        snprintf(line, sizeof line, "body %d header %d start %d metric-refused %d", body, header, start, metric);
+        host->respond(exchange, 200, NULL, 0, text(line));
+        return;
+    }
+    /* Answers with the status in the query (s=NNN) and a body that looks like a response. */
+    if (request->path.len == 7 && memcmp(request->path.data, "/status", 7) == 0) {
+        int status = 200;
+        if (request->query.len > 2 && memcmp(request->query.data, "s=", 2) == 0) {
+            char digits[4] = {0};  /* the view is not NUL-terminated */
+            memcpy(digits, request->query.data + 2, request->query.len - 2 < 3 ? request->query.len - 2 : 3);
+            status = atoi(digits);
+        }
+        int stream = request->query.len > 0 && memchr(request->query.data, 'w', request->query.len) != NULL;
+        gh_bytes smuggled = text("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Smuggled: yes\r\n\r\nEVIL!");
+        gh_header length = {text("content-length"), text("3")};
+        if (stream) {
+            host->respond_start(exchange, (uint16_t)status, &length, 1);
+            host->respond_write(exchange, smuggled);
+            host->respond_finish(exchange);
+        } else {
+            host->respond(exchange, (uint16_t)status, &length, 1, smuggled);
+        }
+        return;
+    }
     gh_header field = {text("route"), request->path};
     host->log(self_handle, exchange, GH_LOG_INFO, text("hello from variant"), &field, 1);
     host->respond(exchange, 200, NULL, 0, text("hello"));
