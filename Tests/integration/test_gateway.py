@@ -350,6 +350,9 @@ def test_browser_pages_from_configured_origins_may_call_the_api(gateway, backend
     answer = server.client.post("/v1/chat/completions", json=body, headers={**keyed, "Origin": "https://evil.example"})
     assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers and answer.headers["vary"] == "Origin"
     assert "access-control-allow-origin" not in server.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).headers
+    # Two Origin fields are no origin, on the pass-through as on the router (it took the first).
+    doubled = server.client.post("/v1/chat/completions", json=body, headers=[("Authorization", "Bearer k"), ("Origin", app), ("Origin", app)])
+    assert doubled.status_code == 200 and "access-control-allow-origin" not in doubled.headers
 
 
 @both_backends
@@ -1605,27 +1608,36 @@ def test_idle_client_connections_are_closed(gateway, backend):
     assert received.startswith(b"HTTP/1.1 200 ") and 0.9 <= elapsed < 10
 
 
-def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+def start_tls_gateway(tmp_path, fake_llm, backend="openai", env=None):
+    """A gateway serving TLS with a new self-signed certificate for localhost, in front of the
+    fake LLM; returns (process, port, an SSL context trusting the certificate) once it answers."""
+    cert, key = make_certificate(tmp_path, "localhost")
     port = free_port()
     env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key),
-           "GATEHOUSE_BACKEND": "openai", "OLLAMA_HOST": fake_llm.url}
+           "GATEHOUSE_BACKEND": backend, "OLLAMA_HOST": fake_llm.url, **(env or {})}
     process = subprocess.Popen([GATEHOUSE, "serve", "--port", str(port), "--plugins-dir", str(tmp_path)],
                                env={**env, "PATH": "/usr/bin:/bin"}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    context = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"https://localhost:{port}/health", verify=context)
+            return process, port, context
+        except httpx.TransportError:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
+    process, port, context = start_tls_gateway(tmp_path, fake_llm)
     try:
-        context = ssl.create_default_context(cafile=str(cert))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                response = httpx.get(f"https://localhost:{port}/health", verify=context)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        response = httpx.get(f"https://localhost:{port}/health", verify=context)
         assert response.status_code == 200 and response.json() == {"status": "ok"}
+        # TLS 1.2 and later only (1.0 and 1.1 were accepted: NIOSSL's default minimum).
+        for version, accepted in (("-tls1_1", False), ("-tls1", False), ("-tls1_2", True)):
+            handshake = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", version, "-cipher", "DEFAULT:@SECLEVEL=0"],
+                                       input="", capture_output=True, text=True, timeout=20)
+            assert ("Cipher is " in handshake.stdout and "Cipher is (NONE)" not in handshake.stdout) == accepted, (version, handshake.stdout[-400:])
         assert response.http_version == "HTTP/1.1"
         # Chat completions (served by the pass-through for this backend) over TLS, whole and streamed.
         with httpx.Client(base_url=f"https://localhost:{port}", verify=context) as tls:
@@ -1657,6 +1669,30 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+@both_backends
+def test_tls_clients_still_waiting_at_the_shutdown_deadline_are_told_it_is_stopping(tmp_path, fake_llm, backend):
+    # Over TLS the pass-through waited for an input-closed event that never comes (NIOSSL
+    # refuses a half-close): the client saw the connection drop, and the log said 499.
+    process, port, context = start_tls_gateway(tmp_path, fake_llm, backend, env={"SHUTDOWN_TIMEOUT": "1s", "GATEHOUSE_CACHE_ENABLED": "false"})
+    answers = []
+
+    def ask():
+        answers.append(httpx.post(f"https://localhost:{port}/v1/chat/completions", verify=context, timeout=30,
+                                  json={"model": "hang", "messages": [{"role": "user", "content": "x"}]}))
+
+    waiting = threading.Thread(target=ask, daemon=True)
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not [call for call in fake_llm.requests if call[3] and call[3].get("model") == "hang"]:
+        assert time.monotonic() < deadline, "the request never reached the upstream"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    waiting.join(15)
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
+    assert process.wait(15) == 0
 
 
 def make_certificate(directory, name):
@@ -1869,6 +1905,20 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
     assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+@both_backends
+def test_nothing_is_answered_after_a_request_that_closes_the_connection(gateway, backend):
+    # Bytes pipelined behind `Connection: close` got an unsolicited 400 malformed_http on the
+    # router path; RFC 9112 says the response to that request is the last.
+    server = gateway(backend)
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()
+    for first in (b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+                  b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(chat)).encode() + b"\r\n\r\n" + chat):
+        received, closed = raw_exchange(server.port, first + b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n", until=None)
+        assert closed and received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 200 "), received
+    assert not [l for l in server.log_lines() if l.get("msg") == "request rejected by the HTTP parser"]
 
 
 @both_backends

@@ -716,7 +716,7 @@ final class ChatExchange: UpstreamResponseDelegate {
         head.add("X-Request-ID", requestID)
         head.add("Date", loop.httpDate)
         head.add("Server", passThrough.serverName)
-        if let cors = passThrough.cors { cors.responseFields(origin: self.head.headers.first(name: "Origin")) { head.add($0, $1) } }
+        if let cors = passThrough.cors { cors.responseFields(origin: self.head.headers.combinedValue("Origin")) { head.add($0, $1) } }
         if closesConnection {
             head.add("Connection", "close")
         } else if self.head.version.minor == 0 {

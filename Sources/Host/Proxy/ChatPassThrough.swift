@@ -411,18 +411,6 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             quiesceHeld = true
             return
         }
-        if case .inputClosed? = event as? ChannelEvent, closingInputHere, let exchange {
-            // Not the client: the router's connection handler, cancelled when the shutdown's
-            // time ran out, closing the input. The client is still there, and is told so.
-            queued.removeAll()
-            closeAfterExchange = true
-            exchange.serverStopping()
-            context.flush()
-            lingering.cancel()
-            closed = true
-            context.close(promise: nil)
-            return
-        }
         if case .inputClosed? = event as? ChannelEvent {
             // The client closed its side while its answer was being made: it has gone (an SDK's
             // timeout, a stopped generation), as nginx and Go's net/http take it, so the upstream
@@ -450,14 +438,21 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// The connection's input is being closed from this side (Hummingbird's connection handler
-    /// does so when cancelled, at the end of `shutdown_timeout`): the `inputClosed` that follows
-    /// is not the client's.
-    private var closingInputHere = false
-
+    /// Hummingbird's connection handler closes the connection's input when it is cancelled,
+    /// which happens only when the shutdown's `shutdown_timeout` has run out. An exchange still
+    /// in progress then has its client told so, at once (503 `server_shutting_down`, or the
+    /// stream's error event and `[DONE]`), and the connection closes. At once, rather than on
+    /// the `inputClosed` that follows: over TLS that event never comes (NIOSSLHandler refuses
+    /// to close only the input), and the client saw the connection drop.
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        if mode == .input { closingInputHere = true }
-        context.close(mode: mode, promise: promise)
+        guard mode == .input, !closed, let exchange else { return context.close(mode: mode, promise: promise) }
+        queued.removeAll()
+        closeAfterExchange = true
+        exchange.serverStopping()
+        context.flush()
+        lingering.cancel()
+        closed = true
+        context.close(mode: .all, promise: promise)
     }
 
     /// A request NIO's parser rejected: the parser cannot find the next one, so the connection
@@ -468,6 +463,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if closed, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
         guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
+        // Bytes after a request that ended the connection (`Connection: close`): that request's
+        // response is the last (RFC 9112 §9.6), and the connection closes after it.
+        if parserError == .closedConnection { return }
         // A queued request the error cut off is dropped; whole ones before it are kept.
         while let last = queued.last {
             if case .end = last { break }

@@ -130,6 +130,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if lingering.isLingering, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
+        // Bytes after a request that ended the connection (`Connection: close`): nothing is
+        // answered after that request's response (RFC 9112 §9.6), which closes the connection.
+        if let parserError = error as? HTTPParserError, parserError == .closedConnection { return }
         if readingBody, error is HTTPParserError, let last = unanswered.indices.last {
             // The router answers (its read of the body fails), and then the connection must
             // close: the parser cannot find the next request.

@@ -55,6 +55,9 @@ final class TLSCertificates: Sendable {
         // 5 s): clients that never read an idle pooled connection (urllib3) never send one, and
         // each added 5 s to a graceful shutdown.
         configuration.shutdownTimeout = .seconds(1)
+        // NIOSSL's default minimum is TLS 1.0; 1.0 and 1.1 are deprecated (RFC 8996), and every
+        // client an LLM API has speaks 1.2.
+        configuration.minimumTLSVersion = .tlsv12
         do {
             // BoringSSL checks here that the key belongs to the certificate.
             return (try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter)))
