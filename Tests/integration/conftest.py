@@ -229,6 +229,33 @@ def raw_exchange(port: int, payload: bytes, until: bytes | None, timeout: float 
         return received, False
 
 
+class ResponseReader:
+    """Reads HTTP/1.1 responses with Content-Length bodies (and interim heads) off a socket,
+    keeping bytes that arrive early for the next read."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer = sock, b""
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        assert chunk, f"connection closed after {self.buffer!r}"
+        self.buffer += chunk
+
+    def head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n"
+
+    def response(self) -> bytes:
+        head = self.head()
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return head + body
+
+
 def stream_events(server, model, headers=None, text="a b c"):
     """The data payloads of a streamed chat completion asking `model` for `text` (status 200 asserted)."""
     response = server.client.post(

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import GATEHOUSE, ROOT, free_port, metric_value, raw_exchange, stream_events, streamed_text, wait_for_log
+from conftest import GATEHOUSE, ROOT, ResponseReader, free_port, metric_value, raw_exchange, stream_events, streamed_text, wait_for_log
 
 
 # Where each backend's chat requests arrive at the fake upstream. With `openai`, chat completions
@@ -1307,33 +1307,6 @@ def test_streams_are_bounded_by_silence_not_by_total_length(gateway, backend):
     assert lines[-1] == "data: [DONE]"
 
 
-class ResponseReader:
-    """Reads HTTP/1.1 responses with Content-Length bodies (and interim heads) off a socket,
-    keeping bytes that arrive early for the next read."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer = sock, b""
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        assert chunk, f"connection closed after {self.buffer!r}"
-        self.buffer += chunk
-
-    def head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        return head + b"\r\n\r\n"
-
-    def response(self) -> bytes:
-        head = self.head()
-        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
-        while len(self.buffer) < length:
-            self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return head + body
-
-
 @both_backends
 def test_expect_100_continue_is_answered_before_the_body(gateway, backend):
     server = gateway(backend, extra_config="server: {max_body_bytes: 2000}\ncache: {enabled: false}\n")
@@ -1464,11 +1437,12 @@ def test_a_body_sent_after_its_request_was_refused_is_drained_not_reset(gateway,
             assert sock.recv(65536) == b""
     # An answer that ends the connection (the client sent Connection: close) given before the
     # body was read (no such route; GET only): the client, still sending, is read to its end,
-    # not left stalled until the idle timeout as the router's path left it.
+    # not left stalled until the idle timeout as the router's path left it. (Chunked: a declared
+    # length over the limit is answered 413 first.)
     for path, status in (("/v1/nothing", b"404"), ("/v1/models", b"405")):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                         f"Content-Length: {size}\r\n\r\n".encode())
+                         f"Transfer-Encoding: chunked\r\n\r\n{size:x}\r\n".encode())
             sock.sendall(b"x" * size)
             sock.shutdown(socket.SHUT_WR)
             assert ResponseReader(sock).response().startswith(b"HTTP/1.1 " + status + b" ")
@@ -1653,10 +1627,13 @@ def test_tls_with_a_self_signed_certificate(tmp_path, fake_llm):
         plain = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Connection": "keep-alive"})
         assert plain.status_code == 400 and plain.headers["connection"] == "close"
         assert plain.json()["error"]["code"] == "plain_http_on_tls_port" and "use https://" in plain.json()["error"]["message"]
+        # Also to a client still sending a large body: the connection lingers, not reset under its answer.
+        posted = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"x" * 2_000_000, timeout=20)
+        assert posted.status_code == 400 and posted.json()["error"]["code"] == "plain_http_on_tls_port"
         # TLS still works after that, and the refusal is counted.
         assert httpx.get(f"https://localhost:{port}/health", verify=context).status_code == 200
         metrics = httpx.get(f"https://localhost:{port}/metrics", verify=context).text
-        assert metric_value(metrics, "gatehouse_http_requests_total", route="unparsed", method="unknown", status="400") == 1
+        assert metric_value(metrics, "gatehouse_http_requests_total", route="unparsed", method="unknown", status="400") == 2
         # An idle keep-alive connection whose client never reads it (urllib3's pool) does not
         # hold the shutdown: closing waited 5 s (NIOSSL's default) for the client's close_notify.
         with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw, server_hostname="localhost") as idle:
@@ -1905,6 +1882,20 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
     assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
+
+
+@both_backends
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(gateway, backend):
+    # Without Expect: 100-continue, the router read up to max_body_bytes (10 MiB by default)
+    # before its 413; the pass-through answered from the head. Both do now, for every route.
+    server = gateway(backend, extra_config="server: {max_body_bytes: 1000000}\n")
+    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/plugins/none/x"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n".encode()
+                         + b"{" + b" " * 1000)
+            answer = ResponseReader(sock).response()  # before the rest of the body (a timeout otherwise)
+            assert answer.startswith(b"HTTP/1.1 413 "), (path, answer)
+            assert b'"code":"body_too_large"' in answer.replace(b" ", b"") and b"connection: close" in answer.lower(), answer
 
 
 @both_backends

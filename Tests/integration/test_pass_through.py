@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVICES_SO, raw_exchange, stream_events, streamed_text, wait_for_log
+from conftest import SERVICES_SO, ResponseReader, raw_exchange, stream_events, streamed_text, wait_for_log
 from test_plugin_services import metric_value
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -763,14 +763,16 @@ def test_requests_the_key_or_rate_refuses_are_answered_before_their_bodies(opena
     received, closed = raw_exchange(server.port, started + b"X-API-Key: right-key\r\n\r\n" + partial_body, until=None, timeout=5)
     assert received.startswith(b"HTTP/1.1 429") and closed, received
     assert b"retry-after: " in received.lower(), received
-    # A refused request that comes whole (the usual one) keeps its connection.
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    for _ in range(2):
-        connection.request("POST", path, body=json.dumps(BODY), headers={"Content-Type": "application/json", "X-API-Key": "wrong-key"})
-        answer = connection.getresponse()
-        assert answer.status == 429 and not answer.will_close, answer.getheaders()  # the address spent its token on the first guess
-        answer.read()
-    connection.close()
+    # A refused request that comes whole (the usual one: head and body in one write, so in one
+    # read) keeps its connection. (One whose body comes in a later read is answered at once and
+    # the connection closes, so the head and the body go in one send here.)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        reader = ResponseReader(sock)
+        for _ in range(2):
+            sock.sendall(post_bytes(BODY, path=path, extra_headers="X-API-Key: wrong-key\r\n"))
+            answer = reader.response()
+            assert answer.startswith(b"HTTP/1.1 429 "), answer  # the address spent its token on the first guess
+            assert b"connection: close" not in answer.lower(), answer
 
 
 def test_repeated_key_fields_are_judged_alike_on_both_paths(openai_gateway):

@@ -61,7 +61,7 @@ public struct GatehouseServer: Sendable {
 
         // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
         // the access log (sees every final response), then auth and rate limits, the refusal of
-        // compressed bodies and of bodies held back over the limit, then plugins' middleware, then
+        // compressed bodies and of bodies declared over the limit, then plugins' middleware, then
         // the routes, then (for what no route took) the 405 check. HEAD is answered wherever GET
         // is, with GET's headers.
         let router = Router(context: GatehouseRequestContext.self, options: .autoGenerateHeadEndpoints)
@@ -72,7 +72,7 @@ public struct GatehouseServer: Sendable {
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
         if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
         router.add(middleware: ContentEncodingMiddleware())
-        router.add(middleware: HeldBackBodyMiddleware(maxBodyBytes: config.maxBodyBytes))
+        router.add(middleware: DeclaredBodySizeMiddleware(maxBodyBytes: config.maxBodyBytes))
         router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)
         MetricsRoutes(metrics: metrics).register(on: router)

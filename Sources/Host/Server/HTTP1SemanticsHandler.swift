@@ -232,8 +232,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         if unanswered.count == 1 { sendContinueIfAwaited(context) }
         if !expectsContinue, head.headers.contains(name: "Expect") {
             // An expectation not acted on (HTTP/1.0's 100-continue, which RFC 9110 ignores, or
-            // another): the router (HeldBackBodyMiddleware) takes any `Expect` left for a client
-            // waiting for a 100.
+            // another) is not the routes' to see: only a client waiting for a 100 keeps its `Expect`.
             head.headers.remove(name: "Expect")
             changed = true
         }

@@ -7,12 +7,16 @@ internal import NIOCore
 /// answered in plain HTTP with an OpenAI-shaped 400 and closed, as nginx answers "The plain
 /// HTTP request was sent to HTTPS port". Anything else goes to TLS untouched.
 ///
-/// Looks at a connection's first read only, then leaves the pipeline.
+/// Looks at a connection's first read only, then leaves the pipeline; after a 400 it stays, to
+/// drop what the client still sends while the connection closes, lingering (`LingeringClose`):
+/// closed at once with a request body unread, the kernel reset the connection, and a client
+/// still sending (a large POST) lost the 400 it had not read yet.
 final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     private let logger: Logger
     private let metrics: GatehouseMetrics?
+    private let lingering = LingeringClose()
 
     init(logger: Logger, metrics: GatehouseMetrics?) {
         self.logger = logger
@@ -20,6 +24,7 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !lingering.isLingering else { return lingering.readMore(context) }  // the rest of the refused request, dropped
         let bytes = unwrapInboundIn(data)
         guard let first = bytes.getInteger(at: bytes.readerIndex, as: UInt8.self), (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(first) else {
             context.fireChannelRead(data)
@@ -33,7 +38,17 @@ final class PlainHTTPDetector: ChannelInboundHandler, RemovableChannelHandler {
         logger.info(
             "plain HTTP request on the TLS port",
             metadata: ["client": .string(context.channel.remoteAddress?.ipAddress ?? "unknown"), "request_id": .string(requestID)])
-        let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(failure.closingResponseBytes(requestID: requestID))).whenComplete { _ in channel.close(promise: nil) }
+        context.write(wrapOutboundOut(failure.closingResponseBytes(requestID: requestID)), promise: nil)
+        lingering.start(context, clientDoneSending: false)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if lingering.isLingering, case .inputClosed? = event as? ChannelEvent { return lingering.clientClosed(context) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        lingering.cancel()
+        context.fireChannelInactive()
     }
 }
