@@ -274,11 +274,15 @@ private final class SecondText: @unchecked Sendable {
 /// the loop's tasks run, microseconds later). Lines from other threads are written at once.
 /// A crash loses at most the lines of the loop's current round.
 ///
-/// A `write(2)` carries whole lines, at most `PIPE_BUF` bytes of them unless one line is longer,
-/// and every write is made under one lock, so lines from different threads never interleave,
-/// not even on a pipe, which takes a longer write in pieces.
+/// A `write(2)` carries whole lines, at most `PIPE_BUF` bytes of them unless one line is longer.
+/// A regular file takes each write whole, whatever its size (the kernel holds the file's lock
+/// for it), so lines from different threads never interleave there. A pipe or a socket (stdout
+/// under systemd or Docker) takes a longer write in pieces when its reader is slow, and another
+/// thread's line written between two pieces would break both: there every write holds a lock.
 public final class LogSink: Sendable {
     private let handle: Mutex<FileHandle>
+    /// Whether writes take the lock: the descriptor is not a regular file (see the type's doc).
+    private let writesTakeLock: Atomic<Bool>
     private let descriptor: Int32
     /// The file's path; nil for standard output.
     public let path: String?
@@ -288,6 +292,7 @@ public final class LogSink: Sendable {
 
     init(handle: FileHandle, path: String?) {
         descriptor = handle.fileDescriptor
+        writesTakeLock = Atomic(!Self.isRegularFile(handle.fileDescriptor))
         self.handle = Mutex(handle)
         self.path = path
     }
@@ -310,6 +315,7 @@ public final class LogSink: Sendable {
         let fresh = try Self.openForAppending(path)
         defer { close(fresh) }
         guard dup2(fresh, descriptor) >= 0 else { throw LogFileError(path: path, reason: String(cString: strerror(errno))) }
+        writesTakeLock.store(!Self.isRegularFile(descriptor), ordering: .relaxed)
     }
 
     /// `O_APPEND`, so every write lands at the end even when another process (logrotate's
@@ -367,11 +373,21 @@ public final class LogSink: Sendable {
         lines.bytes.removeAll(keepingCapacity: true)
     }
 
-    /// Every write holds the lock: a pipe takes a write over `PIPE_BUF` in pieces (when the
-    /// reader is slow, say), and another thread's line written between two of them would break
-    /// both lines' JSON. Held only for the `write(2)` of lines already built.
+    /// Writes under the lock where the descriptor needs it (not a regular file: see the type's
+    /// doc); held only for the `write(2)` of lines already built. Files skip it: both event loops
+    /// flush every round, and waiting on each other there cost the pass-through about 4% of its
+    /// requests per second (docs/PERFORMANCE.md, twentieth round).
     private func writeLocked(_ bytes: ArraySlice<UInt8>) {
-        handle.withLock { _ in Self.write(bytes, to: descriptor) }
+        if writesTakeLock.load(ordering: .relaxed) {
+            handle.withLock { _ in Self.write(bytes, to: descriptor) }
+        } else {
+            Self.write(bytes, to: descriptor)
+        }
+    }
+
+    private static func isRegularFile(_ descriptor: Int32) -> Bool {
+        var status = stat()
+        return fstat(descriptor, &status) == 0 && (status.st_mode & S_IFMT) == S_IFREG
     }
 
     private static func write(_ bytes: ArraySlice<UInt8>, to descriptor: Int32) {
