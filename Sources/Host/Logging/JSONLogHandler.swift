@@ -29,6 +29,16 @@ public struct JSONLogHandler: LogHandler {
         self.secrets = secrets
     }
 
+    /// `text` with secrets masked: by shape (`Redactor`), then the configured ones by value.
+    private func redacted(_ text: String) -> String {
+        secrets.mask(Redactor.redact(text: text))
+    }
+
+    /// The value of field `key` with secrets masked (all of it, for a key that names a secret).
+    private func redacted(key: String, value: String) -> String {
+        secrets.mask(Redactor.redact(key: key, value: value))
+    }
+
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
@@ -41,15 +51,15 @@ public struct JSONLogHandler: LogHandler {
         // date formatting and even String concatenation cost more than the rest of a proxied
         // request together.
         var fields: [(key: String, value: String)] = [
-            ("level", event.level.rawValue), ("msg", secrets.mask(Redactor.redact(text: "\(event.message)"))), ("label", label),
+            ("level", event.level.rawValue), ("msg", redacted("\(event.message)")), ("label", label),
         ]
         fields.reserveCapacity(4 + metadata.count + (event.metadata?.count ?? 0))
         let extra = event.metadata ?? [:]
         for (key, value) in metadata where extra[key] == nil && !Self.reservedKeys.contains(key) {
-            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
+            fields.append((key, redacted(key: key, value: Self.plain(value))))
         }
         for (key, value) in extra where !Self.reservedKeys.contains(key) {
-            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
+            fields.append((key, redacted(key: key, value: Self.plain(value))))
         }
         if event.level >= .error, metadata["source"] == nil, extra["source"] == nil {
             fields.append(("source", "\(event.file.split(separator: "/").last ?? ""):\(event.line)"))
@@ -79,7 +89,7 @@ public struct JSONLogHandler: LogHandler {
                 line.append(contentsOf: #"","level":"info","method":"#.utf8)
                 Self.appendQuoted(Redactor.redact(text: method), to: &line)
                 line.append(contentsOf: #","msg":"request","path":"#.utf8)
-                Self.appendQuoted(secrets.mask(Redactor.redact(text: path)), to: &line)
+                Self.appendQuoted(redacted(path), to: &line)
                 if let id {
                     line.append(contentsOf: #","request_id":"#.utf8)
                     Self.appendQuoted(Redactor.redact(text: id), to: &line)
@@ -99,12 +109,12 @@ public struct JSONLogHandler: LogHandler {
         }
         var fields: [(key: String, value: String)] = [
             ("level", "info"), ("msg", "request"), ("label", label), ("method", Redactor.redact(text: method)),
-            ("path", secrets.mask(Redactor.redact(text: path))), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
+            ("path", redacted(path)), ("status", String(status)), ("latency_ms", Self.milliseconds(latency)),
             ("client", client),
         ]
         if let firstByte { fields.append(("ttfb_ms", Self.milliseconds(firstByte))) }
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
-            fields.append((key, secrets.mask(Redactor.redact(key: key, value: Self.plain(value)))))
+            fields.append((key, redacted(key: key, value: Self.plain(value))))
         }
         if let requestID, metadata["request_id"] == nil { fields.append(("request_id", Redactor.redact(text: requestID))) }
         write(&fields)
@@ -334,7 +344,7 @@ public final class LogSink: Sendable {
             var line: [UInt8] = []
             line.reserveCapacity(256)
             build(&line)
-            writeLocked(line[...])
+            writeWithoutInterleaving(line[...])
             return
         }
         let lines: PendingLines
@@ -348,10 +358,10 @@ public final class LogSink: Sendable {
         build(&lines.bytes)
         if lines.bytes.count > Int(PIPE_BUF) {
             // The earlier lines go out first (whole lines, at most PIPE_BUF bytes together)...
-            if start > 0 { writeLocked(lines.bytes[..<start]) }
+            if start > 0 { writeWithoutInterleaving(lines.bytes[..<start]) }
             if lines.bytes.count - start > Int(PIPE_BUF) {
                 // ...and a line too long to share a write, at once.
-                writeLocked(lines.bytes[start...])
+                writeWithoutInterleaving(lines.bytes[start...])
                 lines.bytes.removeAll(keepingCapacity: true)
                 return
             }
@@ -369,15 +379,15 @@ public final class LogSink: Sendable {
     /// Writes a thread's pending lines (whole lines, at most PIPE_BUF bytes) with one `write(2)`.
     private func writeOut(_ lines: PendingLines) {
         guard !lines.bytes.isEmpty else { return }
-        writeLocked(lines.bytes[...])
+        writeWithoutInterleaving(lines.bytes[...])
         lines.bytes.removeAll(keepingCapacity: true)
     }
 
-    /// Writes under the lock where the descriptor needs it (not a regular file: see the type's
+    /// Writes, under the lock where the descriptor needs it (not a regular file: see the type's
     /// doc); held only for the `write(2)` of lines already built. Files skip it: both event loops
     /// flush every round, and waiting on each other there cost the pass-through about 4% of its
     /// requests per second (docs/PERFORMANCE.md, twentieth round).
-    private func writeLocked(_ bytes: ArraySlice<UInt8>) {
+    private func writeWithoutInterleaving(_ bytes: ArraySlice<UInt8>) {
         if writesTakeLock.load(ordering: .relaxed) {
             handle.withLock { _ in Self.write(bytes, to: descriptor) }
         } else {

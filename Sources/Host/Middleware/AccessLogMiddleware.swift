@@ -69,8 +69,7 @@ public struct AccessLogMiddleware: RouterMiddleware {
         case is CancellationError:
             // A router request's task is cancelled only when the shutdown's time runs out (a
             // client that leaves is told apart by ClientDeparture).
-            OpenAIError.serverShuttingDown.logIfServerSide(context.logger)
-            return OpenAIError.serverShuttingDown.response(requestID: context.requestID)
+            return response(for: OpenAIError.serverShuttingDown, request: request, context: context)
         case let error as HTTPParserError:
             // The body broke HTTP's framing (a bad chunk size, say): the client's error.
             return OpenAIError.malformedRequest(error).response(requestID: context.requestID)

@@ -33,9 +33,9 @@ final class MiddlewareCallState {
     /// The calls whose middleware function is running, by token. A `gh_mw_call*` is a token,
     /// never this object's address (as a `gh_exchange*` is): a plugin that keeps one past its
     /// function's return, and uses it from another thread, gets `GH_ERR_STATE` rather than
-    /// crash the gateway, and the `mw_*` calls on one call, from any thread, take turns.
-    /// The table of open calls; a lock of its own (NIOLock: the states are not Sendable, and are
-    /// touched only under it while open, by the host's task otherwise).
+    /// crash the gateway, and the `mw_*` calls on one call, from any thread, take turns under
+    /// the table's lock (an NIOLock: the states are not Sendable, and are touched only under it
+    /// while open, by the host's task otherwise).
     private final class LiveCalls: @unchecked Sendable {
         let lock = NIOLock()
         var next: UInt = 1

@@ -46,7 +46,7 @@ enum HostAPI {
                     return exchange.start(status: status, headers: copied) ? GH_OK : GH_ERR_STATE
                 },
                 respond_write: { exchangePointer, chunk in
-                    guard exchangePointer != nil, chunk.data != nil || chunk.len == 0 else { return GH_ERR_INVALID_ARGUMENT }
+                    guard exchangePointer != nil, chunk.isReadable else { return GH_ERR_INVALID_ARGUMENT }
                     guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
                     return exchange.write(ByteBuffer(chunk)) ? GH_OK : GH_ERR_STATE
                 },
@@ -56,7 +56,7 @@ enum HostAPI {
                     return exchange.finish() ? GH_OK : GH_ERR_STATE
                 },
                 llm_chat: { plugin, exchangePointer, requestJSON, onChunk, onDone, context in
-                    guard let instance = PluginInstance.from(plugin), let onDone, requestJSON.data != nil || requestJSON.len == 0 else {
+                    guard let instance = PluginInstance.from(plugin), let onDone, requestJSON.isReadable else {
                         return GH_ERR_INVALID_ARGUMENT
                     }
                     let requestID = ExchangeTable.shared.lookup(exchangePointer)?.requestID

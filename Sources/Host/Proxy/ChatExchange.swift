@@ -644,16 +644,13 @@ final class ChatExchange: UpstreamResponseDelegate {
         guard phase == .streaming else { return }
         if let error {
             if blamingUpstream { logger.error("stream failed", metadata: ["error": .string(error.message)]) }
-            output.writeStaticString("data: ")
-            output.writeBytes(error.body(requestID: requestID))
-            output.writeStaticString("\n\n")
             connection?.close()
             connection = nil
         } else {
             loop.recordUpstream(streamed: true, duration: ContinuousClock.now - upstreamStarted, prompt: promptTokens, completion: completionTokens)
             if !usageSeen { passThrough.metrics?.recordStreamWithoutUsage(backend: passThrough.backendName, logger: logger) }
         }
-        output.writeStaticString("data: [DONE]\n\n")
+        output.writeEventStreamEnd(error: error, requestID: requestID)
         sendStream(&output, ending: true)
         finish(draining: connection != nil)
     }

@@ -152,15 +152,21 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// the next one.
     private func answer(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
         let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger, countingIn: metrics)
-        let body = ByteBuffer(data: failure.body(requestID: requestID))
-        let head = HTTPResponseHead(
-            version: .http1_1, status: HTTPResponseStatus(statusCode: failure.status.code),
-            headers: HTTPHeaders(failure.closingHeaderFields(requestID: requestID, bodyLength: body.readableBytes).map { ($0.name, $0.value) }))
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        writeClosingAnswer(failure, requestID: requestID, version: .http1_1, context)
+        context.flush()
         // The client may still be sending what the parser could not read (a head over the limit).
         lingering.start(context, clientDoneSending: inputClosed)
+    }
+
+    /// Writes `error` as a whole response after which the connection closes (not flushed).
+    private func writeClosingAnswer(_ error: OpenAIError, requestID: String, version: HTTPVersion, _ context: ChannelHandlerContext) {
+        let body = ByteBuffer(data: error.body(requestID: requestID))
+        let head = HTTPResponseHead(
+            version: version, status: HTTPResponseStatus(statusCode: error.status.code),
+            headers: HTTPHeaders(error.closingHeaderFields(requestID: requestID, bodyLength: body.readableBytes).map { ($0.name, $0.value) }))
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        context.write(wrapOutboundOut(.end(nil)), promise: nil)
     }
 
     /// The error a rejected request is answered with, and its new request id; logged at info,
@@ -322,18 +328,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         departure.depart(.serverStopping)
         let error = OpenAIError.serverShuttingDown
         if !request.responseBegun {
-            let body = ByteBuffer(data: error.body(requestID: request.requestID))
-            let head = HTTPResponseHead(
-                version: request.version, status: .serviceUnavailable,
-                headers: HTTPHeaders(error.closingHeaderFields(requestID: request.requestID, bodyLength: body.readableBytes).map { ($0.name, $0.value) }))
-            context.write(wrapOutboundOut(.head(head)), promise: nil)
-            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+            writeClosingAnswer(error, requestID: request.requestID, version: request.version, context)
         } else if request.eventStream {
             var events = ByteBuffer()
-            events.writeStaticString("data: ")
-            events.writeBytes(error.body(requestID: request.requestID))
-            events.writeStaticString("\n\ndata: [DONE]\n\n")
+            events.writeEventStreamEnd(error: error, requestID: request.requestID)
             context.write(wrapOutboundOut(.body(.byteBuffer(events))), promise: nil)
             context.write(wrapOutboundOut(.end(nil)), promise: nil)
         }

@@ -156,3 +156,16 @@ extension OpenAIError {
         return head.finish(appending: body)
     }
 }
+
+extension ByteBuffer {
+    /// The end of a completion's event stream, as OpenAI ends one: the error event, if the
+    /// stream failed, then `data: [DONE]`.
+    mutating func writeEventStreamEnd(error: OpenAIError?, requestID: String) {
+        if let error {
+            writeStaticString("data: ")
+            writeBytes(error.body(requestID: requestID))
+            writeStaticString("\n\n")
+        }
+        writeStaticString("data: [DONE]\n\n")
+    }
+}

@@ -66,13 +66,13 @@ struct PluginRoutes {
             case .whole(let status, let replyHeaders, let replyBody):
                 let status = try Self.status(status, plugin: name)
                 response = Response(
-                    status: status, headers: fields(replyHeaders, context: context),
+                    status: status, headers: Self.responseFields(replyHeaders, logger: context.logger),
                     body: PluginStatus.allowsBody(status.code) ? .init(byteBuffer: replyBody) : .init())
             case .stream(let status, let replyHeaders, let chunks):
                 let status = try Self.status(status, plugin: name)
                 // Without a body (204, 304), what the plugin writes is dropped (its writes then fail).
                 response = Response(
-                    status: status, headers: fields(replyHeaders, context: context),
+                    status: status, headers: Self.responseFields(replyHeaders, logger: context.logger),
                     body: PluginStatus.allowsBody(status.code) ? .init(asyncSequence: chunks) : .init())
             case .timedOut where Task.isCancelled:
                 // Not the plugin's fault: the shutdown's time ran out (the wait ends when cancelled).
@@ -96,10 +96,6 @@ struct PluginRoutes {
             throw OpenAIError(.internalServerError, "plugin \(plugin) answered with \(kind)", code: "plugin_invalid_status")
         }
         return HTTPResponse.Status(code: Int(code))
-    }
-
-    private func fields(_ pairs: [(String, String)], context: GatehouseRequestContext) -> HTTPFields {
-        Self.responseFields(pairs, logger: context.logger)
     }
 
     /// A plugin's response header fields without the invalid and the reserved ones (framing is

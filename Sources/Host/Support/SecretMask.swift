@@ -16,8 +16,6 @@ public struct SecretMask: Sendable {
         self.secrets = Set(secrets.compactMap { $0 }.filter { $0.utf8.count >= 4 }).sorted { $0.utf8.count > $1.utf8.count }.map { ($0, Array($0.utf8)) }
     }
 
-    var isEmpty: Bool { secrets.isEmpty }
-
     /// `text` with every occurrence of a secret replaced by `[REDACTED]`. Text without one (the
     /// usual case, and every log line goes through this) is checked as bytes, not copied.
     func mask(_ text: String) -> String {
