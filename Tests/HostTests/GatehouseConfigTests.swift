@@ -84,6 +84,28 @@ import Testing
         #expect(problems.contains { $0.contains("key 'server.idle_timeout': must be a duration") })
     }
 
+    @Test func clientConnectionLimitIsUnsetByDefaultAndZeroMeansNone() {
+        var config = GatehouseConfig()
+        #expect(config.maxConnections == nil)  // derived from the open-files limit at start-up
+        #expect(config.apply(yaml: "server: {max_connections: 2000}\n", file: "g.yaml").isEmpty)
+        #expect(config.maxConnections == 2000)
+        #expect(config.apply(environment: ["GATEHOUSE_MAX_CONNECTIONS": "0"]).isEmpty)
+        #expect(config.maxConnections == 0)
+        let problems = config.apply(yaml: "server: {max_connections: -1}\n", file: "g.yaml").map(\.description)
+        #expect(problems.contains { $0.contains("key 'server.max_connections': must be between 0 and") })
+    }
+
+    @Test func defaultClientConnectionsLeaveAReserveAndHalveTheRest() {
+        // 20000 descriptors, 30 open: 64 kept back, half the rest for clients.
+        #expect(OpenFilesLimit.defaultClientConnections(limit: 20000, openNow: 30) == (20000 - 30 - 64) / 2)
+        // A small limit keeps back an eighth, at least 16.
+        #expect(OpenFilesLimit.defaultClientConnections(limit: 256, openNow: 20) == (256 - 20 - 32) / 2)
+        #expect(OpenFilesLimit.defaultClientConnections(limit: 64, openNow: 20) == (64 - 20 - 16) / 2)
+        // Never below one connection.
+        #expect(OpenFilesLimit.defaultClientConnections(limit: 32, openNow: 30) == 1)
+        #expect(OpenFilesLimit.openDescriptors().map { $0 >= 3 } == true)  // stdin, stdout, stderr at least
+    }
+
     @Test func upstreamConnectionLimitFromYAMLAndEnvironment() {
         var config = GatehouseConfig()
         #expect(config.upstream.maxConnections == 512)

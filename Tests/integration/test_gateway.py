@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import gzip
 import json
+import os
 import re
 import shutil
 import signal
@@ -2004,6 +2005,95 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_limit(start, plugins_di
     assert limits[3:5] == [str(hard), str(hard)], limits
     listening = next(l for l in server.log_lines() if l.get("msg") == "listening")
     assert listening["open_files_limit"] == str(hard)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _answered_within(sock: socket.socket, seconds: float) -> bytes:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(4096)
+    except socket.timeout:
+        return b""
+
+
+def test_connections_past_max_connections_wait_in_the_backlog_until_one_closes(start, plugins_dir):
+    server = start(plugins_dir, env={"GATEHOUSE_MAX_CONNECTIONS": "3"})
+    listening = next(l for l in server.log_lines() if l.get("msg") == "listening")
+    assert listening["max_connections"] == "3"
+    assert server.client.get("/health/live").status_code == 200  # the test client's own keep-alive connection: 1 of 3
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted: the limit is reached
+        waiting = socket.create_connection(("127.0.0.1", server.port))  # the kernel completes it; Gatehouse does not accept it
+        waiting.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _answered_within(waiting, 1.0) == b"", "a connection past the limit was served"
+        held.pop().close()
+        assert _answered_within(waiting, 5.0).startswith(b"HTTP/1.1 200"), "the waiting connection was not accepted when one closed"
+        waiting.close()
+    finally:
+        for sock in held:
+            sock.close()
+    warning = wait_for_log(server, lambda l: l.get("msg", "").startswith("client connection limit reached"))
+    assert warning["level"] == "warning" and warning["max_connections"] == "3"
+    metrics = server.client.get("/metrics").text
+    assert metric_value(metrics, "gatehouse_client_connections_max") == 3
+    assert metric_value(metrics, "gatehouse_client_connection_limit_reached_total") >= 1
+    assert 1 <= metric_value(metrics, "gatehouse_client_connections") <= 3
+
+
+def test_the_default_connection_limit_keeps_clear_of_the_open_files_limit(start, plugins_dir):
+    import resource
+    # 64 descriptors: a few dozen client connections would exhaust them.
+    server = start(plugins_dir, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    listening = next(l for l in server.log_lines() if l.get("msg") == "listening")
+    limit = int(listening["max_connections"])
+    assert 1 <= limit <= 32, listening
+    flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    try:
+        wait_for_log(server, lambda l: l.get("msg", "").startswith("client connection limit reached"))
+        time.sleep(0.5)
+        assert not any("out of file descriptors" in l.get("msg", "") for l in server.log_lines()), server.log()
+    finally:
+        for sock in flood:
+            sock.close()
+    # A new connection is accepted once the flood's have gone.
+    assert httpx.get(f"{server.base}/health/live", timeout=10).status_code == 200
+    assert metric_value(server.client.get("/metrics").text, "gatehouse_client_connections_max") == limit
+
+
+def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(start, plugins_dir):
+    import resource
+    # No connection limit, and few descriptors: accept(2) fails with EMFILE while connections queue.
+    server = start(plugins_dir, env={"GATEHOUSE_MAX_CONNECTIONS": "0"},
+                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    try:
+        time.sleep(0.5)
+        before = _cpu_seconds(server.process.pid)
+        time.sleep(2)
+        used = _cpu_seconds(server.process.pid) - before
+        # Spinning on accept takes a whole core (2 s here); a retry every 100 ms takes almost nothing.
+        assert used < 0.5, f"{used:.2f} s of CPU in 2 s while out of descriptors"
+        warning = wait_for_log(server, lambda l: l.get("msg", "").startswith("cannot accept connections: out of file descriptors"))
+        assert warning["level"] == "warning" and "errno 24" in warning["error"], warning
+    finally:
+        for sock in flood:
+            sock.close()
+    # Descriptors freed: accepting resumes (the queued connections, closed by now, are accepted and dropped).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            response = httpx.get(f"{server.base}/health/live", timeout=2)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, server.log()
+    assert response.status_code == 200
+    assert metric_value(httpx.get(f"{server.base}/metrics", timeout=5).text, "gatehouse_accept_failures_total") >= 1
 
 
 def test_port_in_use_is_one_clear_line_before_any_plugin_starts(gateway, plugins_dir, c_echo_so, tmp_path):

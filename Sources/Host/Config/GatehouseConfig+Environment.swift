@@ -78,6 +78,7 @@ extension GatehouseConfig {
         if let file = value("TLS_KEY_FILE") { tls.keyFile = file }
         if let timeout = seconds("SHUTDOWN_TIMEOUT") { shutdownTimeout = timeout }
         if let timeout = seconds("GATEHOUSE_IDLE_TIMEOUT") { idleTimeout = timeout }
+        if let connections = integer("GATEHOUSE_MAX_CONNECTIONS", 0...Int(Int32.max)) { maxConnections = connections }
         trustedProxies = list("GATEHOUSE_TRUSTED_PROXIES", of: "IP addresses or CIDR ranges", isValid: { IPRange($0) != nil }) ?? trustedProxies
         corsOrigins = list("GATEHOUSE_CORS_ORIGINS", of: "web origins (scheme://host[:port], no path) or *", isValid: CORSPolicy.isValidEntry) ?? corsOrigins
         if let file = value("LOG_FILE") { logFile = file }

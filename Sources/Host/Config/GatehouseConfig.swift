@@ -77,6 +77,9 @@ public struct GatehouseConfig: Sendable {
     /// (between keep-alive requests, or a request's head or body trickling in) before it is
     /// closed; 0 keeps idle connections open. nginx's `keepalive_timeout` default.
     public var idleTimeout = 75.0
+    /// Client connections open at once; past it, new ones wait in the listen backlog until others
+    /// close. nil: what the open-files limit allows (`ConnectionBudget`); 0: no limit.
+    public var maxConnections: Int?
     /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client for
     /// rate limits and logs; none by default, when the header is ignored.
     public var trustedProxies: [String] = []
@@ -153,12 +156,13 @@ extension GatehouseConfig {
         guard let root = reader.root(of: text) else { return reader.problems }
         reader.checkKeys(root, at: "", allowed: ["server", "auth", "rate_limit", "upstream", "cache", "logging", "plugins_dir", "plugins"])
         if let server = reader.mapping(root, "server", at: "") {
-            reader.checkKeys(server, at: "server", allowed: ["host", "port", "max_body_bytes", "shutdown_timeout", "idle_timeout", "trusted_proxies", "cors_origins", "tls"])
+            reader.checkKeys(server, at: "server", allowed: ["host", "port", "max_body_bytes", "shutdown_timeout", "idle_timeout", "max_connections", "trusted_proxies", "cors_origins", "tls"])
             host = reader.string(server, "host", at: "server") ?? host
             port = reader.int(server, "port", at: "server", range: 0...65535) ?? port
             maxBodyBytes = reader.int(server, "max_body_bytes", at: "server", range: 1...Int(Int32.max)) ?? maxBodyBytes
             shutdownTimeout = reader.duration(server, "shutdown_timeout", at: "server") ?? shutdownTimeout
             idleTimeout = reader.duration(server, "idle_timeout", at: "server") ?? idleTimeout
+            maxConnections = reader.int(server, "max_connections", at: "server", range: 0...Int(Int32.max)) ?? maxConnections
             trustedProxies = reader.ipRanges(server, "trusted_proxies", at: "server") ?? trustedProxies
             corsOrigins =
                 reader.commaList(

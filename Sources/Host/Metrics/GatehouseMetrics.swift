@@ -33,6 +33,10 @@ public final class GatehouseMetrics: Sendable {
     let tokensIn: Counter
     let tokensOut: Counter
     let inFlight: Gauge
+    let clientConnections: Gauge
+    let clientConnectionLimit: Gauge
+    let connectionLimitWaits: Counter
+    let acceptPauses: Counter
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -43,6 +47,13 @@ public final class GatehouseMetrics: Sendable {
         tokensIn = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "prompt")], help: "LLM tokens reported by the upstream.")
         tokensOut = registry.counter(name: "gatehouse_llm_tokens_total", labels: [("direction", "completion")], help: "LLM tokens reported by the upstream.")
         inFlight = registry.gauge(name: "gatehouse_http_requests_in_flight", help: "HTTP requests being served.")
+        clientConnections = registry.gauge(name: "gatehouse_client_connections", help: "Client connections open.")
+        clientConnectionLimit = registry.gauge(
+            name: "gatehouse_client_connections_max", help: "server.max_connections: client connections open at once, past which new ones wait (0: no limit).")
+        connectionLimitWaits = registry.counter(
+            name: "gatehouse_client_connection_limit_reached_total", help: "Connections accepted that took the count to server.max_connections, after which new ones wait.")
+        acceptPauses = registry.counter(
+            name: "gatehouse_accept_failures_total", help: "Connections the kernel had queued that could not be accepted for want of file descriptors (accepting pauses 100 ms).")
         registry.gauge(
             name: "gatehouse_build_info", labels: [("version", GatehouseVersion.release), ("plugin_abi", GatehouseVersion.pluginABI)],
             help: "Always 1; the labels say which release and plugin ABI this process runs."

@@ -80,11 +80,19 @@ public struct GatehouseServer: Sendable {
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
         router.add(middleware: MethodNotAllowedMiddleware(routes: router.routes))
 
+        let connectionLimit = clientConnectionLimit(openFiles: openFiles)
+        metrics.clientConnectionLimit.set(to: Double(connectionLimit ?? 0))
         let app = Application(
             router: router,
             server: server,
             configuration: .init(address: .hostname(bindHost, port: config.port), serverName: Self.serverName),
             onServerRunning: { [logger, config] channel in
+                // Hummingbird has no hook into the listening socket's pipeline before it binds; this
+                // runs once it listens, before the line that tells the world it does.
+                try? await channel.eventLoop.submit {
+                    let gate = ClientConnectionGate(limit: connectionLimit, metrics: metrics, logger: logger)
+                    try channel.pipeline.syncOperations.addHandler(gate, position: .first)
+                }.get()
                 let bound = channel.localAddress.map { Self.display(host: $0.ipAddress ?? bindHost, port: $0.port ?? config.port) } ?? address
                 logger.info(
                     "listening",
@@ -96,6 +104,7 @@ public struct GatehouseServer: Sendable {
                         "plugins_dir": .string(config.pluginsDirectory), "config": .string(config.sources.joined(separator: " < ")),
                         "chat_pass_through": .stringConvertible(passThrough != nil),
                         "open_files_limit": .string(openFiles.map { String($0) } ?? "unknown"),
+                        "max_connections": .string(connectionLimit.map { String($0) } ?? "unlimited"),
                     ])
             },
             logger: logger
@@ -134,6 +143,23 @@ public struct GatehouseServer: Sendable {
     }
 
     static let serverName = "Gatehouse"
+
+    /// `server.max_connections`, or by default what the open-files limit leaves for client
+    /// connections once plugins are loaded (nil: no limit). Warns when a configured limit is more
+    /// than the descriptors allow, since past them accepting stalls instead.
+    private func clientConnectionLimit(openFiles: UInt64?) -> Int? {
+        let affordable = openFiles.flatMap { limit in
+            OpenFilesLimit.openDescriptors().map { OpenFilesLimit.defaultClientConnections(limit: limit, openNow: $0) }
+        }
+        guard let configured = config.maxConnections else { return affordable }
+        if configured == 0 { return nil }
+        if let affordable, configured > affordable, let openFiles {
+            logger.warning(
+                "server.max_connections is more than the open-files limit allows: past about \(affordable) connections, accepting will stall instead",
+                metadata: ["max_connections": .stringConvertible(configured), "open_files_limit": .stringConvertible(openFiles)])
+        }
+        return configured
+    }
 
     /// Plain HTTP/1.1, or HTTP/1.1 over TLS with the configured PEM certificate chain and key
     /// (where a plain-HTTP request gets a readable 400); with the chat pass-through in every

@@ -19,4 +19,29 @@ enum OpenFilesLimit {
         }
         return UInt64(limits.rlim_cur)
     }
+
+    /// Descriptors this process has open now (nil where `/proc/self/fd` cannot be read).
+    static func openDescriptors() -> Int? {
+        guard let directory = opendir("/proc/self/fd") else { return nil }
+        defer { closedir(directory) }
+        var count = 0
+        while let entry = readdir(directory) {
+            // "." and ".." are the only names not a descriptor's number.
+            if entry.pointee.d_name.0 != 0x2E { count += 1 }
+        }
+        // Less the one opendir itself holds.
+        return count - 1
+    }
+
+    /// Descriptors kept back from client connections for what else the process opens later (log
+    /// reopening, certificate reloads, plugins' own files, DNS): an eighth of the limit, 16 to 64.
+    static func reserve(limit: Int) -> Int { min(64, max(16, limit / 8)) }
+
+    /// The default `server.max_connections`: half the descriptors left after start-up and the
+    /// reserve, since a client connection may hold an upstream connection as well. At least 1.
+    static func defaultClientConnections(limit: UInt64, openNow: Int) -> Int {
+        let limit = Int(clamping: limit)
+        let left = limit - openNow - reserve(limit: limit)
+        return max(1, left / 2)
+    }
 }
