@@ -3,7 +3,9 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -181,6 +183,39 @@ def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_d
     assert states["variant"]["state"] == "loaded"  # pinned with the right hash
     assert states["echo-c"]["state"] == "loaded"
     assert post_echo(server, "echo-c", b"alive", "text/plain").content == b"alive"
+
+
+def _rss_mib(pid: int) -> float:
+    return next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")) / 1024
+
+
+def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir)
+    rss_before = _rss_mib(server.process.pid)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    # Shrinks what the kernel holds for this client, so the gateway's own buffering is what is tested.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(b"GET /v1/plugins/variant/flood HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")  # the head; the body is then left unread
+        stopped = wait_for_log(server, lambda l: l.get("msg", "").startswith("flood stopped"), timeout=60)
+        written, status, finished = map(int, re.search(r"after (\d+) bytes with status (-?\d+), finish (-?\d+)", stopped["msg"]).groups())
+        # The plugin's write failed (GH_ERR_STATE, as when a client leaves) a little past 16 MiB
+        # plus what the sockets hold, long before its 256 MiB; finishing the exchange still worked.
+        assert status == 2 and written < 64 << 20 and finished == 0, stopped
+        warning = wait_for_log(server, lambda l: l.get("msg", "").startswith("client too slow for the plugin's streamed answer"))
+        assert warning["level"] == "warning" and warning["plugin"] == "variant" and int(warning["buffered_bytes"]) > 16 << 20, warning
+        assert _rss_mib(server.process.pid) - rss_before < 120, "the stream was held in memory"
+        # The connection is closed without the chunked body's end, so the client can tell it is cut short.
+        sock.settimeout(10)
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+        assert not received.endswith(b"0\r\n\r\n")
+    finally:
+        sock.close()
+    assert server.client.get("/v1/plugins/variant/hello").text == "hello"  # the plugin keeps serving
 
 
 def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(plugins_dir, start, variants):

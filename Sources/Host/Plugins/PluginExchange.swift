@@ -7,7 +7,7 @@ internal import Synchronization
 /// What a plugin answered.
 enum PluginReply: Sendable {
     case whole(status: UInt16, headers: [(String, String)], body: ByteBuffer)
-    case stream(status: UInt16, headers: [(String, String)], body: AsyncStream<ByteBuffer>)
+    case stream(status: UInt16, headers: [(String, String)], body: PluginStreamBody)
     /// The plugin did not answer within its timeout.
     case timedOut
 }
@@ -18,15 +18,23 @@ enum PluginReply: Sendable {
 final class PluginExchange: Sendable {
     private enum State {
         case pending(CheckedContinuation<PluginReply, Never>?)
-        case streaming(AsyncStream<ByteBuffer>.Continuation)
+        case streaming(AsyncThrowingStream<ByteBuffer, any Error>.Continuation)
         /// The host stopped listening (timeout or client gone); the plugin must still complete.
         case abandoned
         case completed
     }
 
+    /// How far a streamed answer may run ahead of the client reading it. `respond_write` cannot
+    /// make a plugin wait (it may be called on a host thread), so past this the client is cut
+    /// off instead and the plugin's writes fail, as if the client had left: memory stays bounded
+    /// whatever a plugin writes to a client that reads slowly or not at all.
+    static let maxBufferedStreamBytes = 16 << 20
+
     let instance: PluginInstance
     let requestID: String
     private let state = Mutex<State>(.pending(nil))
+    /// Bytes written by the plugin and not yet taken by the response writer.
+    private let buffered = Atomic<Int>(0)
     nonisolated(unsafe) private(set) var token: UInt = 0
 
     init(instance: PluginInstance, requestID: String) {
@@ -66,7 +74,7 @@ final class PluginExchange: Sendable {
     }
 
     func start(status: UInt16, headers: [(String, String)]) -> Bool {
-        let (stream, streamContinuation) = AsyncStream<ByteBuffer>.makeStream()
+        let (stream, streamContinuation) = AsyncThrowingStream<ByteBuffer, any Error>.makeStream()
         let waiting: CheckedContinuation<PluginReply, Never>? = state.withLock { state in
             guard case .pending(let continuation?) = state else { return nil }
             state = .streaming(streamContinuation)
@@ -76,22 +84,50 @@ final class PluginExchange: Sendable {
         streamContinuation.onTermination = { [weak self] reason in
             if case .cancelled = reason { self?.abandonStream() }
         }
-        waiting.resume(returning: .stream(status: status, headers: headers, body: stream))
+        waiting.resume(returning: .stream(status: status, headers: headers, body: PluginStreamBody(chunks: stream, exchange: self)))
         return true
     }
 
     func write(_ chunk: ByteBuffer) -> Bool {
-        let continuation: AsyncStream<ByteBuffer>.Continuation? = state.withLock { state in
+        let continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation? = state.withLock { state in
             if case .streaming(let continuation) = state { return continuation }
             return nil
         }
         guard let continuation else { return false }
+        let ahead = buffered.add(chunk.readableBytes, ordering: .relaxed).newValue
+        guard ahead <= Self.maxBufferedStreamBytes else {
+            cutOffSlowClient(ahead: ahead)
+            return false
+        }
         if case .terminated = continuation.yield(chunk) { return false }
         return true
     }
 
+    /// The response writer took `bytes` of the stream.
+    fileprivate func taken(_ bytes: Int) {
+        buffered.subtract(bytes, ordering: .relaxed)
+    }
+
+    /// Ends the answer with an error, so the connection is closed without the body's proper end
+    /// (the client can tell it is cut short), and leaves the exchange for the plugin to finish.
+    private func cutOffSlowClient(ahead: Int) {
+        let continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation? = state.withLock { state in
+            guard case .streaming(let continuation) = state else { return nil }
+            state = .abandoned
+            return continuation
+        }
+        guard let continuation else { return }
+        instance.logger.warning(
+            "client too slow for the plugin's streamed answer; connection closed",
+            metadata: [
+                "request_id": .string(requestID), "buffered_bytes": .stringConvertible(ahead),
+                "limit_bytes": .stringConvertible(Self.maxBufferedStreamBytes),
+            ])
+        continuation.finish(throwing: PluginStreamCutOff())
+    }
+
     func finish() -> Bool {
-        let result: (ok: Bool, continuation: AsyncStream<ByteBuffer>.Continuation?) = state.withLock { state in
+        let result: (ok: Bool, continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation?) = state.withLock { state in
             switch state {
             case .streaming(let continuation):
                 state = .completed
@@ -137,6 +173,32 @@ final class PluginExchange: Sendable {
         ExchangeTable.shared.remove(token)
         instance.requestFinished()
     }
+}
+
+/// A plugin's streamed body as the response writer reads it: each chunk taken is counted off
+/// the exchange's buffered bytes.
+struct PluginStreamBody: AsyncSequence, Sendable {
+    typealias Element = ByteBuffer
+    let chunks: AsyncThrowingStream<ByteBuffer, any Error>
+    let exchange: PluginExchange
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var chunks: AsyncThrowingStream<ByteBuffer, any Error>.AsyncIterator
+        let exchange: PluginExchange
+
+        mutating func next() async throws -> ByteBuffer? {
+            guard let chunk = try await chunks.next() else { return nil }
+            exchange.taken(chunk.readableBytes)
+            return chunk
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(chunks: chunks.makeAsyncIterator(), exchange: exchange) }
+}
+
+/// Ends a plugin's streamed answer whose client fell more than `maxBufferedStreamBytes` behind.
+struct PluginStreamCutOff: Error, CustomStringConvertible {
+    var description: String { "client too slow for the plugin's streamed answer" }
 }
 
 /// Live exchanges by token. The token, not an address, is what plugins hold.

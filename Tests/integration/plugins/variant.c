@@ -5,7 +5,8 @@
  *   -DENTRY_V2            export gatehouse_plugin_entry_v2 instead of _v1
  *   -DFAIL_INIT           init fails with a reason
  * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
- *         /config (answers with the plugin's config JSON), /never (never answers).
+ *         /config (answers with the plugin's config JSON), /never (never answers),
+ *         /flood (streams 64 KiB chunks, up to 256 MiB, until a write fails; logs how far it got).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -59,8 +60,34 @@ static void *stream_later(void *arg) {
     return NULL;
 }
 
+static void *flood(void *arg) {
+    gh_exchange *exchange = arg;
+    static uint8_t chunk[64 * 1024];
+    memset(chunk, 'x', sizeof chunk);
+    host->respond_start(exchange, 200, NULL, 0);
+    size_t written = 0;
+    gh_status status = GH_OK;
+    while (written < (size_t)256 << 20) {
+        gh_bytes bytes = {chunk, sizeof chunk};
+        status = host->respond_write(exchange, bytes);
+        if (status != GH_OK) break;
+        written += sizeof chunk;
+    }
+    gh_status finished = host->respond_finish(exchange);
+    char line[128];
+    snprintf(line, sizeof line, "flood stopped after %zu bytes with status %d, finish %d", written, (int)status, (int)finished);
+    host->log(self_handle, NULL, GH_LOG_INFO, text(line), NULL, 0);
+    return NULL;
+}
+
 static void variant_handle(void *state, const gh_request *request, gh_exchange *exchange) {
     (void)state;
+    if (is(request->path, "/flood")) {
+        pthread_t thread;
+        pthread_create(&thread, NULL, flood, exchange);
+        pthread_detach(thread);
+        return;
+    }
     if (is(request->path, "/stream")) {
         pthread_t thread;
         pthread_create(&thread, NULL, stream_later, exchange);
