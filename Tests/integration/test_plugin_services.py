@@ -168,6 +168,21 @@ def test_response_middleware_rewrites_status_headers_and_body(services):
         assert received.endswith(b"rewritten(200):original"), received
 
 
+def test_a_response_middleware_that_changes_nothing_leaves_the_framing_alone(services):
+    server = services()
+    got = server.client.get("/v1/models")
+    assert got.status_code == 200 and "transfer-encoding" not in got.headers
+    assert int(got.headers["content-length"]) == len(got.content)
+    head = server.client.head("/v1/models")
+    assert head.headers["content-length"] == got.headers["content-length"]  # HEAD keeps its GET's length
+    # HTTP/1.0 keeps its connection when it asks: the answer has a length, so it need not close.
+    received, _ = raw_exchange(server.port, b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", until=b"}]}")
+    assert b"Connection: close" not in received.split(b"\r\n\r\n")[0], received
+    observed = wait_for_log(server, lambda l: l.get("msg", "").startswith("observed"))
+    assert observed["msg"] == "observed", "framing was shown to the middleware"
+    assert not any("reserved response header" in l.get("msg", "") for l in server.log_lines()), server.log()
+
+
 def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp_path):
     server = services()
     for _ in range(3):

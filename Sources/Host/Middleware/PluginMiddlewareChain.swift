@@ -146,18 +146,25 @@ public struct PluginMiddlewareChain: RouterMiddleware {
         guard !responsePhase.isEmpty else { return response }
         let isStream = response.body.contentLength == nil
         let body = isStream ? ByteBuffer() : try await Self.collect(response.body)
+        // Framing is the server's: middleware neither see nor set it. It is put back below and
+        // follows the body (a HEAD answer keeps its GET's length).
+        let framing = response.headers.filter { PluginRoutes.reservedResponseHeaders.contains($0.name.canonicalName) }
         let state = MiddlewareCallState(
-            phase: .response, headers: response.headers.map { ($0.name.canonicalName, $0.value) }, body: body, bodyIsStream: isStream,
-            status: response.status.code)
+            phase: .response,
+            headers: response.headers.compactMap { PluginRoutes.reservedResponseHeaders.contains($0.name.canonicalName) ? nil : ($0.name.canonicalName, $0.value) },
+            body: body, bodyIsStream: isStream, status: response.status.code)
         for middleware in responsePhase {
             invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
         }
         response.status = HTTPResponse.Status(code: state.status)
-        response.headers = PluginRoutes.responseFields(state.headers, logger: context.logger)
+        var headers = PluginRoutes.responseFields(state.headers, logger: context.logger)
+        headers.append(contentsOf: framing)
+        response.headers = headers
         if !PluginStatus.allowsBody(state.status) {
             response.body = .init()  // a 204 or 304 set by a middleware: nothing may follow its head
+            response.headers[.contentLength] = nil
         } else if !isStream {
-            response.body = .init(byteBuffer: state.body)
+            response.body = .init(byteBuffer: state.body)  // a changed length replaces the old
         }
         return response
     }

@@ -145,7 +145,20 @@ final class PluginExchange: Sendable {
         return true
     }
 
-    /// The host gives up waiting (timeout). The plugin's later completion is still accepted.
+    /// The plugin's time to answer ran out. Only a wait for the answer's head is given up: once
+    /// `respond_start` has won the race with the timer, the stream is the plugin's to finish.
+    func timeOut() {
+        let continuation: CheckedContinuation<PluginReply, Never>? = state.withLock { state in
+            guard case .pending(let continuation) = state else { return nil }
+            state = .abandoned
+            return continuation
+        }
+        continuation?.resume(returning: .timedOut)
+    }
+
+    /// The host stops listening (the request was cancelled: the shutdown's time ran out). A
+    /// stream already started ends with an error, so its connection closes without the body's
+    /// proper end. The plugin's later completion is still accepted.
     func abandon() {
         let continuation: CheckedContinuation<PluginReply, Never>? = state.withLock { state in
             switch state {
@@ -153,7 +166,7 @@ final class PluginExchange: Sendable {
                 state = .abandoned
                 return continuation
             case .streaming(let stream):
-                stream.finish()
+                stream.finish(throwing: CancellationError())
                 state = .abandoned
                 return nil
             case .abandoned, .completed:

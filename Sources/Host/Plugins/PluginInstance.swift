@@ -147,7 +147,7 @@ public final class PluginInstance: @unchecked Sendable {
         let pointer = exchange.register()
         let timer = Task {
             try await Task.sleep(for: .seconds(timeout))
-            exchange.abandon()
+            exchange.timeOut()
         }
         defer { timer.cancel() }
         let handle = library.descriptor.pointee.handle!

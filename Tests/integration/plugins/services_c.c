@@ -46,6 +46,18 @@ static void rewrite_response(void *context, const gh_mw_message *message, gh_mw_
     host->log(self_handle, NULL, GH_LOG_INFO, text("rewriting"), fields, 1);
 }
 
+/* Looks at the answers of /v1/models and changes nothing: their framing must stay as it was.
+   Reports whether it was shown a content-length header (framing is hidden from middleware). */
+static void observe_response(void *context, const gh_mw_message *message, gh_mw_call *call) {
+    (void)context;
+    (void)call;
+    int saw_length = 0;
+    for (size_t i = 0; i < message->header_count; i++) {
+        if (is(message->headers[i].name, "content-length")) saw_length = 1;
+    }
+    host->log(self_handle, NULL, GH_LOG_INFO, saw_length ? text("observed, with content-length") : text("observed"), NULL, 0);
+}
+
 static int services_init(const gh_host_api *api, gh_plugin *self, void **state_out, char *error, size_t cap) {
     host = api;
     self_handle = self;
@@ -65,6 +77,14 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         .context = NULL,
     };
     if (host->middleware_register(self, &spec) != GH_OK) {
+        snprintf(error, cap, "middleware refused");
+        return 1;
+    }
+    gh_middleware_spec observe = spec;
+    observe.name = "observe";
+    observe.path_prefix = "/v1/models";
+    observe.on_response = observe_response;
+    if (host->middleware_register(self, &observe) != GH_OK) {
         snprintf(error, cap, "middleware refused");
         return 1;
     }
