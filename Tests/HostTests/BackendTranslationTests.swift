@@ -242,6 +242,19 @@ import Testing
         #expect(((try object(finish)["choices"] as? [[String: Any]])?.first?["finish_reason"]) as? String == "length")
         #expect(prompt == 7 && completion == 2)
     }
+
+    @Test func anEmptyStreamedAnswerStillCarriesTheRole() throws {
+        // A model that stops at once: Ollama's first line is already its last.
+        let translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: false)
+        let events = translator.events(for: ["message": ["role": "assistant", "content": ""], "done": true, "done_reason": "stop"])
+        guard events.count == 3, case .chunk(let first) = events[0], case .chunk(let finish) = events[1] else {
+            Issue.record("unexpected events \(events)")
+            return
+        }
+        let choice = try #require((try object(first)["choices"] as? [[String: Any]])?.first)
+        #expect(choice["delta"] as? [String: String] == ["role": "assistant", "content": ""])
+        #expect(((try object(finish)["choices"] as? [[String: Any]])?.first?["finish_reason"]) as? String == "stop")
+    }
 }
 
 @Suite struct StreamParsingTests {

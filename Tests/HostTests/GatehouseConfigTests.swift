@@ -84,6 +84,17 @@ import Testing
         #expect(problems.contains { $0.contains("key 'server.idle_timeout': must be a duration") })
     }
 
+    @Test func aPluginConfigNumberJSONCannotHoldStopsStartUpNamingTheKey() {
+        // It used to drop the operator's whole config for the plugin, silently.
+        var config = GatehouseConfig()
+        let problems = config.apply(yaml: "plugins: {probe: {config: {b: hi, limit: .inf}}}\n", file: "g.yaml").map(\.description)
+        #expect(problems.count == 1)
+        #expect(problems.first?.contains("key 'plugins.probe.config.limit': must be a finite number") == true)
+        var fine = GatehouseConfig()
+        #expect(fine.apply(yaml: "plugins: {probe: {config: {b: hi, limit: 1.5}}}\n", file: "g.yaml").isEmpty)
+        #expect(fine.plugins["probe"]?.configJSON.map { String(decoding: $0, as: UTF8.self) } == #"{"b":"hi","limit":1.5}"#)
+    }
+
     @Test func clientConnectionLimitIsUnsetByDefaultAndZeroMeansNone() {
         var config = GatehouseConfig()
         #expect(config.maxConnections == nil)  // derived from the open-files limit at start-up

@@ -125,17 +125,19 @@ struct JSONTextTests {
 
 /// The error body every refusal carries, written member by member.
 struct OpenAIErrorBodyTests {
-    @Test func membersInSortedOrderEscapedAndOptionalOnesLeftOut() throws {
+    @Test func membersInSortedOrderEscapedAndCodeAndParamNullWhenUnset() throws {
         let error = OpenAIError(.tooManyRequests, "rate limit \"exceeded\"\n/ retry", code: "rate_limit_exceeded")
         #expect(String(decoding: error.body(requestID: "r-1"), as: UTF8.self)
-            == #"{"error":{"code":"rate_limit_exceeded","message":"rate limit \"exceeded\"\n/ retry","request_id":"r-1","type":"rate_limit_error"}}"#)
+            == #"{"error":{"code":"rate_limit_exceeded","message":"rate limit \"exceeded\"\n/ retry","param":null,"request_id":"r-1","type":"rate_limit_error"}}"#)
         let field = OpenAIError(.badRequest, "'stop' must be a string", code: "invalid_stop", param: "stop")
         #expect(String(decoding: field.body(requestID: "r-2"), as: UTF8.self)
             == #"{"error":{"code":"invalid_stop","message":"'stop' must be a string","param":"stop","request_id":"r-2","type":"invalid_request_error"}}"#)
+        // As OpenAI's: code and param present as null; no request id when there is none.
         let bare = OpenAIError(.badGateway, "upstream failed")
-        #expect(String(decoding: bare.body(requestID: ""), as: UTF8.self) == #"{"error":{"message":"upstream failed","type":"api_error"}}"#)
-        let parsed = try #require(try JSONSerialization.jsonObject(with: error.body(requestID: nil)) as? [String: [String: String]])
-        #expect(parsed["error"]?["message"] == "rate limit \"exceeded\"\n/ retry" && parsed["error"]?["request_id"] == nil)
+        #expect(String(decoding: bare.body(requestID: ""), as: UTF8.self) == #"{"error":{"code":null,"message":"upstream failed","param":null,"type":"api_error"}}"#)
+        let parsed = try #require(try JSONSerialization.jsonObject(with: error.body(requestID: nil)) as? [String: [String: Any]])
+        #expect(parsed["error"]?["message"] as? String == "rate limit \"exceeded\"\n/ retry" && parsed["error"]?["request_id"] == nil)
+        #expect(parsed["error"]?["param"] is NSNull)
     }
 }
 

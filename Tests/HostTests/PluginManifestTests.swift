@@ -64,6 +64,13 @@ import Testing
         #expect(found.contains { $0.hasPrefix("\(file):5: key 'libary': unknown key") })
     }
 
+    @Test func aConfigNumberJSONCannotHoldIsNamedByItsKey() {
+        let found = problems("name: echo\nversion: 1\nabi: 1\nlibrary: a.so\nconfig: {ok: 1, nested: {ratio: .nan}, list: [1, .inf]}\n")
+        #expect(found.count == 2)
+        #expect(found.contains { $0.hasPrefix("\(file):5: key 'config.nested.ratio': must be a finite number") })
+        #expect(found.contains { $0.contains("key 'config.list[1]': must be a finite number") })
+    }
+
     @Test func nameMustMatchDirectoryAndBePlain() {
         #expect(problems("name: other\nversion: 1\nabi: 1\nlibrary: a.so\n").first?.contains("must equal the plugin's directory name") == true)
         #expect(problems("name: Echo!\nversion: 1\nabi: 1\nlibrary: a.so\n").first?.contains("must match [a-z0-9]") == true)

@@ -296,7 +296,7 @@ def test_a_stream_without_events_still_gets_its_head_an_error_and_done(start, pl
         error, done = response.text.split("\n\n", 1)
         assert json.loads(error.removeprefix("data: ")) == {"error": {
             "message": "openai upstream ended the stream without sending any event", "type": "api_error",
-            "code": "upstream_invalid", "request_id": "no-events"}}
+            "code": "upstream_invalid", "param": None, "request_id": "no-events"}}
         assert done == "data: [DONE]\n\n"
 
 

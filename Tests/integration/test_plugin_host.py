@@ -83,7 +83,7 @@ def test_request_id_is_honoured_and_unknown_routes_are_openai_errors(plugins_dir
     missing = server.client.get("/v1/nothing-here")
     assert missing.status_code == 404
     error = missing.json()["error"]
-    assert error["type"] == "not_found_error" and "/v1/nothing-here" in error["message"] and error["request_id"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "route_not_found" and error["param"] is None and "/v1/nothing-here" in error["message"] and error["request_id"]
 
     unknown_plugin = server.client.post("/v1/plugins/nope/echo", content=b"x")
     assert unknown_plugin.status_code == 404
@@ -122,6 +122,9 @@ def test_disabled_plugin_is_never_loaded_and_its_route_is_404(plugins_dir, start
     assert response.json()["error"]["message"] == "plugin echo is disabled"
     assert "echo ready" not in server.log()  # its init never ran
     assert post_echo(server, "echo-c", b"still here", "text/plain").content == b"still here"
+    # Looking at a disabled plugin measures nothing, and creates no series for it.
+    assert server.client.get("/v1/plugins/echo").json()["metrics"] is None
+    assert 'plugin="echo"' not in server.client.get("/metrics").text
 
 
 def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_dir, start, c_echo_so, variants, tmp_path):
@@ -216,6 +219,20 @@ def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(
     finally:
         sock.close()
     assert server.client.get("/v1/plugins/variant/hello").text == "hello"  # the plugin keeps serving
+
+
+def test_a_made_up_or_neighbouring_handle_answers_no_other_request(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir, config="plugins: {variant: {timeout: 3s}}\n")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.get, f"{server.base}/v1/plugins/variant/never", timeout=30)  # open until its timeout
+        time.sleep(0.5)
+        own = int(server.client.get("/v1/plugins/variant/handle").text)
+        # With counters, the waiting request's handle was own - 1; a small integer was another's.
+        for guess in (own - 2, own - 1, own + 1, own + 2, 1, 2, 3):
+            assert server.client.get(f"/v1/plugins/variant/answer?{guess}").text == "2", guess  # GH_ERR_STATE
+        answered = waiting.result()
+    assert answered.status_code == 504 and answered.json()["error"]["code"] == "plugin_timeout", answered.text
 
 
 def test_c_plugin_answers_from_another_thread_streams_and_cannot_complete_twice(plugins_dir, start, variants):

@@ -242,7 +242,7 @@ extension GatehouseConfig {
                 settings.timeout = reader.duration(entry, "timeout", at: path, positive: true)
                 if let configNode = reader.node(entry, "config") {
                     if configNode.mapping != nil {
-                        settings.configJSON = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys])
+                        settings.configJSON = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode, at: "\(path).config"), options: [.sortedKeys])
                     } else {
                         reader.problem("\(path).config", configNode, "must be a mapping")
                     }

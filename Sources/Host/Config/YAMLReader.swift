@@ -185,20 +185,31 @@ final class YAMLReader {
     }
 
     /// Converts a YAML node to a JSON-compatible Foundation value (for plugin config).
-    func jsonValue(_ node: Node) -> Any {
+    /// `node` as a JSON value; a number JSON cannot hold (`.inf`, `.nan`) is a problem at
+    /// `path`, since it would make the whole document unwritable as JSON.
+    func jsonValue(_ node: Node, at path: String) -> Any {
         switch node {
         case .mapping(let mapping):
             var object: [String: Any] = [:]
-            for (key, value) in mapping { object[key.string ?? ""] = jsonValue(value) }
+            for (key, value) in mapping {
+                let name = key.string ?? ""
+                object[name] = jsonValue(value, at: join(path, name))
+            }
             return object
         case .sequence(let sequence):
-            return sequence.map { jsonValue($0) }
+            return sequence.enumerated().map { jsonValue($1, at: "\(path)[\($0)]") }
         case .scalar(let scalar):
             if scalar.style != .plain { return scalar.string }
             if node.null != nil { return NSNull() }
             if let flag = node.bool { return flag }
             if let number = node.int { return number }
-            if let number = node.float { return number }
+            if let number = node.float {
+                guard number.isFinite else {
+                    problem(path, node, "must be a finite number (plugins read their config as JSON, which has no infinity or NaN; quote it for text)")
+                    return NSNull()
+                }
+                return number
+            }
             return scalar.string
         case .alias:
             return NSNull()

@@ -193,6 +193,11 @@ public final class PluginStats: Sendable {
         }
         return custom.withLock { metrics in
             if let existing = metrics[name] { return existing.kind == kind ? existing : nil }
+            // `hits` and `hits_total` are one exported counter (and one series): the second name
+            // gets the first's metric, or the two would add into one series behind two handles.
+            if kind == .counter, let twin = metrics[isTotal ? String(name.dropLast("_total".count)) : name + "_total"], twin.kind == .counter {
+                return twin
+            }
             let metric =
                 switch kind {
                 case .counter:

@@ -30,15 +30,14 @@ final class MiddlewareCallState {
 
     // MARK: Live calls
 
-    /// The calls whose middleware function is running, by token. A `gh_mw_call*` is a token,
-    /// never this object's address (as a `gh_exchange*` is): a plugin that keeps one past its
+    /// The calls whose middleware function is running, by token. A `gh_mw_call*` is a random
+    /// token (`PluginHandleToken`), never this object's address (as a `gh_exchange*` is): a plugin that keeps one past its
     /// function's return, and uses it from another thread, gets `GH_ERR_STATE` rather than
     /// crash the gateway, and the `mw_*` calls on one call, from any thread, take turns under
     /// the table's lock (an NIOLock: the states are not Sendable, and are touched only under it
     /// while open, by the host's task otherwise).
     private final class LiveCalls: @unchecked Sendable {
         let lock = NIOLock()
-        var next: UInt = 1
         var live: [UInt: MiddlewareCallState] = [:]
     }
 
@@ -48,8 +47,7 @@ final class MiddlewareCallState {
     func whileOpen(_ function: (OpaquePointer) -> Void) {
         let calls = Self.liveCalls
         let token = calls.lock.withLock {
-            let token = calls.next
-            calls.next += 1
+            let token = PluginHandleToken.make { calls.live[$0] != nil }
             calls.live[token] = self
             return token
         }

@@ -214,22 +214,16 @@ struct PluginStreamCutOff: Error, CustomStringConvertible {
     var description: String { "client too slow for the plugin's streamed answer" }
 }
 
-/// Live exchanges by token. The token, not an address, is what plugins hold.
+/// Live exchanges by token (`PluginHandleToken`), which is what plugins hold.
 final class ExchangeTable: Sendable {
     static let shared = ExchangeTable()
 
-    private struct Table {
-        var next: UInt = 1
-        var live: [UInt: PluginExchange] = [:]
-    }
-
-    private let table = Mutex(Table())
+    private let table = Mutex<[UInt: PluginExchange]>([:])
 
     func insert(_ exchange: PluginExchange) -> UInt {
-        table.withLock { table in
-            let token = table.next
-            table.next += 1
-            table.live[token] = exchange
+        table.withLock { live in
+            let token = PluginHandleToken.make { live[$0] != nil }
+            live[token] = exchange
             return token
         }
     }
@@ -237,10 +231,10 @@ final class ExchangeTable: Sendable {
     func lookup(_ pointer: OpaquePointer?) -> PluginExchange? {
         guard let pointer else { return nil }
         let token = UInt(bitPattern: pointer)
-        return table.withLock { $0.live[token] }
+        return table.withLock { $0[token] }
     }
 
     func remove(_ token: UInt) {
-        _ = table.withLock { $0.live.removeValue(forKey: token) }
+        _ = table.withLock { $0.removeValue(forKey: token) }
     }
 }

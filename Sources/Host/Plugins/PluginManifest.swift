@@ -71,8 +71,13 @@ public struct PluginManifest: Sendable, Equatable {
         let timeout = reader.duration(root, "timeout", at: "", positive: true)
         var configJSON = Data("{}".utf8)
         if let configNode = reader.node(root, "config") {
-            if configNode.mapping != nil, let json = try? JSONSerialization.data(withJSONObject: reader.jsonValue(configNode), options: [.sortedKeys]) {
-                configJSON = json
+            if configNode.mapping != nil {
+                let problemsBefore = reader.problems.count
+                let value = reader.jsonValue(configNode, at: "config")
+                // Each non-finite number is its own problem, named by key, above.
+                if reader.problems.count == problemsBefore, let json = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys]) {
+                    configJSON = json
+                }
             } else {
                 reader.problem("config", configNode, "must be a mapping of default settings")
             }

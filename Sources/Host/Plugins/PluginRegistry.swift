@@ -154,6 +154,10 @@ public final class PluginRegistry: Sendable {
     /// The measurements of `name` (also for plugins that are not loaded).
     func stats(for name: String) -> PluginStats { services.stats(for: name) }
 
+    /// The stats of a plugin that has some: one disabled, or with an invalid manifest, has none
+    /// (and looking must not create its series in `/metrics`).
+    func existingStats(for name: String) -> PluginStats? { services.existingStats(for: name) }
+
     /// Stops dispatching to every plugin, waits (up to `drainTimeout` seconds) for their
     /// requests, and shuts them down.
     public func shutdownAll(drainTimeout: Double) async {

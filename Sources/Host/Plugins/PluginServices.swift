@@ -19,6 +19,11 @@ final class PluginServices: Sendable {
     }
 
     /// The measurements of plugin `name`, created on first use and kept across versions.
+    /// The plugin's stats, if they were created (when it was first loaded or refused).
+    func existingStats(for name: String) -> PluginStats? {
+        stats.withLock { $0[name] }
+    }
+
     func stats(for name: String) -> PluginStats {
         stats.withLock { stats in
             if let existing = stats[name] { return existing }

@@ -49,7 +49,7 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         case 400, 413, 422: "invalid_request_error"
         case 401: "authentication_error"
         case 403: "permission_error"
-        case 404: "not_found_error"
+        case 404: "invalid_request_error"  // OpenAI's type for an unknown model or URL alike
         case 429: "rate_limit_error"
         case 500..<600: "api_error"
         default: "invalid_request_error"
@@ -68,16 +68,18 @@ public struct OpenAIError: HTTPResponseError, Sendable {
         output.reserveCapacity(160 + message.utf8.count)
         output.append(contentsOf: #"{"error":{"#.utf8)
         var first = true
-        func member(_ key: String, _ value: String) {
+        // `code` and `param` are always there, null when unset, as in OpenAI's own errors
+        // (typed clients decode them as required-but-nullable).
+        func member(_ key: String, _ value: String?) {
             if !first { output.append(UInt8(ascii: ",")) }
             first = false
             JSONText.append(key, to: &output)
             output.append(UInt8(ascii: ":"))
-            JSONText.append(value, to: &output)
+            if let value { JSONText.append(value, to: &output) } else { output.append(contentsOf: "null".utf8) }
         }
-        if let code { member("code", code) }
+        member("code", code)
         member("message", message)
-        if let param { member("param", param) }
+        member("param", param)
         if let requestID, !requestID.isEmpty { member("request_id", requestID) }
         member("type", type)
         output.append(contentsOf: "}}".utf8)

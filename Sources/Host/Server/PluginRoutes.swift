@@ -25,7 +25,7 @@ struct PluginRoutes {
                 throw OpenAIError(.notFound, "no plugin named \(name)", code: "plugin_not_found")
             }
             var object = Self.json(status)
-            object["metrics"] = registry.stats(for: name).summary()
+            object["metrics"] = registry.existingStats(for: name)?.summary() ?? NSNull()
             return try Response.json(object: object)
         }
         for method in Self.dispatchMethods {

@@ -264,9 +264,10 @@ typedef struct gh_host_api {
     /**
      * Declare a custom metric, exported on /metrics as gatehouse_plugin_custom_<name> with a
      * label plugin="<plugin name>". `name` must match [a-z_][a-z0-9_]*; counters should end in
-     * "_total". Declaring the same name and kind twice returns the same metric. NULL on an
-     * invalid name, or when the name is already declared (by any plugin) with the other kind.
-     * Plugins sharing a name share its help text: the first declaration's.
+     * "_total". Declaring the same name and kind twice returns the same metric (a counter's
+     * "x" and "x_total" are one). NULL on an invalid name, a gauge named "..._total", or a name
+     * this plugin declared with the other kind. Plugins sharing a name share its help text: the
+     * first declaration's.
      */
     gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);
     /** Add `value` to a counter (value >= 0) or gauge. */

@@ -89,6 +89,11 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         return 1;
     }
     pings = host->metric_declare(self, GH_METRIC_COUNTER, text("pings"), text("Pings answered by services-c."));  /* exported with _total */
+    /* The same exported counter under its full name: the same metric, not a second handle on one series. */
+    if (pings && host->metric_declare(self, GH_METRIC_COUNTER, text("pings_total"), text("")) != pings) {
+        snprintf(error, cap, "pings_total is not the same metric as pings");
+        return 1;
+    }
 #ifdef FAIL_AFTER_MIDDLEWARE
     snprintf(error, cap, "failing after registering middleware");
     return 1;

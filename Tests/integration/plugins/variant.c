@@ -6,7 +6,9 @@
  *   -DFAIL_INIT           init fails with a reason
  * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
  *         /config (answers with the plugin's config JSON), /never (never answers),
- *         /flood (streams 64 KiB chunks, up to 256 MiB, until a write fails; logs how far it got).
+ *         /flood (streams 64 KiB chunks, up to 256 MiB, until a write fails; logs how far it got),
+ *         /handle (answers its own exchange handle, in decimal),
+ *         /answer?N (misuse: answers "HIJACKED" on handle N, then reports what that returned).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -82,6 +84,22 @@ static void *flood(void *arg) {
 
 static void variant_handle(void *state, const gh_request *request, gh_exchange *exchange) {
     (void)state;
+    if (is(request->path, "/handle")) {
+        char line[32];
+        snprintf(line, sizeof line, "%llu", (unsigned long long)(uintptr_t)exchange);
+        host->respond(exchange, 200, NULL, 0, text(line));
+        return;
+    }
+    if (is(request->path, "/answer")) {
+        char digits[32] = {0};
+        memcpy(digits, request->query.data, request->query.len < 31 ? request->query.len : 31);
+        gh_exchange *other = (gh_exchange *)(uintptr_t)strtoull(digits, NULL, 10);
+        gh_status status = host->respond(other, 200, NULL, 0, text("HIJACKED"));
+        char line[32];
+        snprintf(line, sizeof line, "%d", (int)status);
+        host->respond(exchange, 200, NULL, 0, text(line));
+        return;
+    }
     if (is(request->path, "/flood")) {
         pthread_t thread;
         pthread_create(&thread, NULL, flood, exchange);

@@ -664,8 +664,9 @@ struct OllamaBackend: ChatBackend {
                 delta["tool_calls"] = calls
             }
             let done = OllamaBackend.isDone(line)
-            // The first chunk carries the role, as OpenAI's do.
-            if !sentRole && (!delta.isEmpty || !done) {
+            // The first chunk carries the role, as OpenAI's do: even when the first line is the
+            // last (an empty answer), or a client rebuilding the message has no role for it.
+            if !sentRole {
                 delta["role"] = "assistant"
                 if delta["content"] == nil && delta["tool_calls"] == nil { delta["content"] = "" }
                 sentRole = true
