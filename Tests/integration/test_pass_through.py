@@ -282,22 +282,22 @@ def test_an_error_event_after_chunks_in_the_same_read_ends_the_stream(start, plu
 
 
 @pytest.mark.parametrize("body", [b"", b": only a comment\n\n", b"data: a partial li"], ids=["empty", "comment", "partial"])
-def test_a_stream_without_events_still_gets_its_head_an_error_and_done(start, plugins_dir, body):
+def test_a_stream_without_events_is_a_502_since_nothing_was_sent(start, plugins_dir, body):
     # The head waits for the first events to share their buffer; with none (an empty body, a
-    # comment, an unfinished line, which SSE discards), it must still go out, whole, in front of
-    # the error event saying the upstream sent nothing, and [DONE].
+    # comment, an unfinished line, which SSE discards), nothing has reached the client, so the
+    # failure is the answer's status, as OpenAI's are before a stream begins, and SDKs retry by it.
     _CannedEvents.body = body
     with raw_upstream(start, plugins_dir, _CannedEvents) as server:
         response = server.client.post("/v1/chat/completions", json={**BODY, "stream": True}, headers={"x-request-id": "no-events"})
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"] == "text/event-stream"
+        assert response.status_code == 502, response.text
+        assert response.headers["content-type"] == "application/json"
         assert response.headers["x-request-id"] == "no-events"
-        assert response.headers["transfer-encoding"] == "chunked"
-        error, done = response.text.split("\n\n", 1)
-        assert json.loads(error.removeprefix("data: ")) == {"error": {
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert response.json() == {"error": {
             "message": "openai upstream ended the stream without sending any event", "type": "api_error",
             "code": "upstream_invalid", "param": None, "request_id": "no-events"}}
-        assert done == "data: [DONE]\n\n"
+        # The connection stays in step: the next request on it is answered.
+        assert server.client.get("/health/live").status_code == 200
 
 
 _REPLY = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
@@ -331,15 +331,10 @@ def test_a_malformed_upstream_reply_is_a_502_naming_the_fault(start, plugins_dir
     with raw_upstream(start, plugins_dir, _CannedReply) as server:
         for stream in (False, True):
             response = server.client.post("/v1/chat/completions", json={**BODY, "stream": stream})
-            if stream and b"chunked" in reply:
-                # The head was sound, so the stream had begun: the fault ends it as an error event.
-                assert response.status_code == 200, response.text
-                payload, done = response.text.split("\n\n", 1)
-                error = json.loads(payload.removeprefix("data: "))["error"]
-                assert done == "data: [DONE]\n\n"
-            else:
-                assert response.status_code == 502, response.text
-                error = response.json()["error"]
+            # A stream whose body is at fault before its first event is refused as a whole
+            # answer is: nothing has reached the client.
+            assert response.status_code == 502, response.text
+            error = response.json()["error"]
             assert error["code"] == "upstream_error"
             assert error["message"].startswith("upstream request failed: malformed HTTP response: ")
             assert reason in json.dumps(error)
@@ -503,9 +498,10 @@ def test_the_routers_openai_streams_judge_their_endings_as_the_pass_through_does
     plugins_dir.add("services-test", SERVICES_SO, toolchain="swift-6.3.1")
     server = openai_gateway()
     team = {"x-team": "blue"}
-    silent = stream_events(server, "silent", team, text="hello")
-    assert len(silent) == 2 and silent[-1] == "[DONE]"
-    assert json.loads(silent[0])["error"]["message"] == "openai upstream ended the stream without sending any event"
+    silent = server.client.post("/v1/chat/completions", headers=team,
+                                json={"model": "silent", "messages": [{"role": "user", "content": "hello"}], "stream": True})
+    assert silent.status_code == 502  # nothing was sent: the failure is the status
+    assert silent.json()["error"]["message"] == "openai upstream ended the stream without sending any event"
     truncated = stream_events(server, "truncated", team, text="hello")  # events without [DONE]: complete
     assert truncated[-1] == "[DONE]" and not any("error" in json.loads(e) for e in truncated[:-1])
     assert streamed_text(truncated[:-1]) == "Echo: hello"

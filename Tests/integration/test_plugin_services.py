@@ -1,6 +1,7 @@
 """Host services for plugins (ABI 1.1), exercised by a Swift and a C test plugin: LLM calls through
 the gateway pipeline, layered config, tagged logs, middleware, per-plugin metrics and /metrics."""
 import json
+import socket
 import shutil
 import subprocess
 import time
@@ -8,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVICES_SO, compile_c_plugin, metric_value, raw_exchange, wait_for_log, PLUGINS_SRC
+from conftest import SERVICES_SO, ResponseReader, compile_c_plugin, metric_value, raw_exchange, wait_for_log, PLUGINS_SRC
 
 SWIFT = "services-test"
 C = "services-c"
@@ -176,8 +177,12 @@ def test_a_response_middleware_that_changes_nothing_leaves_the_framing_alone(ser
     head = server.client.head("/v1/models")
     assert head.headers["content-length"] == got.headers["content-length"]  # HEAD keeps its GET's length
     # HTTP/1.0 keeps its connection when it asks: the answer has a length, so it need not close.
-    received, _ = raw_exchange(server.port, b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", until=b"}]}")
-    assert b"Connection: close" not in received.split(b"\r\n\r\n")[0], received
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        received = ResponseReader(sock).response()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Connection: keep-alive" in head and b"Connection: close" not in head, received
+    assert json.loads(body)["object"] == "list"
     observed = wait_for_log(server, lambda l: l.get("msg", "").startswith("observed"))
     assert observed["msg"] == "observed", "framing was shown to the middleware"
     assert not any("reserved response header" in l.get("msg", "") for l in server.log_lines()), server.log()

@@ -631,7 +631,8 @@ final class ChatExchange: UpstreamResponseDelegate {
         handler?.send(output, flushingWith: pool.flusher)
     }
 
-    /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`, in one write.
+    /// Ends the client's stream: an error event if the upstream failed, then `[DONE]`, in one
+    /// write; or, when nothing has been sent yet, the error as the answer itself.
     private func endStream(error: OpenAIError?, blamingUpstream: Bool = true) {
         var output = makeStreamBuffer(capacity: 256)
         endStream(error: error, blamingUpstream: blamingUpstream, appendingTo: &output)
@@ -642,6 +643,13 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// value would be duplicated (with its allocation) by the first byte appended.
     private func endStream(error: OpenAIError?, blamingUpstream: Bool = true, appendingTo output: inout ByteBuffer) {
         guard phase == .streaming else { return }
+        if let error, output.readableBytes == 0, ChunkedBody.holdsHead(output) {
+            // Nothing has reached the client (the head is still in this buffer): the failure can
+            // still be the answer's status, as OpenAI's are before a stream begins, so clients
+            // see a 502 or 504 and retry by it. The buffer, head and all, is dropped.
+            answer(error)
+            return
+        }
         if let error {
             if blamingUpstream { logger.error("stream failed", metadata: ["error": .string(error.message)]) }
             connection?.close()

@@ -23,7 +23,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }
-                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return try streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
             let (completion, outcome) = try await departure.untilClientLeaves {
@@ -40,7 +40,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }
-                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return try streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
@@ -98,7 +98,7 @@ struct GatewayRoutes {
     /// its first event (llama.cpp's and vLLM's servers do, then queue or read the prompt), and
     /// once the route has answered, only a write notices that the client has gone: this wait is
     /// the one run until the client leaves, abandoning the upstream call (later, each token's
-    /// write notices). Failures are returned, to be written as the stream's error event.
+    /// write notices). Failures are returned, to be answered as the request's error.
     static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>, departure: ClientDeparture) async throws -> FirstWrite {
         let first = try await departure.untilClientLeaves { await Self.firstWrite(of: events) }
         // Cancelled because the client left (or the server stopped it): its 499 (503), not a 200 whose body fails.
@@ -120,11 +120,13 @@ struct GatewayRoutes {
     }
 
     /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
-    /// before the first byte become ordinary error responses (thrown where the stream is
-    /// opened); a failure mid-stream becomes an `error` event, as OpenAI's API does.
+    /// before the first chunk become ordinary error responses (502, 504…: nothing has been sent
+    /// yet, so clients can see the status and retry by it); a failure mid-stream becomes an
+    /// `error` event, as OpenAI's API does.
     private func streamResponse(
         _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, first: FirstWrite, context: GatehouseRequestContext
-    ) -> Response {
+    ) throws -> Response {
+        if case .failed(let error) = first { throw error }
         let requestID = context.requestID
         let logger = context.logger
         let body = ResponseBody { writer in
@@ -143,8 +145,7 @@ struct GatewayRoutes {
                     for try await event in events {
                         if case .chunk(let data) = event { try await write(data) }
                     }
-                case .ended: break
-                case .failed(let error): throw error
+                case .ended, .failed: break  // (failed: thrown above, before the head)
                 }
             } catch let error as OpenAIError {
                 logger.error("stream failed", metadata: ["error": .string(error.message)])
