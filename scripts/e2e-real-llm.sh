@@ -98,6 +98,15 @@ try:
 except openai.BadRequestError as error:
     assert (error.code, error.param) == ("context_length_exceeded", "messages"), error.body
     print("prompt past the context:", error.body["message"][:120])
+# Streamed, llama-cpp-python answers it with an empty 200 (no event): a 502 saying so, since
+# nothing had reached the client (no retries here, so one upstream call).
+try:
+    list(client.with_options(max_retries=0).chat.completions.create(
+        model=models[0], messages=[{"role": "user", "content": "word " * 2100}], max_tokens=5, stream=True))
+    raise SystemExit("e2e: a streamed prompt past the context was accepted")
+except openai.APIStatusError as error:
+    assert error.status_code == 502 and error.code == "upstream_invalid", (error.status_code, error.body)
+    print("streamed prompt past the context:", error.status_code, error.body["message"])
 # The gateway does not check top_p; llama-cpp-python's validation rejects it with HTTP 500,
 # which the gateway turns into the client's 400.
 try:
