@@ -192,9 +192,27 @@ def _rss_mib(pid: int) -> float:
     return next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")) / 1024
 
 
-def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(plugins_dir, start, variants):
+def _flood_result(server) -> tuple[int, int, int]:
+    """(bytes written, the failing write's status, respond_finish's status) from the flood's log line."""
+    stopped = wait_for_log(server, lambda l: l.get("msg", "").startswith("flood stopped"), timeout=60)
+    return tuple(map(int, re.search(r"after (\d+) bytes with status (-?\d+), finish (-?\d+)", stopped["msg"]).groups()))
+
+
+def test_a_plugin_thread_streaming_faster_than_its_client_waits_for_it(plugins_dir, start, variants):
     plugins_dir.add("variant", variants["ok"])
     server = start(plugins_dir)
+    # 64 MiB, four times what may wait for the client: the plugin's thread waits for room.
+    with server.client.stream("GET", "/v1/plugins/variant/flood?mib=64") as response:
+        assert response.status_code == 200
+        received = sum(len(piece) for piece in response.iter_bytes())  # fails on a body cut short
+    assert received == 64 << 20
+    assert _flood_result(server) == (64 << 20, 0, 0)
+    assert not any("client too slow" in l.get("msg", "") for l in server.log_lines())
+
+
+def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir, config="plugins: {variant: {timeout: 2s}}\n")
     rss_before = _rss_mib(server.process.pid)
     sock = socket.create_connection(("127.0.0.1", server.port))
     # Shrinks what the kernel holds for this client, so the gateway's own buffering is what is tested.
@@ -202,13 +220,14 @@ def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(
     sock.sendall(b"GET /v1/plugins/variant/flood HTTP/1.1\r\nHost: x\r\n\r\n")
     try:
         assert sock.recv(64).startswith(b"HTTP/1.1 200")  # the head; the body is then left unread
-        stopped = wait_for_log(server, lambda l: l.get("msg", "").startswith("flood stopped"), timeout=60)
-        written, status, finished = map(int, re.search(r"after (\d+) bytes with status (-?\d+), finish (-?\d+)", stopped["msg"]).groups())
-        # The plugin's write failed (GH_ERR_STATE, as when a client leaves) a little past 16 MiB
-        # plus what the sockets hold, long before its 256 MiB; finishing the exchange still worked.
-        assert status == 2 and written < 64 << 20 and finished == 0, stopped
+        written, status, finished = _flood_result(server)
+        # The plugin waited while 16 MiB (and what the sockets hold) waited for the client; once
+        # the client had taken nothing for the plugin's timeout, its write failed (GH_ERR_STATE,
+        # as when a client leaves), long before its 256 MiB. Finishing the exchange still worked.
+        assert status == 2 and written < 64 << 20 and finished == 0, (written, status, finished)
         warning = wait_for_log(server, lambda l: l.get("msg", "").startswith("client too slow for the plugin's streamed answer"))
-        assert warning["level"] == "warning" and warning["plugin"] == "variant" and int(warning["buffered_bytes"]) > 16 << 20, warning
+        assert warning["level"] == "warning" and warning["plugin"] == "variant", warning
+        assert warning["reason"] == "the client took nothing for 2 s", warning
         assert _rss_mib(server.process.pid) - rss_before < 120, "the stream was held in memory"
         # The connection is closed without the chunked body's end, so the client can tell it is cut short.
         sock.settimeout(10)
@@ -219,6 +238,32 @@ def test_a_plugin_stream_to_a_client_that_does_not_read_is_cut_off_not_buffered(
     finally:
         sock.close()
     assert server.client.get("/v1/plugins/variant/hello").text == "hello"  # the plugin keeps serving
+
+
+def test_a_plugin_streaming_on_the_hosts_thread_is_cut_off_past_16_mib(plugins_dir, start, variants):
+    # Inside handle the plugin runs on a thread the host needs, which must not wait: past 16 MiB
+    # ahead of the client the client is cut off rather than the host blocked or memory grown.
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir)
+    with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its last chunk
+        with server.client.stream("GET", "/v1/plugins/variant/flood-inline?mib=40") as response:
+            assert response.status_code == 200
+            for _ in response.iter_bytes():
+                pass
+    written, status, finished = _flood_result(server)
+    assert status == 2 and 16 << 20 <= written < 17 << 20 and finished == 0, (written, status, finished)
+    warning = wait_for_log(server, lambda l: l.get("msg", "").startswith("client too slow"))
+    assert warning["reason"] == "written more than 16 MiB ahead of the client from a host thread, which cannot wait"
+    assert server.client.get("/v1/plugins/variant/hello").text == "hello"
+
+
+def test_one_write_larger_than_the_buffer_is_taken_when_nothing_waits(plugins_dir, start, variants):
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir)
+    response = server.client.get("/v1/plugins/variant/flood-one?mib=20")
+    assert response.status_code == 200 and response.content == b"y" * (20 << 20)
+    line = wait_for_log(server, lambda l: l.get("msg", "").startswith("one write of"))
+    assert line["msg"] == f"one write of {20 << 20} bytes: status 0, finish 0"
 
 
 def test_a_made_up_or_neighbouring_handle_answers_no_other_request(plugins_dir, start, variants):

@@ -1,7 +1,9 @@
 // One request handed to a plugin and its answer: the host side of `gh_exchange`.
+internal import Foundation
 internal import Hummingbird
 internal import Logging
 internal import NIOCore
+internal import NIOPosix
 internal import Synchronization
 
 /// What a plugin answered.
@@ -24,17 +26,16 @@ final class PluginExchange: Sendable {
         case completed
     }
 
-    /// How far a streamed answer may run ahead of the client reading it. `respond_write` cannot
-    /// make a plugin wait (it may be called on a host thread), so past this the client is cut
-    /// off instead and the plugin's writes fail, as if the client had left: memory stays bounded
-    /// whatever a plugin writes to a client that reads slowly or not at all.
+    /// How far a streamed answer may run ahead of the client reading it. Past it, `respond_write`
+    /// waits on a plugin's own thread (back-pressure, as a blocking socket write), and cuts the
+    /// client off on a host thread, which must not wait: memory stays bounded whatever a plugin
+    /// writes. One write larger than this is taken when nothing is waiting.
     static let maxBufferedStreamBytes = 16 << 20
 
     let instance: PluginInstance
     let requestID: String
     private let state = Mutex<State>(.pending(nil))
-    /// Bytes written by the plugin and not yet taken by the response writer.
-    private let buffered = Atomic<Int>(0)
+    private let flow = StreamFlow()
     nonisolated(unsafe) private(set) var token: UInt = 0
 
     init(instance: PluginInstance, requestID: String) {
@@ -83,6 +84,7 @@ final class PluginExchange: Sendable {
         guard let waiting else { return false }
         streamContinuation.onTermination = { [weak self] reason in
             if case .cancelled = reason { self?.abandonStream() }
+            self?.flow.close()  // a writer waiting for room wakes, and fails
         }
         waiting.resume(returning: .stream(status: status, headers: headers, body: PluginStreamBody(chunks: stream, exchange: self)))
         return true
@@ -94,35 +96,47 @@ final class PluginExchange: Sendable {
             return nil
         }
         guard let continuation else { return false }
-        let ahead = buffered.add(chunk.readableBytes, ordering: .relaxed).newValue
-        guard ahead <= Self.maxBufferedStreamBytes else {
-            cutOffSlowClient(ahead: ahead)
+        switch flow.admit(chunk.readableBytes, limit: Self.maxBufferedStreamBytes, stallTimeout: instance.timeout, mayWait: Self.mayWaitOnThisThread) {
+        case .admitted:
+            break
+        case .closed:
+            return false
+        case .stalled:
+            cutOffSlowClient(reason: "the client took nothing for \(UpstreamFailure.seconds(instance.timeout))")
+            return false
+        case .mustNotWait:
+            cutOffSlowClient(reason: "written more than 16 MiB ahead of the client from a host thread, which cannot wait")
             return false
         }
         if case .terminated = continuation.yield(chunk) { return false }
         return true
     }
 
+    /// Whether `respond_write` may block the calling thread: not an event loop's, nor one
+    /// running a Swift task (the host calls `handle`, middleware functions and LLM callbacks
+    /// there, and the response writer needs them to make room).
+    private static var mayWaitOnThisThread: Bool {
+        MultiThreadedEventLoopGroup.currentEventLoop == nil && withUnsafeCurrentTask { $0 == nil }
+    }
+
     /// The response writer took `bytes` of the stream.
     fileprivate func taken(_ bytes: Int) {
-        buffered.subtract(bytes, ordering: .relaxed)
+        flow.taken(bytes)
     }
 
     /// Ends the answer with an error, so the connection is closed without the body's proper end
     /// (the client can tell it is cut short), and leaves the exchange for the plugin to finish.
-    private func cutOffSlowClient(ahead: Int) {
+    private func cutOffSlowClient(reason: String) {
         let continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation? = state.withLock { state in
             guard case .streaming(let continuation) = state else { return nil }
             state = .abandoned
             return continuation
         }
         guard let continuation else { return }
+        flow.close()
         instance.logger.warning(
             "client too slow for the plugin's streamed answer; connection closed",
-            metadata: [
-                "request_id": .string(requestID), "buffered_bytes": .stringConvertible(ahead),
-                "limit_bytes": .stringConvertible(Self.maxBufferedStreamBytes),
-            ])
+            metadata: ["request_id": .string(requestID), "reason": .string(reason)])
         continuation.finish(throwing: PluginStreamCutOff())
     }
 
@@ -140,6 +154,7 @@ final class PluginExchange: Sendable {
             }
         }
         guard result.ok else { return false }
+        flow.close()
         result.continuation?.finish()
         finishExchange()
         return true
@@ -166,7 +181,7 @@ final class PluginExchange: Sendable {
                 state = .abandoned
                 return continuation
             case .streaming(let stream):
-                stream.finish(throwing: CancellationError())
+                stream.finish(throwing: CancellationError())  // its termination closes the flow
                 state = .abandoned
                 return nil
             case .abandoned, .completed:
@@ -185,6 +200,56 @@ final class PluginExchange: Sendable {
     private func finishExchange() {
         ExchangeTable.shared.remove(token)
         instance.requestFinished()
+    }
+}
+
+/// The bytes between a plugin's `respond_write` and the response writer: counted, and waited
+/// on by writers that may wait. (NSCondition: writers block plugin threads, not tasks.)
+final class StreamFlow: @unchecked Sendable {
+    enum Admission {
+        case admitted
+        /// The answer has ended (client gone, cut off, finished): nothing more is taken.
+        case closed
+        /// Still no room after the client took nothing for the stall timeout.
+        case stalled
+        /// No room, on a thread that must not wait.
+        case mustNotWait
+    }
+
+    private let condition = NSCondition()
+    private var buffered = 0
+    private var lastTaken = ContinuousClock.now
+    private var isClosed = false
+
+    /// Counts `bytes` in once they fit under `limit` (or nothing else waits), waiting for room
+    /// when `mayWait`, for as long as the client keeps taking some within `stallTimeout` seconds.
+    func admit(_ bytes: Int, limit: Int, stallTimeout: Double, mayWait: Bool) -> Admission {
+        condition.lock()
+        defer { condition.unlock() }
+        while !isClosed, buffered > 0, buffered + bytes > limit {
+            guard mayWait else { return .mustNotWait }
+            let left = (lastTaken + .seconds(stallTimeout) - .now).inSeconds
+            guard left > 0 else { return .stalled }
+            _ = condition.wait(until: Date(timeIntervalSinceNow: left))
+        }
+        guard !isClosed else { return .closed }
+        buffered += bytes
+        return .admitted
+    }
+
+    func taken(_ bytes: Int) {
+        condition.lock()
+        buffered -= bytes
+        lastTaken = .now
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func close() {
+        condition.lock()
+        isClosed = true
+        condition.broadcast()
+        condition.unlock()
     }
 }
 

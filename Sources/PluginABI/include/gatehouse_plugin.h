@@ -217,7 +217,12 @@ typedef struct gh_host_api {
     gh_status (*respond_start)(gh_exchange *exchange, uint16_t status, const gh_header *headers,
                                size_t header_count);
 
-    /** Append a body chunk to a started answer. The bytes are copied. */
+    /**
+     * Append a body chunk to a started answer. The bytes are copied. Called on a thread the
+     * plugin made, it waits while more than 16 MiB wait for the client (back-pressure); on a host
+     * thread, or once the client has taken nothing for the plugin's timeout, the client is cut
+     * off instead. GH_ERR_STATE when the client is gone or cut off: stop writing and finish.
+     */
     gh_status (*respond_write)(gh_exchange *exchange, gh_bytes chunk);
 
     /** End a started answer and complete the exchange. */

@@ -6,7 +6,9 @@
  *   -DFAIL_INIT           init fails with a reason
  * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
  *         /config (answers with the plugin's config JSON), /never (never answers),
- *         /flood (streams 64 KiB chunks, up to 256 MiB, until a write fails; logs how far it got),
+ *         /flood?mib=N (streams N MiB, default 256, from its own thread, until a write fails; logs
+ *         how far it got), /flood-inline?mib=N (the same inside handle, on the host's thread),
+ *         /flood-one?mib=N (one write of N MiB from its own thread),
  *         /handle (answers its own exchange handle, in decimal),
  *         /answer?N (misuse: answers "HIJACKED" on handle N, then reports what that returned).
  */
@@ -62,14 +64,19 @@ static void *stream_later(void *arg) {
     return NULL;
 }
 
-static void *flood(void *arg) {
-    gh_exchange *exchange = arg;
+/* Streams `mib` MiB of 64 KiB chunks, stopping at the first write that fails; logs how far it got. */
+struct flood_job {
+    gh_exchange *exchange;
+    size_t mib;
+};
+
+static void flood_now(gh_exchange *exchange, size_t mib) {
     static uint8_t chunk[64 * 1024];
     memset(chunk, 'x', sizeof chunk);
     host->respond_start(exchange, 200, NULL, 0);
     size_t written = 0;
     gh_status status = GH_OK;
-    while (written < (size_t)256 << 20) {
+    while (written < mib << 20) {
         gh_bytes bytes = {chunk, sizeof chunk};
         status = host->respond_write(exchange, bytes);
         if (status != GH_OK) break;
@@ -79,7 +86,40 @@ static void *flood(void *arg) {
     char line[128];
     snprintf(line, sizeof line, "flood stopped after %zu bytes with status %d, finish %d", written, (int)status, (int)finished);
     host->log(self_handle, NULL, GH_LOG_INFO, text(line), NULL, 0);
+}
+
+static void *flood(void *arg) {
+    struct flood_job *job = arg;
+    flood_now(job->exchange, job->mib);
+    free(job);
     return NULL;
+}
+
+/* One write of `mib` MiB from the plugin's thread, then finish; logs the write's status. */
+static void *flood_one(void *arg) {
+    struct flood_job *job = arg;
+    size_t size = job->mib << 20;
+    uint8_t *big = malloc(size);
+    memset(big, 'y', size);
+    host->respond_start(job->exchange, 200, NULL, 0);
+    gh_bytes bytes = {big, size};
+    gh_status status = host->respond_write(job->exchange, bytes);
+    gh_status finished = host->respond_finish(job->exchange);
+    free(big);
+    char line[96];
+    snprintf(line, sizeof line, "one write of %zu bytes: status %d, finish %d", size, (int)status, (int)finished);
+    host->log(self_handle, NULL, GH_LOG_INFO, text(line), NULL, 0);
+    free(job);
+    return NULL;
+}
+
+static size_t query_mib(const gh_request *request) {
+    char digits[16] = {0};
+    if (request->query.len > 4 && memcmp(request->query.data, "mib=", 4) == 0) {
+        memcpy(digits, request->query.data + 4, request->query.len - 4 < 15 ? request->query.len - 4 : 15);
+        return (size_t)strtoul(digits, NULL, 10);
+    }
+    return 256;
 }
 
 static void variant_handle(void *state, const gh_request *request, gh_exchange *exchange) {
@@ -100,10 +140,17 @@ static void variant_handle(void *state, const gh_request *request, gh_exchange *
         host->respond(exchange, 200, NULL, 0, text(line));
         return;
     }
-    if (is(request->path, "/flood")) {
+    if (is(request->path, "/flood") || is(request->path, "/flood-one")) {
+        struct flood_job *job = malloc(sizeof *job);
+        job->exchange = exchange;
+        job->mib = query_mib(request);
         pthread_t thread;
-        pthread_create(&thread, NULL, flood, exchange);
+        pthread_create(&thread, NULL, is(request->path, "/flood") ? flood : flood_one, job);
         pthread_detach(thread);
+        return;
+    }
+    if (is(request->path, "/flood-inline")) {  /* on the host's thread, inside handle */
+        flood_now(exchange, query_mib(request));
         return;
     }
     if (is(request->path, "/stream")) {
