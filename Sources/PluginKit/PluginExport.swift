@@ -144,12 +144,21 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
             _ = api.respond_finish(exchange)
             return
         }
+        // Written from a thread of the stream's own, not this task's: there `respond_write` may
+        // wait while the client is far behind (back-pressure), where on a task's thread, which
+        // the host's response writer may need, it would cut the client off instead.
+        let writer = DispatchQueue(label: "gatehouse.plugin.stream-writer")
+        let exchangeHandle = UnsafeSendableHandle(exchange)
         do {
             for try await chunk in chunks {
-                let status = chunk.withUnsafeBufferPointer { bytes in
-                    api.respond_write(exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count))
+                let status = await withCheckedContinuation { (written: CheckedContinuation<gh_status, Never>) in
+                    writer.async {
+                        written.resume(returning: chunk.withUnsafeBufferPointer { bytes in
+                            api.respond_write(exchangeHandle.pointer, gh_bytes(data: bytes.baseAddress, len: bytes.count))
+                        })
+                    }
                 }
-                if status != GH_OK { break }  // the client went away
+                if status != GH_OK { break }  // the client went away, or was cut off
             }
         } catch {
             context.error("response stream failed", ["error": String(describing: error)])
@@ -171,4 +180,11 @@ extension PluginRequest {
             method: String(request.method), path: String(request.path), query: String(request.query),
             headers: headers, body: Array(request.body), requestID: String(request.request_id))
     }
+}
+
+/// An exchange handle carried to the stream's writer thread: an opaque token, used there only
+/// while this task awaits the write.
+private struct UnsafeSendableHandle: @unchecked Sendable {
+    let pointer: OpaquePointer
+    init(_ pointer: OpaquePointer) { self.pointer = pointer }
 }

@@ -57,6 +57,14 @@ struct ServicesTestPlugin: GatehousePlugin {
                 }
             }
             return PluginResponse(status: 200, headers: [("content-type", "text/plain")], stream: lines)
+        case "/flood":
+            // 64 MiB as fast as it can be made: the host holds back at most 16 MiB of it.
+            let chunks = AsyncThrowingStream<[UInt8], any Error> { continuation in
+                let chunk = [UInt8](repeating: UInt8(ascii: "z"), count: 64 * 1024)
+                for _ in 0..<1024 { continuation.yield(chunk) }
+                continuation.finish()
+            }
+            return PluginResponse(status: 200, headers: [("content-type", "application/octet-stream")], stream: chunks)
         case "/ask-missing-model":
             do {
                 _ = try await context.chat(model: "missing", messages: [.user("hi")])
