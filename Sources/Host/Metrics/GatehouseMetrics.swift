@@ -53,7 +53,7 @@ public final class GatehouseMetrics: Sendable {
         connectionLimitWaits = registry.counter(
             name: "gatehouse_client_connection_limit_reached_total", help: "Connections accepted that took the count to server.max_connections, after which new ones wait.")
         acceptPauses = registry.counter(
-            name: "gatehouse_accept_failures_total", help: "Connections the kernel had queued that could not be accepted for want of file descriptors (accepting pauses 100 ms).")
+            name: "gatehouse_accept_failures_total", help: "Failed accept(2) calls for want of file descriptors; after each, accepting pauses 100 ms.")
         registry.gauge(
             name: "gatehouse_build_info", labels: [("version", GatehouseVersion.release), ("plugin_abi", GatehouseVersion.pluginABI)],
             help: "Always 1; the labels say which release and plugin ABI this process runs."

@@ -643,10 +643,12 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// value would be duplicated (with its allocation) by the first byte appended.
     private func endStream(error: OpenAIError?, blamingUpstream: Bool = true, appendingTo output: inout ByteBuffer) {
         guard phase == .streaming else { return }
-        if let error, output.readableBytes == 0, ChunkedBody.holdsHead(output) {
-            // Nothing has reached the client (the head is still in this buffer): the failure can
-            // still be the answer's status, as OpenAI's are before a stream begins, so clients
-            // see a 502 or 504 and retry by it. The buffer, head and all, is dropped.
+        if let error, blamingUpstream, output.readableBytes == 0, ChunkedBody.holdsHead(output) {
+            // Nothing has reached the client (the head is still in this buffer): an upstream
+            // failure can still be the answer's status, as OpenAI's are before a stream begins,
+            // so clients see a 502 or 504 and retry by it. The buffer, head and all, is dropped.
+            // (A client that stopped reading, behind an earlier pipelined answer, is not sent a
+            // retryable 408 it would not read anyway: its stream ends as before.)
             answer(error)
             return
         }

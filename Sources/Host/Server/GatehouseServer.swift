@@ -88,7 +88,8 @@ public struct GatehouseServer: Sendable {
             configuration: .init(address: .hostname(bindHost, port: config.port), serverName: Self.serverName),
             onServerRunning: { [logger, config] channel in
                 // Hummingbird has no hook into the listening socket's pipeline before it binds; this
-                // runs once it listens, before the line that tells the world it does.
+                // runs once it listens, before the line that tells the world it does. (A connection
+                // accepted in between is neither counted nor limited; nor is its close.)
                 try? await channel.eventLoop.submit {
                     let gate = ClientConnectionGate(limit: connectionLimit, metrics: metrics, logger: logger)
                     try channel.pipeline.syncOperations.addHandler(gate, position: .first)
