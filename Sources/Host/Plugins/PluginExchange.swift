@@ -82,6 +82,7 @@ final class PluginExchange: Sendable {
             return continuation
         }
         guard let waiting else { return false }
+        flow.begin()
         streamContinuation.onTermination = { [weak self] reason in
             if case .cancelled = reason { self?.abandonStream() }
             self?.flow.close()  // a writer waiting for room wakes, and fails
@@ -235,6 +236,13 @@ final class StreamFlow: @unchecked Sendable {
         guard !isClosed else { return .closed }
         buffered += bytes
         return .admitted
+    }
+
+    /// The answer's head went out: the client's stall is timed from now, not from the request.
+    func begin() {
+        condition.lock()
+        lastTaken = .now
+        condition.unlock()
     }
 
     func taken(_ bytes: Int) {
