@@ -70,7 +70,7 @@ private final class PluginInstanceBox: Sendable {
     }
 }
 
-/// An exchange pointer that may cross into the handling task.
+/// An exchange pointer that may cross into the handling task (and a stream's writer thread).
 private struct ExchangeHandle: @unchecked Sendable {
     let pointer: OpaquePointer
 }
@@ -148,7 +148,7 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
         // wait while the client is far behind (back-pressure), where on a task's thread, which
         // the host's response writer may need, it would cut the client off instead.
         let writer = DispatchQueue(label: "gatehouse.plugin.stream-writer")
-        let exchangeHandle = UnsafeSendableHandle(exchange)
+        let exchangeHandle = ExchangeHandle(pointer: exchange)
         do {
             for try await chunk in chunks {
                 let status = await withCheckedContinuation { (written: CheckedContinuation<gh_status, Never>) in
@@ -180,11 +180,4 @@ extension PluginRequest {
             method: String(request.method), path: String(request.path), query: String(request.query),
             headers: headers, body: Array(request.body), requestID: String(request.request_id))
     }
-}
-
-/// An exchange handle carried to the stream's writer thread: an opaque token, used there only
-/// while this task awaits the write.
-private struct UnsafeSendableHandle: @unchecked Sendable {
-    let pointer: OpaquePointer
-    init(_ pointer: OpaquePointer) { self.pointer = pointer }
 }

@@ -78,7 +78,8 @@ public struct GatehouseConfig: Sendable {
     /// closed; 0 keeps idle connections open. nginx's `keepalive_timeout` default.
     public var idleTimeout = 75.0
     /// Client connections open at once; past it, new ones wait in the listen backlog until others
-    /// close. nil: what the open-files limit allows (`ConnectionBudget`); 0: no limit.
+    /// close. nil: what the open-files limit allows (`OpenFilesLimit.defaultClientConnections`);
+    /// 0: no limit.
     public var maxConnections: Int?
     /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client for
     /// rate limits and logs; none by default, when the header is ignored.

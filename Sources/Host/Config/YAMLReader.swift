@@ -184,9 +184,9 @@ final class YAMLReader {
         return seconds
     }
 
-    /// Converts a YAML node to a JSON-compatible Foundation value (for plugin config).
-    /// `node` as a JSON value; a number JSON cannot hold (`.inf`, `.nan`) is a problem at
-    /// `path`, since it would make the whole document unwritable as JSON.
+    /// Converts a YAML node to a JSON-compatible Foundation value (for plugin config). A number
+    /// JSON cannot hold (`.inf`, `.nan`) is a problem at `path`, since it would make the whole
+    /// document unwritable as JSON.
     func jsonValue(_ node: Node, at path: String) -> Any {
         switch node {
         case .mapping(let mapping):

@@ -31,10 +31,10 @@ final class MiddlewareCallState {
     // MARK: Live calls
 
     /// The calls whose middleware function is running, by token. A `gh_mw_call*` is a random
-    /// token (`PluginHandleToken`), never this object's address (as a `gh_exchange*` is): a plugin that keeps one past its
-    /// function's return, and uses it from another thread, gets `GH_ERR_STATE` rather than
-    /// crash the gateway, and the `mw_*` calls on one call, from any thread, take turns under
-    /// the table's lock (an NIOLock: the states are not Sendable, and are touched only under it
+    /// token (`PluginHandleToken`), as a `gh_exchange*` is, never this object's address: a
+    /// plugin that keeps one past its function's return, and uses it from another thread, gets
+    /// `GH_ERR_STATE` rather than crash the gateway, and the `mw_*` calls on one call, from any
+    /// thread, take turns under the table's lock (an NIOLock: the states are not Sendable, and are touched only under it
     /// while open, by the host's task otherwise).
     private final class LiveCalls: @unchecked Sendable {
         let lock = NIOLock()
@@ -146,11 +146,16 @@ public struct PluginMiddlewareChain: RouterMiddleware {
         let body = isStream ? ByteBuffer() : try await Self.collect(response.body)
         // Framing is the server's: middleware neither see nor set it. It is put back below and
         // follows the body (a HEAD answer keeps its GET's length).
-        let framing = response.headers.filter { PluginRoutes.reservedResponseHeaders.contains($0.name.canonicalName) }
-        let state = MiddlewareCallState(
-            phase: .response,
-            headers: response.headers.compactMap { PluginRoutes.reservedResponseHeaders.contains($0.name.canonicalName) ? nil : ($0.name.canonicalName, $0.value) },
-            body: body, bodyIsStream: isStream, status: response.status.code)
+        var framing = HTTPFields()
+        var visible: [(String, String)] = []
+        for field in response.headers {
+            if PluginRoutes.reservedResponseHeaders.contains(field.name.canonicalName) {
+                framing.append(field)
+            } else {
+                visible.append((field.name.canonicalName, field.value))
+            }
+        }
+        let state = MiddlewareCallState(phase: .response, headers: visible, body: body, bodyIsStream: isStream, status: response.status.code)
         for middleware in responsePhase {
             invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
         }

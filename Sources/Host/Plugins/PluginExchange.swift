@@ -282,7 +282,8 @@ struct PluginStreamBody: AsyncSequence, Sendable {
     func makeAsyncIterator() -> AsyncIterator { AsyncIterator(chunks: chunks.makeAsyncIterator(), exchange: exchange) }
 }
 
-/// Ends a plugin's streamed answer whose client fell more than `maxBufferedStreamBytes` behind.
+/// Ends a plugin's streamed answer whose client could not keep up: it took nothing for the
+/// plugin's timeout, or fell more than `maxBufferedStreamBytes` behind a writer that cannot wait.
 struct PluginStreamCutOff: Error, CustomStringConvertible {
     var description: String { "client too slow for the plugin's streamed answer" }
 }

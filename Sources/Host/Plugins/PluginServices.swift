@@ -18,12 +18,12 @@ final class PluginServices: Sendable {
         self.middleware = MiddlewareTable()
     }
 
-    /// The measurements of plugin `name`, created on first use and kept across versions.
     /// The plugin's stats, if they were created (when it was first loaded or refused).
     func existingStats(for name: String) -> PluginStats? {
         stats.withLock { $0[name] }
     }
 
+    /// The measurements of plugin `name`, created on first use and kept across versions.
     func stats(for name: String) -> PluginStats {
         stats.withLock { stats in
             if let existing = stats[name] { return existing }

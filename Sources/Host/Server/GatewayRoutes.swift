@@ -23,7 +23,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }
-                return try streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
             let (completion, outcome) = try await departure.untilClientLeaves {
@@ -40,7 +40,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }
-                return try streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
             }
             let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
@@ -87,46 +87,41 @@ struct GatewayRoutes {
         }
     }
 
-    /// How a stream's first write goes: its first chunk, its end with none, or its failure.
+    /// How a stream's first write goes: its first chunk, or its end with none.
     enum FirstWrite: Sendable {
         case chunk(Data)
         case ended
-        case failed(any Error)
     }
 
     /// Reads `events` up to the first chunk to write. An upstream may send its head long before
     /// its first event (llama.cpp's and vLLM's servers do, then queue or read the prompt), and
     /// once the route has answered, only a write notices that the client has gone: this wait is
     /// the one run until the client leaves, abandoning the upstream call (later, each token's
-    /// write notices). Failures are returned, to be answered as the request's error.
+    /// write notices). A failure is thrown, to be answered as the request's error: nothing has
+    /// been sent yet, so clients see its status (502, 504…) and can retry by it.
     static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>, departure: ClientDeparture) async throws -> FirstWrite {
-        let first = try await departure.untilClientLeaves { await Self.firstWrite(of: events) }
-        // Cancelled because the client left (or the server stopped it): its 499 (503), not a 200 whose body fails.
-        if case .failed = first, let abandonment = departure.abandonment { throw abandonment }
-        return first
-    }
-
-    private static func firstWrite(of events: AsyncThrowingStream<ChatStreamEvent, any Error>) async -> FirstWrite {
         do {
-            // The same pull-driven stream continues later in the response body (EventPump: one
-            // task at a time, each pulling the next element).
-            for try await event in events {
-                if case .chunk(let data) = event { return .chunk(data) }
+            return try await departure.untilClientLeaves {
+                // The same pull-driven stream continues later in the response body (EventPump:
+                // one task at a time, each pulling the next element).
+                for try await event in events {
+                    if case .chunk(let data) = event { return .chunk(data) }
+                }
+                return .ended
             }
-            return .ended
         } catch {
-            return .failed(error)
+            // Cancelled because the client left (or the server stopped it): its 499 (503), not the stream's error.
+            if let abandonment = departure.abandonment { throw abandonment }
+            throw error
         }
     }
 
     /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
-    /// before the first chunk become ordinary error responses (502, 504…: nothing has been sent
-    /// yet, so clients can see the status and retry by it); a failure mid-stream becomes an
-    /// `error` event, as OpenAI's API does.
+    /// before the first chunk are ordinary error responses (`firstWrite` throws them); a failure
+    /// mid-stream becomes an `error` event, as OpenAI's API does.
     private func streamResponse(
         _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, first: FirstWrite, context: GatehouseRequestContext
-    ) throws -> Response {
-        if case .failed(let error) = first { throw error }
+    ) -> Response {
         let requestID = context.requestID
         let logger = context.logger
         let body = ResponseBody { writer in
@@ -145,7 +140,7 @@ struct GatewayRoutes {
                     for try await event in events {
                         if case .chunk(let data) = event { try await write(data) }
                     }
-                case .ended, .failed: break  // (failed: thrown above, before the head)
+                case .ended: break
                 }
             } catch let error as OpenAIError {
                 logger.error("stream failed", metadata: ["error": .string(error.message)])
