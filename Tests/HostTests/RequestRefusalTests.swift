@@ -1,5 +1,6 @@
-// Unit tests for the refusals the router makes before any route runs: 405 with Allow, 415 for compressed bodies.
+// Unit tests for the refusals made before any route runs: 405 with Allow, 415 for compressed bodies, faulty HTTP/1.0 framing.
 import Hummingbird
+import NIOHTTP1
 import Testing
 
 @testable import Host
@@ -42,5 +43,16 @@ import Testing
             #expect(refusal.headers[.acceptEncoding] == "identity")
             #expect(refusal.message.contains("(Content-Encoding: \(encoded))"))
         }
+    }
+
+    @Test func anHTTP10RequestWithTransferEncodingHasFaultyFraming() {
+        func head(_ version: HTTPVersion, _ fields: [(String, String)]) -> HTTPRequestHead {
+            HTTPRequestHead(version: version, method: .POST, uri: "/v1/chat/completions", headers: HTTPHeaders(fields))
+        }
+        #expect(MalformedRequest(head: head(.http1_0, [("Transfer-Encoding", "chunked")])) == .transferEncodingInHTTP10)
+        #expect(MalformedRequest(head: head(.http1_0, [("transfer-encoding", "gzip, chunked"), ("Content-Length", "5")])) == .transferEncodingInHTTP10)
+        #expect(MalformedRequest(head: head(.http1_1, [("Transfer-Encoding", "chunked")])) == nil)
+        #expect(MalformedRequest(head: head(.http1_0, [("Content-Length", "5")])) == nil)
+        #expect(OpenAIError.malformedRequest(.transferEncodingInHTTP10).status == .badRequest)
     }
 }

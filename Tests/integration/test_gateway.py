@@ -1537,6 +1537,17 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
     for path in ("/v1/chat/completions", "/v1/embeddings"):
         [bad_chunk] = responses(f"POST {path} HTTP/1.1\r\nHost: g\r\n{chunked}".encode())
         assert bad_chunk[0] == 400 and json.loads(bad_chunk[2])["error"]["message"] == "malformed HTTP request: invalid chunk size in the chunked body"
+        # HTTP/1.0 has no transfer codings: llhttp decodes the chunks, but the framing is faulty
+        # (RFC 9112 §6.1; an HTTP/1.0 hop would frame it otherwise), so it is refused, as nginx
+        # does, keep-alive or not. The request behind it is not read as one; the one before is answered.
+        chat_body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        refused = (f"POST {path} HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
+                   f"Transfer-Encoding: chunked\r\n\r\n{len(chat_body):x}\r\n").encode() + chat_body + b"\r\n0\r\n\r\n"
+        health = b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n"
+        first, second = responses(health + refused + health)
+        assert first[0] == 200, first
+        assert error_of(second, 400, "malformed_http") == (
+            "malformed HTTP request: an HTTP/1.0 request cannot use Transfer-Encoding (send Content-Length, or use HTTP/1.1)")
     # Behind a request still being answered: that answer first, then the error.
     health, after = responses(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\nNOT HTTP\r\n\r\n")
     assert health[0] == 200 and error_of(after, 400, "malformed_http")
@@ -1546,7 +1557,7 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
     assert chat[0] == 200 and b"Echo: hi" in chat[2] and "connection" not in chat[1], chat
     assert error_of(after, 400, "malformed_http")
     deadline = time.monotonic() + 5  # log lines are written at the end of their loop's round
-    while sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) < 4:  # big, garbage, two after
+    while sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) < 6:  # big, garbage, two HTTP/1.0, two after
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     # Everything else keeps serving.

@@ -165,9 +165,12 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
     /// The client has closed its sending side.
     private var clientDoneSending = false
     private let lingering = LingeringClose()
-    /// What the parser rejected after requests whose answers were still to be written (the
+    /// What was rejected after requests whose answers were still to be written (the
     /// exchange's, or the router's): answered when they have been.
-    private var rejectedAfterPending: HTTPParserError?
+    private var rejectedAfterPending: MalformedRequest?
+    /// Why a request head was refused here (`MalformedRequest(head:)`): what the parser
+    /// delivers after it is unread input, as after a parser error.
+    private var refusedHead: MalformedRequest?
     private let idleTimeout: TimeAmount?
     /// When the client last sent a request part, or was last sent the end of an answer.
     private var lastActivity = NIODeadline.now()
@@ -225,7 +228,13 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closed else { return lingering.readMore(context) }  // lingering: the rest of a refused body, dropped
+        // After a refused head, its body (and what follows) is as unreadable as after a parser error.
+        if let refusedHead { return errorCaught(context: context, error: refusedHead) }
         let part = unwrapInboundIn(data)
+        if case .head(let head) = part, let rejection = MalformedRequest(head: head) {
+            refusedHead = rejection
+            return errorCaught(context: context, error: rejection)
+        }
         if idleTimeout != nil { lastActivity = .now() }
         insideChannelRead = true
         defer { insideChannelRead = false }
@@ -455,17 +464,18 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.close(mode: .all, promise: promise)
     }
 
-    /// A request NIO's parser rejected: the parser cannot find the next one, so the connection
-    /// closes once the error is answered. In a body the router is reading, the router answers
+    /// A request that cannot be read (NIO's parser rejected it, or its head's framing is faulty,
+    /// `MalformedRequest`): the next one cannot be found, so the connection closes once the
+    /// error is answered. In a body the router is reading, the router answers
     /// (its read fails); in the body of an exchange, the exchange answers; after requests still
     /// being answered or waiting whole in the queue, the error is answered when they have been
     /// (answering it first would pair it, for the client, with the request it had sent before).
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if closed, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
-        guard let parserError = error as? HTTPParserError, reader != .router else { return context.fireErrorCaught(error) }
+        guard let rejection = MalformedRequest(error), reader != .router else { return context.fireErrorCaught(error) }
         // Bytes after a request that ended the connection (`Connection: close`): that request's
         // response is the last (RFC 9112 §9.6), and the connection closes after it.
-        if parserError == .closedConnection { return }
+        if rejection == .parser(.closedConnection) { return }
         // A queued request the error cut off is dropped; whole ones before it are kept.
         while let last = queued.last {
             if case .end = last { break }
@@ -475,18 +485,18 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             reader = .none
             closeAfterExchange = true
             exchange.requestFailed(
-                HTTP1SemanticsHandler.logRejected(parserError, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: nil).0)
+                HTTP1SemanticsHandler.logRejected(rejection, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: nil).0)
         } else if exchange != nil || routerResponsesPending > 0 || !queued.isEmpty {
-            rejectedAfterPending = parserError
+            rejectedAfterPending = rejection
         } else {
-            answerRejected(parserError, context)
+            answerRejected(rejection, context)
         }
     }
 
-    private func answerRejected(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
+    private func answerRejected(_ rejection: MalformedRequest, _ context: ChannelHandlerContext) {
         guard let rawWriter else { return }
         let (failure, requestID) = HTTP1SemanticsHandler.logRejected(
-            parserError, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: passThrough.metrics)
+            rejection, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: passThrough.metrics)
         rawWriter.write(failure.closingResponseBytes(requestID: requestID))
         rawWriter.flushNow()
         closed = true

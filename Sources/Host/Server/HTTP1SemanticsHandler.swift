@@ -67,8 +67,9 @@ extension HTTPHeaders {
 ///   may be sending that body by now (`LingeringClose`): the parser would otherwise take the
 ///   client's next request for that body. Any other `Expect` (HTTP/1.0's
 ///   100-continue, which RFC 9110 §10.1.1 ignores, say) is removed before the router sees it.
-/// - **Requests the parser rejects** get an OpenAI-shaped 400 (431 for an oversized head)
-///   naming the problem, then the close (lingering), rather than Hummingbird's empty 400.
+/// - **Requests the parser rejects**, and those whose framing it lets through though faulty
+///   (`MalformedRequest`), get an OpenAI-shaped 400 (431 for an oversized head) naming the
+///   problem, then the close (lingering), rather than Hummingbird's empty 400.
 /// - **A client that leaves** (closes its side, or resets) while a request of it is being
 ///   answered: `departure` hears of it, so routes can abandon their LLM calls.
 final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -106,8 +107,11 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     private var unanswered = CircularBuffer<Unanswered>()
     /// Between a request's head and its end.
     private var readingBody = false
-    /// What the parser rejected after requests whose responses were still to be written.
-    private var rejectedAfterPending: HTTPParserError?
+    /// What was rejected after requests whose responses were still to be written.
+    private var rejectedAfterPending: MalformedRequest?
+    /// Why a request head was refused here (`MalformedRequest(head:)`): what the parser
+    /// delivers after it is unread input, as after a parser error.
+    private var refusedHead: MalformedRequest?
     /// Told when the client leaves while a request is unanswered.
     let departure = ClientDeparture()
     /// The client has shut down its sending side: the router closes the connection after the
@@ -132,26 +136,27 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         if lingering.isLingering, LingeringClose.isAboutUnreadInput(error) { return lingering.readMore(context) }
         // Bytes after a request that ended the connection (`Connection: close`): nothing is
         // answered after that request's response (RFC 9112 §9.6), which closes the connection.
-        if let parserError = error as? HTTPParserError, parserError == .closedConnection { return }
-        if readingBody, error is HTTPParserError, let last = unanswered.indices.last {
+        let rejection = MalformedRequest(error)
+        if rejection == .parser(.closedConnection) { return }
+        if readingBody, rejection != nil, let last = unanswered.indices.last {
             // The router answers (its read of the body fails), and then the connection must
             // close: the parser cannot find the next request.
             unanswered[last].keepAlive = false
             unanswered[last].closeAfterResponse = true
         }
         // In a body the router is reading, the error is the router's to answer (its read fails).
-        guard let parserError = error as? HTTPParserError, !readingBody else { return context.fireErrorCaught(error) }
+        guard let rejection, !readingBody else { return context.fireErrorCaught(error) }
         if unanswered.isEmpty {
-            answer(parserError, context)
+            answer(rejection, context)
         } else {
-            rejectedAfterPending = parserError  // answered once the responses before it have ended
+            rejectedAfterPending = rejection  // answered once the responses before it have ended
         }
     }
 
-    /// Answers a request the parser rejected, then closes (lingering): the parser cannot find
-    /// the next one.
-    private func answer(_ parserError: HTTPParserError, _ context: ChannelHandlerContext) {
-        let (failure, requestID) = Self.logRejected(parserError, client: context.channel.remoteAddress, logger: logger, countingIn: metrics)
+    /// Answers a request that cannot be read, then closes (lingering): the next one cannot be
+    /// found.
+    private func answer(_ rejection: MalformedRequest, _ context: ChannelHandlerContext) {
+        let (failure, requestID) = Self.logRejected(rejection, client: context.channel.remoteAddress, logger: logger, countingIn: metrics)
         writeClosingAnswer(failure, requestID: requestID, version: .http1_1, context)
         context.flush()
         // The client may still be sending what the parser could not read (a head over the limit).
@@ -173,7 +178,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// as the access log would show a 400 (there is no method or path to log).
     /// `metrics` counts it (`recordUnparsed`); nil where the answer is counted otherwise (an
     /// exchange's, whose access line counts it).
-    static func logRejected(_ error: HTTPParserError, client: SocketAddress?, logger: Logger, countingIn metrics: GatehouseMetrics?) -> (
+    static func logRejected(_ error: MalformedRequest, client: SocketAddress?, logger: Logger, countingIn metrics: GatehouseMetrics?) -> (
         OpenAIError, requestID: String
     ) {
         let failure = OpenAIError.malformedRequest(error)
@@ -208,12 +213,18 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !lingering.isLingering else { return lingering.readMore(context) }  // the rest of a refused body, dropped
+        // After a refused head, its body (and what follows) is as unreadable as after a parser error.
+        if let refusedHead { return errorCaught(context: context, error: refusedHead) }
         let part = unwrapInboundIn(data)
         guard case .head(var head) = part else {
             if case .end = part { readingBody = false }
             // The client is sending its body (it stopped waiting for the 100, or had it).
             if let last = unanswered.indices.last, unanswered[last].bodyHeldBack { unanswered[last].bodyHeldBack = false }
             return context.fireChannelRead(data)
+        }
+        if let rejection = MalformedRequest(head: head) {
+            refusedHead = rejection
+            return errorCaught(context: context, error: rejection)
         }
         readingBody = true
         let keepAlive = head.isKeepAlive

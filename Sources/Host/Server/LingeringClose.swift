@@ -38,9 +38,10 @@ final class LingeringClose {
     }
 
     /// Whether `error` is the decoder reporting on input a close left unread (the rest of a
-    /// refused body, what follows a parser error): no request, and nobody left to answer.
+    /// refused body, what follows a parser error or a refused head): no request, and nobody
+    /// left to answer.
     static func isAboutUnreadInput(_ error: any Error) -> Bool {
-        error is HTTPParserError || error is ByteToMessageDecoderError
+        MalformedRequest(error) != nil || error is ByteToMessageDecoderError
     }
 
     /// Asks for the next read while lingering. The handlers past the one lingering (the router's

@@ -107,9 +107,20 @@ extension OpenAIError {
             code: "upstream_too_large")
     }
 
-    /// The answer to a request NIO's HTTP/1 parser rejected, after which the connection closes
-    /// (the parser cannot find the next request): 431 for a head over the size limit, else 400
-    /// naming what was wrong.
+    /// The answer to a request that cannot be read, after which the connection closes (the
+    /// next request cannot be found): 431 for a head over the size limit, else 400 naming what
+    /// was wrong.
+    static func malformedRequest(_ rejection: MalformedRequest) -> OpenAIError {
+        switch rejection {
+        case .parser(let error): malformedRequest(error)
+        case .transferEncodingInHTTP10:
+            OpenAIError(
+                .badRequest, "malformed HTTP request: an HTTP/1.0 request cannot use Transfer-Encoding (send Content-Length, or use HTTP/1.1)",
+                code: "malformed_http")
+        }
+    }
+
+    /// The answer to a request NIO's HTTP/1 parser rejected.
     static func malformedRequest(_ error: HTTPParserError) -> OpenAIError {
         let problem: String
         switch error {
