@@ -425,3 +425,41 @@ import Testing
         #expect(!UpstreamFailure.tooLarge(1).isConnectionLoss)  // not retried on a fresh connection
     }
 }
+
+@Suite struct WholeAnswerTests {
+    private func counts(_ text: String) throws -> (prompt: Int, completion: Int) {
+        let bytes = Array(text.utf8)
+        return try bytes.withUnsafeBytes { try OpenAIBackend.tokenCounts(inReply: $0, masking: SecretMask(["sk-secret-key"])) }
+    }
+
+    private func refusal(_ text: String) -> OpenAIError? {
+        do {
+            _ = try counts(text)
+            return nil
+        } catch {
+            return error as? OpenAIError
+        }
+    }
+
+    @Test func aWholeAnswerPassesWithItsUsage() throws {
+        let answer = #"{"id":"c","choices":[{"index":0,"message":{"role":"assistant","content":"h\u00e9 ✓"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#
+        #expect(try counts(answer) == (5, 2))
+        // JSON the strict scan leaves to the decoder (an escaped key, a long number) still passes.
+        #expect(try counts(#"{"choices":[],"x\u0041":1,"n":1.00000000000000000000000000000000001}"#) == (0, 0))
+    }
+
+    @Test func aReplyThatIsNotAWholeAnswerIsA502() {
+        let answer = #"{"id":"c","choices":[{"index":0,"message":{"role":"assistant","content":"hello"}}]}"#
+        // Cut short where the connection closed, at any point.
+        for end in [20, 40, answer.utf8.count - 1] {
+            let cut = refusal(String(answer.utf8.prefix(end))!)
+            #expect(cut?.status == .badGateway && cut?.code == "upstream_invalid", "cut at \(end)")
+        }
+        let error = refusal(#"{"error":{"message":"overloaded; key sk-secret-key","type":"server_error"}}"#)
+        #expect(error?.status == .badGateway && error?.code == "upstream_error")
+        #expect(error?.message == "openai failed (an error sent with HTTP 200): overloaded; key [REDACTED]")
+        #expect(refusal(#"{"object":"list"}"#)?.message == "openai upstream sent a reply without 'choices'")
+        #expect(refusal("[1]")?.code == "upstream_invalid")
+        #expect(refusal(#"{"choices":[]} trailing"#)?.code == "upstream_invalid")
+    }
+}

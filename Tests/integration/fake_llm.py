@@ -46,7 +46,7 @@ Special model names change behaviour:
 Ollama replies carry per-token `logprobs` when the request asks (`"logprobs": true`, `top_logprobs`).
 The OpenAI routes are also served under Google's base, /v1beta/openai (chat at
 /v1beta/openai/chat/completions), as Gemini's OpenAI-compatible endpoint serves them.
-Run standalone: python fake_llm.py --port P [--flavor ollama|openai]
+Run standalone: python fake_llm.py --port P (it serves both APIs on the one port)
 """
 import argparse
 import contextlib

@@ -584,16 +584,25 @@ def test_clients_cache_control_skips_the_cache(gateway, fake_llm, backend):
 @both_backends
 def test_only_whole_answers_are_cached(gateway, fake_llm, backend):
     # An error sent with a 200, and a body cut short where the connection closed (no length),
-    # were stored and replayed to every identical request for the TTL.
+    # were stored and replayed to every identical request for the TTL. They are not answers
+    # either: with the openai backend both went on to the client as a 200 (the cut one given a
+    # Content-Length that hid the cut), which the SDK could not read and did not retry.
     server = gateway(backend)
     for model in ("error-200", "cut-short"):
         body = {"model": model, "messages": [{"role": "user", "content": "x"}]}
         answers = [server.client.post("/v1/chat/completions", json=body) for _ in range(2)]
-        assert [a.headers.get("x-cache") for a in answers] != ["MISS", "HIT"], [a.text for a in answers]
+        assert [a.status_code for a in answers] == [502, 502], [a.text for a in answers]
         assert sum(1 for call in fake_llm.calls(CHAT_PATH[backend]) if call[3].get("model") == model) == 2
-    if backend == "openai":  # relayed as the upstream sent it, each call its own
-        error = server.client.post("/v1/chat/completions", json={"model": "error-200", "messages": [{"role": "user", "content": "x"}]})
-        assert error.json()["error"]["message"] == "overloaded (call 3)"
+        error = answers[1].json()["error"]
+        if model == "cut-short":
+            assert error["code"] == "upstream_invalid", error
+        else:  # in the upstream's words, each call its own
+            assert error["code"] == "upstream_error" and error["message"].endswith("overloaded (call 2)"), error
+    # The SDK retries a 502 (max_retries=1 here: two calls), as it could not retry the 200.
+    calls_before = sum(1 for call in fake_llm.calls(CHAT_PATH[backend]) if call[3].get("model") == "cut-short")
+    with pytest.raises(openai.InternalServerError):
+        client_for(server, max_retries=1).chat.completions.create(model="cut-short", messages=[{"role": "user", "content": "x"}])
+    assert sum(1 for call in fake_llm.calls(CHAT_PATH[backend]) if call[3].get("model") == "cut-short") == calls_before + 2
     metrics = server.client.get("/metrics").text
     assert metric_value(metrics, "gatehouse_cache_hits_total") == 0
 

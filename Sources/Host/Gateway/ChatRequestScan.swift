@@ -29,6 +29,19 @@ struct ChatRequestScan: Equatable {
     }
 }
 
+/// Whether bytes are one JSON value, checked strictly (RFC 8259: valid UTF-8, escapes,
+/// numbers) in one pass without decoding, whitespace around it allowed. The scan's limits hold
+/// (nesting past 64 levels, a number over 32 characters or with an exponent over 3 digits):
+/// past them it says false, and a caller that must be exact decodes instead.
+enum JSONSyntax {
+    static func isValid(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var scanner = Scanner(bytes: bytes)
+        guard scanner.value(depth: 0) else { return false }
+        scanner.skipWhitespace()
+        return scanner.index == bytes.count
+    }
+}
+
 private struct Scanner {
     let bytes: UnsafeRawBufferPointer
     var index = 0
@@ -42,7 +55,7 @@ private struct Scanner {
 
     private var current: UInt8? { index < bytes.count ? bytes[index] : nil }
 
-    private mutating func skipWhitespace() {
+    mutating func skipWhitespace() {
         while let byte = current, byte == 0x20 || byte == 0x0a || byte == 0x0d || byte == 0x09 { index += 1 }
     }
 

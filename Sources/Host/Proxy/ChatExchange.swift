@@ -483,7 +483,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             return
         }
         do {
-            let tokens = try reply.withUnsafeReadableBytes(OpenAIBackend.tokenCounts(inReply:))
+            let tokens = try reply.withUnsafeReadableBytes { try OpenAIBackend.tokenCounts(inReply: $0, masking: passThrough.secrets) }
             loop.recordUpstream(streamed: false, duration: ContinuousClock.now - upstreamStarted, prompt: tokens.prompt, completion: tokens.completion)
             if let cacheKey, let cache = passThrough.cache {
                 cache.put(cacheKey, ChatCompletion(json: Data(reply.readableBytesView), promptTokens: tokens.prompt, completionTokens: tokens.completion))

@@ -23,27 +23,49 @@ struct OpenAIBackend: ChatBackend {
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
         let body = try await client.call(
             .POST, apiPath + "/chat/completions", json: Self.upstreamBody(request, stream: false), requestID: requestID, backend: name)
-        return try Self.completion(from: body)
+        return try Self.completion(from: body, masking: client.secrets)
     }
 
     /// A 200 reply as a completion. The JSON passes through untouched; only the token counts
     /// are read, by a scan rather than a full decode (which cost more than the rest of the
     /// proxying).
-    /// - Throws: 502 when the reply is not a JSON object.
-    static func completion(from body: ByteBuffer) throws -> ChatCompletion {
+    /// - Throws: 502 when the reply is not a whole answer (`tokenCounts(inReply:masking:)`).
+    static func completion(from body: ByteBuffer, masking secrets: SecretMask) throws -> ChatCompletion {
         try body.withUnsafeReadableBytes { bytes in
-            let tokens = try tokenCounts(inReply: bytes)
+            let tokens = try tokenCounts(inReply: bytes, masking: secrets)
             return ChatCompletion(json: Data(bytes), promptTokens: tokens.prompt, completionTokens: tokens.completion)
         }
     }
 
-    /// The usage of a 200 reply, read by a scan.
-    /// - Throws: 502 when the reply is not a JSON object.
-    static func tokenCounts(inReply bytes: UnsafeRawBufferPointer) throws -> (prompt: Int, completion: Int) {
+    /// The usage of a 200 reply, read by a scan, once the reply is known to be a whole answer.
+    /// - Throws: 502 when it is not one, which SDKs retry, rather than a 200 they cannot read:
+    ///   not a JSON object; not valid JSON (a body cut short where the upstream closed the
+    ///   connection, having sent no length); an error object sent with the 200, as some servers
+    ///   and proxies do (`upstream_error`, in the upstream's words, `secrets` masked); or
+    ///   no `choices`.
+    static func tokenCounts(inReply bytes: UnsafeRawBufferPointer, masking secrets: SecretMask) throws -> (prompt: Int, completion: Int) {
         guard bytes.first(where: { $0 != 0x20 && $0 != 0x0a && $0 != 0x0d && $0 != 0x09 }) == UInt8(ascii: "{") else {
             throw OpenAIError(.badGateway, "openai upstream sent a reply that is not a JSON object", code: "upstream_invalid")
         }
+        // The usual reply is settled in one strict pass; anything else is decoded to say what it is.
+        if ByteSearch.find(choicesKey, in: bytes) == nil || !JSONSyntax.isValid(bytes) { try refuseIncompleteAnswer(bytes, masking: secrets) }
         return (JSONScan.integer(afterQuoted: promptTokensKey, in: bytes) ?? 0, JSONScan.integer(afterQuoted: completionTokensKey, in: bytes) ?? 0)
+    }
+
+    /// Throws the 502 for a 200 reply that is not a whole answer; returns for one that is after
+    /// all (JSON the strict scan leaves to the decoder, such as a number past its length limit).
+    private static func refuseIncompleteAnswer(_ bytes: UnsafeRawBufferPointer, masking secrets: SecretMask) throws {
+        guard let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any] else {
+            throw OpenAIError(
+                .badGateway, "openai upstream sent a reply that is not valid JSON (cut short, or malformed)", code: "upstream_invalid")
+        }
+        if let error = object["error"], !(error is NSNull) {
+            let message = UpstreamClient.upstreamError(ByteBuffer(bytes: bytes)).message ?? "no message"
+            throw secrets.masked(OpenAIError(.badGateway, "openai failed (an error sent with HTTP 200): \(message)", code: "upstream_error"))
+        }
+        guard object["choices"] is [Any] else {
+            throw OpenAIError(.badGateway, "openai upstream sent a reply without 'choices'", code: "upstream_invalid")
+        }
     }
 
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
@@ -67,6 +89,7 @@ struct OpenAIBackend: ChatBackend {
     }
 
     static let done = Data("[DONE]".utf8)
+    private static let choicesKey = Array(#""choices""#.utf8)
     private static let promptTokensKey = Array(#""prompt_tokens""#.utf8)
     private static let completionTokensKey = Array(#""completion_tokens""#.utf8)
 
@@ -116,7 +139,9 @@ struct OpenAIBackend: ChatBackend {
         var body = request.body
         body["stream"] = false
         body.removeValue(forKey: "stream_options")
-        return try Self.completion(from: try await client.call(.POST, apiPath + "/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name))
+        return try Self.completion(
+            from: try await client.call(.POST, apiPath + "/completions", json: OpenAIShapes.data(body), requestID: requestID, backend: name),
+            masking: client.secrets)
     }
 
     /// Passed through as chat streams are: chunks as bytes, usage read where it is sent.
