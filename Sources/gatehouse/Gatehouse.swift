@@ -54,13 +54,14 @@ struct Serve: AsyncParsableCommand {
             try loaded.validate()  // here, so its problems read as the others do, before logging starts
             config = loaded
         } catch {
-            throw fail("invalid configuration: \(error)")
+            // Redacted by shape: a key pasted into the wrong field is quoted back as the value got.
+            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")
         }
         let sink: LogSink
         do {
             sink = try config.logFile.map(LogSink.file) ?? .standardOutput
         } catch {
-            throw fail("cannot open log file \(config.logFile ?? ""): \((error as? LogFileError)?.reason ?? "\(error)")")
+            throw fail("cannot open log file \(config.logFile ?? "") (logging.file, LOG_FILE): \((error as? LogFileError)?.reason ?? "\(error)")")
         }
         let level = Logger.Level(rawValue: config.logLevel) ?? .info
         let secrets = SecretMask([config.apiKey, config.upstream.apiKey])
@@ -86,6 +87,9 @@ struct Plugins: AsyncParsableCommand {
 
         func run() async throws {
             let config = try options.load()
+            if let problem = PluginRegistry.directoryProblem(config.pluginsDirectory) {
+                throw fail("cannot read the plugins directory \(config.pluginsDirectory): \(problem)")
+            }
             var logger = Logger(label: "gatehouse") { _ in SwiftLogNoOpLogHandler() }
             logger.logLevel = .critical
             let registry = try PluginRegistry(config: config, logger: logger)

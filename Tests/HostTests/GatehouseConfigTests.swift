@@ -172,6 +172,11 @@ import Testing
         let error = #expect(throws: ConfigProblems.self) { try broken.validate() }
         #expect(error?.problems.map(\.key) == ["auth.api_key (API_KEY)", "upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY)"])
         #expect(error?.description.contains("sk-") == false)
+        // Spaces around a key: HTTP strips them from the header, so nobody could present it.
+        var spaced = GatehouseConfig()
+        _ = spaced.apply(yaml: "auth: {api_key: ' sek ret '}\n", file: "g.yaml")
+        let spacedError = #expect(throws: ConfigProblems.self) { try spaced.validate() }
+        #expect(spacedError?.description == "config: key 'auth.api_key (API_KEY)': begins or ends with a space, which HTTP strips from header values")
     }
 
     @Test func environmentValuesLoseTheirLineBreaksAndTimeoutsMustBePositive() {
@@ -187,7 +192,19 @@ import Testing
         // Gatehouse's own variable wins over OLLAMA_HOST, which is often set for Ollama itself.
         _ = config.apply(environment: ["OLLAMA_HOST": "0.0.0.0", "GATEHOUSE_UPSTREAM_URL": "http://llm:8000/v1"])
         #expect(config.upstream.url == "http://llm:8000")
-        #expect(config.apply(environment: ["OLLAMA_HOST": ":11434"]).map(\.key) == ["OLLAMA_HOST"])
+        // Read as Ollama reads it: quotes dropped, a bare IPv6 address one host, no host this machine.
+        for (given, url) in [("::1", "http://[::1]:11434"), (":1234", "http://127.0.0.1:1234"), ("'10.0.0.5'", "http://10.0.0.5:11434"),
+                             ("\"[fd00::5]:9000\"", "http://[fd00::5]:9000")] {
+            var ollama = GatehouseConfig()
+            #expect(ollama.apply(environment: ["OLLAMA_HOST": given]).isEmpty, "\(given)")
+            #expect(ollama.upstream.url == url)
+        }
+        // Typos that started up with a mangled upstream (host "https", port 11434; a space encoded).
+        for given in ["https//api.openai.com/v1", "http:/127.0.0.1:8000", "http://127.0.0.1:8000/v1 x"] {
+            var typo = GatehouseConfig()
+            let problems = typo.apply(environment: ["GATEHOUSE_UPSTREAM_URL": given])
+            #expect(problems.map(\.key) == ["GATEHOUSE_UPSTREAM_URL"], "\(given): \(typo.upstream.url)")
+        }
     }
 
     @Test func loadLayersDotEnvUnderTheProcessEnvironment() throws {
@@ -202,6 +219,19 @@ import Testing
         #expect(config.port == 3000)
         #expect(config.apiKey == "from-dotenv")
         #expect(config.rateLimit.requestsPerSecond == 3)
+        // An empty variable is unset, as against the YAML: it took `.env`'s key away, and with it
+        // authentication (compose passes `${API_KEY}` empty when the host has none).
+        let unset = try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: ["API_KEY": "", "PORT": " "])
+        #expect(unset.apiKey == "from-dotenv" && unset.port == 2000)
+        // A bad value is blamed on where it was set: the `.env` file, unless the environment overrides it.
+        try "PORT=abc\nTIMEOUT=0\n".write(toFile: dotEnv, atomically: true, encoding: .utf8)
+        #expect(throws: ConfigProblems.self) { try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: [:]) }
+        do {
+            _ = try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: ["TIMEOUT": "-1"])
+            Issue.record("a bad PORT and TIMEOUT were taken")
+        } catch let problems as ConfigProblems {
+            #expect(problems.problems.map { "\($0.file) \($0.key)" } == ["\(dotEnv) PORT", "environment TIMEOUT"])
+        }
     }
 
     @Test func dotEnvReadsCRLFQuotesCommentsAndEscapesAsDotenvDoes() {
@@ -399,6 +429,23 @@ import Testing
         #expect(lines.count == 6 && Set(lines).count == 1)
         #expect(lines[0].contains(#""path":"/v1/x?key=[REDACTED]""#) && lines[0].contains(#""status":"201""#))
         #expect(lines[0].hasPrefix(#"{"client":"10.0.0.7","label":"gatehouse","#))
+    }
+
+    @Test func configuredKeysAreMaskedWholeOnEveryLineOfARequest() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-log-\(UUID().uuidString).jsonl").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let key = "sk-Client99+ClientTail42"
+        var handler = JSONLogHandler(label: "gatehouse", level: .info, sink: try LogSink.file(path), secrets: SecretMask([key, "plainsecret77"]))
+        // Masked by shape first, the key lost only its `sk-Client99` head; its tail was logged.
+        handler.log(event: LogEvent(level: .info, message: "seen", metadata: ["detail": .string("key \(key) here")], source: "s", file: "f", function: "f", line: 1))
+        handler.logAccess(method: "GET", path: "/nope/\(key)", status: 404, latency: .microseconds(5), requestID: "plainsecret77", client: "c")
+        // A client's request id that is a configured key: the access line wrote it as given.
+        handler[metadataKey: "request_id"] = "plainsecret77"
+        handler.log(event: LogEvent(level: .info, message: "other line", metadata: nil, source: "s", file: "f", function: "f", line: 1))
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(!text.contains("ClientTail42") && !text.contains("plainsecret77"), "\(text)")
+        #expect(text.contains(#""detail":"key [REDACTED] here""#) && text.contains(#""path":"/nope/[REDACTED]""#))
+        #expect(text.components(separatedBy: #""request_id":"[REDACTED]""#).count == 3)
     }
 
     @Test func aStreamsAccessLineCarriesItsTimeToFirstByteAsTheGenericLineWould() throws {

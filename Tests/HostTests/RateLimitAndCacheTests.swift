@@ -121,6 +121,29 @@ final class ManualClock: Sendable {
         #expect(limiter.refusal(client: "key:abc", address: "10.0.0.1") == nil)
     }
 
+    @Test func retryAfterIsLongEnoughForBothLimits() {
+        // The client's bucket refused first and said 3 s, though the global one needed 3.3:
+        // a client waiting as told was refused again.
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 0.4, burst: 1, globalRate: 0.3, now: { clock.now })
+        #expect(limiter.refusal(client: "a", address: "x") == nil)
+        #expect(limiter.refusal(client: "a", address: "x")?.headers[.retryAfter] == "4")
+        clock.advance(4)
+        #expect(limiter.refusal(client: "a", address: "x") == nil)
+    }
+
+    @Test func failedKeyChecksAreLimitedByTheGlobalRateWhenThereIsNoClientRate() {
+        // With only a global limit, wrong keys could be tried without any limit.
+        let clock = ManualClock()
+        let limiter = RateLimiter(rate: 0, burst: nil, globalRate: 1, now: { clock.now })
+        let unauthorized = APIKeyCheck.unauthorized("invalid API key", code: "invalid_api_key")
+        #expect(limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.1").status == .unauthorized)
+        let second = limiter.answerToFailedKeyCheck(unauthorized, address: "10.0.0.1")
+        #expect(second.status == .tooManyRequests && second.message.hasPrefix("rate limit exceeded (1 requests/s)"))
+        // Still not at the key's holders' expense.
+        #expect(limiter.refusal(client: "key", address: "10.0.0.1") == nil)
+    }
+
     @Test func globalLimitAppliesAcrossClientsWithoutChargingTheRefusedClient() {
         let clock = ManualClock()
         let limiter = RateLimiter(rate: 10, burst: 10, globalRate: 2, now: { clock.now })

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import threading
 import time
+import types
 
 import httpx
 import openai
@@ -348,6 +349,12 @@ def test_browser_pages_from_configured_origins_may_call_the_api(gateway, backend
     assert other.status_code == 403 and other.json()["error"]["code"] == "origin_not_allowed"
     assert other.json()["error"]["message"] == (
         "origin https://evil.example may not call this API from a browser: it is not in server.cors_origins")
+    # Preflights are requests like any: logged and counted (refused origins showed nowhere).
+    logged = wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("method") == "OPTIONS" and l.get("status") == "403")
+    assert logged["path"] == "/v1/chat/completions" and logged["request_id"] == other.headers["x-request-id"], logged
+    metrics = server.client.get("/metrics", headers={"Authorization": "Bearer k"}).text
+    assert re.search(r'gatehouse_http_requests_total\{[^}]*method="OPTIONS"[^}]*status="204"[^}]*\} 1', metrics), metrics
+    assert re.search(r'gatehouse_http_requests_total\{[^}]*method="OPTIONS"[^}]*status="403"[^}]*\} 1', metrics), metrics
     answer = server.client.post("/v1/chat/completions", json=body, headers={**keyed, "Origin": "https://evil.example"})
     assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers and answer.headers["vary"] == "Origin"
     assert "access-control-allow-origin" not in server.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).headers
@@ -432,6 +439,8 @@ def test_rate_limit_answers_429_with_retry_after(gateway):
         assert limited_error.value.status_code == 429
     assert server.client.get("/health/live").status_code == 200  # never limited
     assert server.client.head("/health").status_code == 200 and server.client.head("/health/live").status_code == 200
+    # Nor Prometheus' scrapes, which were refused just when clients were using the rate up.
+    assert [server.client.get("/metrics").status_code for _ in range(3)] == [200] * 3
     time.sleep(2.1)
     assert server.client.get("/v1/models").status_code == 200  # refilled
 
@@ -2168,6 +2177,43 @@ def test_dotenv_and_environment_layering(start, plugins_dir, fake_llm, tmp_path)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-dotenv"}).status_code == 401
     assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-env"}).status_code == 200
+
+
+def test_an_empty_variable_does_not_take_away_the_dotenv_key(start, plugins_dir, fake_llm, tmp_path):
+    # Compose's `API_KEY: ${API_KEY}`, with API_KEY unset on the host, passes it empty: taken as
+    # set, it turned off the key in .env, and authentication with it.
+    (tmp_path / ".env").write_text(f"OLLAMA_HOST={fake_llm.url}\nAPI_KEY=from-dotenv\n")
+    server = start(plugins_dir, env={"API_KEY": ""})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert server.client.post("/v1/chat/completions", json=body).status_code == 401
+    assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "from-dotenv"}).status_code == 200
+
+
+def test_start_up_errors_name_their_source_and_repeat_no_key(tmp_path):
+    # A value wrong in .env is blamed on .env, not on an environment the operator then searches.
+    (tmp_path / ".env").write_text("PORT=abc\n")
+    # A key pasted into the wrong field is quoted back as the value the field got: redacted.
+    (tmp_path / "gatehouse.yaml").write_text("upstream:\n  url: sk-proj-AbCdEf1234567890\n")
+    result = subprocess.run([GATEHOUSE, "serve"], capture_output=True, text=True, timeout=30, cwd=tmp_path, env={})
+    assert result.returncode != 0
+    assert ".env: key 'PORT': must be an integer" in result.stderr, result.stderr
+    assert "key 'upstream.url'" in result.stderr and "AbCdEf1234567890" not in result.stderr, result.stderr
+    # An unwritable log file names the setting; an empty one is standard output.
+    (tmp_path / ".env").unlink()
+    (tmp_path / "gatehouse.yaml").write_text("logging: {file: /nonexistent/dir/g.log}\n")
+    result = subprocess.run([GATEHOUSE, "serve"], capture_output=True, text=True, timeout=30, cwd=tmp_path, env={})
+    assert result.returncode != 0 and "(logging.file, LOG_FILE)" in result.stderr, result.stderr
+    # A plugins directory that is not there: one readable line, not Foundation's error paragraph.
+    listed = subprocess.run([GATEHOUSE, "plugins", "list", "--plugins-dir", str(tmp_path / "none")], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert listed.returncode != 0 and listed.stderr.strip().endswith("none: no such directory"), listed.stderr
+
+
+def test_an_empty_log_file_setting_is_standard_output_and_a_missing_plugins_dir_one_clear_line(start, plugins_dir, tmp_path):
+    missing = types.SimpleNamespace(path=tmp_path / "none")
+    server = start(missing, config="logging: {file: ''}\n")  # standard output: the captured log
+    assert server.client.get("/health").status_code == 200
+    line = wait_for_log(server, lambda l: l.get("msg") == "cannot read the plugins directory; serving without plugins")
+    assert line["error"] == "no such directory", line
 
 
 def test_a_dotenv_saved_with_crlf_line_ends_is_read_line_by_line(start, plugins_dir, fake_llm, tmp_path):

@@ -2,11 +2,12 @@
 internal import Foundation
 
 extension GatehouseConfig {
-    /// Applies environment variables (already merged over `.env`); returns the problems found.
-    mutating func apply(environment: [String: String]) -> [ConfigProblem] {
+    /// Applies environment variables (already merged over `.env`); returns the problems found,
+    /// each blamed on where its variable came from (`origin`: the `.env` file, or "environment").
+    mutating func apply(environment: [String: String], origin: (String) -> String = { _ in "environment" }) -> [ConfigProblem] {
         var problems: [ConfigProblem] = []
         func bad(_ name: String, _ message: String) {
-            problems.append(ConfigProblem(file: "environment", key: name, line: nil, message: message))
+            problems.append(ConfigProblem(file: origin(name), key: name, line: nil, message: message))
         }
         func value(_ name: String) -> String? {
             guard let raw = environment[name] else { return nil }
@@ -51,7 +52,9 @@ extension GatehouseConfig {
         }
 
         // Gatehouse's own name wins: OLLAMA_HOST is often set for Ollama itself (to its listening address).
-        if let (name, url) = value("GATEHOUSE_UPSTREAM_URL").map({ ("GATEHOUSE_UPSTREAM_URL", $0) }) ?? value("OLLAMA_HOST").map({ ("OLLAMA_HOST", $0) }) {
+        if let (name, given) = value("GATEHOUSE_UPSTREAM_URL").map({ ("GATEHOUSE_UPSTREAM_URL", $0) }) ?? value("OLLAMA_HOST").map({ ("OLLAMA_HOST", $0) }) {
+            // Quotes around it are not part of it (compose's list syntax keeps them); Ollama drops them too.
+            let url = given.trimmingCharacters(in: CharacterSet(charactersIn: "\"'"))
             let withScheme = url.contains("://") ? url : Self.ollamaHostURL(url)
             if let problem = Self.upstreamURLProblem(withScheme) {
                 bad(name, url.contains("://") ? problem : "must be a host:port or http(s) URL: \(problem)")
@@ -97,6 +100,9 @@ extension GatehouseConfig {
         for (key, secret) in [("auth.api_key (API_KEY)", apiKey), ("upstream.api_key (GATEHOUSE_UPSTREAM_API_KEY)", upstream.apiKey)] {
             if let secret, secret.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) {
                 problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "holds a control character, such as a line break, which no HTTP header can carry"))
+            } else if let secret, secret.first == " " || secret.last == " " {
+                // HTTP strips a header value's surrounding spaces (RFC 9110 §5.5): nobody could send it.
+                problems.append(ConfigProblem(file: "config", key: key, line: nil, message: "begins or ends with a space, which HTTP strips from header values"))
             }
         }
         if tls.enabled {
@@ -112,8 +118,16 @@ extension GatehouseConfig {
     }
 
     /// An `OLLAMA_HOST` value without a scheme read as Ollama reads it: `http`, and port 11434
-    /// when none is given ("10.0.0.5" is "http://10.0.0.5:11434", not port 80).
+    /// when none is given ("10.0.0.5" is "http://10.0.0.5:11434", not port 80); a bare IPv6
+    /// address ("::1") is one host, and no host (":11434") is this machine.
     static func ollamaHostURL(_ hostAndPort: String) -> String {
+        var hostAndPort = hostAndPort
+        let hostPart = hostAndPort.prefix { $0 != "/" }
+        if hostPart.filter({ $0 == ":" }).count >= 2, !hostPart.hasPrefix("[") {
+            hostAndPort = "[\(hostPart)]" + hostAndPort.dropFirst(hostPart.count)
+        } else if hostPart.hasPrefix(":") {
+            hostAndPort = "127.0.0.1" + hostAndPort
+        }
         let url = "http://\(hostAndPort)"
         guard var components = URLComponents(string: url), components.port == nil, components.host != nil else { return url }
         components.port = 11434

@@ -144,8 +144,13 @@ extension GatehouseConfig {
             problems += dotEnvProblems
             config.sources.append(dotEnvFile)
         }
-        variables.merge(environment) { _, process in process }
-        problems += config.apply(environment: variables)
+        // An empty variable is unset here as in every layer, so it does not hide the `.env` value
+        // (compose's `API_KEY: ${API_KEY}`, with API_KEY unset on the host, passes an empty one:
+        // taken as set, it turned the key in `.env` off, and authentication with it).
+        let setInEnvironment = environment.filter { !$0.value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }
+        let fromDotEnv = Set(variables.keys).subtracting(setInEnvironment.keys)
+        variables.merge(setInEnvironment) { _, process in process }
+        problems += config.apply(environment: variables) { fromDotEnv.contains($0) ? dotEnvFile : "environment" }
         config.pluginEnvironment = variables.filter { $0.key.hasPrefix(Self.pluginEnvironmentPrefix) }
         if !problems.isEmpty { throw ConfigProblems(problems: problems) }
         return config
@@ -225,7 +230,8 @@ extension GatehouseConfig {
                     reader.problem("logging.level", logging["level"], "must be one of \(Self.logLevels.joined(separator: ", ")) (got \"\(level)\")")
                 }
             }
-            logFile = reader.string(logging, "file", at: "logging") ?? logFile
+            // Empty is none (standard output), as an empty key or certificate path is.
+            if let file = reader.string(logging, "file", at: "logging") { logFile = file.isEmpty ? nil : file }
         }
         pluginsDirectory = reader.string(root, "plugins_dir", at: "") ?? pluginsDirectory
         if let pluginsNode = reader.mapping(root, "plugins", at: "") {
@@ -284,11 +290,18 @@ extension GatehouseConfig {
     /// Why `text` cannot be the upstream's URL, or nil when it can. The message never repeats
     /// a password the URL holds: it goes to stderr and the journal.
     static func upstreamURLProblem(_ text: String) -> String? {
+        let shown = text.contains("@") ? "a value with an @, not repeated here" : "\"\(text)\""
         guard let components = URLComponents(string: text), let scheme = components.scheme?.lowercased(), scheme == "http" || scheme == "https",
             let host = components.host, !host.isEmpty
         else {
-            let shown = text.contains("@") ? "a value with an @, not repeated here" : "\"\(text)\""
             return "must be an http:// or https:// URL with a host (got \(shown))"
+        }
+        if text.contains(where: \.isWhitespace) {
+            return "must not contain spaces (got \(shown))"
+        }
+        if ["http", "https"].contains(host.lowercased()) {
+            // `https//api.openai.com/v1`, read as host "https": a scheme missing its colon.
+            return "names '\(host)' as its host: is a scheme missing its colon (\(host)://…)? (got \(shown))"
         }
         if components.user != nil || components.password != nil {
             // Not sent (neither client sends a URL's user info), and it would be shown in every

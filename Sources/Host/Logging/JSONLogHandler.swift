@@ -29,14 +29,16 @@ public struct JSONLogHandler: LogHandler {
         self.secrets = secrets
     }
 
-    /// `text` with secrets masked: by shape (`Redactor`), then the configured ones by value.
+    /// `text` with secrets masked: the configured ones by value, then others by shape
+    /// (`Redactor`). In that order: masked by shape first, a configured `sk-…` key with a `.`
+    /// or `+` in it lost only its head, and no longer matched by value, so its tail was logged.
     private func redacted(_ text: String) -> String {
-        secrets.mask(Redactor.redact(text: text))
+        Redactor.redact(text: secrets.mask(text))
     }
 
     /// The value of field `key` with secrets masked (all of it, for a key that names a secret).
     private func redacted(key: String, value: String) -> String {
-        secrets.mask(Redactor.redact(key: key, value: value))
+        Redactor.isSensitive(key: key) ? "[REDACTED]" : redacted(value)
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -92,7 +94,7 @@ public struct JSONLogHandler: LogHandler {
                 Self.appendQuoted(redacted(path), to: &line)
                 if let id {
                     line.append(contentsOf: #","request_id":"#.utf8)
-                    Self.appendQuoted(Redactor.redact(text: id), to: &line)
+                    Self.appendQuoted(redacted(id), to: &line)  // as in the request's other lines
                 }
                 line.append(contentsOf: #","status":""#.utf8)
                 Self.appendDecimal(status, to: &line)
@@ -116,7 +118,7 @@ public struct JSONLogHandler: LogHandler {
         for (key, value) in metadata where !Self.accessKeys.contains(key) && !Self.reservedKeys.contains(key) {
             fields.append((key, redacted(key: key, value: Self.plain(value))))
         }
-        if let requestID, metadata["request_id"] == nil { fields.append(("request_id", Redactor.redact(text: requestID))) }
+        if let requestID, metadata["request_id"] == nil { fields.append(("request_id", redacted(requestID))) }
         write(&fields)
     }
 
@@ -436,7 +438,7 @@ private final class PendingLines: @unchecked Sendable {
 }
 
 /// Masks secrets in log output.
-enum Redactor {
+public enum Redactor {
     static let sensitiveKeyParts = ["api_key", "apikey", "api-key", "authorization", "token", "secret", "password", "x-api-key"]
     private static let sensitiveKeyBytes = sensitiveKeyParts.map { Array($0.utf8) }
 
@@ -452,7 +454,7 @@ enum Redactor {
     }
 
     /// Masks `Bearer <token>` and `sk-…` style keys inside free text.
-    static func redact(text: String) -> String {
+    public static func redact(text: String) -> String {
         guard mayContainSecret(text) else { return text }
         var result = text
         for pattern in [#"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"#, #"\bsk-[A-Za-z0-9_-]{6,}"#] {

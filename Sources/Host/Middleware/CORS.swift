@@ -76,10 +76,11 @@ struct CORSPolicy: Sendable {
     }
 }
 
-/// Answers CORS preflights and marks the router's answers for allowed origins. It sits between
-/// the request id and the access log (which turns errors into responses), so every answer,
-/// errors included, carries the headers a page needs to read it; preflights are answered before
-/// authentication, since browsers send them without the key, and are not access-logged.
+/// Answers CORS preflights and marks the router's answers for allowed origins. It sits just
+/// inside the access log, so preflights (and the 403s refusing other origins) are logged and
+/// counted like any request, and before authentication, since browsers send preflights without
+/// the key. Errors thrown inside it are made into their responses here, as the access log would
+/// make them, so every answer, errors included, carries the headers a page needs to read it.
 struct CORSMiddleware: RouterMiddleware {
     typealias Context = GatehouseRequestContext
     let policy: CORSPolicy
@@ -90,7 +91,12 @@ struct CORSMiddleware: RouterMiddleware {
             return policy.preflight(
                 origin: origin, method: method, requestHeaders: request.headers[.accessControlRequestHeaders], requestID: context.requestID)
         }
-        var response = try await next(request, context)
+        var response: Response
+        do {
+            response = try await next(request, context)
+        } catch {
+            response = AccessLogMiddleware.response(for: error, request: request, context: context)
+        }
         policy.responseFields(origin: origin) { name, value in response.headers.append(HTTPField(name: HTTPField.Name(name)!, value: value)) }
         return response
     }

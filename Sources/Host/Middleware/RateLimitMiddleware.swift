@@ -18,6 +18,13 @@ struct TokenBucket: Sendable, Equatable {
         self.updated = now
     }
 
+    /// The seconds until a token is there to take (0: one is), taking none.
+    func wait(now: Double) -> Double {
+        var bucket = self
+        bucket.refill(now: now)
+        return bucket.tokens >= 1 ? 0 : (1 - bucket.tokens) / rate
+    }
+
     /// Takes one token if there is one; otherwise returns the seconds until there will be.
     mutating func take(now: Double) -> Double? {
         refill(now: now)
@@ -106,17 +113,22 @@ final class RateLimiter: Sendable {
     }
 
     /// Takes a token from `client`'s bucket and, when `countingGlobally`, from the global one;
-    /// returns nil when the request may proceed, else which limit refused it and for how long.
-    /// A request the global bucket refuses gives the client its token back.
+    /// returns nil when the request may proceed, else which limit refused it and for how long:
+    /// until both buckets have a token, since a client that waits only for its own would be
+    /// refused again by the global one. A request the global bucket refuses gives the client
+    /// its token back. A failed key check (not `countingGlobally`) costs the client's address
+    /// at the client rate, or at the global rate when only that is set, so that keys cannot be
+    /// guessed faster than some limit either way.
     func take(client: String, countingGlobally: Bool) -> Refusal? {
         let time = now()
         return state.withLock { state in
             var bucket: TokenBucket?
-            if let rate {
+            if let rate = rate ?? (countingGlobally ? nil : globalRate) {
                 var own = state.clients[client] ?? TokenBucket(rate: rate, burst: burst, now: time)
                 if let wait = own.take(now: time) {
                     state.clients[client] = own
-                    return Refusal(wait: wait, limit: .client)
+                    let globalWait = countingGlobally ? state.global?.wait(now: time) ?? 0 : 0
+                    return Refusal(wait: max(wait, globalWait), limit: .client)
                 }
                 bucket = own
             }
@@ -153,7 +165,9 @@ public struct RateLimitMiddleware: RouterMiddleware {
     }
 
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard !APIKeyCheck.isExempt(request.uri.path) else { return try await next(request, context) }
+        // Prometheus' scrapes are not charged: they would be refused just when the clients are
+        // busiest, which is when the numbers matter (and a scrape costs no upstream call).
+        guard !APIKeyCheck.isExempt(request.uri.path), request.uri.path != "/metrics" else { return try await next(request, context) }
         if let refusal = limiter.refusal(client: context.clientID, address: context.remoteAddress) { throw refusal }
         return try await next(request, context)
     }
@@ -195,7 +209,7 @@ extension RateLimiter {
         guard let refusal = take(client: client, countingGlobally: countingGlobally) else { return nil }
         switch refusal.limit {
         case .client:
-            let rate = Self.format(rate ?? 0)
+            let rate = Self.format(rate ?? globalRate ?? 0)  // a failed key check's, when only the global rate is set
             return OpenAIError.rateLimited(wait: refusal.wait, code: "rate_limit_exceeded") { "rate limit exceeded (\(rate) requests/s); retry after \($0) s" }
         case .global:
             let rate = Self.format(globalRate ?? 0)

@@ -63,7 +63,9 @@ public final class PluginRegistry: Sendable {
                 .filter { isDirectory((pluginsDirectory as NSString).appendingPathComponent($0)) }
                 .sorted()
         } catch {
-            logger.error("cannot read plugins directory", metadata: ["directory": .string(pluginsDirectory), "error": .string("\(error)")])
+            logger.error(
+                "cannot read the plugins directory; serving without plugins",
+                metadata: ["directory": .string(pluginsDirectory), "error": .string(Self.directoryProblem(pluginsDirectory) ?? "\(error)")])
             return
         }
         for name in names { load(name) }
@@ -71,6 +73,15 @@ public final class PluginRegistry: Sendable {
         for name in config.withLock({ $0.plugins.keys }) where !known.contains(name) {
             logger.warning("config mentions a plugin that is not in the plugins directory", metadata: ["plugin": .string(name)])
         }
+    }
+
+    /// What keeps `path` from being read as a directory, in a few words (Foundation's error for
+    /// it is a paragraph of NSCocoaErrorDomain), or nil when nothing seems to.
+    public static func directoryProblem(_ path: String) -> String? {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return "no such directory" }
+        if !isDirectory.boolValue { return "not a directory" }
+        return FileManager.default.isReadableFile(atPath: path) ? nil : "not readable by this user"
     }
 
     /// Loads (or refuses) the plugin in `<plugins dir>/<name>`.

@@ -59,16 +59,16 @@ public struct GatehouseServer: Sendable {
         let server = makeServerBuilder(passThrough: passThrough, certificates: certificates, metrics: metrics)
         registry.loadAll()
 
-        // Order matters: ids first, then CORS (preflights, and the headers on every answer), then
-        // the access log (sees every final response), then auth and rate limits, the refusal of
+        // Order matters: ids first, then the access log (sees every final response), then CORS
+        // (preflights, and the headers on every answer), then auth and rate limits, the refusal of
         // compressed bodies and of bodies declared over the limit, then plugins' middleware, then
         // the routes, then (for what no route took) the 405 check. HEAD is answered wherever GET
         // is, with GET's headers.
         let router = Router(context: GatehouseRequestContext.self, options: .autoGenerateHeadEndpoints)
         if clientAddresses.isEnabled { router.add(middleware: ClientAddressMiddleware(resolver: clientAddresses)) }
         router.add(middleware: RequestIDMiddleware())
-        if let cors = CORSPolicy(origins: config.corsOrigins) { router.add(middleware: CORSMiddleware(policy: cors)) }
         router.add(middleware: AccessLogMiddleware(metrics: metrics))
+        if let cors = CORSPolicy(origins: config.corsOrigins) { router.add(middleware: CORSMiddleware(policy: cors)) }
         router.add(middleware: AuthMiddleware(apiKey: config.apiKey, limiter: limiter))
         if let limiter { router.add(middleware: RateLimitMiddleware(limiter: limiter)) }
         router.add(middleware: ContentEncodingMiddleware())
