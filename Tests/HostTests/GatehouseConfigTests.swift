@@ -192,6 +192,12 @@ import Testing
         // Gatehouse's own variable wins over OLLAMA_HOST, which is often set for Ollama itself.
         _ = config.apply(environment: ["OLLAMA_HOST": "0.0.0.0", "GATEHOUSE_UPSTREAM_URL": "http://llm:8000/v1"])
         #expect(config.upstream.url == "http://llm:8000")
+        // Quoted, a number or boolean is text: the message says so, rather than "must be true or
+        // false (got "false")". Hexadecimal is no rate, though Double() reads it.
+        var quoted = GatehouseConfig()
+        let quotedProblems = quoted.apply(yaml: "cache: {enabled: \"false\"}\nserver: {port: '8080'}\n", file: "g.yaml").map(\.message)
+        #expect(quotedProblems.count == 2 && quotedProblems.allSatisfy { $0.contains("in quotes, which YAML reads as text") }, "\(quotedProblems)")
+        #expect(quoted.apply(environment: ["RATE_LIMIT_RPS": "0x10"]).map(\.key) == ["RATE_LIMIT_RPS"])
         // Read as Ollama reads it: quotes dropped, a bare IPv6 address one host, no host this machine.
         for (given, url) in [("::1", "http://[::1]:11434"), (":1234", "http://127.0.0.1:1234"), ("'10.0.0.5'", "http://10.0.0.5:11434"),
                              ("\"[fd00::5]:9000\"", "http://[fd00::5]:9000")] {

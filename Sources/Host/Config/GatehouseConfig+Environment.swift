@@ -69,7 +69,8 @@ extension GatehouseConfig {
         if let count = integer("GATEHOUSE_UPSTREAM_MAX_CONNECTIONS", 1...100_000) { upstream.maxConnections = count }
         if let key = value("API_KEY") { apiKey = key }
         if let text = value("RATE_LIMIT_RPS") {
-            if let rate = Double(text), rate.isFinite, rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }
+            // Decimal only: Double() also reads hexadecimal ("0x10" as 16), as no one means it.
+            if text.allSatisfy({ $0.isASCII && ($0.isNumber || "+-.eE".contains($0)) }), let rate = Double(text), rate.isFinite, rate >= 0 { rateLimit.requestsPerSecond = rate } else { bad("RATE_LIMIT_RPS", "must be a number >= 0 (got \"\(text)\")") }
         }
         if let port = integer("PORT", 0...65535) { self.port = port }
         if let host = value("GATEHOUSE_HOST") { self.host = host }

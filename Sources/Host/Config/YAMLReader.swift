@@ -99,7 +99,7 @@ final class YAMLReader {
             return nil
         }
         guard let number = value.int else {
-            problem(join(path, key), value, "must be an integer (got \(Self.describe(value)))")
+            problem(join(path, key), value, "must be an integer (got \(Self.describe(value, typed: true)))")
             return nil
         }
         if let range, !range.contains(number) {
@@ -112,7 +112,7 @@ final class YAMLReader {
     func double(_ mapping: Node.Mapping, _ key: String, at path: String, minimum: Double? = nil) -> Double? {
         guard let value = node(mapping, key) else { return nil }
         guard let number = value.float ?? value.int.map(Double.init), number.isFinite else {
-            problem(join(path, key), value, "must be a number (got \(Self.describe(value)))")
+            problem(join(path, key), value, "must be a number (got \(Self.describe(value, typed: true)))")
             return nil
         }
         if let minimum, number < minimum {
@@ -125,7 +125,7 @@ final class YAMLReader {
     func bool(_ mapping: Node.Mapping, _ key: String, at path: String) -> Bool? {
         guard let value = node(mapping, key) else { return nil }
         guard let flag = value.bool else {
-            problem(join(path, key), value, "must be true or false (got \(Self.describe(value)))")
+            problem(join(path, key), value, "must be true or false (got \(Self.describe(value, typed: true)))")
             return nil
         }
         return flag
@@ -216,8 +216,14 @@ final class YAMLReader {
         }
     }
 
-    static func describe(_ node: Node) -> String {
-        if let scalar = node.scalar { return "\"\(scalar.string)\"" }
+    /// `node` as a problem quotes it. `typed`: for a key wanting a number or boolean, a quoted
+    /// scalar is said to be text, which is why it is refused (`"false"` was refused as "must be
+    /// true or false (got "false")").
+    static func describe(_ node: Node, typed: Bool = false) -> String {
+        if let scalar = node.scalar {
+            let quoted = typed && (scalar.style == .singleQuoted || scalar.style == .doubleQuoted)
+            return quoted ? "\"\(scalar.string)\" in quotes, which YAML reads as text" : "\"\(scalar.string)\""
+        }
         return node.mapping != nil ? "a mapping" : "a list"
     }
 
