@@ -31,6 +31,7 @@ def variants(tmp_path_factory):
         "entry_v2": build("entry_v2", "ENTRY_V2", export_list=False),
         "fail_init": build("fail_init", "FAIL_INIT", 'PLUGIN_NAME="init-fails"'),
         "misnamed": build("misnamed", 'PLUGIN_NAME="someone-else"'),
+        "slow_shutdown": build("slow_shutdown", "SLOW_SHUTDOWN=120", 'PLUGIN_NAME="slow-shutdown"'),
     }
 
 
@@ -365,6 +366,34 @@ def test_a_plugin_request_never_answered_does_not_hold_shutdown_past_its_timeout
     asking.join(10)
     assert answers and answers[0].status_code == 503, answers and answers[0].text
     assert answers[0].json()["error"]["code"] == "server_shutting_down"
+
+
+def test_a_plugin_whose_shutdown_blocks_does_not_hold_the_exit(plugins_dir, start, variants):
+    # The plugins' shutdown calls, after the HTTP drain, were awaited without a limit (a plugin
+    # sleeping 120 s kept the process up 120 s, whatever shutdown_timeout said), and a second
+    # signal then did nothing.
+    plugins_dir.add("slow-shutdown", variants["slow_shutdown"])
+    plugins_dir.add("variant", variants["ok"])
+    server = start(plugins_dir, config="server: {shutdown_timeout: 2s}\n")
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)
+    assert time.monotonic() - started < 8
+    lines = server.log_lines()
+    stuck = [l for l in lines if l.get("msg") == "plugin's shutdown did not return in time; exiting without waiting for it"]
+    assert [l["plugin"] for l in stuck] == ["slow-shutdown"], server.log()
+    assert any(l.get("msg") == "plugin shut down" and l.get("plugin") == "variant" for l in lines)  # the others still get theirs
+    assert lines[-1]["msg"] == "shutdown complete", lines[-1]
+    # With time to spare, a second signal stops at once, as during the drain.
+    patient = start(plugins_dir, config="server: {shutdown_timeout: 60s}\n")
+    patient.process.send_signal(signal.SIGTERM)
+    wait_for_log(patient, lambda l: l.get("msg") == "stopped accepting; shutting plugins down")
+    time.sleep(0.5)
+    started = time.monotonic()
+    patient.process.send_signal(signal.SIGTERM)
+    patient.process.wait(30)
+    assert time.monotonic() - started < 5
+    assert any(l.get("msg") == "second signal: stopping now, without waiting for plugins to finish" for l in patient.log_lines()), patient.log()
 
 
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):

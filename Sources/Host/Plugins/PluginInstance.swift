@@ -170,7 +170,7 @@ public final class PluginInstance: @unchecked Sendable {
     func shutdown(drainTimeout: Double) async {
         let deadline = ContinuousClock.now + .seconds(drainTimeout)
         while inFlight > 0 {
-            guard ContinuousClock.now < deadline else {
+            guard ContinuousClock.now < deadline, !Task.isCancelled else {
                 logger.warning(
                     "plugin still has unfinished requests at the drain deadline; not calling its shutdown",
                     metadata: ["in_flight": .stringConvertible(inFlight), "version": .string(manifest.version)])
@@ -180,11 +180,14 @@ public final class PluginInstance: @unchecked Sendable {
         }
         let shutdown = library.descriptor.pointee.shutdown!
         let state = UnsafeSendable(state)
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().async {
-                shutdown(state.value)
-                continuation.resume()
-            }
+        // Within what is left of the budget (at least a second, for a plugin whose requests took
+        // all of it): a `shutdown` that blocks must not keep the process from exiting.
+        let limit = max(deadline - ContinuousClock.now, .seconds(1))
+        guard await BlockingCall.run(atMost: limit, { shutdown(state.value) }) else {
+            logger.warning(
+                "plugin's shutdown did not return in time; exiting without waiting for it",
+                metadata: ["waited_s": .string(String(format: "%.3f", limit.inSeconds)), "version": .string(manifest.version)])
+            return
         }
         logger.info("plugin shut down", metadata: ["version": .string(manifest.version)])
     }

@@ -138,7 +138,13 @@ public struct GatehouseServer: Sendable {
         // One budget for the whole shutdown: plugins drain in what the requests left of it.
         let left = config.shutdownTimeout - shutdownClock.secondsSinceSignal
         logger.info("stopped accepting; shutting plugins down", metadata: ["drain_timeout_s": .string(String(format: "%.3f", max(0, left)))])
-        await registry.shutdownAll(drainTimeout: max(0, left))
+        let pluginShutdown = Task { await registry.shutdownAll(drainTimeout: max(0, left)) }
+        guard await StopOnSecondSignal.wait(for: pluginShutdown) else {
+            logger.warning("second signal: stopping now, without waiting for plugins to finish")
+            await upstream.shutdown()
+            logger.info("shutdown complete", metadata: ["forced": .string("second signal")])
+            return
+        }
         await upstream.shutdown()
         logger.info("shutdown complete")
     }

@@ -27,3 +27,25 @@ struct StopOnSecondSignal: Service {
         }
     }
 }
+
+extension StopOnSecondSignal {
+    /// Waits for `task` (the plugins' shutdown, after the HTTP drain: past the service group,
+    /// and so past this service) unless a SIGTERM or SIGINT comes first, which cancels it; says
+    /// whether it finished. A second signal then still stops at once, as it does during the drain.
+    static func wait(for task: Task<Void, Never>) async -> Bool {
+        await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                await withTaskCancellationHandler { await task.value } onCancel: { task.cancel() }
+                return true
+            }
+            group.addTask {
+                // Ends without a signal when cancelled (the task finished first).
+                for await _ in await UnixSignalsSequence(trapping: .sigterm, .sigint) { return false }
+                return true
+            }
+            let finished = await group.next() ?? true
+            group.cancelAll()
+            return finished
+        }
+    }
+}

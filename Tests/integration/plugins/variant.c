@@ -4,6 +4,7 @@
  *   -DDESCRIPTOR_MAJOR=2  descriptor claims another ABI major
  *   -DENTRY_V2            export gatehouse_plugin_entry_v2 instead of _v1
  *   -DFAIL_INIT           init fails with a reason
+ *   -DSLOW_SHUTDOWN=N     shutdown sleeps N seconds (a plugin that blocks the host's exit)
  * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
  *         /config (answers with the plugin's config JSON), /never (never answers),
  *         /flood?mib=N (streams N MiB, default 256, from its own thread, until a write fails; logs
@@ -215,7 +216,12 @@ static void variant_handle(void *state, const gh_request *request, gh_exchange *
     host->respond(exchange, 200, NULL, 0, text("hello"));
 }
 
-static void variant_shutdown(void *state) { (void)state; }
+static void variant_shutdown(void *state) {
+    (void)state;
+#ifdef SLOW_SHUTDOWN
+    sleep(SLOW_SHUTDOWN);
+#endif
+}
 
 static const gh_plugin_descriptor descriptor = {
     .struct_size = sizeof(gh_plugin_descriptor),

@@ -1,0 +1,64 @@
+// Runs a call that may block (a plugin's C code) on a thread of its own, and waits for it only so long.
+internal import Dispatch
+internal import Synchronization
+
+enum BlockingCall {
+    /// Runs `work` on a Dispatch thread and waits for it at most `limit` (and not past the
+    /// waiting task's cancellation). Returns whether it returned in time; if not, it runs on,
+    /// unwaited for: a thread in native code cannot be stopped, only no longer waited for.
+    static func run(atMost limit: Duration, _ work: @escaping @Sendable () -> Void) async -> Bool {
+        let outcome = Outcome()
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+                outcome.install(continuation)
+                DispatchQueue.global().async {
+                    work()
+                    outcome.resume(true)
+                }
+                DispatchQueue.global().asyncAfter(deadline: .now() + limit.inSeconds) { outcome.resume(false) }
+            }
+        } onCancel: {
+            outcome.resume(false)
+        }
+    }
+
+    /// The one answer of a wait: the first of returned, timed out and cancelled.
+    private final class Outcome: Sendable {
+        private enum State {
+            case waiting
+            case installed(CheckedContinuation<Bool, Never>)
+            /// Settled before the continuation was installed (cancelled at once).
+            case settled(Bool)
+            case done
+        }
+        private let state = Mutex(State.waiting)
+
+        func install(_ continuation: CheckedContinuation<Bool, Never>) {
+            let early: Bool? = state.withLock { state in
+                if case .settled(let value) = state {
+                    state = .done
+                    return value
+                }
+                state = .installed(continuation)
+                return nil
+            }
+            if let early { continuation.resume(returning: early) }
+        }
+
+        func resume(_ value: Bool) {
+            let continuation: CheckedContinuation<Bool, Never>? = state.withLock { state in
+                switch state {
+                case .waiting:
+                    state = .settled(value)
+                    return nil
+                case .installed(let continuation):
+                    state = .done
+                    return continuation
+                case .settled, .done:
+                    return nil
+                }
+            }
+            continuation?.resume(returning: value)
+        }
+    }
+}
