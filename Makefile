@@ -32,7 +32,7 @@ build: deps
 plugins: build
 	cp $(BIN)/libEchoPlugin.so plugins.d/echo/.libecho.so.tmp && mv -f plugins.d/echo/.libecho.so.tmp plugins.d/echo/libecho.so
 	$(CC) $(PLUGIN_CFLAGS) -o plugins.d/echo-c/.libecho_c.so.tmp Plugins/EchoC/echo_c.c && mv -f plugins.d/echo-c/.libecho_c.so.tmp plugins.d/echo-c/libecho_c.so
-	chmod go-w plugins.d plugins.d/* plugins.d/*/*.so
+	chmod go-w plugins.d plugins.d/* plugins.d/*/*.so plugins.d/*/plugin.yaml
 
 run: plugins
 	$(BIN)/gatehouse serve

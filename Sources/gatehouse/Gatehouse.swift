@@ -116,6 +116,8 @@ struct Plugins: AsyncParsableCommand {
             var directory = path
             if (path as NSString).lastPathComponent == "plugin.yaml" { directory = (path as NSString).deletingLastPathComponent }
             if directory.isEmpty { directory = "." }
+            // The manifest's name must equal the directory's: "." (run inside it) has none until resolved.
+            directory = URL(fileURLWithPath: directory).standardizedFileURL.path
             do {
                 let report = try PluginValidator.validate(directory: directory)
                 print("ok: \(report)")

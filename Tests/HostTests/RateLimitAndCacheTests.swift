@@ -248,3 +248,15 @@ final class ManualClock: Sendable {
         #expect(limiter.trackedClients == 1)
     }
 }
+
+@Suite struct CustomMetricTests {
+    @Test func anAddPastDoublesRangeIsRefusedAndTheValueKept() {
+        // Two adds of 1e308 made the value infinite, and the plugin's JSON status a 500.
+        for kind in [PluginStats.CustomMetric.Kind.counter, .gauge] {
+            let metric = PluginStats.CustomMetric(kind: kind, name: "big", counter: nil, gauge: nil)
+            #expect(metric.add(1e308))
+            #expect(!metric.add(1e308))
+            #expect(metric.value.withLock { $0 } == 1e308)
+        }
+    }
+}

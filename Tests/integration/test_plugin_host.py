@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,6 +154,21 @@ def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_d
     plugins_dir.add("old-toolchain", ECHO_SO, toolchain="swift-5.9.2")
     pinned = plugins_dir.add("variant", variants["ok"], sha256=hashlib.sha256(variants["ok"].read_bytes()).hexdigest())
     assert pinned.exists()
+    # The manifest names the library, pins its hash and holds its config: it was read through a
+    # link and whatever its mode, unlike the library.
+    linked_manifest = plugins_dir.add("manifest-linked", variants["ok"])
+    (tmp_path / "elsewhere.yaml").write_text((linked_manifest / "plugin.yaml").read_text())
+    (linked_manifest / "plugin.yaml").unlink()
+    os.symlink(tmp_path / "elsewhere.yaml", linked_manifest / "plugin.yaml")
+    os.chmod(plugins_dir.add("manifest-writable", variants["ok"]) / "plugin.yaml", 0o666)
+    # A sub-directory on the library's path that anyone may write: the library could be swapped in it.
+    open_sub = plugins_dir.add("open-subdir", None, library="sub/lib.so")
+    (open_sub / "sub").mkdir()
+    shutil.copyfile(variants["ok"], open_sub / "sub" / "lib.so")
+    os.chmod(open_sub / "sub", 0o777)
+    plugins_dir.add("dot-library", None, library=".")
+    plugins_dir.add("null", None, "name: null\nversion: 1.0.0\nabi: 1\nlibrary: lib.so\n")
+    plugins_dir.add("two-lines", None, 'name: "two\\nlines"\nversion: 1.0.0\nabi: 1\nlibrary: lib.so\n')
 
     server = start(plugins_dir)
     states = server.plugins()
@@ -171,6 +187,12 @@ def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_d
         "init-fails": "init failed: refusing to start: missing setting 'token'",
         "misnamed": 'library calls itself "someone-else"',
         "old-toolchain": "built with swift-5.9.2 but this host runs swift-6.3.1",
+        "manifest-linked": "plugin.yaml is a symbolic link; it must be a regular file",
+        "manifest-writable": "plugin.yaml is group- or world-writable (mode 666)",
+        "open-subdir": "open-subdir/sub is group- or world-writable (mode 777)",
+        "dot-library": "library . is a directory, not a library file",
+        "null": "key 'name': is required (null is YAML's null: put it in quotes",
+        "two-lines": 'must match [a-z0-9][a-z0-9_-]* and be at most 64 characters (got "two lines")',
     }
     for name, reason in expected.items():
         assert states[name]["state"] == "failed", (name, states[name])
@@ -406,6 +428,10 @@ def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):
     assert ok.stdout.startswith("ok: echo-c 1.0.0, ABI 1.1, C")
     ok_swift = subprocess.run([GATEHOUSE, "plugins", "validate", swift / "plugin.yaml"], capture_output=True, text=True)
     assert ok_swift.returncode == 0 and "swift-6.3.1" in ok_swift.stdout, ok_swift.stderr
+    # From inside the plugin's directory: "." was taken as its name, and the manifest's refused.
+    for inside in (".", "plugin.yaml", "./plugin.yaml"):
+        here = subprocess.run([GATEHOUSE, "plugins", "validate", inside], capture_output=True, text=True, cwd=good)
+        assert here.returncode == 0 and here.stdout.startswith("ok: echo-c 1.0.0"), (inside, here.stderr)
 
     refused = subprocess.run([GATEHOUSE, "plugins", "validate", bad], capture_output=True, text=True)
     assert refused.returncode != 0

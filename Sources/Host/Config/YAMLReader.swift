@@ -82,7 +82,11 @@ final class YAMLReader {
 
     func string(_ mapping: Node.Mapping, _ key: String, at path: String, required: Bool = false) -> String? {
         guard let value = node(mapping, key) else {
-            if required { problem(join(path, key), nil, "is required") }
+            if required {
+                // `name: null` (or `~`) is there, but YAML reads it as no value.
+                let written = mapping[key]?.scalar.map(\.string).flatMap { $0.isEmpty ? nil : $0 }
+                problem(join(path, key), mapping[key], written.map { "is required (\($0) is YAML's null: put it in quotes, \"\($0)\", for the text)" } ?? "is required")
+            }
             return nil
         }
         guard let scalar = value.scalar else {

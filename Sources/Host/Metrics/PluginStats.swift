@@ -163,7 +163,14 @@ public final class PluginStats: Sendable {
 
         func add(_ amount: Double) -> Bool {
             guard amount.isFinite, kind == .gauge || amount >= 0 else { return false }
-            value.withLock { $0 += amount }
+            // A sum past Double's range (two adds of 1e308) is refused as a non-finite amount is:
+            // an infinite value broke the plugin's JSON status (500) and means nothing in a scrape.
+            let added = value.withLock { total in
+                guard (total + amount).isFinite else { return false }
+                total += amount
+                return true
+            }
+            guard added else { return false }
             counter?.increment(by: amount)
             gauge?.increment(by: amount)
             return true

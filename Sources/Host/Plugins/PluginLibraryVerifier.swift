@@ -46,19 +46,25 @@ enum PluginLibraryVerifier {
         guard let realDirectory = realpath(directory), let realLibrary = realpath(path) else {
             throw PluginLoadError("cannot resolve \(path): \(errnoText())")
         }
+        if (linkInfo.st_mode & S_IFMT) == S_IFDIR {
+            throw PluginLoadError("library \(manifest.library) is a directory, not a library file")
+        }
         if !realLibrary.hasPrefix(realDirectory + "/") {
             throw PluginLoadError("library \(manifest.library) resolves to \(realLibrary), outside the plugin directory \(realDirectory)")
         }
-
-        // Check and read through one descriptor so the file cannot be swapped in between.
-        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { throw PluginLoadError("cannot open library \(path): \(errnoText())") }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw PluginLoadError("cannot stat library \(path): \(errnoText())") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw PluginLoadError("library \(path) is not a regular file") }
-        try checkOwnerAndMode(info, what: "library \(path)")
-        let bytes = try readAll(fd, size: Int(info.st_size), path: path)
+        // The directories between the plugin's and the library (`lib/x86_64/libx.so`): whoever
+        // may write one may swap the library in it.
+        var subdirectory = directory
+        for component in manifest.library.split(separator: "/").dropLast() {
+            subdirectory = (subdirectory as NSString).appendingPathComponent(String(component))
+            var info = stat()
+            guard lstat(subdirectory, &info) == 0 else { throw PluginLoadError("cannot stat \(subdirectory): \(errnoText())") }
+            if (info.st_mode & S_IFMT) == S_IFLNK {
+                throw PluginLoadError("directory \(subdirectory) is a symbolic link; the library's path must be real directories")
+            }
+            try checkOwnerAndMode(info, what: "directory \(subdirectory)")
+        }
+        let bytes = try readChecked(path, what: "library")
 
         let digest = SHA256.hash(data: bytes).map { byte in
             let hex = String(byte, radix: 16)
@@ -68,6 +74,26 @@ enum PluginLibraryVerifier {
             throw PluginLoadError("sha256 mismatch for \(manifest.library): manifest pins \(pinned), file has \(digest)")
         }
         return VerifiedLibrary(sourcePath: path, bytes: bytes, sha256: digest)
+    }
+
+    /// The bytes of the regular file at `path`, checked (not a symbolic link, owner, mode) and
+    /// read through one descriptor, so the file cannot be swapped in between.
+    /// - Parameter what: the file's role in messages ("library", "manifest").
+    static func readChecked(_ path: String, what: String) throws -> Data {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            switch errno {
+            case ELOOP: throw PluginLoadError("\(what) \(path) is a symbolic link; it must be a regular file")
+            case ENOENT: throw PluginLoadError("\(what) \(path) not found")
+            default: throw PluginLoadError("cannot open \(what) \(path): \(errnoText())")
+            }
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw PluginLoadError("cannot stat \(what) \(path): \(errnoText())") }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw PluginLoadError("\(what) \(path) is not a regular file") }
+        try checkOwnerAndMode(info, what: "\(what) \(path)")
+        return try readAll(fd, size: Int(info.st_size), path: path)
     }
 
     private static func checkOwnerAndMode(_ info: stat, what: String) throws {
@@ -87,7 +113,7 @@ enum PluginLibraryVerifier {
             while offset < size {
                 let count = read(fd, buffer.baseAddress! + offset, size - offset)
                 if count < 0 && errno == EINTR { continue }
-                guard count > 0 else { throw PluginLoadError("cannot read library \(path): \(count == 0 ? "file shrank while reading" : errnoText())") }
+                guard count > 0 else { throw PluginLoadError("cannot read \(path): \(count == 0 ? "file shrank while reading" : errnoText())") }
                 offset += count
             }
         }

@@ -45,8 +45,17 @@ public struct PluginManifest: Sendable, Equatable {
     /// - Throws: `ConfigProblems` listing every problem, each naming the file and key.
     public static func load(directory: String) throws -> PluginManifest {
         let file = (directory as NSString).appendingPathComponent(fileName)
-        guard let data = FileManager.default.contents(atPath: file) else {
-            throw ConfigProblems(problems: [ConfigProblem(file: file, key: "", line: nil, message: "cannot read the manifest")])
+        let data: Data
+        var info = stat()
+        guard lstat(file, &info) == 0 else {
+            throw ConfigProblems(problems: [ConfigProblem(file: file, key: "", line: nil, message: "cannot read the manifest: \(errnoText())")])
+        }
+        do {
+            // The manifest pins the library's hash and names it, and holds the plugin's config:
+            // it passes the library's own file checks (no link, no writer but root or us).
+            data = try PluginLibraryVerifier.readChecked(file, what: "manifest")
+        } catch let error as PluginLoadError {
+            throw ConfigProblems(problems: [ConfigProblem(file: file, key: "", line: nil, message: error.reason)])
         }
         guard let text = String(data: data, encoding: .utf8) else {
             throw ConfigProblems(problems: [ConfigProblem(file: file, key: "", line: nil, message: "is not UTF-8 text")])

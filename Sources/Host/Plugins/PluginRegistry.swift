@@ -118,6 +118,13 @@ public final class PluginRegistry: Sendable {
                 manifest: manifest, library: library, configJSON: configJSON, logger: logger.with(plugin: name), services: services,
                 timeout: settings.timeout ?? manifest.timeout ?? upstreamTimeout,
                 rateLimiter: rate.flatMap { $0 > 0 ? RateLimiter(rate: $0, burst: nil, globalRate: nil) : nil })
+            // `init` has no time limit (native code cannot be stopped) and start-up waits for it:
+            // a slow one is named, or the operator sees a gateway that never listens and no why.
+            let slowInit = DispatchWorkItem { [logger] in
+                logger.warning("plugin init has not returned after 5 s; start-up waits for it", metadata: ["plugin": .string(name)])
+            }
+            DispatchQueue.global().asyncAfter(deadline: .now() + 5, execute: slowInit)
+            defer { slowInit.cancel() }
             try instance.initialize()
             status.state = .loaded
             status.loadedAt = instance.loadedAt
@@ -132,6 +139,10 @@ public final class PluginRegistry: Sendable {
     }
 
     private func record(_ status: Status, instance: PluginInstance?) {
+        var status = status
+        // One line, as the reason's readers take it (`plugins list` rows, log fields): a plugin's
+        // init text or a manifest value may hold line breaks.
+        status.error = status.error.map { String(String.UnicodeScalarView($0.unicodeScalars.map { $0.properties.generalCategory == .control ? " " : $0 })) }
         slots.withLock { $0[status.name] = Slot(status: status, instance: instance) }
         var metadata: Logger.Metadata = ["plugin": .string(status.name), "state": .string(status.state.rawValue)]
         if let version = status.version { metadata["version"] = .string(version) }
