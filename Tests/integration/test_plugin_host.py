@@ -418,6 +418,19 @@ def test_a_plugin_whose_shutdown_blocks_does_not_hold_the_exit(plugins_dir, star
     assert any(l.get("msg") == "second signal: stopping now, without waiting for plugins to finish" for l in patient.log_lines()), patient.log()
 
 
+def test_a_slow_init_is_named_while_start_up_waits_for_it(plugins_dir, start, tmp_path):
+    # Start-up waits for every init (native code cannot be stopped); one that hung left a
+    # gateway that never listened, and not a line saying which plugin it waited for.
+    slow = compile_c_plugin(VARIANT_C, tmp_path / "slow.so", "SLOW_INIT=6", 'PLUGIN_NAME="slow-init"')
+    plugins_dir.add("slow-init", slow)
+    server = start(plugins_dir)
+    lines = server.log_lines()
+    warned = [i for i, l in enumerate(lines) if l.get("msg") == "plugin init has not returned after 5 s; start-up waits for it"]
+    loaded = [i for i, l in enumerate(lines) if l.get("msg") == "plugin loaded" and l.get("plugin") == "slow-init"]
+    assert warned and loaded and warned[0] < loaded[0], server.log()
+    assert lines[warned[0]]["plugin"] == "slow-init"
+
+
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):
     good = plugins_dir.add("echo-c", c_echo_so, library_name="libecho_c.so")
     swift = plugins_dir.add("echo", ECHO_SO, library_name="libecho.so", **SWIFT_ECHO_MANIFEST)

@@ -5,6 +5,7 @@
  *   -DENTRY_V2            export gatehouse_plugin_entry_v2 instead of _v1
  *   -DFAIL_INIT           init fails with a reason
  *   -DSLOW_SHUTDOWN=N     shutdown sleeps N seconds (a plugin that blocks the host's exit)
+ *   -DSLOW_INIT=N         init sleeps N seconds first (a plugin that holds up start-up)
  * Routes: /hello (sync answer), /stream (chunks from another thread), /double (completes twice),
  *         /config (answers with the plugin's config JSON), /never (never answers),
  *         /flood?mib=N (streams N MiB, default 256, from its own thread, until a write fails; logs
@@ -42,6 +43,9 @@ static int variant_init(const gh_host_api *api, gh_plugin *self, void **state_ou
     host = api;
     self_handle = self;
     *state_out = NULL;
+#ifdef SLOW_INIT
+    sleep(SLOW_INIT);
+#endif
 #ifdef FAIL_INIT
     snprintf(error, cap, "refusing to start: missing setting 'token'");
     return 1;
