@@ -45,14 +45,19 @@ import Testing
         }
     }
 
-    @Test func anHTTP10RequestWithTransferEncodingHasFaultyFraming() {
+    @Test func headsTheParserTakesThoughFaultyAreRefused() {
         func head(_ version: HTTPVersion, _ fields: [(String, String)]) -> HTTPRequestHead {
             HTTPRequestHead(version: version, method: .POST, uri: "/v1/chat/completions", headers: HTTPHeaders(fields))
         }
         #expect(MalformedRequest(head: head(.http1_0, [("Transfer-Encoding", "chunked")])) == .transferEncodingInHTTP10)
         #expect(MalformedRequest(head: head(.http1_0, [("transfer-encoding", "gzip, chunked"), ("Content-Length", "5")])) == .transferEncodingInHTTP10)
-        #expect(MalformedRequest(head: head(.http1_1, [("Transfer-Encoding", "chunked")])) == nil)
+        #expect(MalformedRequest(head: head(.http1_1, [("Host", "g"), ("Transfer-Encoding", "chunked")])) == nil)
         #expect(MalformedRequest(head: head(.http1_0, [("Content-Length", "5")])) == nil)
+        // Exactly one Host in HTTP/1.1 (none is fine in 1.0); never two (RFC 9112 §3.2).
+        #expect(MalformedRequest(head: head(.http1_1, [("Content-Length", "5")])) == .hostMissingOrRepeated)
+        #expect(MalformedRequest(head: head(.http1_1, [("Host", "a"), ("hOsT", "b")])) == .hostMissingOrRepeated)
+        #expect(MalformedRequest(head: head(.http1_0, [("Host", "a"), ("Host", "a")])) == .hostMissingOrRepeated)
+        #expect(MalformedRequest(head: head(.http1_1, [("HOST", "a"), ("X-Host", "b")])) == nil)
         #expect(OpenAIError.malformedRequest(.transferEncodingInHTTP10).status == .badRequest)
     }
 }

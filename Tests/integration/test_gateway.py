@@ -671,6 +671,14 @@ def test_client_errors_are_openai_shaped(gateway, backend):
         assert error["type"] and error["request_id"] == response.headers["x-request-id"]
     with pytest.raises(openai.BadRequestError):
         client_for(server).chat.completions.create(model="m", messages=[])
+    # A chunked body past the limit is refused when it passes it, not at its end (which may never
+    # come): the pass-through read on for as long as the client sent, then answered.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n")
+        head = ResponseReader(sock).response()  # the body's end is never sent
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        assert b"connection: close" in head.lower() and b"larger than" in head, head
 
 
 @both_backends
@@ -1204,6 +1212,26 @@ def test_a_client_leaving_mid_stream_stops_the_upstream_generating(gateway, fake
         assert time.monotonic() < deadline, "the upstream went on streaming to the gateway"
         time.sleep(0.05)
     assert fake_llm.abandoned == [CHAT_PATH[backend]]
+    # A client that only shuts its sending side mid-stream has gone too (README): the router
+    # wrote on to it, the upstream generating to the end, while the pass-through stopped. The
+    # trailing slash takes the router on both backends.
+    for target in ("/v1/chat/completions", "/v1/chat/completions/"):
+        before = len(fake_llm.abandoned)
+        data = json.dumps({"model": "slow-model", "stream": True, "messages": [{"role": "user", "content": words}]}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (target.encode(), len(data), data))
+            received = b""
+            while b"data: " not in received:
+                received += sock.recv(65536)
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 3
+            while len(fake_llm.abandoned) == before:
+                assert time.monotonic() < deadline, f"{target}: the upstream went on generating for a client that left"
+                time.sleep(0.05)
+            while chunk := sock.recv(65536):  # and the gateway closes, without the stream's end
+                received += chunk
+            assert b"[DONE]" not in received, target
 
 
 @both_backends
@@ -1566,6 +1594,11 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
         assert first[0] == 200, first
         assert error_of(second, 400, "malformed_http") == (
             "malformed HTTP request: an HTTP/1.0 request cannot use Transfer-Encoding (send Content-Length, or use HTTP/1.1)")
+    # An HTTP/1.1 request needs exactly one Host (RFC 9112 §3.2), on either path.
+    for head in (b"GET /health HTTP/1.1\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
+                 b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"):
+        [hostless] = responses(head + b"\r\n" + (b"{}" if head.startswith(b"POST") else b""))
+        assert error_of(hostless, 400, "malformed_http") == "malformed HTTP request: an HTTP/1.1 request needs exactly one Host header"
     # Behind a request still being answered: that answer first, then the error.
     health, after = responses(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\nNOT HTTP\r\n\r\n")
     assert health[0] == 200 and error_of(after, 400, "malformed_http")
@@ -1575,7 +1608,7 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
     assert chat[0] == 200 and b"Echo: hi" in chat[2] and "connection" not in chat[1], chat
     assert error_of(after, 400, "malformed_http")
     deadline = time.monotonic() + 5  # log lines are written at the end of their loop's round
-    while sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) < 6:  # big, garbage, two HTTP/1.0, two after
+    while sum(l.get("msg") == "request rejected by the HTTP parser" for l in server.log_lines()) < 9:  # big, garbage, two HTTP/1.0, three hosts, two after
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     # Everything else keeps serving.

@@ -124,6 +124,15 @@ final class ChatExchange: UpstreamResponseDelegate {
         guard body.readableBytes + buffer.readableBytes <= passThrough.maxBodyBytes else {
             bodyTooLarge = true
             body = ByteBuffer()
+            // Refused now (answered at this read's end, then the connection closes, lingering),
+            // not at the body's end: a chunked body declares no length and may never end, and
+            // an SDK would upload all of it before learning of the 413. The router does the same.
+            do throws(OpenAIError) {
+                try checkHead()  // the router's order: key and rate before size
+                heldRefusal = .bodyTooLarge
+            } catch {
+                heldRefusal = error
+            }
             return
         }
         if body.readableBytes == 0 {

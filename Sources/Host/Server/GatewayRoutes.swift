@@ -23,7 +23,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if chatRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.stream(chatRequest, requestID: requestID) }
-                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), departure: departure, context: context)
             }
             let cacheUse = CacheUse(cacheControl: request.headers[.cacheControl])
             let (completion, outcome) = try await departure.untilClientLeaves {
@@ -40,7 +40,7 @@ struct GatewayRoutes {
             let departure = await ClientDeparture.of(context.channel)
             if completionRequest.stream {
                 let events = try await departure.untilClientLeaves { try await chat.textStream(completionRequest, requestID: requestID) }
-                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), context: context)
+                return streamResponse(events, first: try await Self.firstWrite(of: events, departure: departure), departure: departure, context: context)
             }
             let completion = try await departure.untilClientLeaves { try await chat.textComplete(completionRequest, requestID: requestID) }
             return Response(
@@ -118,9 +118,12 @@ struct GatewayRoutes {
 
     /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`. Upstream failures
     /// before the first chunk are ordinary error responses (`firstWrite` throws them); a failure
-    /// mid-stream becomes an `error` event, as OpenAI's API does.
+    /// mid-stream becomes an `error` event, as OpenAI's API does. A client that leaves mid-stream
+    /// (closes, or shuts its sending side: `departure`) ends it at the next event, without
+    /// `[DONE]`, and the upstream call is abandoned with the events, as on the pass-through:
+    /// a write to a client that only half-closed succeeds, so writing alone would not notice.
     private func streamResponse(
-        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, first: FirstWrite, context: GatehouseRequestContext
+        _ events: AsyncThrowingStream<ChatStreamEvent, any Error>, first: FirstWrite, departure: ClientDeparture, context: GatehouseRequestContext
     ) -> Response {
         let requestID = context.requestID
         let logger = context.logger
@@ -138,6 +141,7 @@ struct GatewayRoutes {
                 case .chunk(let data):
                     try await write(data)
                     for try await event in events {
+                        if departure.departure == .clientLeft { throw ClientLeftMidStream() }
                         if case .chunk(let data) = event { try await write(data) }
                     }
                 case .ended: break
@@ -155,6 +159,9 @@ struct GatewayRoutes {
             body: body)
     }
 }
+
+/// Ends a stream whose client has gone: the connection closes without the stream's end.
+private struct ClientLeftMidStream: Error {}
 
 /// The upstream readiness checks behind `/health/ready`, which needs no key and no rate: at most
 /// one upstream call at a time, its verdict reused for `reuse`. Otherwise anyone could make the

@@ -38,7 +38,7 @@ extension HTTPHeaders {
     }
 
     /// ASCII case-insensitive equality, without allocating (every pass-through request asks).
-    private static func sameName(_ a: String, _ b: String) -> Bool {
+    static func sameName(_ a: String, _ b: String) -> Bool {
         guard a.utf8.count == b.utf8.count else { return false }
         @inline(__always) func lower(_ byte: UInt8) -> UInt8 { byte >= 0x41 && byte <= 0x5A ? byte | 0x20 : byte }
         return zip(a.utf8, b.utf8).allSatisfy { lower($0) == lower($1) }

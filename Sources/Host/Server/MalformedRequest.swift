@@ -11,6 +11,10 @@ enum MalformedRequest: Error, Equatable {
     /// HTTP/1.0 intermediary would frame it otherwise: the way requests are smuggled), and
     /// nginx refuses it with a 400.
     case transferEncodingInHTTP10
+    /// An HTTP/1.1 request without `Host`, or any request with more than one (RFC 9112 §3.2:
+    /// a server MUST answer 400; nginx does). Two hops reading two different hosts is how a
+    /// request is routed past a front proxy's checks.
+    case hostMissingOrRepeated
 
     /// `error` as a malformed request, when it is one.
     init?(_ error: any Error) {
@@ -21,9 +25,25 @@ enum MalformedRequest: Error, Equatable {
         }
     }
 
-    /// The rejection of a request with this head, if its framing is faulty (the parser took it).
+    /// The rejection of a request with this head, if the parser took it though it is faulty.
     init?(head: HTTPRequestHead) {
-        guard head.version.major == 1, head.version.minor == 0, head.headers.contains(name: "Transfer-Encoding") else { return nil }
-        self = .transferEncodingInHTTP10
+        // One pass over the fields (every request asks): the hosts, and any Transfer-Encoding.
+        var hosts = 0
+        var transferEncoding = false
+        for field in head.headers {
+            if HTTPHeaders.sameName(field.name, "host") {
+                hosts += 1
+            } else if !transferEncoding, HTTPHeaders.sameName(field.name, "transfer-encoding") {
+                transferEncoding = true
+            }
+        }
+        let http11 = head.version.major == 1 && head.version.minor >= 1
+        if hosts > 1 || (hosts == 0 && http11) {
+            self = .hostMissingOrRepeated
+        } else if transferEncoding, head.version.major == 1, head.version.minor == 0 {
+            self = .transferEncodingInHTTP10
+        } else {
+            return nil
+        }
     }
 }

@@ -117,6 +117,8 @@ extension OpenAIError {
             OpenAIError(
                 .badRequest, "malformed HTTP request: an HTTP/1.0 request cannot use Transfer-Encoding (send Content-Length, or use HTTP/1.1)",
                 code: "malformed_http")
+        case .hostMissingOrRepeated:
+            OpenAIError(.badRequest, "malformed HTTP request: an HTTP/1.1 request needs exactly one Host header", code: "malformed_http")
         }
     }
 
