@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 [[ $# -eq 2 && -x $1 && -x $2 ]] || { echo "usage: bench/ab.sh A_BINARY B_BINARY (two executable gatehouse builds)"; exit 1; }
 A=$1 B=$2
 MODE=${BENCH_MODE:-json} CONC=${BENCH_CONC:-16} ROUNDS=${BENCH_ROUNDS:-8} SECONDS_PER_ROUND=${BENCH_SECONDS:-3}
+THREADS=$((CONC < 2 ? 1 : 2))  # wrk needs a connection per thread
 case $MODE in json | sse) ;; *) echo "bench: BENCH_MODE must be json or sse, not '$MODE'"; exit 1 ;; esac
 command -v nginx >/dev/null && command -v wrk >/dev/null || scripts/install-deps.sh bench
 
@@ -40,10 +41,10 @@ done
 for port in $A_PORT $B_PORT; do
     for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
     curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "bench: a gatehouse did not start"; cat "$WORK"/*.log; exit 1; }
-    wrk -t2 -c"$CONC" -d1s -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null  # warm-up
+    wrk -t"$THREADS" -c"$CONC" -d1s -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null  # warm-up
 done
 
-rate() { wrk -t2 -c"$CONC" -d"${SECONDS_PER_ROUND}s" -s "$WORK/post.lua" "http://127.0.0.1:$1/v1/chat/completions" | awk '/^Requests\/sec/ {print $2}'; }
+rate() { wrk -t"$THREADS" -c"$CONC" -d"${SECONDS_PER_ROUND}s" -s "$WORK/post.lua" "http://127.0.0.1:$1/v1/chat/completions" | awk '/^Requests\/sec/ {print $2}'; }
 a_rates=() b_rates=()
 for round in $(seq 1 "$ROUNDS"); do
     # Each round alternates which side goes first.
