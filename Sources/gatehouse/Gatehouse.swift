@@ -27,6 +27,16 @@ struct ConfigOptions: ParsableArguments {
         if let pluginsDir { loaded.pluginsDirectory = pluginsDir }
         return loaded
     }
+
+    /// `load()`, its problems printed as `serve` prints them (one line, redacted by shape: a key
+    /// pasted into the wrong field is quoted back as the value got).
+    func loadOrFail() throws -> GatehouseConfig {
+        do {
+            return try load()
+        } catch {
+            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")
+        }
+    }
 }
 
 struct Serve: AsyncParsableCommand {
@@ -54,8 +64,7 @@ struct Serve: AsyncParsableCommand {
             try loaded.validate()  // here, so its problems read as the others do, before logging starts
             config = loaded
         } catch {
-            // Redacted by shape: a key pasted into the wrong field is quoted back as the value got.
-            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")
+            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")  // as `loadOrFail`
         }
         let sink: LogSink
         do {
@@ -86,7 +95,7 @@ struct Plugins: AsyncParsableCommand {
         @OptionGroup var options: ConfigOptions
 
         func run() async throws {
-            let config = try options.load()
+            let config = try options.loadOrFail()
             if let problem = PluginRegistry.directoryProblem(config.pluginsDirectory) {
                 throw fail("cannot read the plugins directory \(config.pluginsDirectory): \(problem)")
             }

@@ -462,4 +462,22 @@ import Testing
         #expect(refusal("[1]")?.code == "upstream_invalid")
         #expect(refusal(#"{"choices":[]} trailing"#)?.code == "upstream_invalid")
     }
+    @Test func aWholeAnswerNoStrictParserTakesStillPasses() throws {
+        // Python's json (the SDK's) reads a lone surrogate escape, -Infinity and 1e4000; refused
+        // as "not valid JSON", they became 502s the SDK retried, each a new upstream call.
+        for odd in [#""\ud83d""#, #""\ude00 x""#, "-Infinity", "NaN", "1e4000"] {
+            let answer = #"{"choices":[{"index":0,"message":{"role":"assistant","content":"# + odd + "}}]}"
+            #expect(try counts(answer) == (0, 0), "\(odd)")
+            // Cut short, the same answer is still a 502.
+            #expect(refusal(String(answer.dropLast(3)))?.code == "upstream_invalid", "\(odd)")
+        }
+    }
+
+    @Test func aWholeContainerIsToldFromOneCutShort() {
+        func whole(_ text: String) -> Bool { Array(text.utf8).withUnsafeBytes(JSONStructure.isWhole) }
+        #expect(whole(#" {"a":["}",{"b":"\"]"}]} "#))
+        #expect(whole("[1, NaN]"))
+        #expect(!whole(#"{"a":"x"#) && !whole(#"{"a":1"#) && !whole(#"{"a":"\"}"#))
+        #expect(!whole("{} {}") && !whole("1") && !whole("x{}") && !whole("}{") && !whole(""))
+    }
 }

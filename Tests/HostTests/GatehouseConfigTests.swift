@@ -227,8 +227,10 @@ import Testing
         #expect(config.rateLimit.requestsPerSecond == 3)
         // An empty variable is unset, as against the YAML: it took `.env`'s key away, and with it
         // authentication (compose passes `${API_KEY}` empty when the host has none).
-        let unset = try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: ["API_KEY": "", "PORT": " "])
+        let unset = try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: ["API_KEY": "", "PORT": " ", "GATEHOUSE_PLUGIN_X_PREFIX": ""])
         #expect(unset.apiKey == "from-dotenv" && unset.port == 2000)
+        // A plugin's variable set empty is a value (the empty string), as it is in `.env`.
+        #expect(unset.pluginEnvironment["GATEHOUSE_PLUGIN_X_PREFIX"] == "")
         // A bad value is blamed on where it was set: the `.env` file, unless the environment overrides it.
         try "PORT=abc\nTIMEOUT=0\n".write(toFile: dotEnv, atomically: true, encoding: .utf8)
         #expect(throws: ConfigProblems.self) { try GatehouseConfig.load(file: yaml, dotEnvFile: dotEnv, environment: [:]) }

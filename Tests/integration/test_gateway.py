@@ -2231,6 +2231,8 @@ def test_start_up_errors_name_their_source_and_repeat_no_key(tmp_path):
     assert result.returncode != 0
     assert ".env: key 'PORT': must be an integer" in result.stderr, result.stderr
     assert "key 'upstream.url'" in result.stderr and "AbCdEf1234567890" not in result.stderr, result.stderr
+    listed = subprocess.run([GATEHOUSE, "plugins", "list"], capture_output=True, text=True, timeout=30, cwd=tmp_path, env={})
+    assert listed.returncode != 0 and "key 'upstream.url'" in listed.stderr and "AbCdEf1234567890" not in listed.stderr, listed.stderr
     # An unwritable log file names the setting; an empty one is standard output.
     (tmp_path / ".env").unlink()
     (tmp_path / "gatehouse.yaml").write_text("logging: {file: /nonexistent/dir/g.log}\n")

@@ -147,7 +147,11 @@ extension GatehouseConfig {
         // An empty variable is unset here as in every layer, so it does not hide the `.env` value
         // (compose's `API_KEY: ${API_KEY}`, with API_KEY unset on the host, passes an empty one:
         // taken as set, it turned the key in `.env` off, and authentication with it).
-        let setInEnvironment = environment.filter { !$0.value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }
+        // A plugin's variable set empty still gives its key the empty string, as in `.env`
+        // (PLUGINS.md §5): there it is a value, not a gateway setting with a default to keep.
+        let setInEnvironment = environment.filter {
+            $0.key.hasPrefix(Self.pluginEnvironmentPrefix) || !$0.value.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+        }
         let fromDotEnv = Set(variables.keys).subtracting(setInEnvironment.keys)
         variables.merge(setInEnvironment) { _, process in process }
         problems += config.apply(environment: variables) { fromDotEnv.contains($0) ? dotEnvFile : "environment" }

@@ -42,6 +42,45 @@ enum JSONSyntax {
     }
 }
 
+/// Whether bytes hold one whole JSON object or array: every string closed, every bracket
+/// matched, nothing but whitespace after it. What is inside is not judged, so what strict
+/// parsers refuse but clients read (a lone surrogate escape, `NaN`, `-Infinity`, a number past
+/// `Double`) passes; it tells a reply cut short from one a strict parser merely dislikes.
+enum JSONStructure {
+    static func isWhole(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var depth = 0
+        var inString = false
+        var escaped = false
+        var ended = false
+        for byte in bytes {
+            let isSpace = byte == 0x20 || byte == 0x0a || byte == 0x0d || byte == 0x09
+            if ended {
+                guard isSpace else { return false }
+            } else if inString {
+                if escaped {
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if byte == UInt8(ascii: "\"") {
+                    inString = false
+                }
+            } else if byte == UInt8(ascii: "\"") {
+                guard depth > 0 else { return false }
+                inString = true
+            } else if byte == UInt8(ascii: "{") || byte == UInt8(ascii: "[") {
+                depth += 1
+            } else if byte == UInt8(ascii: "}") || byte == UInt8(ascii: "]") {
+                depth -= 1
+                guard depth >= 0 else { return false }
+                ended = depth == 0
+            } else if depth == 0, !isSpace {
+                return false  // a top-level scalar, or text before the container
+            }
+        }
+        return ended
+    }
+}
+
 private struct Scanner {
     let bytes: UnsafeRawBufferPointer
     var index = 0

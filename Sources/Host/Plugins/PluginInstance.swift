@@ -183,10 +183,11 @@ public final class PluginInstance: @unchecked Sendable {
         // Within what is left of the budget (at least a second, for a plugin whose requests took
         // all of it): a `shutdown` that blocks must not keep the process from exiting.
         let limit = max(deadline - ContinuousClock.now, .seconds(1))
+        let called = ContinuousClock.now
         guard await BlockingCall.run(atMost: limit, { shutdown(state.value) }) else {
             logger.warning(
                 "plugin's shutdown did not return in time; exiting without waiting for it",
-                metadata: ["waited_s": .string(String(format: "%.3f", limit.inSeconds)), "version": .string(manifest.version)])
+                metadata: ["waited_s": .string(String(format: "%.3f", (ContinuousClock.now - called).inSeconds)), "version": .string(manifest.version)])
             return
         }
         logger.info("plugin shut down", metadata: ["version": .string(manifest.version)])

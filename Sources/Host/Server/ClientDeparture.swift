@@ -98,11 +98,13 @@ extension OpenAIError {
         OpenAIError(HTTPResponse.Status(code: 499, reasonPhrase: "Client Closed Request"), "the client closed the connection before the answer", code: "client_closed_request")
     }
 
-    /// The gateway's shutdown ran out of `shutdown_timeout` before this answer was done. A 503,
-    /// not the 499 of a client that left: this client is still there, and may retry elsewhere.
+    /// The gateway's shutdown stopped before this answer was done (`shutdown_timeout` ran out, or
+    /// a second signal came). A 503, not the 499 of a client that left: this client is still
+    /// there, and may retry elsewhere.
     static var serverShuttingDown: OpenAIError {
         OpenAIError(
-            .serviceUnavailable, "the gateway is shutting down and its shutdown_timeout ran out before this answer was done",
+            .serviceUnavailable,
+            "the gateway is shutting down and stopped before this answer was done (its shutdown_timeout ran out, or a second signal came)",
             code: "server_shutting_down")
     }
 }

@@ -1,21 +1,29 @@
 // Runs a call that may block (a plugin's C code) on a thread of its own, and waits for it only so long.
-internal import Dispatch
+internal import Foundation
 internal import Synchronization
 
 enum BlockingCall {
-    /// Runs `work` on a Dispatch thread and waits for it at most `limit` (and not past the
-    /// waiting task's cancellation). Returns whether it returned in time; if not, it runs on,
-    /// unwaited for: a thread in native code cannot be stopped, only no longer waited for.
+    /// Runs `work` on a new thread and waits for it at most `limit` (and not past the waiting
+    /// task's cancellation). Returns whether it returned in time; if not, it runs on, unwaited
+    /// for: a thread in native code cannot be stopped, only no longer waited for.
+    ///
+    /// A thread of its own, and a timer on Swift's clock, not Dispatch's global queue: on Linux
+    /// that pool has about one thread per core and adds one a second when they block, so a few
+    /// blocked calls held up the others' starts, their timeouts and the signal handling behind them.
     static func run(atMost limit: Duration, _ work: @escaping @Sendable () -> Void) async -> Bool {
         let outcome = Outcome()
+        let timer = Task {
+            try? await Task.sleep(for: limit)
+            if !Task.isCancelled { outcome.resume(false) }
+        }
+        defer { timer.cancel() }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
                 outcome.install(continuation)
-                DispatchQueue.global().async {
+                Thread {
                     work()
                     outcome.resume(true)
-                }
-                DispatchQueue.global().asyncAfter(deadline: .now() + limit.inSeconds) { outcome.resume(false) }
+                }.start()
             }
         } onCancel: {
             outcome.resume(false)

@@ -53,9 +53,12 @@ struct OpenAIBackend: ChatBackend {
     }
 
     /// Throws the 502 for a 200 reply that is not a whole answer; returns for one that is after
-    /// all (JSON the strict scan leaves to the decoder, such as a number past its length limit).
+    /// all: JSON the strict scan leaves to the decoder (a number past its length limit), or what
+    /// no strict decoder takes but clients read (Python's json, the SDK's, takes a lone
+    /// surrogate escape or `-Infinity`), as long as it is whole and has its `choices`.
     private static func refuseIncompleteAnswer(_ bytes: UnsafeRawBufferPointer, masking secrets: SecretMask) throws {
         guard let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any] else {
+            if JSONStructure.isWhole(bytes), ByteSearch.find(choicesKey, in: bytes) != nil { return }
             throw OpenAIError(
                 .badGateway, "openai upstream sent a reply that is not valid JSON (cut short, or malformed)", code: "upstream_invalid")
         }
