@@ -28,13 +28,12 @@ struct ConfigOptions: ParsableArguments {
         return loaded
     }
 
-    /// `load()`, its problems printed as `serve` prints them (one line, redacted by shape: a key
-    /// pasted into the wrong field is quoted back as the value got).
+    /// `load()`, its problems printed as `serve` prints them (`invalidConfiguration`).
     func loadOrFail() throws -> GatehouseConfig {
         do {
             return try load()
         } catch {
-            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")
+            throw invalidConfiguration(error)
         }
     }
 }
@@ -64,7 +63,7 @@ struct Serve: AsyncParsableCommand {
             try loaded.validate()  // here, so its problems read as the others do, before logging starts
             config = loaded
         } catch {
-            throw fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")  // as `loadOrFail`
+            throw invalidConfiguration(error)
         }
         let sink: LogSink
         do {
@@ -135,6 +134,12 @@ struct Plugins: AsyncParsableCommand {
             }
         }
     }
+}
+
+/// Prints the configuration's problems to stderr as one line, redacted by shape (a key pasted
+/// into the wrong field is quoted back as the value it got), and returns an exit code of 1.
+func invalidConfiguration(_ error: any Error) -> ExitCode {
+    fail("invalid configuration: \(Redactor.redact(text: "\(error)"))")
 }
 
 /// Prints `message` to stderr and returns an exit code of 1.

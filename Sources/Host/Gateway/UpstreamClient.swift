@@ -216,15 +216,21 @@ final class UpstreamClient: Sendable {
     /// is only the status again).
     static func upstreamError(_ body: ByteBuffer) -> (message: String?, code: String?, param: String?) {
         let data = Data(body.readableBytesView)
-        if let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
-            if let text = object["error"] as? String { return (text, nil, nil) }
-            if let error = object["error"] as? [String: Any], let text = error["message"] as? String {
-                return (text, (error["code"] as? String).flatMap { $0.isEmpty ? nil : $0 }, error["param"] as? String)
-            }
-            if let text = object["message"] as? String { return (text, nil, nil) }
+        if let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let details = upstreamError(in: object) {
+            return details
         }
         let text = String(decoding: data.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         return (text.isEmpty ? nil : text, nil, nil)
+    }
+
+    /// The same, from a body already decoded: nil when it holds no message of any known shape.
+    static func upstreamError(in object: [String: Any]) -> (message: String?, code: String?, param: String?)? {
+        if let text = object["error"] as? String { return (text, nil, nil) }
+        if let error = object["error"] as? [String: Any], let text = error["message"] as? String {
+            return (text, (error["code"] as? String).flatMap { $0.isEmpty ? nil : $0 }, error["param"] as? String)
+        }
+        if let text = object["message"] as? String { return (text, nil, nil) }
+        return nil
     }
 }
 

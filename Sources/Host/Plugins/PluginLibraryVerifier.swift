@@ -29,11 +29,7 @@ enum PluginLibraryVerifier {
         let path = (directory as NSString).appendingPathComponent(manifest.library)
         var parents = [directory]
         if let pluginsDirectory { parents.append(pluginsDirectory) }
-        for parent in parents {
-            var info = stat()
-            guard stat(parent, &info) == 0 else { throw PluginLoadError("cannot stat \(parent): \(errnoText())") }
-            try checkOwnerAndMode(info, what: "directory \(parent)")
-        }
+        for parent in parents { try checkDirectory(parent, refusingLink: false) }
 
         var linkInfo = stat()
         guard lstat(path, &linkInfo) == 0 else {
@@ -57,12 +53,7 @@ enum PluginLibraryVerifier {
         var subdirectory = directory
         for component in manifest.library.split(separator: "/").dropLast() {
             subdirectory = (subdirectory as NSString).appendingPathComponent(String(component))
-            var info = stat()
-            guard lstat(subdirectory, &info) == 0 else { throw PluginLoadError("cannot stat \(subdirectory): \(errnoText())") }
-            if (info.st_mode & S_IFMT) == S_IFLNK {
-                throw PluginLoadError("directory \(subdirectory) is a symbolic link; the library's path must be real directories")
-            }
-            try checkOwnerAndMode(info, what: "directory \(subdirectory)")
+            try checkDirectory(subdirectory, refusingLink: true)
         }
         let bytes = try readChecked(path, what: "library")
 
@@ -94,6 +85,18 @@ enum PluginLibraryVerifier {
         guard (info.st_mode & S_IFMT) == S_IFREG else { throw PluginLoadError("\(what) \(path) is not a regular file") }
         try checkOwnerAndMode(info, what: "\(what) \(path)")
         return try readAll(fd, size: Int(info.st_size), path: path)
+    }
+
+    /// Checks the directory at `path` as one holding a plugin: owner and mode; with
+    /// `refusingLink`, not a symbolic link either (the plugin and plugins directories may be
+    /// links; the sub-directories on a library's path may not).
+    private static func checkDirectory(_ path: String, refusingLink: Bool) throws {
+        var info = stat()
+        guard (refusingLink ? lstat(path, &info) : stat(path, &info)) == 0 else { throw PluginLoadError("cannot stat \(path): \(errnoText())") }
+        if refusingLink, (info.st_mode & S_IFMT) == S_IFLNK {
+            throw PluginLoadError("directory \(path) is a symbolic link; the library's path must be real directories")
+        }
+        try checkOwnerAndMode(info, what: "directory \(path)")
     }
 
     private static func checkOwnerAndMode(_ info: stat, what: String) throws {

@@ -51,7 +51,8 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
             }
             // For the router's requests (all of them without the pass-through, which keeps
             // versions and keep-alive and answers `Expect` for its own).
-            try pipeline.addHandler(HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger, metrics: metrics))
+            try pipeline.addHandler(
+                HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger, metrics: metrics, headsChecked: passThrough != nil))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             // With the pass-through, this handler sees only the router's requests, so the
             // pass-through handler, which sees them all, keeps the idle timeout instead.

@@ -125,8 +125,12 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// The shutdown's time ran out: this handler answered the request in progress itself, and
     /// what the router still writes is dropped.
     private var stoppedByShutdown = false
+    /// The handler before this one (the chat pass-through) has already refused the heads that
+    /// `MalformedRequest(head:)` refuses: they are not checked twice.
+    private let headsChecked: Bool
 
-    init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?) {
+    init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?, headsChecked: Bool = false) {
+        self.headsChecked = headsChecked
         self.maxBodyBytes = maxBodyBytes
         self.logger = logger
         self.metrics = metrics
@@ -222,7 +226,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             if let last = unanswered.indices.last, unanswered[last].bodyHeldBack { unanswered[last].bodyHeldBack = false }
             return context.fireChannelRead(data)
         }
-        if let rejection = MalformedRequest(head: head) {
+        if !headsChecked, let rejection = MalformedRequest(head: head) {
             refusedHead = rejection
             return errorCaught(context: context, error: rejection)
         }

@@ -63,7 +63,8 @@ struct OpenAIBackend: ChatBackend {
                 .badGateway, "openai upstream sent a reply that is not valid JSON (cut short, or malformed)", code: "upstream_invalid")
         }
         if let error = object["error"], !(error is NSNull) {
-            let message = UpstreamClient.upstreamError(ByteBuffer(bytes: bytes)).message ?? "no message"
+            // Decoded once: the message is read from the object at hand, else the body's text.
+            let message = UpstreamClient.upstreamError(in: object)?.message ?? UpstreamClient.upstreamError(ByteBuffer(bytes: bytes)).message ?? "no message"
             throw secrets.masked(OpenAIError(.badGateway, "openai failed (an error sent with HTTP 200): \(message)", code: "upstream_error"))
         }
         guard object["choices"] is [Any] else {
