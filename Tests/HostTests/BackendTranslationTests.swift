@@ -107,6 +107,18 @@ import Testing
         #expect(throws: OpenAIError.self) { try OllamaBackend.options(["options": "big"], maxTokens: nil) }
     }
 
+    /// A sampling parameter the client leaves out stays out, so the model's own defaults (its
+    /// Modelfile's PARAMETER lines) apply, as LlamaGate leaves them. Ollama's own /v1 would send
+    /// OpenAI's temperature and top_p of 1.0 instead; README says why Gatehouse does not.
+    @Test func anAbsentSamplingParameterIsLeftToTheModel() throws {
+        let request = try ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}]}"#))
+        let body = try object(OllamaBackend.translate(request, stream: false))
+        let options = body["options"] as? [String: Any] ?? [:]
+        for key in ["temperature", "top_p", "top_k", "seed", "num_predict"] {
+            #expect(options[key] == nil, "\(key) was sent though the client left it out")
+        }
+    }
+
     @Test func aNullParameterIsNoParameter() throws {
         // The SDK sends `max_completion_tokens: null` for a None beside the `max_tokens` meant.
         let limited = try ChatRequest.parse(ByteBuffer(string: """
