@@ -3,6 +3,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -438,6 +439,93 @@ def test_a_slow_init_is_named_while_start_up_waits_for_it(plugins_dir, start, tm
     loaded = [i for i, l in enumerate(lines) if l.get("msg") == "plugin loaded" and l.get("plugin") == "slow-init"]
     assert warned and loaded and warned[0] < loaded[0], server.log()
     assert lines[warned[0]]["plugin"] == "slow-init"
+
+
+def start_without_waiting(tmp_path, plugins_dir, config: str, private_root: Path):
+    """A gateway process, not waited for (its plugins are still loading), with its private
+    library copies under private_root; returns (process, log path)."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    config_path = tmp_path / f"startup-{number}.yaml"
+    config_path.write_text(config)
+    log_path = tmp_path / f"startup-{number}.log"
+    env = {**os.environ, "TMPDIR": str(private_root)}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([GATEHOUSE, "serve", "--config", config_path, "--plugins-dir", plugins_dir.path, "--port", str(number)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    return process, log_path
+
+
+def wait_for_line(log_path: Path, predicate, timeout: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [json.loads(l) for l in log_path.read_text().splitlines() if l.startswith("{")]
+        if any(predicate(l) for l in lines):
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"no such line in:\n{log_path.read_text()}")
+
+
+def test_a_signal_while_plugins_load_shuts_the_loaded_ones_down(plugins_dir, variants, tmp_path):
+    # A SIGTERM during start-up ended the process by the default action: the plugins already
+    # initialised got no shutdown and the private copies of their libraries stayed in TMPDIR.
+    plugins_dir.add("a-first", compile_c_plugin(VARIANT_C, tmp_path / "a.so", 'PLUGIN_NAME="a-first"'))
+    plugins_dir.add("b-slow", compile_c_plugin(VARIANT_C, tmp_path / "b.so", "SLOW_INIT=2", 'PLUGIN_NAME="b-slow"'))
+    plugins_dir.add("c-after", compile_c_plugin(VARIANT_C, tmp_path / "c.so", 'PLUGIN_NAME="c-after"'))
+    private_root = tmp_path / "private"
+    private_root.mkdir()
+    process, log_path = start_without_waiting(tmp_path, plugins_dir, "", private_root)
+    try:
+        wait_for_line(log_path, lambda l: l.get("msg") == "plugin loaded" and l.get("plugin") == "a-first")
+        time.sleep(0.3)  # b-slow's init is running
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log_path.read_text()
+    finally:
+        process.kill()
+    lines = [json.loads(l) for l in log_path.read_text().splitlines() if l.startswith("{")]
+    messages = [(l.get("msg"), l.get("plugin")) for l in lines]
+    assert ("signal during start-up: stopping once the plugin being initialised returns", None) in messages, messages
+    # The plugin being initialised finishes; the next is not loaded; both loaded ones shut down.
+    assert ("plugin loaded", "b-slow") in messages and ("plugin loaded", "c-after") not in messages, messages
+    assert ("start-up stopped by a signal: plugin not loaded", "c-after") in messages, messages
+    assert {p for m, p in messages if m == "plugin shut down"} == {"a-first", "b-slow"}, messages
+    assert ("listening", None) not in messages, messages
+    assert lines[-1]["msg"] == "shutdown complete" and lines[-1].get("during") == "start-up", lines[-1]
+    assert list(private_root.iterdir()) == [], list(private_root.iterdir())
+
+
+def test_a_hung_init_does_not_outlast_the_shutdown_timeout_after_a_signal(plugins_dir, tmp_path):
+    # Native code cannot be interrupted: start-up waits for an init, but a signal gives it only
+    # server.shutdown_timeout (and a second signal none) before the process exits anyway.
+    plugins_dir.add("hung", compile_c_plugin(VARIANT_C, tmp_path / "hung.so", "SLOW_INIT=120", 'PLUGIN_NAME="hung"'))
+    for second_signal in (False, True):
+        private_root = tmp_path / f"private-{second_signal}"
+        private_root.mkdir()
+        config = "server: {shutdown_timeout: %s}\n" % ("60s" if second_signal else "1s")
+        process, log_path = start_without_waiting(tmp_path, plugins_dir, config, private_root)
+        try:
+            # Its private copy is made just before its init is called.
+            deadline = time.monotonic() + 10
+            while not list(private_root.glob("*/*hung.so")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert list(private_root.glob("*/*hung.so")), log_path.read_text()
+            time.sleep(0.3)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            if second_signal:
+                wait_for_line(log_path, lambda l: l.get("msg", "").startswith("signal during start-up"))
+                process.send_signal(signal.SIGINT)
+            assert process.wait(15) == 1, log_path.read_text()
+            assert time.monotonic() - started < 5
+        finally:
+            process.kill()
+        log = log_path.read_text()
+        expected = ("second signal during start-up: exiting now, without shutting plugins down" if second_signal else
+                    "a plugin's init did not return within server.shutdown_timeout of the signal; exiting without shutting plugins down")
+        assert expected in log, log
+        assert list(private_root.iterdir()) == [], list(private_root.iterdir())
 
 
 def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):

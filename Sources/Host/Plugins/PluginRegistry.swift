@@ -55,7 +55,9 @@ public final class PluginRegistry: Sendable {
 
     /// Scans the plugins directory and loads every enabled plugin. A plugin that fails is
     /// recorded with its reason; the others load regardless.
-    public func loadAll() {
+    /// - Parameter shouldStop: asked before each plugin; once true, the rest are not loaded (a
+    ///   signal during start-up).
+    public func loadAll(shouldStop: () -> Bool = { false }) {
         let names: [String]
         do {
             names = try FileManager.default.contentsOfDirectory(atPath: pluginsDirectory)
@@ -68,7 +70,13 @@ public final class PluginRegistry: Sendable {
                 metadata: ["directory": .string(pluginsDirectory), "error": .string(Self.directoryProblem(pluginsDirectory) ?? "\(error)")])
             return
         }
-        for name in names { load(name) }
+        for name in names {
+            guard !shouldStop() else {
+                logger.info("start-up stopped by a signal: plugin not loaded", metadata: ["plugin": .string(name)])
+                continue
+            }
+            load(name)
+        }
         let known = Set(names)
         for name in config.withLock({ $0.plugins.keys }) where !known.contains(name) {
             logger.warning("config mentions a plugin that is not in the plugins directory", metadata: ["plugin": .string(name)])
@@ -194,6 +202,10 @@ public final class PluginRegistry: Sendable {
         }
         loader.removePrivateCopies()
     }
+
+    /// Removes the private library copies without shutting anything down, for a process about
+    /// to exit at once (loaded libraries stay mapped; only the names go).
+    func removePrivateCopies() { loader.removePrivateCopies() }
 
     private func isDirectory(_ path: String) -> Bool {
         var isDirectory: ObjCBool = false

@@ -57,7 +57,24 @@ public struct GatehouseServer: Sendable {
             config: config, chat: chat, limiter: limiter, middleware: services.middleware, metrics: metrics, clientAddresses: clientAddresses,
             logger: logger, serverName: Self.serverName)
         let server = makeServerBuilder(passThrough: passThrough, certificates: certificates, metrics: metrics)
-        registry.loadAll()
+        // From here until the service group traps them, SIGTERM and SIGINT are this watch's.
+        let startupSignals = StartupSignalWatch(logger: logger, patience: config.shutdownTimeout) {
+            registry.removePrivateCopies()
+            _exit(1)
+        }
+        defer { startupSignals.finish() }
+        // On a thread of its own: an `init` that blocks must leave the pool to the watch's timers.
+        await BlockingCall.run { registry.loadAll(shouldStop: { startupSignals.stopRequested }) }
+        startupSignals.reachedStoppingPoint()
+        if let since = startupSignals.secondsSinceSignal {
+            let left = max(0, config.shutdownTimeout - since)
+            logger.info("start-up stopped by a signal; shutting plugins down", metadata: ["drain_timeout_s": .string(String(format: "%.3f", left))])
+            await registry.shutdownAll(drainTimeout: left)
+            startupSignals.finish()
+            await upstream.shutdown()
+            logger.info("shutdown complete", metadata: ["during": .string("start-up")])
+            return
+        }
 
         // Order matters: ids first, then the access log (sees every final response), then CORS
         // (preflights, and the headers on every answer), then auth and rate limits, the refusal of
@@ -116,6 +133,7 @@ public struct GatehouseServer: Sendable {
         var groupConfiguration = ServiceGroupConfiguration(
             services: [
                 .init(service: StopOnSecondSignal(logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .cancelGroup),
+                .init(service: StartupSignalHandOver(watch: startupSignals), successTerminationBehavior: .gracefullyShutdownGroup),
                 .init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore),
                 .init(service: ReloadOnHangup(logSink: logSink, certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
             ],

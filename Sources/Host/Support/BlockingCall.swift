@@ -30,6 +30,14 @@ enum BlockingCall {
         }
     }
 
+    /// Runs `work` on a new thread and waits for it however long it takes, leaving Swift's
+    /// cooperative pool (a thread per core) free for the tasks that must run meanwhile.
+    static func run<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            Thread { continuation.resume(returning: work()) }.start()
+        }
+    }
+
     /// The one answer of a wait: the first of returned, timed out and cancelled.
     private final class Outcome: Sendable {
         private enum State {
