@@ -232,6 +232,97 @@ import Testing
         }
     }
 
+    @Test func allowedToolsNarrowTheToolsAndUnknownChoicesAreRefused() throws {
+        let tools = #"[{"type":"function","function":{"name":"a"}},{"type":"function","function":{"name":"delete_everything"}}]"#
+        func offered(_ choice: String) throws -> [String]? {
+            let request = try ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":\#(tools),"tool_choice":\#(choice)}"#))
+            let body = try object(OllamaBackend.translate(request, stream: false))
+            return (body["tools"] as? [[String: Any]])?.compactMap { ($0["function"] as? [String: Any])?["name"] as? String }
+        }
+        // OpenAI's newer way to rule tools out: the others were offered, and could be called.
+        #expect(try offered(#"{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[{"type":"function","function":{"name":"a"}}]}}"#) == ["a"])
+        #expect(try offered(#"{"type":"allowed_tools","allowed_tools":{"mode":"required","tools":[{"type":"function","function":{"name":"a"}}]}}"#) == ["a"])
+        for refused in [
+            #"{"type":"allowed_tools","allowed_tools":{"tools":[{"type":"function","function":{"name":"b"}}]}}"#,
+            #"{"type":"allowed_tools","allowed_tools":{"mode":"sometimes","tools":[{"type":"function","function":{"name":"a"}}]}}"#,
+            #"{"type":"allowed_tools","allowed_tools":{"tools":[{"type":"custom","custom":{"name":"a"}}]}}"#,
+            #"{"type":"allowed_tools","allowed_tools":{"tools":[]}}"#,
+            #"{"type":"custom","custom":{"name":"a"}}"#, #"{"function":{"name":"a"}}"#, #""any""#, "5",
+        ] {
+            let error = #expect(throws: OpenAIError.self, "\(refused)") { try offered(refused) }
+            #expect(error?.code == "invalid_tool_choice" && error?.param == "tool_choice", "\(refused)")
+        }
+    }
+
+    @Test func parallelToolCallsFalseKeepsTheFirstCall() throws {
+        #expect(try OllamaBackend.singleToolCall(["parallel_tool_calls": false]))
+        #expect(try !OllamaBackend.singleToolCall(["parallel_tool_calls": true]))
+        #expect(try !OllamaBackend.singleToolCall([:]))
+        #expect(throws: OpenAIError.self) { try OllamaBackend.singleToolCall(["parallel_tool_calls": "no"]) }
+        let request = try ChatRequest.parse(ByteBuffer(string: #"{"model":"m","messages":[{"role":"user","content":"x"}],"parallel_tool_calls":"no"}"#))
+        #expect(throws: OpenAIError.self) { try OllamaBackend.translate(request, stream: true) }
+        // Streamed: Ollama sends its calls in one line (or several); only the first goes on.
+        let translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: false, maxToolCalls: 1)
+        let call = { (city: String) -> [String: Any] in ["function": ["name": "get_weather", "arguments": ["city": city]]] }
+        let first = translator.events(for: ["message": ["role": "assistant", "content": "", "tool_calls": [call("Paris"), call("Rome")]], "done": false])
+        let second = translator.events(for: ["message": ["role": "assistant", "content": "", "tool_calls": [call("Oslo")]], "done": false])
+        let last = translator.events(for: ["message": ["role": "assistant", "content": ""], "done": true, "done_reason": "stop"])
+        func choice(_ event: ChatStreamEvent) throws -> [String: Any] {
+            guard case .chunk(let data) = event else { throw CancellationError() }
+            return try #require((try object(data)["choices"] as? [[String: Any]])?.first)
+        }
+        let calls = try #require((try choice(first[0])["delta"] as? [String: Any])?["tool_calls"] as? [[String: Any]])
+        #expect(calls.count == 1 && calls[0]["index"] as? Int == 0)
+        #expect(((calls[0]["function"] as? [String: Any])?["arguments"] as? String) == #"{"city":"Paris"}"#)
+        #expect(second.isEmpty)
+        #expect(try choice(last[0])["finish_reason"] as? String == "tool_calls")
+    }
+
+    @Test func toolCallIdsGoBackToOllama() throws {
+        // Two calls of one function answered out of order: only the ids tell the results apart.
+        let request = try ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":"weather?"},
+             {"role":"assistant","content":null,"tool_calls":[
+               {"id":"call_abc","type":"function","function":{"name":"get_weather","arguments":"{\\"city\\":\\"Paris\\"}"}},
+               {"id":"call_def","type":"function","function":{"name":"get_weather","arguments":"{\\"city\\":\\"Rome\\"}"}}]},
+             {"role":"tool","tool_call_id":"call_def","content":"12C"},
+             {"role":"tool","tool_call_id":"call_abc","content":"31C"}]}
+            """))
+        let messages = try #require(try object(OllamaBackend.translate(request, stream: false))["messages"] as? [[String: Any]])
+        let calls = try #require(messages[1]["tool_calls"] as? [[String: Any]])
+        #expect(calls.map { $0["id"] as? String } == ["call_abc", "call_def"])
+        #expect(messages[2]["tool_call_id"] as? String == "call_def" && messages[2]["tool_name"] as? String == "get_weather")
+        #expect(messages[3]["tool_call_id"] as? String == "call_abc")
+        #expect(messages[0]["tool_call_id"] == nil)
+    }
+
+    @Test func wrappedBase64ImagesAreAcceptedWithoutTheirLineBreaks() throws {
+        let wrapped = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk\\r\\n+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==\\n"
+        let request = try ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,\(wrapped)"}}]}]}
+            """))
+        let messages = try #require(try object(OllamaBackend.translate(request, stream: false))["messages"] as? [[String: Any]])
+        #expect(messages[0]["images"] as? [String] == ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="])
+        let broken = try ChatRequest.parse(ByteBuffer(string: """
+            {"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBO*w0K"}}]}]}
+            """))
+        #expect(throws: OpenAIError.self) { try OllamaBackend.translate(broken, stream: false) }
+    }
+
+    @Test func textOffsetsCountCodePoints() throws {
+        // Python, the SDK's language, indexes text by code point: "é\r\nok".index("ok") == 3.
+        let entries: [[String: Any]] = [["token": "é", "logprob": -0.1], ["token": "\r\n", "logprob": -0.2], ["token": "ok", "logprob": -0.3]]
+        let result = try #require(OllamaBackend.textLogprobs(entries, offset: 0))
+        #expect(result.logprobs["text_offset"] as? [Int] == [0, 1, 3])
+        #expect(result.end == 5)
+    }
+
+    @Test func anEmptyPromptIsRefusedForOllama() throws {
+        let empty = try TextCompletionRequest.parse(ByteBuffer(string: #"{"model":"m","prompt":"","suffix":"\ndef main():"}"#))
+        let error = #expect(throws: OpenAIError.self) { try OllamaBackend.generateBody(empty, stream: false) }
+        #expect(error?.code == "invalid_prompt" && error?.message == "'prompt' is empty: Ollama only loads the model for an empty prompt and generates nothing")
+    }
+
     @Test func streamTranslatorSendsRoleFirstThenContentThenFinishAndUsage() throws {
         let translator = OllamaBackend.StreamTranslator(id: "chatcmpl-1", created: 1, model: "m", includeUsage: true)
         let first = translator.events(for: ["message": ["role": "assistant", "content": "Hel"], "done": false])

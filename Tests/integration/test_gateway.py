@@ -191,8 +191,10 @@ def test_streaming_tool_calls_and_tools_passed_through(gateway, fake_llm):
         {"role": "tool", "tool_call_id": call.id, "content": "12:00"}])
     assert follow_up.choices[0].message.content == "The tool said: 12:00"
     sent = fake_llm.calls("/api/chat")[-1][3]["messages"]
-    assert sent[1]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}}]
-    assert sent[2] == {"role": "tool", "content": "12:00", "tool_name": "get_time"}
+    # With the call's id both ways, as Ollama's own /v1 sends them (results to two calls of one
+    # function were told apart by order alone).
+    assert sent[1]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {"timezone": "UTC"}}, "id": call.id}]
+    assert sent[2] == {"role": "tool", "content": "12:00", "tool_name": "get_time", "tool_call_id": call.id}
     # Ollama's call ids are kept (made up above, where the calls had none); a tool result
     # naming its function without a call id is named too.
     assert call.id.startswith("call_")
@@ -1050,6 +1052,10 @@ def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     assert unknown.value.body["message"] == "'tool_choice' names function 'get_news', which is not in 'tools'"
     assert unknown.value.body["code"] == "invalid_tool_choice"
     assert len(fake_llm.calls("/api/chat")) == 2
+    # OpenAI's allowed_tools rules the others out: they were offered all the same.
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "w"}], tools=tools, tool_choice={
+        "type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
+    assert [t["function"]["name"] for t in fake_llm.calls("/api/chat")[-1][3]["tools"]] == ["get_time"]
 
 
 def test_ollama_refuses_what_it_cannot_take_instead_of_dropping_it(gateway, fake_llm):

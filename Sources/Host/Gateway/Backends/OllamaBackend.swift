@@ -21,7 +21,8 @@ struct OllamaBackend: ChatBackend {
             throw OpenAIError(.badGateway, "ollama sent a chat reply without a message", code: "upstream_invalid")
         }
         let text = message["content"] as? String ?? ""
-        let toolCalls = Self.openAIToolCalls(message["tool_calls"])
+        var toolCalls = Self.openAIToolCalls(message["tool_calls"])
+        if try Self.singleToolCall(request.body) { toolCalls = Array(toolCalls.prefix(1)) }
         let (prompt, completion) = Self.tokenCounts(reply)
         var assistant: [String: Any] = ["role": "assistant", "content": text]
         if let thinking = message["thinking"] as? String, !thinking.isEmpty { assistant["reasoning"] = thinking }
@@ -44,7 +45,9 @@ struct OllamaBackend: ChatBackend {
         let body = try await client.openStream("/api/chat", json: Self.translate(request, stream: true), requestID: requestID, backend: name)
         let id = OpenAIShapes.completionID()
         let created = OpenAIShapes.now()
-        let translator = StreamTranslator(id: id, created: created, model: request.model, includeUsage: request.includeUsage)
+        let translator = StreamTranslator(
+            id: id, created: created, model: request.model, includeUsage: request.includeUsage,
+            maxToolCalls: try Self.singleToolCall(request.body) ? 1 : nil)
         return events(body, path: "/api/chat") { line in (translator.events(for: line), Self.isDone(line)) }
     }
 
@@ -178,6 +181,11 @@ struct OllamaBackend: ChatBackend {
     static func generateBody(_ request: TextCompletionRequest, stream: Bool) throws(OpenAIError) -> Data {
         guard let prompt = request.body["prompt"] as? String else {
             throw RequestFields.invalid("prompt", "must be a string for Ollama (lists of prompts or of tokens are not supported)")
+        }
+        // Ollama answers an empty prompt by loading the model and generating nothing (`done_reason:
+        // "load"`), even with a `suffix`: an empty 200 would read as the model's choice.
+        guard !prompt.isEmpty else {
+            throw RequestFields.invalid("prompt", "is empty: Ollama only loads the model for an empty prompt and generates nothing")
         }
         if let echo = request.body["echo"], !(echo is NSNull) {
             guard let wanted = JSONNumbers.bool(echo) else { throw RequestFields.invalid("echo", "must be true or false") }
@@ -321,6 +329,7 @@ struct OllamaBackend: ChatBackend {
         out["messages"] = messages
         try checkSingleChoice(request.body)
         try checkChatFieldsOllamaCannotHonour(request.body)
+        _ = try singleToolCall(request.body)  // checked before the call; applied to the answer
         let options = try Self.options(request.body, maxTokens: request.maxTokens)
         if !options.isEmpty { out["options"] = options }
         if let tools = request.body["tools"] as? [Any], !tools.isEmpty, let offered = try offeredTools(tools, choice: request.body["tool_choice"]) {
@@ -386,17 +395,66 @@ struct OllamaBackend: ChatBackend {
     }
 
     /// The tools to offer Ollama, which has no `tool_choice`: none for `"none"`; only the named
-    /// one for `{"type":"function","function":{"name":…}}` (the model can then call no other);
-    /// all of them otherwise (`"auto"`, and `"required"`, which Ollama cannot enforce).
-    /// - Throws: a 400 when the named function is not among the tools (as OpenAI answers).
+    /// one for `{"type":"function","function":{"name":…}}`, and only the listed ones for
+    /// `{"type":"allowed_tools","allowed_tools":{"tools":[…]}}` (the model can then call no
+    /// other); all of them for `"auto"` and `"required"` (which Ollama cannot enforce).
+    /// - Throws: a 400 when a named function is not among the tools (as OpenAI answers), or for
+    ///   a `tool_choice` of another shape: offering every tool would let the model call one the
+    ///   client ruled out.
     static func offeredTools(_ tools: [Any], choice: Any?) throws(OpenAIError) -> [Any]? {
-        if let mode = choice as? String { return mode == "none" ? nil : tools }
-        guard let named = ((choice as? [String: Any])?["function"] as? [String: Any])?["name"] as? String else { return tools }
-        let chosen = tools.filter { (($0 as? [String: Any])?["function"] as? [String: Any])?["name"] as? String == named }
-        guard !chosen.isEmpty else {
-            throw RequestFields.invalid("tool_choice", "names function '\(named)', which is not in 'tools'")
+        func functionName(_ tool: Any) -> String? { ((tool as? [String: Any])?["function"] as? [String: Any])?["name"] as? String }
+        func only(_ names: [String]) throws(OpenAIError) -> [Any] {
+            let offered = Set(tools.compactMap(functionName))
+            if let missing = names.first(where: { !offered.contains($0) }) {
+                throw RequestFields.invalid("tool_choice", "names function '\(missing)', which is not in 'tools'")
+            }
+            return tools.filter { functionName($0).map(names.contains) ?? false }
         }
-        return chosen
+        switch choice {
+        case nil, is NSNull:
+            return tools
+        case let mode as String:
+            switch mode {
+            case "none": return nil
+            case "auto", "required": return tools
+            default: throw RequestFields.invalid("tool_choice", "must be \"none\", \"auto\", \"required\" or an object naming functions (got \(OpenAIShapes.describe(mode)))")
+            }
+        case let object as [String: Any]:
+            switch object["type"] as? String {
+            case "function":
+                guard let name = functionName(object) else { throw RequestFields.invalid("tool_choice", "must name its function in 'function.name'") }
+                return try only([name])
+            case "allowed_tools":
+                let allowed = object["allowed_tools"] as? [String: Any]
+                guard let listed = allowed?["tools"] as? [Any], !listed.isEmpty else {
+                    throw RequestFields.invalid("tool_choice", "must list the allowed functions in 'allowed_tools.tools'")
+                }
+                if let mode = allowed?["mode"], !(mode is NSNull), !["auto", "required"].contains(mode as? String ?? "") {
+                    throw RequestFields.invalid("tool_choice", "'allowed_tools.mode' must be \"auto\" or \"required\" (got \(OpenAIShapes.describe(mode)))")
+                }
+                var names: [String] = []
+                for tool in listed {
+                    guard let name = functionName(tool) else {
+                        throw RequestFields.invalid("tool_choice", "'allowed_tools.tools' may list only functions ({\"type\":\"function\",\"function\":{\"name\":…}}) for Ollama (got \(OpenAIShapes.describe(tool)))")
+                    }
+                    names.append(name)
+                }
+                return try only(names)
+            case let type:
+                throw RequestFields.invalid("tool_choice", "has type \(type.map { "'\($0)'" } ?? "missing"), which Ollama cannot honour (only 'function' and 'allowed_tools')")
+            }
+        case let other?:
+            throw RequestFields.invalid("tool_choice", "must be a string or an object (got \(OpenAIShapes.describe(other)))")
+        }
+    }
+
+    /// Whether the client asked for at most one tool call per answer (`parallel_tool_calls:
+    /// false`). Ollama has no such switch, so the gateway keeps the first call and drops the rest.
+    /// - Throws: a 400 when the field is not a boolean.
+    static func singleToolCall(_ body: [String: Any]) throws(OpenAIError) -> Bool {
+        guard let flag = RequestFields.present(body, "parallel_tool_calls") else { return false }
+        guard let parallel = JSONNumbers.bool(flag) else { throw RequestFields.invalid("parallel_tool_calls", "must be true or false") }
+        return !parallel
     }
 
     /// Chat fields that would change the answer, which Ollama has no way to honour (its own
@@ -473,7 +531,9 @@ struct OllamaBackend: ChatBackend {
                             "\(at): Ollama takes images only as base64 data URLs of JPEG, PNG or WebP (data:image/png;base64,…), not \(given)",
                             code: "invalid_image")
                     }
-                    let payload = String(url.dropFirst(prefix.count))
+                    // Line breaks (base64 wrapped at 76 columns, as MIME tools write it) are no data:
+                    // Go's decoder, Ollama's, skips them; Foundation's does not.
+                    let payload = String(url.dropFirst(prefix.count).filter { $0 != "\n" && $0 != "\r" && $0 != "\r\n" })
                     guard Data(base64Encoded: payload) != nil else { throw invalid("\(at): the image's data URL is not valid base64", code: "invalid_image") }
                     images.append(payload)
                 case let type:
@@ -517,11 +577,16 @@ struct OllamaBackend: ChatBackend {
                         ", tool call \(callIndex): 'function.arguments' must be a JSON object or its text (got \(OpenAIShapes.describe(other)))",
                         code: "invalid_tool_call_arguments")
                 }
-                converted.append(["function": ["name": name, "arguments": arguments]])
+                var ollamaCall: [String: Any] = ["function": ["name": name, "arguments": arguments]]
+                if let id = call["id"] as? String, !id.isEmpty { ollamaCall["id"] = id }
+                converted.append(ollamaCall)
             }
             out["tool_calls"] = converted
         }
-        // A tool result names its function: from the call it answers, else its own `name`.
+        // A tool result names its function: from the call it answers, else its own `name`; and
+        // the call by its id (Ollama's `/v1` passes both), so results to two calls of one function
+        // cannot be mixed up.
+        if out["role"] as? String == "tool", let id = message["tool_call_id"] as? String, !id.isEmpty { out["tool_call_id"] = id }
         if let name = (message["tool_call_id"] as? String).flatMap({ toolNames[$0] }) ?? (out["role"] as? String == "tool" ? message["name"] as? String : nil) {
             out["tool_name"] = name
         }
@@ -577,7 +642,7 @@ struct OllamaBackend: ChatBackend {
         var position = offset
         for token in tokens {
             offsets.append(position)
-            position += token.count
+            position += token.unicodeScalars.count  // code points, as clients index text (a grapheme may hold several)
         }
         let logprobs: [String: Any] = [
             "tokens": tokens,
@@ -637,15 +702,18 @@ struct OllamaBackend: ChatBackend {
         let model: String
         /// The client asked for a final usage chunk (`stream_options.include_usage`).
         let includeUsage: Bool
+        /// At most this many tool calls are passed on (`parallel_tool_calls: false`: one); nil: all.
+        let maxToolCalls: Int?
         var sentRole = false
         var sawToolCalls = false
         var toolIndex = 0
 
-        init(id: String, created: Int, model: String, includeUsage: Bool) {
+        init(id: String, created: Int, model: String, includeUsage: Bool, maxToolCalls: Int? = nil) {
             self.id = id
             self.created = created
             self.model = model
             self.includeUsage = includeUsage
+            self.maxToolCalls = maxToolCalls
         }
 
         func events(for line: [String: Any]) -> [ChatStreamEvent] {
@@ -655,6 +723,7 @@ struct OllamaBackend: ChatBackend {
             if let content = message["content"] as? String, !content.isEmpty { delta["content"] = content }
             if let thinking = message["thinking"] as? String, !thinking.isEmpty { delta["reasoning"] = thinking }
             var calls = OllamaBackend.openAIToolCalls(message["tool_calls"])
+            if let maxToolCalls { calls = Array(calls.prefix(max(0, maxToolCalls - toolIndex))) }
             if !calls.isEmpty {
                 sawToolCalls = true
                 for index in calls.indices {
