@@ -1596,8 +1596,13 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
     [garbage] = responses(b"NOT HTTP AT ALL\r\n\r\n")
     assert error_of(garbage, 400, "malformed_http") == "malformed HTTP request: invalid method"
     for path in ("/v1/chat/completions", "/v1/embeddings"):
-        [bad_chunk] = responses(f"POST {path} HTTP/1.1\r\nHost: g\r\n{chunked}".encode())
+        [bad_chunk] = responses(f"POST {path} HTTP/1.1\r\nHost: g\r\nX-Request-ID: cut-{path[4:8]}\r\n{chunked}".encode())
         assert bad_chunk[0] == 400 and json.loads(bad_chunk[2])["error"]["message"] == "malformed HTTP request: invalid chunk size in the chunked body"
+        # Every line about it has the request's id (the pass-through's parser line had a new one).
+        assert bad_chunk[1]["x-request-id"] == f"cut-{path[4:8]}", bad_chunk
+        wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("request_id") == f"cut-{path[4:8]}" and l["status"] == "400")
+        about = [l for l in server.log_lines() if "invalid chunk size" in l.get("reason", "")]
+        assert all(l["request_id"] in ("cut-chat", "cut-embe") for l in about), about
         # HTTP/1.0 has no transfer codings: llhttp decodes the chunks, but the framing is faulty
         # (RFC 9112 §6.1; an HTTP/1.0 hop would frame it otherwise), so it is refused, as nginx
         # does, keep-alive or not. The request behind it is not read as one; the one before is answered.

@@ -49,7 +49,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// `head.isKeepAlive`, which scans the header fields, read once.
     private let keepAlive: Bool
     private let remoteAddress: String
-    private let requestID: String
+    let requestID: String
     /// The request's logger, whose lines carry the request id. Built only for the rare lines
     /// other than the access line, which is given the id directly (no metadata copy per request).
     private var logger: Logger {

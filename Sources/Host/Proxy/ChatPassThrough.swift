@@ -485,7 +485,9 @@ final class ChatPassThroughHandler: ChannelDuplexHandler, RemovableChannelHandle
             reader = .none
             closeAfterExchange = true
             exchange.requestFailed(
-                HTTP1SemanticsHandler.logRejected(rejection, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: nil).0)
+                HTTP1SemanticsHandler.logRejected(
+                    rejection, client: context.channel.remoteAddress, logger: passThrough.logger, countingIn: nil, requestID: exchange.requestID
+                ).0)
         } else if exchange != nil || routerResponsesPending > 0 || !queued.isEmpty {
             rejectedAfterPending = rejection
         } else {

@@ -182,12 +182,14 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// as the access log would show a 400 (there is no method or path to log).
     /// `metrics` counts it (`recordUnparsed`); nil where the answer is counted otherwise (an
     /// exchange's, whose access line counts it).
-    static func logRejected(_ error: MalformedRequest, client: SocketAddress?, logger: Logger, countingIn metrics: GatehouseMetrics?) -> (
-        OpenAIError, requestID: String
-    ) {
+    /// - Parameter requestID: the id of the request the error cut short, when it had one (a
+    ///   body that breaks the framing): its lines then share it. Else a new one.
+    static func logRejected(
+        _ error: MalformedRequest, client: SocketAddress?, logger: Logger, countingIn metrics: GatehouseMetrics?, requestID: String? = nil
+    ) -> (OpenAIError, requestID: String) {
         let failure = OpenAIError.malformedRequest(error)
         metrics?.recordUnparsed(status: failure.status.code)
-        let requestID = RequestIDGenerator.next()
+        let requestID = requestID ?? RequestIDGenerator.next()
         logger.info(
             "request rejected by the HTTP parser",
             metadata: [
