@@ -709,6 +709,17 @@ def test_a_known_path_with_the_wrong_method_is_405_naming_the_allowed_ones(gatew
     assert wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("status") == "405" and l.get("method") == "OPTIONS")
 
 
+def test_requests_no_route_takes_share_one_route_label(gateway):
+    # An unknown path answered 404 was labelled "NotFound" (Hummingbird's marker), the same path
+    # answered 401 before routing "unmatched": one label for "no route" keeps them one series.
+    server = gateway("ollama", env={"API_KEY": "sekrit"})
+    assert server.client.get("/nope").status_code == 401
+    assert server.client.get("/nope", headers={"x-api-key": "sekrit"}).status_code == 404
+    metrics = server.client.get("/metrics", headers={"x-api-key": "sekrit"}).text
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="unmatched", method="GET", status="401") == 1
+    assert metric_value(metrics, "gatehouse_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert 'route="NotFound"' not in metrics
+
 @both_backends
 def test_head_answers_wherever_get_does_with_gets_headers(gateway, backend):
     server = gateway(backend)

@@ -27,7 +27,10 @@ public struct AccessLogMiddleware: RouterMiddleware {
         } catch {
             response = Self.response(for: error, request: request, context: context)
         }
-        record.answered(status: response.status.code, route: context.endpointPath ?? "unmatched", streamed: response.body.contentLength == nil)
+        // A route's template, or "unmatched" when none took the request: refused before routing,
+        // or no route at all (Hummingbird marks that "NotFound", which is no template).
+        let route = context.endpointPath.flatMap { $0.hasPrefix("/") ? $0 : nil } ?? "unmatched"
+        record.answered(status: response.status.code, route: route, streamed: response.body.contentLength == nil)
         let body = response.body
         response.body = ResponseBody(contentLength: body.contentLength) { writer in
             defer { record.finish() }
