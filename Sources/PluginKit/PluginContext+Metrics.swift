@@ -21,11 +21,15 @@ public struct PluginMetric: @unchecked Sendable {
 
 extension PluginContext {
     /// Declares a counter (name `[a-z_][a-z0-9_]*`; exported ending in `_total`, added if missing).
+    /// - Throws: when the host refuses the name (its log says why: PLUGINS.md section 12 lists
+    ///   the Prometheus conventions it enforces, such as base units and no type in the name).
     public func counter(_ name: String, help: String) throws -> PluginMetric {
         try declare(GH_METRIC_COUNTER, name, help)
     }
 
-    /// Declares a gauge (name `[a-z_][a-z0-9_]*`, not ending in `_total`, which marks a counter).
+    /// Declares a gauge (name `[a-z_][a-z0-9_]*`, not ending in `_total`, which marks a counter,
+    /// nor in `_count`, `_sum` or `_bucket`, which mark histograms and summaries).
+    /// - Throws: when the host refuses the name (its log says why).
     public func gauge(_ name: String, help: String) throws -> PluginMetric {
         try declare(GH_METRIC_GAUGE, name, help)
     }
@@ -41,7 +45,7 @@ extension PluginContext {
                 host.pointee.metric_declare(plugin, kind, gh_bytes(data: n.baseAddress, len: n.count), gh_bytes(data: h.baseAddress, len: h.count))
             }
         }
-        guard let metric else { throw PluginKitError(description: "the host refused metric \(name) (invalid name or kind)") }
+        guard let metric else { throw PluginKitError(description: "the host refused metric \(name) (see the host's log for why)") }
         return PluginMetric(host: host, metric: metric)
     }
 }

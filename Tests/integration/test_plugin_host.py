@@ -210,6 +210,9 @@ def test_bad_plugins_are_refused_with_reasons_while_echo_keeps_serving(plugins_d
 
     assert states["variant"]["state"] == "loaded"  # pinned with the right hash
     assert states["echo-c"]["state"] == "loaded"
+    # A version whose init failed leaves no custom metric behind, shown as a live value.
+    assert "probe_level" not in server.client.get("/metrics").text
+    assert not (server.client.get("/v1/plugins/init-fails").json()["metrics"] or {}).get("custom")
     assert post_echo(server, "echo-c", b"alive", "text/plain").content == b"alive"
 
 

@@ -212,7 +212,7 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
     assert c_summary["state"] == "loaded"
     m = c_summary["metrics"]
     assert m["requests"] == 4 and m["errors"] == 0 and m["in_flight"] == 0
-    assert m["custom"] == {"pings": {"kind": "counter", "value": 3.0}}  # as declared; exported with _total
+    assert m["custom"] == {"pings": {"kind": "counter", "value": 3.0}, "queue_depth": {"kind": "gauge", "value": 3.0}}  # as declared; pings exported with _total
     assert m["loads"] == 1 and m["load_failures"] == 0
     s = server.client.get(f"/v1/plugins/{SWIFT}").json()["metrics"]
     assert s["requests"] == 2 and s["llm_calls"] == 2 and s["llm_tokens"] == {"prompt": 2, "completion": 4}
@@ -225,6 +225,19 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
     assert metric_value(text, "gatehouse_plugin_requests_total", plugin=C, status="200") == 3
     assert metric_value(text, "gatehouse_plugin_requests_total", plugin=C, status="404") == 1
     assert metric_value(text, "gatehouse_plugin_custom_pings_total", plugin=C) == 3
+    assert metric_value(text, "gatehouse_plugin_custom_queue_depth", plugin=C) == 3
+    # Names that would fail promtool were refused at declaration, each with its reason.
+    reasons = {l["metric"]: l["msg"] for l in server.log_lines() if l.get("msg", "").startswith("metric refused: ")}
+    assert reasons == {
+        "queue_count": "metric refused: a gauge's name cannot end in _count (Prometheus keeps that for histograms and summaries)",
+        "lag_sum": "metric refused: a gauge's name cannot end in _sum (Prometheus keeps that for histograms and summaries)",
+        "queue_gauge": "metric refused: the name cannot contain its type ('gauge')",
+        "jobs_counter": "metric refused: the name cannot contain its type ('counter')",
+        "latency_ms": "metric refused: the name cannot contain the abbreviated unit 'ms': spell the base unit (seconds, bytes)",
+        "wait_milliseconds": "metric refused: the name uses 'milliseconds': use the base unit 'seconds'",
+        "depth_total": "metric refused: a gauge's name cannot end in _total (Prometheus keeps that for counters)",
+        "Bad-Name": "metric refused: the name must be 1 to 100 of a-z, 0-9 and _, not starting with a digit",
+    }, reasons
     assert metric_value(text, "gatehouse_plugin_llm_calls_total", plugin=SWIFT) == 2
     assert metric_value(text, "gatehouse_plugin_llm_tokens_total", plugin=SWIFT, direction="completion") == 4
     assert metric_value(text, "gatehouse_plugin_request_duration_seconds_count", plugin=SWIFT) == 2

@@ -184,21 +184,29 @@ public final class PluginStats: Sendable {
         }
     }
 
-    /// Declares (or returns the already declared) custom metric `name`; nil if the name is
-    /// invalid or already declared with the other kind, by this plugin or another.
+    /// Why a custom metric was refused, in one line.
+    struct Refusal: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// Declares (or returns the already declared) custom metric `name`.
     /// - Parameter catalog: the process-wide kinds and help texts of custom metric names.
     ///   Prometheus requires one type and one help text per metric name across all plugins.
-    func declare(kind: CustomMetric.Kind, name: String, help: String, catalog: CustomMetricCatalog) -> CustomMetric? {
-        guard Self.isValidMetricName(name) else { return nil }
-        // Prometheus's conventions, which `promtool check metrics` enforces: a counter's name
-        // ends in `_total` (added when missing), and only a counter's does.
-        let isTotal = name.hasSuffix("_total")
-        if kind == .gauge, isTotal { return nil }
-        let fullName = "gatehouse_plugin_custom_\(name)\(kind == .counter && !isTotal ? "_total" : "")"
-        guard let helpText = catalog.claim(fullName, kind: kind, help: help.isEmpty ? "Custom metric \(name) of a plugin." : help) else {
-            return nil
+    /// - Throws: `Refusal` for a name that is not one (a-z, 0-9 and _), one that breaks a
+    ///   convention `promtool check metrics` enforces (see `MetricNameLint`), or one this plugin
+    ///   declared with the other kind.
+    func declare(kind: CustomMetric.Kind, name: String, help: String, catalog: CustomMetricCatalog) throws(Refusal) -> CustomMetric {
+        guard Self.isValidMetricName(name) else {
+            throw Refusal(description: "the name must be 1 to 100 of a-z, 0-9 and _, not starting with a digit")
         }
-        return custom.withLock { metrics in
+        // A counter's name ends in `_total` (added when missing), and only a counter's does.
+        let isTotal = name.hasSuffix("_total")
+        let fullName = "gatehouse_plugin_custom_\(name)\(kind == .counter && !isTotal ? "_total" : "")"
+        if let problem = MetricNameLint.problem(fullName, kind: kind) { throw Refusal(description: problem) }
+        guard let helpText = catalog.claim(fullName, kind: kind, help: help.isEmpty ? "Custom metric \(name) of a plugin." : help) else {
+            throw Refusal(description: "\(fullName) is already declared with the other kind")
+        }
+        let declared: CustomMetric? = custom.withLock { metrics in
             if let existing = metrics[name] { return existing.kind == kind ? existing : nil }
             // `hits` and `hits_total` are one exported counter (and one series): the second name
             // gets the first's metric, or the two would add into one series behind two handles.
@@ -216,6 +224,24 @@ public final class PluginStats: Sendable {
                 }
             metrics[name] = metric
             return metric
+        }
+        guard let declared else { throw Refusal(description: "this plugin declared it as a \(kind == .counter ? "gauge" : "counter") already") }
+        return declared
+    }
+
+    /// The names of the custom metrics declared so far.
+    func customMetricNames() -> Set<String> { custom.withLock { Set($0.keys) } }
+
+    /// Removes the custom metrics declared since `kept` was taken, from `/metrics` and the JSON
+    /// summary: those of a version whose `init` failed, which must not be shown as live values.
+    func removeCustomMetrics(except kept: Set<String>) {
+        let dropped = custom.withLock { metrics in
+            let names = metrics.keys.filter { !kept.contains($0) }
+            return names.compactMap { metrics.removeValue(forKey: $0) }
+        }
+        for metric in dropped {
+            if let counter = metric.counter { registry.unregisterCounter(counter) }
+            if let gauge = metric.gauge { registry.unregisterGauge(gauge) }
         }
     }
 

@@ -120,11 +120,13 @@ enum HostAPI {
                     case GH_METRIC_GAUGE: metricKind = .gauge
                     default: return nil
                     }
-                    guard let metric = instance.stats.declare(kind: metricKind, name: String(name), help: String(help), catalog: instance.services.customMetrics) else {
-                        instance.logger.error("metric refused: invalid name, a gauge named like a counter (_total), or declared with another kind", metadata: ["metric": .string(String(name))])
+                    do {
+                        let metric = try instance.stats.declare(kind: metricKind, name: String(name), help: String(help), catalog: instance.services.customMetrics)
+                        return OpaquePointer(Unmanaged.passUnretained(metric).toOpaque())
+                    } catch {
+                        instance.logger.error("metric refused: \(error)", metadata: ["metric": .string(String(name))])
                         return nil
                     }
-                    return OpaquePointer(Unmanaged.passUnretained(metric).toOpaque())
                 },
                 metric_add: { metric, value in
                     guard let metric else { return GH_ERR_INVALID_ARGUMENT }

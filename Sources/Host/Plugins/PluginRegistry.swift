@@ -116,6 +116,8 @@ public final class PluginRegistry: Sendable {
             return
         }
         let stats = services.stats(for: name)
+        // The custom metrics before this version's `init`: those it declares go with it if it fails.
+        var metricsBeforeInit: Set<String>?
         do {
             let library = try loader.open(manifest, pluginsDirectory: pluginsDirectory)
             status.sha256 = library.sha256
@@ -133,6 +135,7 @@ public final class PluginRegistry: Sendable {
             }
             DispatchQueue.global().asyncAfter(deadline: .now() + 5, execute: slowInit)
             defer { slowInit.cancel() }
+            metricsBeforeInit = stats.customMetricNames()
             try instance.initialize()
             status.state = .loaded
             status.loadedAt = instance.loadedAt
@@ -140,6 +143,7 @@ public final class PluginRegistry: Sendable {
             instance.activate()
             record(status, instance: instance)
         } catch {
+            if let metricsBeforeInit { stats.removeCustomMetrics(except: metricsBeforeInit) }
             stats.loadFailed()
             status.error = "\(error)"
             record(status, instance: nil)

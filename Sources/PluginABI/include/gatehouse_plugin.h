@@ -270,8 +270,11 @@ typedef struct gh_host_api {
      * Declare a custom metric, exported on /metrics as gatehouse_plugin_custom_<name> with a
      * label plugin="<plugin name>". `name` must match [a-z_][a-z0-9_]*; counters should end in
      * "_total". Declaring the same name and kind twice returns the same metric (a counter's
-     * "x" and "x_total" are one). NULL on an invalid name, a gauge named "..._total", or a name
-     * this plugin declared with the other kind. Plugins sharing a name share its help text: the
+     * "x" and "x_total" are one). NULL (the host logs why) on an invalid name, one that breaks
+     * Prometheus' naming conventions as `promtool check metrics` checks them (a gauge named
+     * "..._total", "..._count", "..._sum" or "..._bucket"; the type, an abbreviated unit such as
+     * "ms", or a non-base unit such as "milliseconds" as a word of the name), or a name this
+     * plugin declared with the other kind. Plugins sharing a name share its help text: the
      * first declaration's.
      */
     gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);

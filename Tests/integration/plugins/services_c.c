@@ -94,6 +94,24 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         snprintf(error, cap, "pings_total is not the same metric as pings");
         return 1;
     }
+    /* Names promtool would fail /metrics for are refused (NULL, and a line naming why); a
+       name that keeps the conventions is not. */
+    static const struct { gh_metric_kind kind; const char *name; } refused[] = {
+        {GH_METRIC_GAUGE, "queue_count"}, {GH_METRIC_GAUGE, "lag_sum"}, {GH_METRIC_GAUGE, "queue_gauge"},
+        {GH_METRIC_COUNTER, "jobs_counter"}, {GH_METRIC_GAUGE, "latency_ms"}, {GH_METRIC_COUNTER, "wait_milliseconds"},
+        {GH_METRIC_GAUGE, "depth_total"}, {GH_METRIC_GAUGE, "Bad-Name"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        if (host->metric_declare(self, refused[i].kind, text(refused[i].name), text("h")) != NULL) {
+            snprintf(error, cap, "metric %s was not refused", refused[i].name);
+            return 1;
+        }
+    }
+    gh_metric *depth = host->metric_declare(self, GH_METRIC_GAUGE, text("queue_depth"), text("Jobs waiting, as services-c counts them."));
+    if (!depth || host->metric_set(depth, 3) != GH_OK) {
+        snprintf(error, cap, "gauge queue_depth was refused");
+        return 1;
+    }
 #ifdef FAIL_AFTER_MIDDLEWARE
     snprintf(error, cap, "failing after registering middleware");
     return 1;

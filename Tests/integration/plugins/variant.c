@@ -47,6 +47,9 @@ static int variant_init(const gh_host_api *api, gh_plugin *self, void **state_ou
     sleep(SLOW_INIT);
 #endif
 #ifdef FAIL_INIT
+    /* Metrics declared before failing go with the refused version. */
+    gh_metric *level = api->metric_declare(self, GH_METRIC_GAUGE, text("probe_level"), text("Declared by a failing init."));
+    api->metric_set(level, 7);
     snprintf(error, cap, "refusing to start: missing setting 'token'");
     return 1;
 #else
