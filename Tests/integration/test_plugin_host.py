@@ -353,6 +353,12 @@ def test_plugin_api_misuse_is_refused_without_harm(plugins_dir, start, variants)
     # Views with a NULL pointer and a length aborted the gateway; each call is now refused
     # (GH_ERR_INVALID_ARGUMENT = 1; a NULL metric for the declaration), and the log line dropped.
     assert server.client.get("/v1/plugins/variant/null-views").text == "body 1 header 1 start 1 metric-refused 1"
+    # Every refused middleware spec says why (two of the three refusals were silent).
+    assert server.client.get("/v1/plugins/variant/bad-middleware").text == "neither 1 tiny 1 null 1"
+    refused = [l["msg"] for l in server.log_lines() if l.get("msg", "").startswith("middleware refused: ") and l.get("plugin") == "variant"]
+    assert sorted(refused) == ["middleware refused: on_request and on_response are both NULL",
+                               "middleware refused: struct_size 8 is smaller than this host's gh_middleware_spec (56 bytes)",
+                               "middleware refused: the spec is NULL"], refused
     assert server.process.poll() is None
     assert wait_for_log(server, lambda l: l.get("msg", "").startswith("plugin log call refused"))["plugin"] == "variant"
     # A body with 204 or 304 went out after the head, raw: read by the client as the next
@@ -370,6 +376,9 @@ def test_plugin_api_misuse_is_refused_without_harm(plugins_dir, start, variants)
         # The plugin's content-length (3) is dropped: the body comes whole.
         whole = one_connection.get("/v1/plugins/variant/status?s=200")
         assert whole.content.startswith(b"HTTP/1.1 200 OK") and whole.content.endswith(b"EVIL!")
+    # Each drop is logged naming the plugin (a middleware's answer has no route to tell it by).
+    dropped = [l for l in server.log_lines() if l.get("msg") == "plugin sent an invalid or reserved response header; dropped"]
+    assert dropped and all(l.get("plugin") == "variant" and l["header"] == "content-length" for l in dropped), dropped
 
 
 def test_a_plugin_request_never_answered_does_not_hold_shutdown_past_its_timeout(plugins_dir, start, variants):

@@ -124,7 +124,7 @@ public struct PluginMiddlewareChain: RouterMiddleware {
                 invoke(middleware, middleware.onRequest!, state: state, request: request, context: context)
                 if let answer = state.shortCircuit {
                     return Response(
-                        status: HTTPResponse.Status(code: answer.status), headers: PluginRoutes.responseFields(answer.headers, logger: context.logger),
+                        status: HTTPResponse.Status(code: answer.status), headers: PluginRoutes.responseFields(answer.headers, plugin: middleware.instance.manifest.name, logger: context.logger),
                         body: PluginStatus.allowsBody(answer.status) ? .init(byteBuffer: answer.body) : .init())
                 }
             }
@@ -160,7 +160,8 @@ public struct PluginMiddlewareChain: RouterMiddleware {
             invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
         }
         response.status = HTTPResponse.Status(code: state.status)
-        var headers = PluginRoutes.responseFields(state.headers, logger: context.logger)
+        let setters = Set(responsePhase.map { $0.instance.manifest.name }).sorted().joined(separator: ",")
+        var headers = PluginRoutes.responseFields(state.headers, plugin: setters, logger: context.logger)
         headers.append(contentsOf: framing)
         response.headers = headers
         if !PluginStatus.allowsBody(state.status) {

@@ -66,9 +66,16 @@ enum HostAPI {
                     return GH_OK
                 },
                 middleware_register: { plugin, spec in
-                    guard let instance = PluginInstance.from(plugin), let spec,
-                        spec.pointee.struct_size >= UInt32(MemoryLayout<gh_middleware_spec>.size)
-                    else { return GH_ERR_INVALID_ARGUMENT }
+                    guard let instance = PluginInstance.from(plugin) else { return GH_ERR_INVALID_ARGUMENT }
+                    guard let spec else {
+                        instance.logger.error("middleware refused: the spec is NULL")
+                        return GH_ERR_INVALID_ARGUMENT
+                    }
+                    guard spec.pointee.struct_size >= UInt32(MemoryLayout<gh_middleware_spec>.size) else {
+                        instance.logger.error(
+                            "middleware refused: struct_size \(spec.pointee.struct_size) is smaller than this host's gh_middleware_spec (\(MemoryLayout<gh_middleware_spec>.size) bytes)")
+                        return GH_ERR_INVALID_ARGUMENT
+                    }
                     return instance.registerMiddleware(spec.pointee)
                 },
                 mw_set_header: { call, name, value in
@@ -134,7 +141,8 @@ enum HostAPI {
                         ? GH_OK : GH_ERR_INVALID_ARGUMENT
                 },
                 metric_set: { metric, value in
-                    guard let metric else { return GH_ERR_INVALID_ARGUMENT }
+                    // A counter cannot be set (the call, not the value, is wrong); a gauge takes any finite value.
+                    guard let metric, value.isFinite else { return GH_ERR_INVALID_ARGUMENT }
                     return Unmanaged<PluginStats.CustomMetric>.fromOpaque(UnsafeRawPointer(metric)).takeUnretainedValue().set(value)
                         ? GH_OK : GH_ERR_STATE
                 }))

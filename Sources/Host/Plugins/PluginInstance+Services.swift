@@ -102,7 +102,10 @@ extension PluginInstance {
             logger.error("middleware refused: unknown scope \(spec.scope.rawValue)", metadata: ["middleware": .string(name)])
             return GH_ERR_INVALID_ARGUMENT
         }
-        guard spec.on_request != nil || spec.on_response != nil else { return GH_ERR_INVALID_ARGUMENT }
+        guard spec.on_request != nil || spec.on_response != nil else {
+            logger.error("middleware refused: on_request and on_response are both NULL", metadata: ["middleware": .string(name)])
+            return GH_ERR_INVALID_ARGUMENT
+        }
         services.middleware.add(
             instance: self, name: name, priority: spec.priority, scope: scope, onRequest: spec.on_request, onResponse: spec.on_response,
             context: spec.context)

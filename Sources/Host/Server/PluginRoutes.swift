@@ -66,13 +66,13 @@ struct PluginRoutes {
             case .whole(let status, let replyHeaders, let replyBody):
                 let status = try Self.status(status, plugin: name)
                 response = Response(
-                    status: status, headers: Self.responseFields(replyHeaders, logger: context.logger),
+                    status: status, headers: Self.responseFields(replyHeaders, plugin: name, logger: context.logger),
                     body: PluginStatus.allowsBody(status.code) ? .init(byteBuffer: replyBody) : .init())
             case .stream(let status, let replyHeaders, let chunks):
                 let status = try Self.status(status, plugin: name)
                 // Without a body (204, 304), what the plugin writes is dropped (its writes then fail).
                 response = Response(
-                    status: status, headers: Self.responseFields(replyHeaders, logger: context.logger),
+                    status: status, headers: Self.responseFields(replyHeaders, plugin: name, logger: context.logger),
                     body: PluginStatus.allowsBody(status.code) ? .init(asyncSequence: chunks) : .init())
             case .timedOut where Task.isCancelled:
                 // Not the plugin's fault: the shutdown's time ran out (the wait ends when cancelled).
@@ -101,11 +101,12 @@ struct PluginRoutes {
     /// A plugin's response header fields without the invalid and the reserved ones (framing is
     /// the server's: a plugin's `Content-Length` that disagreed with its body would desynchronise
     /// the connection), each dropped one logged. Middleware's answers go through it too.
-    static func responseFields(_ pairs: [(String, String)], logger: Logger) -> HTTPFields {
+    /// - Parameter plugin: who set the fields, for the log line (names, when several middleware could have).
+    static func responseFields(_ pairs: [(String, String)], plugin: String, logger: Logger) -> HTTPFields {
         var fields = HTTPFields()
         for (name, value) in pairs {
             guard let fieldName = HTTPField.Name(name), !Self.reservedResponseHeaders.contains(fieldName.canonicalName) else {
-                logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name)])
+                logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name), "plugin": .string(plugin)])
                 continue
             }
             fields.append(HTTPField(name: fieldName, value: value))

@@ -280,7 +280,7 @@ typedef struct gh_host_api {
     gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);
     /** Add `value` to a counter (value >= 0) or gauge. */
     gh_status (*metric_add)(gh_metric *metric, double value);
-    /** Set a gauge to `value` (GH_ERR_STATE for counters). */
+    /** Set a gauge to `value` (GH_ERR_STATE for counters; GH_ERR_INVALID_ARGUMENT for a non-finite value). */
     gh_status (*metric_set)(gh_metric *metric, double value);
 } gh_host_api;
 

@@ -108,7 +108,8 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         }
     }
     gh_metric *depth = host->metric_declare(self, GH_METRIC_GAUGE, text("queue_depth"), text("Jobs waiting, as services-c counts them."));
-    if (!depth || host->metric_set(depth, 3) != GH_OK) {
+    if (!depth || host->metric_set(depth, 1.0 / 0.0) != GH_ERR_INVALID_ARGUMENT || host->metric_set(pings, 1) != GH_ERR_STATE ||
+        host->metric_set(depth, 3) != GH_OK) {
         snprintf(error, cap, "gauge queue_depth was refused");
         return 1;
     }

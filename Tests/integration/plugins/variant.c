@@ -182,6 +182,16 @@ static void variant_handle(void *state, const gh_request *request, gh_exchange *
     if (is(request->path, "/never")) {
         return; /* the host's timeout answers 504 */
     }
+    /* Middleware specs the host must refuse, each with a logged reason. */
+    if (is(request->path, "/bad-middleware")) {
+        gh_middleware_spec neither = {.struct_size = sizeof neither, .name = "neither", .scope = GH_SCOPE_ALL};
+        gh_middleware_spec tiny = {.struct_size = 8, .name = "tiny", .scope = GH_SCOPE_ALL};
+        char line[64];
+        snprintf(line, sizeof line, "neither %d tiny %d null %d", host->middleware_register(self_handle, &neither),
+                 host->middleware_register(self_handle, &tiny), host->middleware_register(self_handle, NULL));
+        host->respond(exchange, 200, NULL, 0, text(line));
+        return;
+    }
     /* API misuse: views with a NULL pointer and a length. Each call must be refused, not crash
        the gateway; the answer reports what the calls returned. */
     if (is(request->path, "/null-views")) {
