@@ -264,7 +264,7 @@ def test_models_and_embeddings(gateway, backend):
     assert len(embedding.data[0].embedding) >= 2
     # Measured like chat: the upstream's time, and the input tokens as prompt tokens.
     metrics = server.client.get("/metrics").text
-    assert metric_value(metrics, "gatehouse_upstream_request_duration_seconds_count", backend=backend, operation="embeddings") == 1
+    assert metric_value(metrics, "gatehouse_upstream_request_duration_seconds_count", backend=backend, operation="embeddings", outcome="ok") == 1
     assert metric_value(metrics, "gatehouse_llm_tokens_total", direction="prompt") == 3
 
 
@@ -830,6 +830,13 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     assert slow.client.get("/health/ready").json() == {"status": "ready", "backend": backend}
     # The gateway still answers after every failure above.
     assert slow.client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "Echo: x"
+    # The failed calls are timed too, by outcome (only the successful ones were: the slowest,
+    # a timeout, never reached the upstream latency), on both paths.
+    metrics = slow.client.get("/metrics").text
+    duration = lambda operation, outcome: metric_value(
+        metrics, "gatehouse_upstream_request_duration_seconds_count", backend=backend, operation=operation, outcome=outcome)
+    assert (duration("chat", "error"), duration("chat_stream", "error"), duration("chat", "ok")) == (2, 1, 1)
+    assert metric_value(metrics, "gatehouse_upstream_request_duration_seconds_sum", backend=backend, operation="chat", outcome="error") >= 1
 
 
 @both_backends

@@ -465,8 +465,8 @@ def test_metrics_and_access_log(openai_gateway, tmp_path):
     requests = lambda status: metric_value(text, "gatehouse_http_requests_total", route="/v1/chat/completions", method="POST",
                                           status=status)
     assert requests("200") == 3 and requests("400") == 1
-    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat") == 2
-    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat_stream") == 1
+    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat", outcome="ok") == 2
+    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="openai", operation="chat_stream", outcome="ok") == 1
     # "hello" is one prompt token; "Echo: hello" two completion tokens; three answers.
     assert metric_value(text, "gatehouse_llm_tokens_total", direction="prompt") == 3
     assert metric_value(text, "gatehouse_llm_tokens_total", direction="completion") == 6

@@ -246,7 +246,7 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
     assert metric_value(text, "gatehouse_http_requests_total", route="/v1/chat/completions", method="POST", status="200") == 1
     assert metric_value(text, "gatehouse_cache_misses_total") == 3
     assert metric_value(text, "gatehouse_llm_tokens_total", direction="prompt") == 3
-    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="ollama", operation="chat") == 3
+    assert metric_value(text, "gatehouse_upstream_request_duration_seconds_count", backend="ollama", operation="chat", outcome="ok") == 3
 
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: `make test` installs Debian's prometheus package"

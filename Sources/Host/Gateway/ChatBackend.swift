@@ -100,21 +100,24 @@ final class EventPump<Upstream: AsyncIteratorProtocol & SendableMetatype>: @unch
     private let transform: Transform
     private let mapError: (any Error) -> any Error
     private let onFinish: (() -> Void)?
+    private let onFailure: ((any Error) -> Void)?
     private let endedEarly: (_ elementsSeen: Int) -> (any Error)?
     private var elementsSeen = 0
 
     /// - Parameters:
     ///   - mapError: turns transport errors into gateway errors.
+    ///   - onFailure: called once when the stream fails (with the error as thrown, before `mapError`).
     ///   - onFinish: called once when the stream ends normally.
     ///   - endedEarly: the error to end with when the upstream ends before an element the
     ///     transform marked last (given how many elements came), or nil to end normally.
     init(
-        _ upstream: Upstream, mapError: @escaping (any Error) -> any Error, onFinish: (() -> Void)? = nil,
-        endedEarly: @escaping (_ elementsSeen: Int) -> (any Error)?, transform: @escaping Transform
+        _ upstream: Upstream, mapError: @escaping (any Error) -> any Error, onFailure: ((any Error) -> Void)? = nil,
+        onFinish: (() -> Void)? = nil, endedEarly: @escaping (_ elementsSeen: Int) -> (any Error)?, transform: @escaping Transform
     ) {
         self.upstream = upstream
         self.transform = transform
         self.mapError = mapError
+        self.onFailure = onFailure
         self.onFinish = onFinish
         self.endedEarly = endedEarly
     }
@@ -135,6 +138,7 @@ final class EventPump<Upstream: AsyncIteratorProtocol & SendableMetatype>: @unch
                 if isLast { finish() }
             } catch {
                 finished = true
+                onFailure?(error)
                 throw mapError(error)
             }
         }

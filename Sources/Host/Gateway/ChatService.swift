@@ -38,9 +38,7 @@ final class ChatService: Sendable {
             return (cached, .hit)
         }
         if key != nil { metrics?.recordCacheMiss(cacheUse) }
-        let started = ContinuousClock.now
-        let completion = try await backend.complete(request, requestID: requestID)
-        metrics?.recordUpstream(backend: backend.name, operation: "chat", duration: ContinuousClock.now - started)
+        let completion = try await timed("chat") { try await backend.complete(request, requestID: requestID) }
         metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
         guard let key, let stored = cacheUse.storedOutcome else { return (completion, .bypass) }
         cache?.put(key, completion)
@@ -50,15 +48,14 @@ final class ChatService: Sendable {
     /// A streamed completion; token counts and the upstream time are recorded when it ends.
     func stream(_ request: ChatRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now
-        return measured(try await backend.stream(request, requestID: requestID), operation: "chat_stream", started: started, requestID: requestID)
+        let events = try await timed("chat_stream", onlyFailures: true) { try await backend.stream(request, requestID: requestID) }
+        return measured(events, operation: "chat_stream", started: started, requestID: requestID)
     }
 
     /// A legacy text completion (`/v1/completions`). Not cached: it serves code completion,
     /// where the same prompt rarely comes twice.
     func textComplete(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
-        let started = ContinuousClock.now
-        let completion = try await backend.textCompletion(request, requestID: requestID)
-        metrics?.recordUpstream(backend: backend.name, operation: "completion", duration: ContinuousClock.now - started)
+        let completion = try await timed("completion") { try await backend.textCompletion(request, requestID: requestID) }
         metrics?.recordTokens(prompt: completion.promptTokens, completion: completion.completionTokens)
         return completion
     }
@@ -66,9 +63,7 @@ final class ChatService: Sendable {
     /// Embeddings (`/v1/embeddings`), timed as operation "embeddings"; their input tokens
     /// (`usage.prompt_tokens`) count as prompt tokens.
     func embeddings(_ body: [String: Any], requestID: String) async throws -> Data {
-        let started = ContinuousClock.now
-        let reply = try await backend.embeddings(body, requestID: requestID)
-        metrics?.recordUpstream(backend: backend.name, operation: "embeddings", duration: ContinuousClock.now - started)
+        let reply = try await timed("embeddings") { try await backend.embeddings(body, requestID: requestID) }
         metrics?.recordTokens(prompt: JSONScan.integer(after: "prompt_tokens", in: reply) ?? 0, completion: 0)
         return reply
     }
@@ -76,7 +71,25 @@ final class ChatService: Sendable {
     /// A streamed legacy text completion, measured as chat streams are.
     func textStream(_ request: TextCompletionRequest, requestID: String) async throws -> AsyncThrowingStream<ChatStreamEvent, any Error> {
         let started = ContinuousClock.now
-        return measured(try await backend.textCompletionStream(request, requestID: requestID), operation: "completion_stream", started: started, requestID: requestID)
+        let events = try await timed("completion_stream", onlyFailures: true) { try await backend.textCompletionStream(request, requestID: requestID) }
+        return measured(events, operation: "completion_stream", started: started, requestID: requestID)
+    }
+
+    /// Runs one upstream operation and times it by outcome (`onlyFailures`: a stream's opening,
+    /// whose success is timed when the stream ends). A call abandoned because its client left
+    /// (cancellation) is not the upstream's outcome, and is not recorded.
+    private func timed<T>(_ operation: String, onlyFailures: Bool = false, _ call: () async throws -> T) async throws -> T {
+        let started = ContinuousClock.now
+        do {
+            let result = try await call()
+            if !onlyFailures { metrics?.recordUpstream(backend: backend.name, operation: operation, duration: ContinuousClock.now - started) }
+            return result
+        } catch {
+            if !Task.isCancelled, !(error is CancellationError) {
+                metrics?.recordUpstream(backend: backend.name, operation: operation, outcome: .error, duration: ContinuousClock.now - started)
+            }
+            throw error
+        }
     }
 
     /// `events`, recording the upstream time and the token counts when it ends: the last usage
@@ -90,6 +103,10 @@ final class ChatService: Sendable {
         let usage = UsageSeen()
         return EventPump(
             events.makeAsyncIterator(), mapError: { $0 },
+            onFailure: { error in
+                guard !(error is CancellationError) else { return }
+                metrics.recordUpstream(backend: backendName, operation: operation, outcome: .error, duration: ContinuousClock.now - started)
+            },
             onFinish: {
                 metrics.recordUpstream(backend: backendName, operation: operation, duration: ContinuousClock.now - started)
                 if let (prompt, completion) = usage.last {

@@ -127,18 +127,26 @@ public final class GatehouseMetrics: Sendable {
         }
     }
 
-    /// Times one upstream operation ("chat", "chat_stream", "completion", "completion_stream", "embeddings").
-    func recordUpstream(backend: String, operation: String, duration: Duration) {
-        upstreamDuration(backend: backend, operation: operation).record(duration)
+    /// How an upstream call ended: `error` for an error status, a timeout, a refused or broken
+    /// connection or a reply that is not a whole answer (the slowest calls are often those).
+    enum UpstreamOutcome: String {
+        case ok, error
     }
 
-    /// The upstream latency histogram of a backend and operation (created once).
-    func upstreamDuration(backend: String, operation: String) -> DurationHistogram {
-        let key = "\(backend)|\(operation)"
+    /// Times one upstream operation ("chat", "chat_stream", "completion", "completion_stream", "embeddings").
+    func recordUpstream(backend: String, operation: String, outcome: UpstreamOutcome = .ok, duration: Duration) {
+        upstreamDuration(backend: backend, operation: operation, outcome: outcome).record(duration)
+    }
+
+    /// The upstream latency histogram of a backend, operation and outcome (created once).
+    func upstreamDuration(backend: String, operation: String, outcome: UpstreamOutcome = .ok) -> DurationHistogram {
+        let key = "\(backend)|\(operation)|\(outcome.rawValue)"
         return upstreamDurations.withLock { histograms in
             if let histogram = histograms[key] { return histogram }
-            let histogram = registry.histogram(name: "gatehouse_upstream_request_duration_seconds", labels: [("backend", backend), ("operation", operation)],
-                buckets: Self.latencyBuckets, help: "Upstream LLM request latency (to the last byte).")
+            let histogram = registry.histogram(
+                name: "gatehouse_upstream_request_duration_seconds",
+                labels: [("backend", backend), ("operation", operation), ("outcome", outcome.rawValue)], buckets: Self.latencyBuckets,
+                help: "Upstream LLM request latency (to the last byte, or to the failure), by outcome: ok or error.")
             histograms[key] = histogram
             return histogram
         }

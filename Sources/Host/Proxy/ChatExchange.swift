@@ -370,6 +370,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             } else {
                 connection?.close()
                 connection = nil
+                recordUpstreamFailure()
                 answer(error)
             }
         case .draining:
@@ -479,13 +480,19 @@ final class ChatExchange: UpstreamResponseDelegate {
     }
 
     private func fail(_ failure: UpstreamFailure) {
+        recordUpstreamFailure()
         answer(failure.error(target: target, timeout: passThrough.timeout))
+    }
+
+    private func recordUpstreamFailure() {
+        loop.recordUpstreamFailure(streamed: stream, duration: ContinuousClock.now - upstreamStarted)
     }
 
     /// A whole upstream reply is in: pass it on (and cache it), or report the upstream's error.
     private func replyCollected() {
         guard let head = upstreamResponse else { return }
         guard head.status == 200 else {
+            recordUpstreamFailure()
             answer(
                 UpstreamClient.upstreamStatusError(
                     status: head.status, body: reply, backend: passThrough.backendName, retryAfter: head.retryAfter, masking: passThrough.secrets))
@@ -499,6 +506,7 @@ final class ChatExchange: UpstreamResponseDelegate {
             }
             answer(.ok, contentType: "application/json", cache: cacheOutcome.rawValue, body: reply)
         } catch {
+            recordUpstreamFailure()
             answer(error as? OpenAIError ?? OpenAIError(.badGateway, "\(error)"))
         }
     }
@@ -652,6 +660,7 @@ final class ChatExchange: UpstreamResponseDelegate {
     /// value would be duplicated (with its allocation) by the first byte appended.
     private func endStream(error: OpenAIError?, blamingUpstream: Bool = true, appendingTo output: inout ByteBuffer) {
         guard phase == .streaming else { return }
+        if error != nil, blamingUpstream { recordUpstreamFailure() }
         if let error, blamingUpstream, output.readableBytes == 0, ChunkedBody.holdsHead(output) {
             // Nothing has reached the client (the head is still in this buffer): an upstream
             // failure can still be the answer's status, as OpenAI's are before a stream begins,

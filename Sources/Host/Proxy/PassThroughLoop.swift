@@ -16,6 +16,8 @@ final class PassThroughLoop {
     private lazy var firstByteDuration = metrics?.firstByteDuration(route: ChatPassThrough.path)
     private lazy var upstreamChat = metrics?.upstreamDuration(backend: backend, operation: "chat")
     private lazy var upstreamStream = metrics?.upstreamDuration(backend: backend, operation: "chat_stream")
+    private lazy var upstreamChatFailed = metrics?.upstreamDuration(backend: backend, operation: "chat", outcome: .error)
+    private lazy var upstreamStreamFailed = metrics?.upstreamDuration(backend: backend, operation: "chat_stream", outcome: .error)
 
     init(pool: UpstreamConnectionPool, metrics: GatehouseMetrics?, backend: String) {
         self.pool = pool
@@ -90,6 +92,12 @@ final class PassThroughLoop {
     func recordUpstream(streamed: Bool, duration: Duration, prompt: Int, completion: Int) {
         (streamed ? upstreamStream : upstreamChat)?.record(duration)
         metrics?.recordTokens(prompt: prompt, completion: completion)
+    }
+
+    /// Records an upstream call that failed (an error status, a timeout, a lost connection, a
+    /// reply that is not a whole answer).
+    func recordUpstreamFailure(streamed: Bool, duration: Duration) {
+        (streamed ? upstreamStreamFailed : upstreamChatFailed)?.record(duration)
     }
 }
 
