@@ -161,7 +161,15 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
                 if status != GH_OK { break }  // the client went away, or was cut off
             }
         } catch {
-            context.error("response stream failed", ["error": String(describing: error)])
+            // Ended as failed, so the client can tell the answer is cut short (ABI 1.2); a host
+            // without it can only end the answer as if whole.
+            let reason = String(describing: error)
+            context.error("response stream failed", ["error": reason])
+            if context.hostOffers(MemoryLayout<gh_host_api>.offset(of: \gh_host_api.respond_abort)!) {
+                var text = reason
+                _ = text.withUTF8 { bytes in api.respond_abort(exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count)) }
+                return
+            }
         }
         _ = api.respond_finish(exchange)
     }

@@ -547,7 +547,7 @@ def test_plugins_cli_validate_and_list(plugins_dir, c_echo_so, variants):
 
     ok = subprocess.run([GATEHOUSE, "plugins", "validate", good], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("ok: echo-c 1.0.0, ABI 1.1, C")
+    assert ok.stdout.startswith("ok: echo-c 1.0.0, ABI 1.2, C")
     ok_swift = subprocess.run([GATEHOUSE, "plugins", "validate", swift / "plugin.yaml"], capture_output=True, text=True)
     assert ok_swift.returncode == 0 and "swift-6.3.1" in ok_swift.stdout, ok_swift.stderr
     # From inside the plugin's directory: "." was taken as its name, and the manifest's refused.

@@ -70,6 +70,24 @@ def test_streamed_llm_calls_from_swift_and_c(services, fake_llm):
     assert "".join(pieces) == "Echo: four five"
 
 
+def test_a_stream_that_fails_midway_reaches_the_client_cut_short(services, fake_llm):
+    # A plugin's stream whose LLM call failed midway ended as if whole (respond_finish), so the
+    # client took half an answer for all of it. ABI 1.2's respond_abort, which PluginKit calls for
+    # a stream that throws, closes the connection without the body's proper end.
+    server = services(extra_config=f"plugins: {{{SWIFT}: {{config: {{model: crash}}}}}}\n")
+    for plugin, query in ((SWIFT, ""), (C, "?crash")):
+        with pytest.raises(httpx.RemoteProtocolError):
+            with server.client.stream("POST", f"/v1/plugins/{plugin}/ask-stream{query}", content=b"one two three") as response:
+                assert response.status_code == 200
+                for _ in response.iter_bytes():
+                    pass
+        wait_for_log(server, lambda l: l.get("msg") == "plugin ended its streamed answer as failed; connection closed" and l.get("plugin") == plugin)
+        assert server.client.get(f"/v1/plugins/{plugin}").json()["metrics"]["errors"] == 1
+    # Only a started answer can be aborted; the gateway serves on.
+    assert server.client.get(f"/v1/plugins/{C}/abort-early").text == "abort before start returned 2"
+    assert server.client.post(f"/v1/plugins/{C}/ask-stream", content=b"fine").text == "Echo: fine"
+
+
 def test_llm_errors_reach_the_plugin_with_status_and_reason(services):
     server = services()
     response = server.client.get(f"/v1/plugins/{SWIFT}/ask-missing-model")

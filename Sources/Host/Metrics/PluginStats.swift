@@ -48,7 +48,7 @@ public final class PluginStats: Sendable {
         self.plugin = plugin
         self.registry = registry
         let label = [("plugin", plugin)]
-        errorsCounter = registry.counter(name: "gatehouse_plugin_errors_total", labels: label, help: "Plugin requests that ended in a 5xx or a timeout.")
+        errorsCounter = registry.counter(name: "gatehouse_plugin_errors_total", labels: label, help: "Plugin requests that ended in a 5xx, a timeout, or a stream the plugin ended as failed.")
         latency = registry.histogram(name: "gatehouse_plugin_request_duration_seconds", labels: label, buckets: GatehouseMetrics.latencyBuckets,
             help: "Time until a plugin answered (head of the response).")
         inFlightGauge = registry.gauge(
@@ -86,6 +86,13 @@ public final class PluginStats: Sendable {
         statusCounter(status).increment()
         if status >= 500 { errorsCounter.increment() }
         latency.record(duration)
+    }
+
+    /// Counts a streamed answer the plugin ended as failed (`respond_abort`) as an error: its
+    /// status (sent with the head) was a success.
+    func streamAborted() {
+        totals.withLock { $0.errors += 1 }
+        errorsCounter.increment()
     }
 
     private func statusCounter(_ status: Int) -> Counter {

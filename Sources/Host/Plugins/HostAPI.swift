@@ -145,6 +145,11 @@ enum HostAPI {
                     guard let metric, value.isFinite else { return GH_ERR_INVALID_ARGUMENT }
                     return Unmanaged<PluginStats.CustomMetric>.fromOpaque(UnsafeRawPointer(metric)).takeUnretainedValue().set(value)
                         ? GH_OK : GH_ERR_STATE
+                },
+                respond_abort: { exchangePointer, reason in
+                    guard exchangePointer != nil, reason.isReadable else { return GH_ERR_INVALID_ARGUMENT }
+                    guard let exchange = ExchangeTable.shared.lookup(exchangePointer) else { return GH_ERR_STATE }
+                    return exchange.abort(reason: String(reason)) ? GH_OK : GH_ERR_STATE
                 }))
         return UnsafePointer(table)
     }()

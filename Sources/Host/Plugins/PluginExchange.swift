@@ -161,6 +161,33 @@ final class PluginExchange: Sendable {
         return true
     }
 
+    /// Ends a started answer as failed (`respond_abort`): the stream ends with an error, so the
+    /// connection closes without the body's proper end, and the exchange is complete. False
+    /// before the answer started or once the exchange is complete.
+    func abort(reason: String) -> Bool {
+        let result: (ok: Bool, continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation?) = state.withLock { state in
+            switch state {
+            case .streaming(let continuation):
+                state = .completed
+                return (true, continuation)
+            case .abandoned:
+                state = .completed
+                return (true, nil)
+            case .pending, .completed:
+                return (false, nil)
+            }
+        }
+        guard result.ok else { return false }
+        flow.close()
+        instance.stats.streamAborted()
+        instance.logger.warning(
+            "plugin ended its streamed answer as failed; connection closed",
+            metadata: ["request_id": .string(requestID), "reason": .string(reason)])
+        result.continuation?.finish(throwing: PluginStreamAborted(reason: reason))
+        finishExchange()
+        return true
+    }
+
     /// The plugin's time to answer ran out. Only a wait for the answer's head is given up: once
     /// `respond_start` has won the race with the timer, the stream is the plugin's to finish.
     func timeOut() {
@@ -286,6 +313,12 @@ struct PluginStreamBody: AsyncSequence, Sendable {
 /// plugin's timeout, or fell more than `maxBufferedStreamBytes` behind a writer that cannot wait.
 struct PluginStreamCutOff: Error, CustomStringConvertible {
     var description: String { "client too slow for the plugin's streamed answer" }
+}
+
+/// Ends a plugin's streamed answer that the plugin itself ended as failed (`respond_abort`).
+struct PluginStreamAborted: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { "the plugin ended its streamed answer as failed: \(reason)" }
 }
 
 /// Live exchanges by token (`PluginHandleToken`), which is what plugins hold.

@@ -33,6 +33,7 @@
  * Versions
  *   1.0  log, config, responding (streamed or whole)
  *   1.1  LLM calls, middleware, custom metrics (fields appended to gh_host_api)
+ *   1.2  respond_abort: end a streamed answer as failed
  *
  * See docs/PLUGINS.md for the guide and examples.
  */
@@ -49,7 +50,7 @@ extern "C" {
 /** ABI major version: part of the entry symbol's name; bumped only for incompatible changes. */
 #define GATEHOUSE_ABI_MAJOR 1
 /** ABI minor version: bumped when fields are appended to a struct. */
-#define GATEHOUSE_ABI_MINOR 1
+#define GATEHOUSE_ABI_MINOR 2
 
 /** The one symbol a plugin exports. Its type is gh_plugin_entry_fn. */
 #define GATEHOUSE_PLUGIN_ENTRY gatehouse_plugin_entry_v1
@@ -282,6 +283,17 @@ typedef struct gh_host_api {
     gh_status (*metric_add)(gh_metric *metric, double value);
     /** Set a gauge to `value` (GH_ERR_STATE for counters; GH_ERR_INVALID_ARGUMENT for a non-finite value). */
     gh_status (*metric_set)(gh_metric *metric, double value);
+
+    /* ---- ABI 1.2 (check GH_HAS_FIELD(host, gh_host_api, respond_abort) before use) ---- */
+
+    /**
+     * End a started answer as failed, and complete the exchange: the connection is closed
+     * without the body's proper end, so the client can tell the answer is cut short, where
+     * respond_finish would present what was sent as whole (send an event-stream client its
+     * error event first). `reason` (copied) is logged. GH_ERR_STATE before respond_start
+     * (answer with an error status through respond instead) or once the exchange is complete.
+     */
+    gh_status (*respond_abort)(gh_exchange *exchange, gh_bytes reason);
 } gh_host_api;
 
 /**

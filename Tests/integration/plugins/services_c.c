@@ -144,7 +144,14 @@ static void on_done_stream(void *context, gh_status status, uint16_t http_status
     (void)json;
     (void)http_status;
     gh_exchange *exchange = context;
-    if (status != GH_OK) host->respond_write(exchange, error);
+    if (status != GH_OK) {
+        host->respond_write(exchange, error);
+        /* ABI 1.2: end the answer as failed, so the client can tell it is cut short. */
+        if (GH_HAS_FIELD(host, gh_host_api, respond_abort)) {
+            host->respond_abort(exchange, error);
+            return;
+        }
+    }
     host->respond_finish(exchange);
 }
 
@@ -167,7 +174,8 @@ static void services_handle(void *state, const gh_request *request, gh_exchange 
     (void)state;
     if (is(request->path, "/ask") || is(request->path, "/ask-stream")) {
         int streamed = is(request->path, "/ask-stream");
-        char *json = chat_request("llama3.2:1b", request->body);
+        /* ?crash: the stand-in upstream's model that fails midway through its stream. */
+        char *json = chat_request(is(request->query, "crash") ? "crash" : "llama3.2:1b", request->body);
         if (streamed) {
             gh_header header = {text("content-type"), text("text/plain")};
             host->respond_start(exchange, 200, &header, 1);
@@ -175,6 +183,12 @@ static void services_handle(void *state, const gh_request *request, gh_exchange 
         host->llm_chat(self_handle, exchange, text(json), streamed ? on_chunk : NULL,
                        streamed ? on_done_stream : on_done_whole, exchange);
         free(json);
+        return;
+    }
+    if (is(request->path, "/abort-early")) {
+        char line[48];
+        snprintf(line, sizeof line, "abort before start returned %d", (int)host->respond_abort(exchange, text("too early")));
+        host->respond(exchange, 200, NULL, 0, text(line));
         return;
     }
     if (is(request->path, "/stale-call")) {
