@@ -142,48 +142,42 @@ final class PluginExchange: Sendable {
     }
 
     func finish() -> Bool {
-        let result: (ok: Bool, continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation?) = state.withLock { state in
+        guard let continuation = completeStarted() else { return false }
+        continuation?.finish()
+        finishExchange()
+        return true
+    }
+
+    /// Marks a started answer (streaming, or cut off already) complete and closes its flow;
+    /// returns its stream's continuation (nil inside when cut off), or nil when the answer had
+    /// not started or was complete already.
+    private func completeStarted() -> AsyncThrowingStream<ByteBuffer, any Error>.Continuation?? {
+        let result: AsyncThrowingStream<ByteBuffer, any Error>.Continuation?? = state.withLock { state in
             switch state {
             case .streaming(let continuation):
                 state = .completed
-                return (true, continuation)
+                return .some(continuation)
             case .abandoned:
                 state = .completed
-                return (true, nil)
+                return .some(nil)
             case .pending, .completed:
-                return (false, nil)
+                return nil
             }
         }
-        guard result.ok else { return false }
-        flow.close()
-        result.continuation?.finish()
-        finishExchange()
-        return true
+        if result != nil { flow.close() }
+        return result
     }
 
     /// Ends a started answer as failed (`respond_abort`): the stream ends with an error, so the
     /// connection closes without the body's proper end, and the exchange is complete. False
     /// before the answer started or once the exchange is complete.
     func abort(reason: String) -> Bool {
-        let result: (ok: Bool, continuation: AsyncThrowingStream<ByteBuffer, any Error>.Continuation?) = state.withLock { state in
-            switch state {
-            case .streaming(let continuation):
-                state = .completed
-                return (true, continuation)
-            case .abandoned:
-                state = .completed
-                return (true, nil)
-            case .pending, .completed:
-                return (false, nil)
-            }
-        }
-        guard result.ok else { return false }
-        flow.close()
+        guard let continuation = completeStarted() else { return false }
         instance.stats.streamAborted()
         instance.logger.warning(
             "plugin ended its streamed answer as failed; connection closed",
             metadata: ["request_id": .string(requestID), "reason": .string(reason)])
-        result.continuation?.finish(throwing: PluginStreamAborted(reason: reason))
+        continuation?.finish(throwing: PluginStreamAborted(reason: reason))
         finishExchange()
         return true
     }
