@@ -109,10 +109,23 @@ public struct PluginResponse: Sendable {
         self.body = .stream(stream)
     }
 
-    /// A JSON error in OpenAI's shape: `{"error":{"message":…,"type":…}}`.
-    public static func error(status: UInt16, message: String, type: String = "plugin_error") -> PluginResponse {
-        let body = #"{"error":{"message":\#(jsonQuote(message)),"type":\#(jsonQuote(type))}}"#
+    /// A JSON error in OpenAI's shape: `{"error":{"message":…,"type":…,"code":…,"param":…}}`
+    /// (`code` and `param` null when not given, as in OpenAI's own errors).
+    public static func error(status: UInt16, message: String, type: String = "plugin_error", code: String? = nil, param: String? = nil) -> PluginResponse {
+        let members = [
+            "\"message\":\(jsonQuote(message))", "\"type\":\(jsonQuote(type))",
+            "\"code\":\(code.map(jsonQuote) ?? "null")", "\"param\":\(param.map(jsonQuote) ?? "null")",
+        ]
+        let body = "{\"error\":{\(members.joined(separator: ","))}}"
         return PluginResponse(status: status, headers: [("content-type", "application/json")], body: Array(body.utf8))
+    }
+
+    /// A failed LLM call passed on to the client as the gateway would have answered it: its
+    /// status, message, `type`, `code` and `param`.
+    public static func error(_ failure: LLMError) -> PluginResponse {
+        .error(
+            status: UInt16(clamping: failure.status), message: failure.message, type: failure.type ?? "api_error", code: failure.code,
+            param: failure.param)
     }
 }
 

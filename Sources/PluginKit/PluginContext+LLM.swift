@@ -29,9 +29,27 @@ public struct LLMReply: Sendable {
 
 /// Why an LLM call failed: the status a client would have seen and a one-line reason.
 public struct LLMError: Error, Sendable, CustomStringConvertible {
+    /// The status the gateway would have answered a client with (400, 404, 429, 502, 504, ...).
     public let status: Int
     public let message: String
+    /// The error's `code` as a client would get it, such as `model_not_found`,
+    /// `upstream_rate_limited` or `context_length_exceeded` (nil from hosts before ABI 1.2).
+    public var code: String? = nil
+    /// The error's `type`, such as `invalid_request_error` (nil from hosts before ABI 1.2).
+    public var type: String? = nil
+    /// The request field at fault, when the error names one (`messages`, `model`, ...).
+    public var param: String? = nil
     public var description: String { "LLM call failed (\(status)): \(message)" }
+}
+
+/// The OpenAI-style error body a 1.2 host sends with a failed call.
+private struct ErrorBodyShape: Decodable {
+    struct Body: Decodable {
+        let code: String?
+        let type: String?
+        let param: String?
+    }
+    let error: Body
 }
 
 extension PluginContext {
@@ -149,7 +167,8 @@ private let llmDoneThunk: gh_llm_done_fn = { context, status, httpStatus, json, 
     guard let context else { return }
     let box = Unmanaged<LLMCallBox>.fromOpaque(context).takeRetainedValue()
     guard status == GH_OK else {
-        let failure = LLMError(status: Int(httpStatus), message: String(error))
+        let details = json.len > 0 ? (try? JSONDecoder().decode(ErrorBodyShape.self, from: Data(Array(json))))?.error : nil
+        let failure = LLMError(status: Int(httpStatus), message: String(error), code: details?.code, type: details?.type, param: details?.param)
         box.reply?.resume(throwing: failure)
         box.chunks?.finish(throwing: failure)
         return

@@ -39,9 +39,16 @@ extension PluginInstance {
                 let failure = error as? OpenAIError ?? OpenAIError(.badGateway, String(describing: error))
                 logger.warning(
                     "LLM call failed", metadata: ["request_id": .string(requestID), "status": .stringConvertible(failure.status.code), "error": .string(failure.message)])
+                // The error as a client would get it (ABI 1.2: with its `code`, `type` and `param`).
+                let errorJSON = failure.body(requestID: requestID)
                 var message = failure.message
                 message.withUTF8 { text in
-                    onDone(context, GH_ERR_INTERNAL, UInt16(failure.status.code), gh_bytes(data: nil, len: 0), gh_bytes(data: text.baseAddress, len: text.count))
+                    errorJSON.withUnsafeBytes { json in
+                        onDone(
+                            context, GH_ERR_INTERNAL, UInt16(failure.status.code),
+                            gh_bytes(data: json.baseAddress?.assumingMemoryBound(to: UInt8.self), len: json.count),
+                            gh_bytes(data: text.baseAddress, len: text.count))
+                    }
                 }
             }
         }

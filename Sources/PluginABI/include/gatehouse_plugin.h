@@ -33,7 +33,7 @@
  * Versions
  *   1.0  log, config, responding (streamed or whole)
  *   1.1  LLM calls, middleware, custom metrics (fields appended to gh_host_api)
- *   1.2  respond_abort: end a streamed answer as failed
+ *   1.2  respond_abort: end a streamed answer as failed; a failed LLM call's error body
  *
  * See docs/PLUGINS.md for the guide and examples.
  */
@@ -120,7 +120,9 @@ typedef struct gh_request {
  * before llm_chat returns). On success `status` is GH_OK, `http_status` 200 and `response_json`
  * an OpenAI `chat.completion` object (for a streamed call: assembled from the chunks, with the
  * whole content, finish_reason and usage). On failure `error` is a one-line reason and
- * `http_status` the status the gateway would have answered a client with (400, 502, 504, ...).
+ * `http_status` the status the gateway would have answered a client with (400, 502, 504, ...);
+ * from ABI 1.2 hosts `response_json` is then that answer's OpenAI-style error body,
+ * {"error":{"message","type","code","param","request_id"}} (empty from 1.1 hosts).
  * Both views are borrowed for the duration of the callback.
  */
 typedef void (*gh_llm_done_fn)(void *context, gh_status status, uint16_t http_status, gh_bytes response_json,

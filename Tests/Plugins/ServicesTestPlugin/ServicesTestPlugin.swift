@@ -70,7 +70,7 @@ struct ServicesTestPlugin: GatehousePlugin {
                 _ = try await context.chat(model: "missing", messages: [.user("hi")])
                 return PluginResponse(status: 200, body: Array("unexpected success".utf8))
             } catch let error as LLMError {
-                return .error(status: UInt16(error.status), message: error.message)
+                return .error(error)  // as the gateway would answer a client: code and type too
             }
         default:
             return .error(status: 404, message: "no route \(request.path)", type: "not_found")
