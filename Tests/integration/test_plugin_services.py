@@ -95,6 +95,8 @@ def test_llm_errors_reach_the_plugin_with_status_and_reason(services):
     assert 'model "missing" not found' in response.json()["error"]["message"]
     # The error's code and type reach the plugin (ABI 1.2), which can pass them on as they are.
     assert (response.json()["error"]["code"], response.json()["error"]["type"]) == ("model_not_found", "invalid_request_error")
+    c = server.client.post(f"/v1/plugins/{C}/ask?missing", content=b"hi", headers={"x-request-id": "c-missing"})
+    assert c.status_code == 404 and c.json()["error"]["code"] == "model_not_found" and c.json()["error"]["request_id"] == "c-missing", c.text
     summary = server.client.get(f"/v1/plugins/{SWIFT}").json()["metrics"]
     assert summary["llm_calls"] == 1 and summary["llm_errors"] == 1
 

@@ -129,6 +129,8 @@ static void on_done_whole(void *context, gh_status status, uint16_t http_status,
     gh_exchange *exchange = context;
     if (status == GH_OK) {
         answer_json(exchange, 200, json);
+    } else if (json.len > 0) {
+        answer_json(exchange, http_status, json); /* ABI 1.2: the error as a client would get it */
     } else {
         gh_header header = {text("content-type"), text("text/plain")};
         host->respond(exchange, http_status, &header, 1, error);
@@ -174,8 +176,8 @@ static void services_handle(void *state, const gh_request *request, gh_exchange 
     (void)state;
     if (is(request->path, "/ask") || is(request->path, "/ask-stream")) {
         int streamed = is(request->path, "/ask-stream");
-        /* ?crash: the stand-in upstream's model that fails midway through its stream. */
-        char *json = chat_request(is(request->query, "crash") ? "crash" : "llama3.2:1b", request->body);
+        /* ?crash, ?missing: the stand-in upstream's models that fail midway, or do not exist. */
+        char *json = chat_request(is(request->query, "crash") ? "crash" : is(request->query, "missing") ? "missing" : "llama3.2:1b", request->body);
         if (streamed) {
             gh_header header = {text("content-type"), text("text/plain")};
             host->respond_start(exchange, 200, &header, 1);
