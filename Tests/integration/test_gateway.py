@@ -797,17 +797,8 @@ def test_compressed_request_bodies_get_415_not_a_json_error(gateway, fake_llm, b
 @both_backends
 def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, backend):
     dead_port = free_port()
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    # A refused connection is answered at once, on every path (AsyncHTTPClient's paths retried
-    # it until connect_timeout or the request's timeout, as the pass-through never did: the
-    # Ollama backend, models, health).
-    patient = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{dead_port}', timeout: 30s, connect_timeout: 30s}}\n")
-    started = time.monotonic()
-    assert patient.client.get("/v1/models").status_code == 502
-    assert patient.client.get("/health/ready").status_code == 503
-    assert patient.client.post("/v1/chat/completions", json=body).status_code == 502
-    assert time.monotonic() - started < 10
     server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\n")
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     unreachable = server.client.post("/v1/chat/completions", json=body)
     assert unreachable.status_code == 502
     assert unreachable.json()["error"]["code"] == "upstream_unreachable"

@@ -23,10 +23,6 @@ final class UpstreamClient: Sendable {
         // Past the limit a request waits for a free connection, at most the connect timeout
         // (AsyncHTTPClient's `getConnectionFromPoolTimeout`, answered 503 `upstream_busy`).
         configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: config.maxConnections)
-        // A connection the upstream refuses is a 502 at once, as nginx answers it and as the chat
-        // pass-through does: retried until `connect_timeout`, every request to a stopped upstream
-        // waited that long, and a plugin's call could outlast the plugin's own timeout.
-        configuration.connectionPool.retryConnectionEstablishment = false
         configuration.httpVersion = .http1Only
         // Not followed: AsyncHTTPClient would resend a POST redirected by 301/302 as a GET
         // without its body, and the answer to that would be a puzzle; the redirect itself is
