@@ -127,21 +127,22 @@ private let shutdownThunk: gh_shutdown_fn = { state in
 
 /// Completes the exchange with `response`, streaming chunk by chunk when the body is a stream.
 private func send(_ response: PluginResponse, through exchange: OpaquePointer, host: UnsafePointer<gh_host_api>, context: PluginContext) async {
-    let api = host.pointee
+    // Field by field (`host.pointee.f`), never a copy of the whole table: a host older than
+    // this PluginKit has a smaller one.
     switch response.body {
     case .bytes(let body):
         _ = withHeaderArray(response.headers) { headers, count in
             body.withUnsafeBufferPointer { bytes in
-                api.respond(exchange, response.status, headers, count, gh_bytes(data: bytes.baseAddress, len: bytes.count))
+                host.pointee.respond(exchange, response.status, headers, count, gh_bytes(data: bytes.baseAddress, len: bytes.count))
             }
         }
     case .stream(let chunks):
         let started = withHeaderArray(response.headers) { headers, count in
-            api.respond_start(exchange, response.status, headers, count)
+            host.pointee.respond_start(exchange, response.status, headers, count)
         }
         // Even when the host stopped listening (timeout), the exchange must be finished.
         guard started == GH_OK else {
-            _ = api.respond_finish(exchange)
+            _ = host.pointee.respond_finish(exchange)
             return
         }
         // Written from a thread of the stream's own, not this task's: there `respond_write` may
@@ -149,12 +150,13 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
         // the host's response writer may need, it would cut the client off instead.
         let writer = DispatchQueue(label: "gatehouse.plugin.stream-writer")
         let exchangeHandle = ExchangeHandle(pointer: exchange)
+        let write = host.pointee.respond_write!
         do {
             for try await chunk in chunks {
                 let status = await withCheckedContinuation { (written: CheckedContinuation<gh_status, Never>) in
                     writer.async {
                         written.resume(returning: chunk.withUnsafeBufferPointer { bytes in
-                            api.respond_write(exchangeHandle.pointer, gh_bytes(data: bytes.baseAddress, len: bytes.count))
+                            write(exchangeHandle.pointer, gh_bytes(data: bytes.baseAddress, len: bytes.count))
                         })
                     }
                 }
@@ -167,11 +169,11 @@ private func send(_ response: PluginResponse, through exchange: OpaquePointer, h
             context.error("response stream failed", ["error": reason])
             if context.hostOffers(MemoryLayout<gh_host_api>.offset(of: \gh_host_api.respond_abort)!) {
                 var text = reason
-                _ = text.withUTF8 { bytes in api.respond_abort(exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count)) }
+                _ = text.withUTF8 { bytes in host.pointee.respond_abort(exchange, gh_bytes(data: bytes.baseAddress, len: bytes.count)) }
                 return
             }
         }
-        _ = api.respond_finish(exchange)
+        _ = host.pointee.respond_finish(exchange)
     }
 }
 

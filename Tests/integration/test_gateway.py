@@ -1070,6 +1070,8 @@ def test_tool_choice_on_ollama_narrows_the_tools_offered(gateway, fake_llm):
     assert unknown.value.body["message"] == "'tool_choice' names function 'get_news', which is not in 'tools'"
     assert unknown.value.body["code"] == "invalid_tool_choice"
     assert len(fake_llm.calls("/api/chat")) == 2
+    # The gateway's own 400, before anything went upstream, is no failed upstream call.
+    assert 'outcome="error"' not in server.client.get("/metrics").text
     # OpenAI's allowed_tools rules the others out: they were offered all the same.
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "w"}], tools=tools, tool_choice={
         "type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})

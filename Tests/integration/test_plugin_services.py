@@ -253,8 +253,9 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
     assert reasons == {
         "queue_count": "metric refused: a gauge's name cannot end in _count (Prometheus keeps that for histograms and summaries)",
         "lag_sum": "metric refused: a gauge's name cannot end in _sum (Prometheus keeps that for histograms and summaries)",
-        "queue_gauge": "metric refused: the name cannot contain its type ('gauge')",
-        "jobs_counter": "metric refused: the name cannot contain its type ('counter')",
+        "queue_gauge": "metric refused: the name cannot contain a metric type ('gauge')",
+        "jobs_counter": "metric refused: the name cannot contain a metric type ('counter')",
+        "wait_histogram": "metric refused: the name cannot contain a metric type ('histogram')",
         "latency_ms": "metric refused: the name cannot contain the abbreviated unit 'ms': spell the base unit (seconds, bytes)",
         "wait_milliseconds": "metric refused: the name uses 'milliseconds': use the base unit 'seconds'",
         "depth_total": "metric refused: a gauge's name cannot end in _total (Prometheus keeps that for counters)",

@@ -76,16 +76,18 @@ final class ChatService: Sendable {
     }
 
     /// Runs one upstream operation and times it by outcome (`onlyFailures`: a stream's opening,
-    /// whose success is timed when the stream ends). A call abandoned because its client left
-    /// (cancellation) is not the upstream's outcome, and is not recorded.
+    /// whose success is timed when the stream ends). Not the upstream's outcome, so not recorded:
+    /// a request refused before anything was sent (it cannot be translated), and a call abandoned
+    /// because its client left (cancellation).
     private func timed<T>(_ operation: String, onlyFailures: Bool = false, _ call: () async throws -> T) async throws -> T {
         let started = ContinuousClock.now
+        let attempt = UpstreamAttempt()
         do {
-            let result = try await call()
+            let result = try await UpstreamAttempt.$current.withValue(attempt) { try await call() }
             if !onlyFailures { metrics?.recordUpstream(backend: backend.name, operation: operation, duration: ContinuousClock.now - started) }
             return result
         } catch {
-            if !Task.isCancelled, !(error is CancellationError) {
+            if attempt.hasSent, !Task.isCancelled, !(error is CancellationError) {
                 metrics?.recordUpstream(backend: backend.name, operation: operation, outcome: .error, duration: ContinuousClock.now - started)
             }
             throw error

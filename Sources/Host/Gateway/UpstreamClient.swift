@@ -5,6 +5,7 @@ internal import HTTPTypes
 internal import NIOCore
 internal import NIOHTTP1
 internal import NIOPosix
+internal import Synchronization
 
 /// One shared, pooled connection manager to the configured upstream.
 final class UpstreamClient: Sendable {
@@ -51,6 +52,7 @@ final class UpstreamClient: Sendable {
             request.headers.add(name: "Content-Type", value: "application/json")
             request.body = .bytes(ByteBuffer(data: json))
         }
+        UpstreamAttempt.current?.sent()
         do {
             return try await http.execute(request, timeout: .milliseconds(Int64((timeout ?? self.timeout) * 1000)))
         } catch {
@@ -359,4 +361,17 @@ struct DeadlineBody<Base: AsyncSequence & Sendable>: AsyncSequence, Sendable whe
     func makeAsyncIterator() -> AsyncIterator {
         AsyncIterator(base: base.makeAsyncIterator(), deadline: deadline, error: error)
     }
+}
+
+/// Whether an operation got as far as sending to the upstream: a failure before (the gateway's
+/// own 400 for a request it cannot translate) is not the upstream's outcome, and is not timed
+/// as one. Set for the operation's task by `ChatService`; marked by `UpstreamClient.send`.
+final class UpstreamAttempt: Sendable {
+    @TaskLocal static var current: UpstreamAttempt?
+
+    private let wasSent = Atomic(false)
+
+    func sent() { wasSent.store(true, ordering: .relaxed) }
+
+    var hasSent: Bool { wasSent.load(ordering: .relaxed) }
 }

@@ -29,8 +29,10 @@ enum MetricNameLint {
         if kind == .gauge, let suffix = ["_count", "_sum", "_bucket"].first(where: fullName.hasSuffix) {
             return "a gauge's name cannot end in \(suffix) (Prometheus keeps that for histograms and summaries)"
         }
-        let type = kind == .counter ? "counter" : "gauge"
-        if parts.contains(type) { return "the name cannot contain its type ('\(type)')" }
+        // Any metric type's name, not only its own (promtool refuses a gauge `jobs_counter` too).
+        if let type = parts.first(where: { ["counter", "gauge", "histogram", "summary"].contains($0) }) {
+            return "the name cannot contain a metric type ('\(type)')"
+        }
         if let abbreviation = parts.first(where: abbreviations.contains) {
             return "the name cannot contain the abbreviated unit '\(abbreviation)': spell the base unit (seconds, bytes)"
         }

@@ -43,6 +43,9 @@ public final class PluginStats: Sendable {
     private let reloadsCounter: Counter
     private let failuresCounter: Counter
     private let custom = Mutex<[String: CustomMetric]>([:])
+    /// Custom metrics removed with a failed version, kept alive: the plugin was handed unretained
+    /// pointers to them, and a thread it left running may still use one.
+    private let retired = Mutex<[CustomMetric]>([])
 
     init(plugin: String, registry: PrometheusCollectorRegistry) {
         self.plugin = plugin
@@ -250,6 +253,7 @@ public final class PluginStats: Sendable {
             if let counter = metric.counter { registry.unregisterCounter(counter) }
             if let gauge = metric.gauge { registry.unregisterGauge(gauge) }
         }
+        retired.withLock { $0.append(contentsOf: dropped) }
     }
 
     static func isValidMetricName(_ name: String) -> Bool {

@@ -125,7 +125,9 @@ enum HostAPI {
                     switch kind {
                     case GH_METRIC_COUNTER: metricKind = .counter
                     case GH_METRIC_GAUGE: metricKind = .gauge
-                    default: return nil
+                    default:
+                        instance.logger.error("metric refused: kind \(kind.rawValue) is neither GH_METRIC_COUNTER nor GH_METRIC_GAUGE", metadata: ["metric": .string(String(name))])
+                        return nil
                     }
                     do {
                         let metric = try instance.stats.declare(kind: metricKind, name: String(name), help: String(help), catalog: instance.services.customMetrics)
@@ -141,8 +143,8 @@ enum HostAPI {
                         ? GH_OK : GH_ERR_INVALID_ARGUMENT
                 },
                 metric_set: { metric, value in
-                    // A counter cannot be set (the call, not the value, is wrong); a gauge takes any finite value.
-                    guard let metric, value.isFinite else { return GH_ERR_INVALID_ARGUMENT }
+                    // GH_ERR_STATE for a non-finite value too, as ABI 1.1 documents it (plugins may test it).
+                    guard let metric else { return GH_ERR_INVALID_ARGUMENT }
                     return Unmanaged<PluginStats.CustomMetric>.fromOpaque(UnsafeRawPointer(metric)).takeUnretainedValue().set(value)
                         ? GH_OK : GH_ERR_STATE
                 },

@@ -275,7 +275,7 @@ typedef struct gh_host_api {
      * "_total". Declaring the same name and kind twice returns the same metric (a counter's
      * "x" and "x_total" are one). NULL (the host logs why) on an invalid name, one that breaks
      * Prometheus' naming conventions as `promtool check metrics` checks them (a gauge named
-     * "..._total", "..._count", "..._sum" or "..._bucket"; the type, an abbreviated unit such as
+     * "..._total", "..._count", "..._sum" or "..._bucket"; a metric type, an abbreviated unit such as
      * "ms", or a non-base unit such as "milliseconds" as a word of the name), or a name this
      * plugin declared with the other kind. Plugins sharing a name share its help text: the
      * first declaration's.
@@ -283,7 +283,7 @@ typedef struct gh_host_api {
     gh_metric *(*metric_declare)(gh_plugin *self, gh_metric_kind kind, gh_bytes name, gh_bytes help);
     /** Add `value` to a counter (value >= 0) or gauge. */
     gh_status (*metric_add)(gh_metric *metric, double value);
-    /** Set a gauge to `value` (GH_ERR_STATE for counters; GH_ERR_INVALID_ARGUMENT for a non-finite value). */
+    /** Set a gauge to `value` (GH_ERR_STATE for counters and for a non-finite value). */
     gh_status (*metric_set)(gh_metric *metric, double value);
 
     /* ---- ABI 1.2 (check GH_HAS_FIELD(host, gh_host_api, respond_abort) before use) ---- */

@@ -99,7 +99,7 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
     static const struct { gh_metric_kind kind; const char *name; } refused[] = {
         {GH_METRIC_GAUGE, "queue_count"}, {GH_METRIC_GAUGE, "lag_sum"}, {GH_METRIC_GAUGE, "queue_gauge"},
         {GH_METRIC_COUNTER, "jobs_counter"}, {GH_METRIC_GAUGE, "latency_ms"}, {GH_METRIC_COUNTER, "wait_milliseconds"},
-        {GH_METRIC_GAUGE, "depth_total"}, {GH_METRIC_GAUGE, "Bad-Name"},
+        {GH_METRIC_GAUGE, "depth_total"}, {GH_METRIC_GAUGE, "Bad-Name"}, {GH_METRIC_GAUGE, "wait_histogram"},
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         if (host->metric_declare(self, refused[i].kind, text(refused[i].name), text("h")) != NULL) {
@@ -108,7 +108,7 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         }
     }
     gh_metric *depth = host->metric_declare(self, GH_METRIC_GAUGE, text("queue_depth"), text("Jobs waiting, as services-c counts them."));
-    if (!depth || host->metric_set(depth, 1.0 / 0.0) != GH_ERR_INVALID_ARGUMENT || host->metric_set(pings, 1) != GH_ERR_STATE ||
+    if (!depth || host->metric_set(depth, 1.0 / 0.0) != GH_ERR_STATE || host->metric_set(pings, 1) != GH_ERR_STATE ||
         host->metric_set(depth, 3) != GH_OK) {
         snprintf(error, cap, "gauge queue_depth was refused");
         return 1;
