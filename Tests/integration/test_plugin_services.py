@@ -101,6 +101,15 @@ def test_llm_errors_reach_the_plugin_with_status_and_reason(services):
     assert summary["llm_calls"] == 1 and summary["llm_errors"] == 1
 
 
+def test_a_plugin_built_for_abi_1_1_gets_what_1_1_promised(gateway, plugins_dir, tmp_path):
+    # 1.1 promised an empty response_json for a failed LLM call: a 1.1 plugin telling success by
+    # it must not read the 1.2 error body as an answer.
+    plugins_dir.add(C, compile_c_plugin(PLUGINS_SRC / "services_c.c", tmp_path / "services_c_11.so", "DESCRIPTOR_MINOR=1"))
+    server = gateway()
+    c = server.client.post(f"/v1/plugins/{C}/ask?missing", content=b"hi")
+    assert c.status_code == 404 and c.headers["content-type"] == "text/plain" and 'model "missing" not found' in c.text, c.text
+
+
 def test_config_precedence_manifest_then_file_then_environment(services):
     server = services(
         extra_config=f"""

@@ -39,8 +39,9 @@ extension PluginInstance {
                 let failure = error as? OpenAIError ?? OpenAIError(.badGateway, String(describing: error))
                 logger.warning(
                     "LLM call failed", metadata: ["request_id": .string(requestID), "status": .stringConvertible(failure.status.code), "error": .string(failure.message)])
-                // The error as a client would get it (ABI 1.2: with its `code`, `type` and `param`).
-                let errorJSON = failure.body(requestID: requestID)
+                // The error as a client would get it (with its `code`, `type` and `param`), for a
+                // plugin built against ABI 1.2 or later: 1.1 promised an empty `response_json`.
+                let errorJSON = library.descriptor.pointee.abi_minor >= 2 ? failure.body(requestID: requestID) : Data()
                 var message = failure.message
                 message.withUTF8 { text in
                     errorJSON.withUnsafeBytes { json in

@@ -121,8 +121,9 @@ typedef struct gh_request {
  * an OpenAI `chat.completion` object (for a streamed call: assembled from the chunks, with the
  * whole content, finish_reason and usage). On failure `error` is a one-line reason and
  * `http_status` the status the gateway would have answered a client with (400, 502, 504, ...);
- * from ABI 1.2 hosts `response_json` is then that answer's OpenAI-style error body,
- * {"error":{"message","type","code","param","request_id"}} (empty from 1.1 hosts).
+ * for a plugin built against ABI 1.2 or later (its descriptor's abi_minor), on a 1.2 host,
+ * `response_json` is then that answer's OpenAI-style error body,
+ * {"error":{"message","type","code","param","request_id"}}; otherwise it is empty.
  * Both views are borrowed for the duration of the callback.
  */
 typedef void (*gh_llm_done_fn)(void *context, gh_status status, uint16_t http_status, gh_bytes response_json,

@@ -223,7 +223,11 @@ static void services_shutdown(void *state) { (void)state; }
 static const gh_plugin_descriptor descriptor = {
     .struct_size = sizeof(gh_plugin_descriptor),
     .abi_major = GATEHOUSE_ABI_MAJOR,
+#ifdef DESCRIPTOR_MINOR /* built as if against an older minor (what it is promised then) */
+    .abi_minor = DESCRIPTOR_MINOR,
+#else
     .abi_minor = GATEHOUSE_ABI_MINOR,
+#endif
     .name = "services-c",
     .version = "1.0.0",
     .swift_toolchain = NULL,
