@@ -269,6 +269,7 @@ def test_metrics_count_exactly_the_requests_made_and_pass_promtool(services, tmp
         "wait_milliseconds": "metric refused: the name uses 'milliseconds': use the base unit 'seconds'",
         "depth_total": "metric refused: a gauge's name cannot end in _total (Prometheus keeps that for counters)",
         "Bad-Name": "metric refused: the name must be 1 to 100 of a-z, 0-9 and _, not starting with a digit",
+        "odd_kind": "metric refused: kind 7 is neither GH_METRIC_COUNTER nor GH_METRIC_GAUGE",
     }, reasons
     assert metric_value(text, "gatehouse_plugin_llm_calls_total", plugin=SWIFT) == 2
     assert metric_value(text, "gatehouse_plugin_llm_tokens_total", plugin=SWIFT, direction="completion") == 4

@@ -100,6 +100,7 @@ static int services_init(const gh_host_api *api, gh_plugin *self, void **state_o
         {GH_METRIC_GAUGE, "queue_count"}, {GH_METRIC_GAUGE, "lag_sum"}, {GH_METRIC_GAUGE, "queue_gauge"},
         {GH_METRIC_COUNTER, "jobs_counter"}, {GH_METRIC_GAUGE, "latency_ms"}, {GH_METRIC_COUNTER, "wait_milliseconds"},
         {GH_METRIC_GAUGE, "depth_total"}, {GH_METRIC_GAUGE, "Bad-Name"}, {GH_METRIC_GAUGE, "wait_histogram"},
+        {(gh_metric_kind)7, "odd_kind"},
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         if (host->metric_declare(self, refused[i].kind, text(refused[i].name), text("h")) != NULL) {
