@@ -807,7 +807,12 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     assert stream.status_code == 502 and stream.json()["error"]["code"] == "upstream_unreachable"
     ready = server.client.get("/health/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "unavailable" and "unreachable" in ready.json()["reason"]
+    assert f"127.0.0.1:{dead_port}" in ready.json()["reason"]  # for the operator
     assert server.client.get("/health/live").status_code == 200
+    # With a key guarding the API, the probe (which needs none) does not tell anyone where the upstream is.
+    keyed = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\nauth: {{api_key: k}}\n")
+    hidden = keyed.client.get("/health/ready").json()
+    assert hidden["reason"].startswith("upstream unreachable") and str(dead_port) not in hidden["reason"], hidden
 
     slow = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: '{fake_llm.url}', timeout: 1s}}\n")
     started = time.monotonic()

@@ -9,6 +9,8 @@ internal import NIOCore
 struct GatewayRoutes {
     let chat: ChatService
     let maxBodyBytes: Int
+    /// An API key guards the API: `/health/ready`, which needs none, keeps the upstream's URL to itself.
+    var hidesUpstreamURL = false
 
     static let cacheHeader = HTTPField.Name("X-Cache")!
 
@@ -81,10 +83,20 @@ struct GatewayRoutes {
                 try await readiness.check(requestID: context.requestID).get()
                 return try Response.json(object: ["status": "ready", "backend": chat.backend.name])
             } catch {
-                let reason = (error as? OpenAIError)?.message ?? String(describing: error)
+                var reason = (error as? OpenAIError)?.message ?? String(describing: error)
+                // The probe needs no key: when one guards the rest, it does not tell anyone who
+                // asks where the upstream is (the reason's closing "(http://…)"; the API's own
+                // errors, behind the key, keep it).
+                if hidesUpstreamURL { reason = Self.withoutTarget(reason) }
                 return try Response.json(object: ["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
             }
         }
+    }
+
+    /// `reason` without the upstream URL the upstream failures end with, ` (http://host/path)`.
+    static func withoutTarget(_ reason: String) -> String {
+        guard reason.hasSuffix(")"), let open = reason.range(of: " (http", options: .backwards) else { return reason }
+        return String(reason[..<open.lowerBound])
     }
 
     /// How a stream's first write goes: its first chunk, or its end with none.
