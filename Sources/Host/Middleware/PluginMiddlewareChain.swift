@@ -160,8 +160,8 @@ public struct PluginMiddlewareChain: RouterMiddleware {
             invoke(middleware, middleware.onResponse!, state: state, request: request, context: context)
         }
         response.status = HTTPResponse.Status(code: state.status)
-        let setters = Set(responsePhase.map { $0.instance.manifest.name }).sorted().joined(separator: ",")
-        var headers = PluginRoutes.responseFields(state.headers, plugin: setters, logger: context.logger)
+        var headers = PluginRoutes.responseFields(
+            state.headers, plugin: Set(responsePhase.map { $0.instance.manifest.name }).sorted().joined(separator: ","), logger: context.logger)
         headers.append(contentsOf: framing)
         response.headers = headers
         if !PluginStatus.allowsBody(state.status) {

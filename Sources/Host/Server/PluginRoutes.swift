@@ -101,12 +101,13 @@ struct PluginRoutes {
     /// A plugin's response header fields without the invalid and the reserved ones (framing is
     /// the server's: a plugin's `Content-Length` that disagreed with its body would desynchronise
     /// the connection), each dropped one logged. Middleware's answers go through it too.
-    /// - Parameter plugin: who set the fields, for the log line (names, when several middleware could have).
-    static func responseFields(_ pairs: [(String, String)], plugin: String, logger: Logger) -> HTTPFields {
+    /// - Parameter plugin: who set the fields, for the log line (names, when several middleware
+    ///   could have); worked out only when a field is dropped.
+    static func responseFields(_ pairs: [(String, String)], plugin: @autoclosure () -> String, logger: Logger) -> HTTPFields {
         var fields = HTTPFields()
         for (name, value) in pairs {
             guard let fieldName = HTTPField.Name(name), !Self.reservedResponseHeaders.contains(fieldName.canonicalName) else {
-                logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name), "plugin": .string(plugin)])
+                logger.warning("plugin sent an invalid or reserved response header; dropped", metadata: ["header": .string(name), "plugin": .string(plugin())])
                 continue
             }
             fields.append(HTTPField(name: fieldName, value: value))
