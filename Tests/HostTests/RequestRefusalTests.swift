@@ -59,5 +59,12 @@ import Testing
         #expect(MalformedRequest(head: head(.http1_0, [("Host", "a"), ("Host", "a")])) == .hostMissingOrRepeated)
         #expect(MalformedRequest(head: head(.http1_1, [("HOST", "a"), ("X-Host", "b")])) == nil)
         #expect(OpenAIError.malformedRequest(.transferEncodingInHTTP10).status == .badRequest)
+        // A transfer coding besides chunked, in any field, is not understood (RFC 9112 §6.1: 501).
+        for codings in ["gzip, chunked", "identity,chunked", "x-custom ,\tchunked"] {
+            #expect(MalformedRequest(head: head(.http1_1, [("Host", "g"), ("Transfer-Encoding", codings)])) == .unsupportedTransferCoding, "\(codings)")
+        }
+        #expect(MalformedRequest(head: head(.http1_1, [("Host", "g"), ("Transfer-Encoding", "gzip"), ("transfer-encoding", "chunked")])) == .unsupportedTransferCoding)
+        #expect(MalformedRequest(head: head(.http1_1, [("Host", "g"), ("Transfer-Encoding", "Chunked , ")])) == nil)
+        #expect(OpenAIError.malformedRequest(.unsupportedTransferCoding).status == .notImplemented)
     }
 }

@@ -29,7 +29,8 @@ Special model names change behaviour:
   overloaded    503, as Ollama answers past OLLAMA_MAX_QUEUE (no Retry-After)
   garbage       200 with a body that is not JSON
   error-200     (whole answers) an error object sent with a 200, as some servers and proxies do;
-                its message counts the calls, so a replayed one shows
+                its message counts the calls, so a replayed one shows, and quotes the key sent
+  key-as-code   400 whose error `code` is the key the gateway sent (an upstream quoting it back)
   cut-short     (whole answers) a 200 whose body ends where the connection closes (no length),
                 cut off after 60 bytes
   drip          (whole answers) the head at once, then the body a byte every 0.3 s (3 s in all)
@@ -244,6 +245,10 @@ class FakeLLM:
                     message = ("[{'type': 'less_than_equal', 'loc': ('body', 'top_p'), 'msg': 'Input should be less than "
                                "or equal to 1', 'input': 7, 'ctx': {'le': 1.0}}]")
                     return self._send(500, {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})
+                if model == "key-as-code":
+                    # An upstream's own error code that quotes the key it was sent (contrived, but passed on).
+                    key = self.headers.get("Authorization", "")[7:]
+                    return self._send(400, {"error": {"message": "bad request", "type": "invalid_request_error", "code": key or None}})
                 if model == "denied":
                     return self._send(401, {"error": {"message": "Incorrect API key provided" + self._quoted_key(), "type": "invalid_request_error"}})
                 if model == "moved":
@@ -270,7 +275,7 @@ class FakeLLM:
                     return self._send(200, b"<html>upstream proxy error</html>")
                 if model == "error-200" and not body.get("stream"):
                     calls = sum(1 for r in fake.requests if isinstance(r[3], dict) and r[3].get("model") == model)
-                    return self._send(200, {"error": {"message": f"overloaded (call {calls})", "type": "server_error"}})
+                    return self._send(200, {"error": {"message": f"overloaded (call {calls})" + self._quoted_key(), "type": "server_error"}})
                 if model == "cut-short" and not body.get("stream"):
                     whole = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Echo: x"},

@@ -398,6 +398,14 @@ def test_api_key_auth(gateway, backend):
     assert server.client.post("/v1/chat/completions", json=body, headers={"x-api-key": "s3cret-key"}).status_code == 200
     assert server.client.post("/v1/chat/completions", json=body, headers={"authorization": "bEaReR s3cret-key"}).status_code == 200
     assert server.client.post("/v1/chat/completions", json=body, headers={"authorization": "Basic s3cret-key"}).status_code == 401
+    # Whitespace after a value is not part of it: the pass-through refused a key the router took.
+    payload = json.dumps(body).encode()
+    for path in ("/v1/chat/completions", "/v1/models"):
+        method = "POST" if path.endswith("completions") else "GET"
+        reply, _ = raw_exchange(server.port, f"{method} {path} HTTP/1.1\r\nHost: g\r\nX-API-Key: s3cret-key \t\r\n"
+                                f"Content-Type: application/json\r\nContent-Length: {len(payload) if method == 'POST' else 0}\r\n"
+                                f"Connection: close\r\n\r\n".encode() + (payload if method == "POST" else b""), until=None)
+        assert reply.startswith(b"HTTP/1.1 200 "), (path, reply[:300])
     assert server.client.get("/health").status_code == 200
     assert server.client.get("/health/ready").status_code == 200
     assert server.client.get("/v1/models").status_code == 401
@@ -812,7 +820,12 @@ def test_upstream_unreachable_timeout_and_failure(start, plugins_dir, fake_llm, 
     # With a key guarding the API, the probe (which needs none) does not tell anyone where the upstream is.
     keyed = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{dead_port}', timeout: 1s}}\nauth: {{api_key: k}}\n")
     hidden = keyed.client.get("/health/ready").json()
-    assert hidden["reason"].startswith("upstream unreachable") and str(dead_port) not in hidden["reason"], hidden
+    assert hidden["reason"] == "upstream unreachable (the gateway's log has the details)", hidden
+    assert f"127.0.0.1:{dead_port}" in wait_for_log(keyed, lambda l: l.get("msg") == "upstream not ready")["error"]
+    # Nor a failed lookup's host and port, which the reason named before the URL.
+    unresolved = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://internal-llm.invalid:8123', timeout: 1s}}\nauth: {{api_key: k}}\n")
+    hidden = unresolved.client.get("/health/ready").json()
+    assert hidden["status"] == "unavailable" and "internal-llm" not in hidden["reason"] and "8123" not in hidden["reason"], hidden
 
     slow = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: '{fake_llm.url}', timeout: 1s}}\n")
     started = time.monotonic()
@@ -998,6 +1011,11 @@ def test_the_upstream_key_quoted_back_by_the_upstream_is_masked(gateway, backend
         failed = wait_for_log(server, lambda l: l.get("msg") == "request failed" and l.get("request_id") == f"denied-{stream}")
         assert failed["level"] == "warning" and failed["code"] == "upstream_auth" and failed["status"] == "502", failed
         assert failed["error"] == denied.json()["error"]["message"]
+    # An error sent with a 200 (Ollama's path read it without masking), and one whose code is the key.
+    error_200 = server.client.post("/v1/chat/completions", json={"model": "error-200", "messages": [{"role": "user", "content": "x"}]})
+    assert error_200.status_code == 502 and error_200.json()["error"]["message"].endswith(" (key [REDACTED])"), error_200.text
+    key_as_code = server.client.post("/v1/chat/completions", json={"model": "key-as-code", "messages": [{"role": "user", "content": "x"}]})
+    assert key_as_code.status_code == 400 and key_as_code.json()["error"]["code"] == "[REDACTED]", key_as_code.text
     crashed = stream_events(server, "crash", headers={"x-request-id": "crash-1"})
     assert json.loads(crashed[-2])["error"]["message"].endswith("model runner crashed (key [REDACTED])"), crashed[-2]
     failed = wait_for_log(server, lambda l: l.get("msg") == "stream failed")
@@ -1630,6 +1648,13 @@ def test_requests_the_http_parser_rejects_get_openai_shaped_errors(gateway, back
         assert first[0] == 200, first
         assert error_of(second, 400, "malformed_http") == (
             "malformed HTTP request: an HTTP/1.0 request cannot use Transfer-Encoding (send Content-Length, or use HTTP/1.1)")
+        # A transfer coding besides chunked: llhttp took it and the coded body was read as plain JSON.
+        for codings in ("gzip, chunked", "identity,chunked"):
+            coded = (f"POST {path} HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                     f"Transfer-Encoding: {codings}\r\n\r\n{len(chat_body):x}\r\n").encode() + chat_body + b"\r\n0\r\n\r\n"
+            [unsupported] = responses(coded)
+            assert error_of(unsupported, 501, "unsupported_transfer_encoding") == (
+                "unsupported Transfer-Encoding: the gateway takes only chunked (send the body uncompressed)")
     # An HTTP/1.1 request needs exactly one Host (RFC 9112 §3.2), on either path.
     for head in (b"GET /health HTTP/1.1\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
                  b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"):

@@ -80,23 +80,36 @@ struct GatewayRoutes {
         let readiness = ReadinessProbe(backend: chat.backend)
         router.get("/health/ready") { _, context in
             do {
-                try await readiness.check(requestID: context.requestID).get()
+                try await readiness.check(requestID: context.requestID, logger: context.logger).get()
                 return try Response.json(object: ["status": "ready", "backend": chat.backend.name])
             } catch {
-                var reason = (error as? OpenAIError)?.message ?? String(describing: error)
-                // The probe needs no key: when one guards the rest, it does not tell anyone who
-                // asks where the upstream is (the reason's closing "(http://…)"; the API's own
-                // errors, behind the key, keep it).
-                if hidesUpstreamURL { reason = Self.withoutTarget(reason) }
+                // The probe needs no key: when one guards the rest, it tells anyone who asks only
+                // what kind of failure it is, not the upstream's address (a refused connection's
+                // URL, a failed lookup's host and port) nor the upstream's own words (an error
+                // quoting part of a key). The log has the whole reason, as do the API's own
+                // errors, behind the key.
+                let reason = hidesUpstreamURL ? Self.publicReason(for: error) : Self.reason(for: error)
                 return try Response.json(object: ["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
             }
         }
     }
 
-    /// `reason` without the upstream URL the upstream failures end with, ` (http://host/path)`.
-    static func withoutTarget(_ reason: String) -> String {
-        guard reason.hasSuffix(")"), let open = reason.range(of: " (http", options: .backwards) else { return reason }
-        return String(reason[..<open.lowerBound])
+    /// Why the upstream is not ready, in full (its URL, and its own words, included).
+    static func reason(for error: any Error) -> String {
+        (error as? OpenAIError)?.message ?? String(describing: error)
+    }
+
+    /// Why the upstream is not ready, told by the kind of failure alone.
+    static func publicReason(for error: any Error) -> String {
+        let kind =
+            switch (error as? OpenAIError)?.code {
+            case "upstream_unreachable": "upstream unreachable"
+            case "upstream_timeout": "upstream did not answer in time"
+            case "upstream_auth": "upstream refused the gateway's credentials"
+            case "upstream_busy": "every upstream connection is in use"
+            default: "upstream failed"
+            }
+        return kind + " (the gateway's log has the details)"
     }
 
     /// How a stream's first write goes: its first chunk, or its end with none.
@@ -190,7 +203,8 @@ actor ReadinessProbe {
     }
 
     /// The upstream's readiness: a verdict younger than `reuse`, the one being reached, or a new one.
-    func check(requestID: String) async -> Result<Void, any Error> {
+    /// A new failing verdict is logged (at most one line per `reuse`), with its whole reason.
+    func check(requestID: String, logger: Logger) async -> Result<Void, any Error> {
         if let last, ContinuousClock.now - last.at < reuse { return last.result }
         if let running { return await running.value }
         let backend = backend
@@ -206,6 +220,9 @@ actor ReadinessProbe {
         let result = await task.value
         running = nil
         last = (.now, result)
+        if case .failure(let error) = result {
+            logger.warning("upstream not ready", metadata: ["error": .string(GatewayRoutes.reason(for: error))])
+        }
         return result
     }
 }

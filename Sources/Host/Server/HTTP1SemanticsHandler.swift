@@ -26,15 +26,30 @@ extension HTTPRequestHead {
 
 extension HTTPHeaders {
     /// The value of field `name` as the router reads it (HTTPFields): every field of that name,
-    /// joined with ", " in order (RFC 9110 5.3), or nil when there is none. A repeated field read
-    /// by its first value (NIO's `first(name:)`) would make the pass-through judge a request
-    /// with two keys, or two cache directives, otherwise than the router does.
+    /// without the whitespace around it (RFC 9110 5.5; NIO's parser keeps trailing spaces and
+    /// tabs, the router's conversion drops them), joined with ", " in order (RFC 9110 5.3), or
+    /// nil when there is none. A repeated field read by its first value (NIO's `first(name:)`)
+    /// would make the pass-through judge a request with two keys, or two cache directives,
+    /// otherwise than the router does; a key with a trailing space was refused by one and
+    /// taken by the other.
     func combinedValue(_ name: String) -> String? {
         var combined: String?
         for field in self where Self.sameName(field.name, name) {
-            combined = combined.map { "\($0), \(field.value)" } ?? field.value
+            let value = Self.trimmingWhitespace(field.value)
+            combined = combined.map { "\($0), \(value)" } ?? value
         }
         return combined
+    }
+
+    /// `value` without leading and trailing spaces and tabs (the value itself when it has none).
+    static func trimmingWhitespace(_ value: String) -> String {
+        @inline(__always) func isWhitespace(_ byte: UInt8) -> Bool { byte == 0x20 || byte == 0x09 }
+        let bytes = value.utf8
+        guard let first = bytes.first, let last = bytes.last, isWhitespace(first) || isWhitespace(last) else { return value }
+        var start = bytes.startIndex, end = bytes.endIndex
+        while start < end, isWhitespace(bytes[start]) { start = bytes.index(after: start) }
+        while start < end, isWhitespace(bytes[bytes.index(before: end)]) { end = bytes.index(before: end) }
+        return String(value[start..<end])
     }
 
     /// ASCII case-insensitive equality, without allocating (every pass-through request asks).

@@ -15,6 +15,10 @@ enum MalformedRequest: Error, Equatable {
     /// a server MUST answer 400; nginx does). Two hops reading two different hosts is how a
     /// request is routed past a front proxy's checks.
     case hostMissingOrRepeated
+    /// A `Transfer-Encoding` with a coding other than `chunked` (`gzip, chunked`). llhttp takes
+    /// it when `chunked` comes last and hands on the coded body as if it were plain; RFC 9112
+    /// §6.1: a server SHOULD answer 501 to a transfer coding it does not understand.
+    case unsupportedTransferCoding
 
     /// `error` as a malformed request, when it is one.
     init?(_ error: any Error) {
@@ -30,11 +34,13 @@ enum MalformedRequest: Error, Equatable {
         // One pass over the fields (every request asks): the hosts, and any Transfer-Encoding.
         var hosts = 0
         var transferEncoding = false
+        var otherCoding = false
         for field in head.headers {
             if HTTPHeaders.sameName(field.name, "host") {
                 hosts += 1
-            } else if !transferEncoding, HTTPHeaders.sameName(field.name, "transfer-encoding") {
+            } else if HTTPHeaders.sameName(field.name, "transfer-encoding") {
                 transferEncoding = true
+                otherCoding = otherCoding || Self.namesOtherCodingThanChunked(field.value)
             }
         }
         let http11 = head.version.major == 1 && head.version.minor >= 1
@@ -42,8 +48,19 @@ enum MalformedRequest: Error, Equatable {
             self = .hostMissingOrRepeated
         } else if transferEncoding, head.version.major == 1, head.version.minor == 0 {
             self = .transferEncodingInHTTP10
+        } else if otherCoding {
+            self = .unsupportedTransferCoding
         } else {
             return nil
+        }
+    }
+
+    /// Whether a `Transfer-Encoding` value lists any coding but `chunked` (an empty element,
+    /// which list syntax allows, is none).
+    static func namesOtherCodingThanChunked(_ value: String) -> Bool {
+        value.split(separator: ",").contains { element in
+            let coding = HTTPHeaders.trimmingWhitespace(String(element))
+            return !coding.isEmpty && !HTTPHeaders.sameName(coding, "chunked")
         }
     }
 }

@@ -119,6 +119,10 @@ extension OpenAIError {
                 code: "malformed_http")
         case .hostMissingOrRepeated:
             OpenAIError(.badRequest, "malformed HTTP request: an HTTP/1.1 request needs exactly one Host header", code: "malformed_http")
+        case .unsupportedTransferCoding:
+            OpenAIError(
+                .notImplemented, "unsupported Transfer-Encoding: the gateway takes only chunked (send the body uncompressed)",
+                code: "unsupported_transfer_encoding")
         }
     }
 

@@ -26,11 +26,12 @@ public struct SecretMask: Sendable {
         return result
     }
 
-    /// `error` with its message (and `param`, also the upstream's) masked.
+    /// `error` with its message (and `code` and `param`, which may also be the upstream's) masked.
     func masked(_ error: OpenAIError) -> OpenAIError {
         guard !secrets.isEmpty else { return error }
         var error = error
         error.message = mask(error.message)
+        error.code = error.code.map(mask)
         error.param = error.param.map(mask)
         return error
     }

@@ -15,7 +15,8 @@ struct OllamaBackend: ChatBackend {
 
     func complete(_ request: ChatRequest, requestID: String) async throws -> ChatCompletion {
         let reply = try Self.replyObject(
-            try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name))
+            try await client.call(.POST, "/api/chat", json: Self.translate(request, stream: false), requestID: requestID, backend: name),
+            masking: client.secrets)
         // Ollama's whole chat reply always has its message (empty content while a model loads).
         guard let message = reply["message"] as? [String: Any] else {
             throw OpenAIError(.badGateway, "ollama sent a chat reply without a message", code: "upstream_invalid")
@@ -54,12 +55,13 @@ struct OllamaBackend: ChatBackend {
     // MARK: Ollama's replies
 
     /// A whole reply as a JSON object.
-    /// - Throws: 502 when it is not one, or when it is Ollama's `{"error": …}`.
-    static func replyObject(_ body: ByteBuffer) throws -> [String: Any] {
+    /// - Throws: 502 when it is not one, or when it is Ollama's `{"error": …}` (sent with a 200),
+    ///   its words passed on with the upstream key masked (an upstream may quote the key back).
+    static func replyObject(_ body: ByteBuffer, masking secrets: SecretMask) throws -> [String: Any] {
         guard let reply = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
             throw OpenAIError(.badGateway, "ollama sent a reply that is not a JSON object", code: "upstream_invalid")
         }
-        if let error = errorText(reply["error"]) { throw OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error") }
+        if let error = errorText(reply["error"]) { throw secrets.masked(OpenAIError(.badGateway, "ollama failed: \(error)", code: "upstream_error")) }
         return reply
     }
 
@@ -111,7 +113,8 @@ struct OllamaBackend: ChatBackend {
 
     func textCompletion(_ request: TextCompletionRequest, requestID: String) async throws -> ChatCompletion {
         let reply = try Self.replyObject(
-            try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name))
+            try await client.call(.POST, "/api/generate", json: Self.generateBody(request, stream: false), requestID: requestID, backend: name),
+            masking: client.secrets)
         let (prompt, completion) = Self.tokenCounts(reply)
         let text = (Self.echoedPrompt(request) ?? "") + (reply["response"] as? String ?? "")
         let json = OpenAIShapes.data([
@@ -213,7 +216,7 @@ struct OllamaBackend: ChatBackend {
 
     func models(requestID: String) async throws -> Data {
         let body = try await client.call(.GET, "/api/tags", requestID: requestID, backend: name, timeout: min(client.timeout, 30))
-        guard let list = try Self.replyObject(body)["models"] as? [[String: Any]] else {
+        guard let list = try Self.replyObject(body, masking: client.secrets)["models"] as? [[String: Any]] else {
             throw OpenAIError(.badGateway, "ollama sent a /api/tags reply without its 'models' list", code: "upstream_invalid")
         }
         let models = list.map { model -> [String: Any] in
@@ -265,7 +268,7 @@ struct OllamaBackend: ChatBackend {
             if let value = body[field], !(value is NSNull) { request[field] = value }
         }
         let reply = try await client.call(.POST, "/api/embed", json: OpenAIShapes.data(request), requestID: requestID, backend: name)
-        let object = try Self.replyObject(reply)
+        let object = try Self.replyObject(reply, masking: client.secrets)
         // One vector of numbers per input, or the answer is not one: never a 200 short of vectors.
         guard let vectors = object["embeddings"] as? [[Any]], vectors.count == inputCount,
             vectors.allSatisfy({ $0.allSatisfy { JSONNumbers.double($0) != nil } })
