@@ -58,7 +58,7 @@ public struct GatehouseServer: Sendable {
             logger: logger, serverName: Self.serverName)
         let server = makeServerBuilder(passThrough: passThrough, certificates: certificates, metrics: metrics)
         // From here until the service group traps them, SIGTERM and SIGINT are this watch's.
-        let startupSignals = StartupSignalWatch(logger: logger, patience: config.shutdownTimeout) {
+        let startupSignals = await StartupSignalWatch.start(logger: logger, patience: config.shutdownTimeout) {
             registry.removePrivateCopies()
             _exit(1)
         }
@@ -133,13 +133,20 @@ public struct GatehouseServer: Sendable {
         var groupConfiguration = ServiceGroupConfiguration(
             services: [
                 .init(service: StopOnSecondSignal(logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .cancelGroup),
-                .init(service: StartupSignalHandOver(watch: startupSignals), successTerminationBehavior: .gracefullyShutdownGroup),
                 .init(service: app), .init(service: shutdownClock, successTerminationBehavior: .ignore),
                 .init(service: ReloadOnHangup(logSink: logSink, certificates: certificates, logger: logger), successTerminationBehavior: .ignore),
             ],
             gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         groupConfiguration.maximumGracefulShutdownDuration = Duration.milliseconds(Int64(config.shutdownTimeout * 1000))
         let serviceGroup = ServiceGroup(configuration: groupConfiguration)
+        // The group traps SIGTERM and SIGINT once it runs; a signal the watch took after start-up's
+        // last look, or takes before the group's trap is in place, shuts the group down all the
+        // same (a request made before it runs is kept for it). The watch ends with the group.
+        let handOver = Task {
+            await startupSignals.waitAfterHandOver()
+            if startupSignals.stopRequested { await serviceGroup.triggerGracefulShutdown() }
+        }
+        defer { handOver.cancel() }
         do {
             try await serviceGroup.run()
         } catch is StopOnSecondSignal.Stopped {

@@ -18,18 +18,41 @@ final class StartupSignalWatch: Sendable {
         var signalledAt: ContinuousClock.Instant?
         /// Start-up stopped waiting on plugins' `init`: the patience timer no longer applies.
         var reachedStoppingPoint = false
+        /// The service group runs: a signal the watch takes now shuts it down (`waitAfterHandOver`).
+        var handedOver = false
+        var finished = false
+        var waiter: CheckedContinuation<Void, Never>?
         var watcher: Task<Void, Never>?
         var timer: Task<Void, Never>?
     }
     private let state = Mutex(State())
 
-    /// - Parameter exitNow: ends the process without waiting for anything (it must not return).
-    init(logger: Logger, patience: Double, exitNow: @escaping @Sendable () -> Void) {
+    /// A watch whose signal handling is in place when this returns (SIGTERM and SIGINT no longer
+    /// end the process by their default action).
+    static func start(logger: Logger, patience: Double, exitNow: @escaping @Sendable () -> Void) async -> StartupSignalWatch {
+        StartupSignalWatch(signals: await UnixSignalsSequence(trapping: .sigterm, .sigint), logger: logger, patience: patience, exitNow: exitNow)
+    }
+
+    /// - Parameters:
+    ///   - signals: the SIGTERMs and SIGINTs, as they come (tests give their own).
+    ///   - exitNow: ends the process without waiting for anything (it must not return).
+    init<Signals: AsyncSequence<UnixSignal, Never> & Sendable>(
+        signals: Signals, logger: Logger, patience: Double, exitNow: @escaping @Sendable () -> Void
+    ) {
         // The watch lives until `finish()` cancels this task (a cycle it breaks).
         let watcher = Task { [self] in
             var seen = 0
-            for await signal in await UnixSignalsSequence(trapping: .sigterm, .sigint) {
+            for await signal in signals {
                 seen += 1
+                let handedOver = state.withLock { state in
+                    if state.signalledAt == nil { state.signalledAt = .now }
+                    guard state.handedOver else { return false }
+                    state.waiter?.resume()
+                    state.waiter = nil
+                    return true
+                }
+                // The service group shuts down; a second signal is its to count.
+                if handedOver { continue }
                 guard seen == 1 else {
                     logger.warning("second signal during start-up: exiting now, without shutting plugins down", metadata: ["signal": .string("\(signal)")])
                     exitNow()
@@ -44,10 +67,7 @@ final class StartupSignalWatch: Sendable {
                     logger.error("a plugin's init did not return within server.shutdown_timeout of the signal; exiting without shutting plugins down")
                     exitNow()
                 }
-                self.state.withLock {
-                    $0.signalledAt = .now
-                    $0.timer = timer
-                }
+                self.state.withLock { $0.timer = timer }
             }
         }
         state.withLock { $0.watcher = watcher }
@@ -60,7 +80,7 @@ final class StartupSignalWatch: Sendable {
     var secondsSinceSignal: Double? { state.withLock { $0.signalledAt.map { (ContinuousClock.now - $0).inSeconds } } }
 
     /// Start-up no longer waits on plugin code: the patience timer is off. A second signal
-    /// still exits at once until `finish()`.
+    /// still exits at once until the hand-over.
     func reachedStoppingPoint() {
         state.withLock {
             $0.reachedStoppingPoint = true
@@ -68,27 +88,39 @@ final class StartupSignalWatch: Sendable {
         }
     }
 
-    /// Stops watching: the service group traps the signals now (or the process is ending).
-    /// Returns whether a signal asked start-up to stop.
+    /// Called once the service group exists: returns when a signal has come to this watch (before,
+    /// or since), or when the watch is finished; the caller then shuts the group down. A signal
+    /// can reach the watch alone, just before the group's own handling is in place, and be taken
+    /// by the watch's task only after start-up's last look at `stopRequested` (the group once
+    /// ran on after such a SIGTERM). Signals after this are the group's to count.
+    func waitAfterHandOver() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { state in
+                    state.handedOver = true
+                    guard state.signalledAt == nil, !state.finished else { return true }
+                    state.waiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            finish()
+        }
+    }
+
+    /// Stops watching: the service group is shutting down (or the process is ending).
+    /// Returns whether a signal came to the watch.
     @discardableResult
     func finish() -> Bool {
         state.withLock {
+            $0.finished = true
             $0.reachedStoppingPoint = true
             $0.timer?.cancel()
             $0.watcher?.cancel()
+            $0.waiter?.resume()
+            $0.waiter = nil
             return $0.signalledAt != nil
         }
-    }
-}
-
-/// The hand-over from `StartupSignalWatch` to the service group, which traps SIGTERM and SIGINT
-/// before it starts its services: a signal the watch caught after start-up's last look (while
-/// the routes were being built) shuts the group down as soon as it runs.
-struct StartupSignalHandOver: Service {
-    let watch: StartupSignalWatch
-
-    func run() async throws {
-        if watch.finish() { return }
-        try? await gracefulShutdown()
     }
 }
