@@ -211,6 +211,16 @@ import Testing
             let problems = typo.apply(environment: ["GATEHOUSE_UPSTREAM_URL": given])
             #expect(problems.map(\.key) == ["GATEHOUSE_UPSTREAM_URL"], "\(given): \(typo.upstream.url)")
         }
+        // A port no TCP connection can have (the first readiness probe crashed the gateway).
+        for (key, given) in [("GATEHOUSE_UPSTREAM_URL", "http://127.0.0.1:99999"), ("GATEHOUSE_UPSTREAM_URL", "http://[::1]:0/v1"),
+                             ("OLLAMA_HOST", "127.0.0.1:65536")] {
+            var outOfRange = GatehouseConfig()
+            let problems = outOfRange.apply(environment: [key: given])
+            #expect(problems.map(\.key) == [key], "\(given): \(outOfRange.upstream.url)")
+            #expect(problems.first?.message.contains("which must be 1-65535") == true, "\(problems)")
+        }
+        var yamlPort = GatehouseConfig()
+        #expect(yamlPort.apply(yaml: "upstream: {url: 'http://localhost:70000'}\n", file: "g.yaml").map(\.key) == ["upstream.url"])
     }
 
     @Test func loadLayersDotEnvUnderTheProcessEnvironment() throws {

@@ -2,6 +2,7 @@
 upstream speaking Ollama's NDJSON or OpenAI's SSE."""
 import base64
 import concurrent.futures
+import datetime
 import gzip
 import json
 import os
@@ -800,6 +801,20 @@ def test_compressed_request_bodies_get_415_not_a_json_error(gateway, fake_llm, b
     plain = server.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json", "content-encoding": "identity"})
     assert plain.status_code == 200, plain.text
     assert plain.json()["choices"][0]["message"]["content"] == "Echo: squeezed"
+
+
+@both_backends
+def test_the_readiness_probe_reports_its_own_time_limit(start, plugins_dir, backend):
+    # An upstream that takes connections and never answers: the probe gives up after its own
+    # 3 s, and said "did not answer within 600 s" (upstream.timeout's figure).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        server = start(plugins_dir, config=f"upstream: {{backend: {backend}, url: 'http://127.0.0.1:{silent.getsockname()[1]}', timeout: 600s}}\n")
+        started = time.monotonic()
+        ready = server.client.get("/health/ready", timeout=30)
+        assert ready.status_code == 503 and time.monotonic() - started < 10, ready.text
+        assert ready.json()["reason"].startswith("upstream did not answer within 3 s ("), ready.json()
 
 
 @both_backends
@@ -2009,8 +2024,12 @@ def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, back
     server.process.send_signal(signal.SIGINT)
     server.process.wait(15)
     assert time.monotonic() - started < 5
-    stopping = [l for l in server.log_lines() if l.get("msg") == "stopped accepting; shutting plugins down"]
+    stopping = [l for l in server.log_lines() if l.get("msg") == "requests drained; shutting plugins down"]
     assert len(stopping) == 1 and float(stopping[0]["drain_timeout_s"]) < 0.5, stopping
+    # The signal is in the log when it comes, not only once the drain is over (a 30 s drain was silent).
+    at = lambda line: datetime.datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
+    [signalled] = [l for l in server.log_lines() if l.get("msg") == "shutting down: no new connections; requests in flight may finish"]
+    assert signalled["drain_timeout_s"] == "1.000" and at(stopping[0]) - at(signalled) > 0.8, (signalled, stopping)
     assert any(l.get("msg") == "shutdown complete" for l in server.log_lines())
 
 

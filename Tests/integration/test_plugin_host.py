@@ -420,7 +420,7 @@ def test_a_plugin_whose_shutdown_blocks_does_not_hold_the_exit(plugins_dir, star
     assert time.monotonic() - started < 8
     lines = server.log_lines()
     at = lambda line: datetime.datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
-    began = at(next(l for l in lines if l.get("msg") == "stopped accepting; shutting plugins down"))
+    began = at(next(l for l in lines if l.get("msg") == "requests drained; shutting plugins down"))
     stuck = [l for l in lines if l.get("msg") == "plugin's shutdown did not return in time; exiting without waiting for it"]
     assert sorted(l["plugin"] for l in stuck) == ["slow-1", "slow-2", "slow-3", "slow-4", "slow-5", "slow-shutdown"], server.log()
     assert all(at(l) - began < 3 for l in stuck), [(l["plugin"], at(l) - began) for l in stuck]  # 2 s left of the budget
@@ -431,7 +431,7 @@ def test_a_plugin_whose_shutdown_blocks_does_not_hold_the_exit(plugins_dir, star
     # With time to spare, a second signal stops at once, as during the drain.
     patient = start(plugins_dir, config="server: {shutdown_timeout: 60s}\n")
     patient.process.send_signal(signal.SIGTERM)
-    wait_for_log(patient, lambda l: l.get("msg") == "stopped accepting; shutting plugins down")
+    wait_for_log(patient, lambda l: l.get("msg") == "requests drained; shutting plugins down")
     time.sleep(0.5)
     started = time.monotonic()
     patient.process.send_signal(signal.SIGTERM)

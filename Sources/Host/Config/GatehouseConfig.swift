@@ -303,6 +303,11 @@ extension GatehouseConfig {
         if text.contains(where: \.isWhitespace) {
             return "must not contain spaces (got \(shown))"
         }
+        if let port = components.port, !(1...65535).contains(port) {
+            // Past 65535, NIO traps on the first connection (a crash at the first readiness probe)
+            // and the pass-through's connection wraps it round to another port.
+            return "has port \(port), which must be 1-65535 (got \(shown))"
+        }
         if ["http", "https"].contains(host.lowercased()) {
             // `https//api.openai.com/v1`, read as host "https": a scheme missing its colon.
             return "names '\(host)' as its host: is a scheme missing its colon (\(host)://…)? (got \(shown))"

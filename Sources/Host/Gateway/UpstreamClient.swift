@@ -56,7 +56,7 @@ final class UpstreamClient: Sendable {
         do {
             return try await http.execute(request, timeout: .milliseconds(Int64((timeout ?? self.timeout) * 1000)))
         } catch {
-            throw map(error, path: path)
+            throw map(error, path: path, timeout: timeout)
         }
     }
 
@@ -136,11 +136,12 @@ final class UpstreamClient: Sendable {
         }
     }
 
-    /// Turns a transport failure into the gateway error a client should see.
-    func map(_ error: any Error, path: String) -> any Error {
+    /// Turns a transport failure into the gateway error a client should see; `timeout` is the
+    /// call's own limit when it has one (the readiness probe's 3 s, not `upstream.timeout`).
+    func map(_ error: any Error, path: String, timeout: Double? = nil) -> any Error {
         if let error = error as? OpenAIError { return secrets.masked(error) }  // a mid-stream error in the upstream's words
         if error is CancellationError { return error }
-        return UpstreamFailure(error).error(target: "\(baseURL)\(path)", timeout: timeout)
+        return UpstreamFailure(error).error(target: "\(baseURL)\(path)", timeout: timeout ?? self.timeout)
     }
 
     /// An upstream error status as a gateway error, keeping the upstream's own message.

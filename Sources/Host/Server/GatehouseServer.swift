@@ -129,7 +129,7 @@ public struct GatehouseServer: Sendable {
         )
         // Services shut down in reverse order: the clock notes the signal's time, then the app
         // stops accepting and drains, and the watch for a second signal ends last.
-        let shutdownClock = ShutdownClock()
+        let shutdownClock = ShutdownClock(logger: logger, budget: config.shutdownTimeout)
         var groupConfiguration = ServiceGroupConfiguration(
             services: [
                 .init(service: StopOnSecondSignal(logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .cancelGroup),
@@ -162,7 +162,7 @@ public struct GatehouseServer: Sendable {
         }
         // One budget for the whole shutdown: plugins drain in what the requests left of it.
         let left = config.shutdownTimeout - shutdownClock.secondsSinceSignal
-        logger.info("stopped accepting; shutting plugins down", metadata: ["drain_timeout_s": .string(String(format: "%.3f", max(0, left)))])
+        logger.info("requests drained; shutting plugins down", metadata: ["drain_timeout_s": .string(String(format: "%.3f", max(0, left)))])
         let pluginShutdown = Task { await registry.shutdownAll(drainTimeout: max(0, left)) }
         guard await StopOnSecondSignal.wait(for: pluginShutdown) else {
             logger.warning("second signal: stopping now, without waiting for plugins to finish")
@@ -249,14 +249,25 @@ public struct StartupError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Notes when graceful shutdown began (the signal), so everything after the HTTP drain knows
-/// how much of `shutdown_timeout` is left.
+/// how much of `shutdown_timeout` is left, and says so in the log at once: the next line comes
+/// only once the requests in flight have finished, up to `shutdown_timeout` later.
 private final class ShutdownClock: Service, Sendable {
     private let began = Mutex<ContinuousClock.Instant?>(nil)
+    private let logger: Logger
+    private let budget: Double
+
+    init(logger: Logger, budget: Double) {
+        self.logger = logger
+        self.budget = budget
+    }
 
     func run() async throws {
         // Returns when graceful shutdown is triggered; throws on cancellation.
-        try? await gracefulShutdown()
+        guard (try? await gracefulShutdown()) != nil else { return }
         began.withLock { $0 = .now }
+        logger.info(
+            "shutting down: no new connections; requests in flight may finish",
+            metadata: ["drain_timeout_s": .string(String(format: "%.3f", budget))])
     }
 
     /// Seconds since graceful shutdown began (0 if it has not).
