@@ -2016,6 +2016,24 @@ def test_graceful_shutdown_lets_a_stream_in_flight_finish(gateway, backend):
 
 
 @both_backends
+def test_an_answer_finished_during_the_drain_says_the_connection_closes(gateway, backend):
+    # A keep-alive request whose answer is written after the signal: the router's (every route
+    # with the ollama backend) came without `Connection: close`, then the connection closed, so
+    # a client sending its next request on it got nothing back.
+    server = gateway(backend)
+    body = json.dumps({"model": "slow-model", "messages": [{"role": "user", "content": "a b c d"}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.3)  # the upstream answers after 0.8 s
+        server.process.send_signal(signal.SIGTERM)
+        answer = ResponseReader(sock).response()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Echo: a b c d" in answer, answer
+    assert b"\r\nconnection: close\r\n" in answer.split(b"\r\n\r\n")[0].lower() + b"\r\n", answer
+    assert server.process.wait(20) == 0
+
+
+@both_backends
 def test_sigint_with_a_stalled_stream_ends_at_the_shutdown_timeout(gateway, backend):
     server = gateway(backend, extra_config="server: {shutdown_timeout: 1s}\n")
     stream_in_background(server, "stall", "a b c d")

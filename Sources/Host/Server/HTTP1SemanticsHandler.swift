@@ -132,6 +132,9 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// The client has shut down its sending side: the router closes the connection after the
     /// answers in progress, which then say so (`Connection: close`).
     private var inputClosed = false
+    /// The server is shutting down (`ChannelShouldQuiesceEvent`): answers not yet begun say
+    /// they are the connection's last.
+    private var quiescing = false
     /// After an answer given before the client's request was read to its end: what the client
     /// still sends is dropped until the connection closes.
     private let lingering = LingeringClose()
@@ -223,6 +226,10 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             if lingering.isLingering { return lingering.clientClosed(context) }
             if !unanswered.isEmpty { departure.depart() }
         }
+        // The server is shutting down: the router closes the connection after the answer in
+        // progress, which says so (`Connection: close`), or a client would send its next
+        // request on a connection about to close (the pass-through's answers already say so).
+        if event is ChannelShouldQuiesceEvent { quiescing = true }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -302,7 +309,7 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
             }
             unanswered[unanswered.startIndex] = request
             let toHTTP10 = request.version == .http1_0 && head.version != .http1_0
-            if inputClosed { request.keepAlive = false }
+            if inputClosed || quiescing { request.keepAlive = false }
             guard toHTTP10 || !request.keepAlive else { return context.write(data, promise: promise) }
             if toHTTP10 {
                 head.version = .http1_0
