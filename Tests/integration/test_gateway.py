@@ -1817,12 +1817,20 @@ def test_tls_clients_still_waiting_at_the_shutdown_deadline_are_told_it_is_stopp
     assert process.wait(15) == 0
 
 
-def make_certificate(directory, name):
-    """A self-signed certificate for localhost (subject CN=name) and its key, as PEM files."""
+def make_certificate(directory, name, days=1):
+    """A self-signed certificate for localhost (subject CN=name) and its key, as PEM files;
+    `days` below 1 makes one that has expired (`req -x509` takes no such period)."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    if days >= 1:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                        "-days", str(days), "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+    else:
+        request = directory / f"{name}.csr"
+        subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
+                        "-subj", f"/CN={name}"], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-signkey", str(key), "-days", str(days), "-out", str(cert)],
+                       check=True, capture_output=True)
     return cert, key
 
 
@@ -1885,6 +1893,38 @@ def test_tls_certificate_reloads_on_sighup(tmp_path, fake_llm):
         failure = [json.loads(l) for l in log_path.read_text().splitlines() if "not reloaded" in l][-1]
         assert f"cannot use TLS certificate {cert} with key {key}" in failure["error"]
         assert served_certificate() == der(second[0]) and process.poll() is None
+        # An expired certificate (with its own key): refused too, where it replaced the valid one.
+        expired = make_certificate(tmp_path, "expired", days=-1)
+        shutil.copy(expired[0], cert), shutil.copy(expired[1], key)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not (failures := [json.loads(l) for l in log_path.read_text().splitlines() if "not reloaded" in l][1:]):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        assert failures[0]["error"].startswith(f"TLS certificate {cert} expired at "), failures
+        assert served_certificate() == der(second[0]) and process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+
+
+def test_an_expired_certificate_at_start_up_is_served_with_a_warning(tmp_path):
+    # Nothing else is there to serve, so it is served; but nothing said it had expired.
+    cert, key = make_certificate(tmp_path, "expired", days=-1)
+    port = free_port()
+    env = {"TLS_ENABLED": "true", "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key), "PATH": "/usr/bin:/bin"}
+    log_path = tmp_path / "gatehouse.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([GATEHOUSE, "serve", "--port", str(port), "--plugins-dir", str(tmp_path)],
+                                   env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while '"msg":"listening"' not in log_path.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        [warning] = [json.loads(l) for l in log_path.read_text().splitlines() if "TLS certificate expired at" in l]
+        assert warning["level"] == "warning" and warning["cert_file"] == str(cert), warning
+        assert warning["msg"].endswith(": clients that check certificates will refuse it"), warning
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
@@ -2343,10 +2383,13 @@ def test_start_up_errors_name_their_source_and_repeat_no_key(tmp_path):
 
 def test_an_empty_log_file_setting_is_standard_output_and_a_missing_plugins_dir_one_clear_line(start, plugins_dir, tmp_path):
     missing = types.SimpleNamespace(path=tmp_path / "none")
-    server = start(missing, config="logging: {file: ''}\n")  # standard output: the captured log
+    server = start(missing, config="logging: {file: ''}\nplugins: {guard: {enabled: true}}\n")  # standard output: the captured log
     assert server.client.get("/health").status_code == 200
     line = wait_for_log(server, lambda l: l.get("msg") == "cannot read the plugins directory; serving without plugins")
     assert line["error"] == "no such directory", line
+    # A plugin the config enables is named too (a policy plugin was dropped without a word of its own).
+    warned = wait_for_log(server, lambda l: l.get("msg") == "config mentions a plugin that is not in the plugins directory")
+    assert warned["plugin"] == "guard" and warned["directory"] == str(tmp_path / "none"), warned
 
 
 def test_a_dotenv_saved_with_crlf_line_ends_is_read_line_by_line(start, plugins_dir, fake_llm, tmp_path):

@@ -68,6 +68,7 @@ public final class PluginRegistry: Sendable {
             logger.error(
                 "cannot read the plugins directory; serving without plugins",
                 metadata: ["directory": .string(pluginsDirectory), "error": .string(Self.directoryProblem(pluginsDirectory) ?? "\(error)")])
+            warnOfConfiguredPlugins(notIn: [])
             return
         }
         for name in names {
@@ -77,9 +78,16 @@ public final class PluginRegistry: Sendable {
             }
             load(name)
         }
-        let known = Set(names)
-        for name in config.withLock({ $0.plugins.keys }) where !known.contains(name) {
-            logger.warning("config mentions a plugin that is not in the plugins directory", metadata: ["plugin": .string(name)])
+        warnOfConfiguredPlugins(notIn: Set(names))
+    }
+
+    /// One warning for each plugin the config mentions that is not among `found` (a typo in its
+    /// name, or in `plugins_dir`: a plugin enforcing a policy would be missed without a word).
+    private func warnOfConfiguredPlugins(notIn found: Set<String>) {
+        for name in config.withLock({ $0.plugins.keys }).sorted() where !found.contains(name) {
+            logger.warning(
+                "config mentions a plugin that is not in the plugins directory",
+                metadata: ["plugin": .string(name), "directory": .string(pluginsDirectory)])
         }
     }
 

@@ -31,7 +31,7 @@ public struct GatehouseServer: Sendable {
         try config.validate()
         // Before the upstream client: once made, it must be shut down before it goes (its deinit
         // is a fatal error otherwise), so what can fail comes first or shuts it down.
-        let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile) : nil
+        let certificates = config.tls.enabled ? try TLSCertificates(certFile: config.tls.certFile, keyFile: config.tls.keyFile, logger: logger) : nil
         let bindHost = Self.unbracketed(config.host)
         let address = Self.display(host: bindHost, port: config.port)
         // Before plugins start: a second Gatehouse on a busy port stops here, having started nothing.

@@ -8,18 +8,24 @@ internal import Synchronization
 
 /// The server's TLS context. A reload builds a whole new one from the files and swaps it in;
 /// each new connection takes the current one, connections already open keep theirs. A reload
-/// that fails (a file missing, unreadable, not PEM, or a key that does not match the
-/// certificate) leaves the served certificate as it was.
+/// that fails (a file missing, unreadable, not PEM, a key that does not match the certificate,
+/// or a certificate outside its validity period) leaves the served certificate as it was.
 final class TLSCertificates: Sendable {
     let certFile: String
     let keyFile: String
     private let current: Mutex<NIOSSLContext>
 
-    /// Reads the files; a failure is the start-up error naming the file and what is wrong.
-    init(certFile: String, keyFile: String) throws(StartupError) {
+    /// Reads the files; a failure is the start-up error naming the file and what is wrong. A
+    /// certificate outside its validity period is served (nothing else is there to serve), with
+    /// a warning: clients that check it refuse it.
+    init(certFile: String, keyFile: String, logger: Logger) throws(StartupError) {
         self.certFile = certFile
         self.keyFile = keyFile
-        current = Mutex(try Self.context(certFile: certFile, keyFile: keyFile).context)
+        let loaded = try Self.context(certFile: certFile, keyFile: keyFile)
+        current = Mutex(loaded.context)
+        if let problem = Self.validityProblem(notBefore: loaded.notBefore, notAfter: loaded.notAfter) {
+            logger.warning("TLS certificate \(problem): clients that check certificates will refuse it", metadata: ["cert_file": .string(certFile)])
+        }
     }
 
     /// The context new connections are served with.
@@ -27,14 +33,26 @@ final class TLSCertificates: Sendable {
 
     /// Reads the files again and serves what they hold from the next connection on.
     /// - Returns: when the new certificate expires (for the log).
-    /// - Throws: why the files could not be used; the served certificate stays.
-    func reload() throws(StartupError) -> Date {
-        let (context, expires) = try Self.context(certFile: certFile, keyFile: keyFile)
-        current.withLock { $0 = context }
-        return expires
+    /// - Throws: why the files could not be used (an expired certificate among the reasons:
+    ///   copied over the served one by mistake, it would be refused by every client that checks);
+    ///   the served certificate stays.
+    func reload(now: Date = Date()) throws(StartupError) -> Date {
+        let loaded = try Self.context(certFile: certFile, keyFile: keyFile)
+        if let problem = Self.validityProblem(notBefore: loaded.notBefore, notAfter: loaded.notAfter, now: now) {
+            throw StartupError("TLS certificate \(certFile) \(problem)")
+        }
+        current.withLock { $0 = loaded.context }
+        return loaded.notAfter
     }
 
-    private static func context(certFile: String, keyFile: String) throws(StartupError) -> (context: NIOSSLContext, expires: Date) {
+    /// What is wrong with a certificate's validity period at `now`, or nil when it is valid.
+    static func validityProblem(notBefore: Date, notAfter: Date, now: Date = Date()) -> String? {
+        if now > notAfter { return "expired at \(notAfter.formatted(.iso8601))" }
+        if now < notBefore { return "is not valid until \(notBefore.formatted(.iso8601))" }
+        return nil
+    }
+
+    private static func context(certFile: String, keyFile: String) throws(StartupError) -> (context: NIOSSLContext, notBefore: Date, notAfter: Date) {
         let chain: [NIOSSLCertificate]
         let key: NIOSSLPrivateKey
         // NIOSSL's errors are bare names (failedToLoadCertificate): the file's own problem, if
@@ -60,7 +78,10 @@ final class TLSCertificates: Sendable {
         configuration.minimumTLSVersion = .tlsv12
         do {
             // BoringSSL checks here that the key belongs to the certificate.
-            return (try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter)))
+            return (
+                try NIOSSLContext(configuration: configuration), Date(timeIntervalSince1970: TimeInterval(leaf.notValidBefore)),
+                Date(timeIntervalSince1970: TimeInterval(leaf.notValidAfter))
+            )
         } catch {
             throw StartupError("cannot use TLS certificate \(certFile) with key \(keyFile): the key is not the certificate's (\(error))")
         }
