@@ -636,6 +636,26 @@ def test_a_client_that_takes_nothing_for_the_timeout_is_ended_without_blaming_th
         assert server.client.get("/health").status_code == 200
 
 
+def test_a_client_that_takes_nothing_for_the_timeout_loses_its_connection_on_the_router_path(start, plugins_dir):
+    # Back-pressure stopped the upstream (whose read timeout then ended the upstream call), but
+    # the route stayed parked in its write and the connection open for good, with megabytes of
+    # answer queued for a client that took none of it: server.idle_timeout counts only
+    # connections between requests.
+    _Firehose.sent = 0
+    with raw_upstream(start, plugins_dir, _Firehose, backend="ollama", upstream_extra=", timeout: 2s") as server, \
+            _unread_stream(server) as client:
+        closing = wait_for_log(server, lambda l: l.get("msg") == "client took nothing of its answer for the send timeout; closing the connection",
+                               timeout=15)
+        assert closing["timeout_s"] == "3 s" and closing["client"] == "127.0.0.1", closing
+        # The connection is closed: what was sent before drains, then the end (or a reset).
+        client.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while client.recv(1 << 20):
+                pass
+        wait_for_log(server, lambda l: l.get("msg") == "request" and l.get("path") == "/v1/chat/completions")
+        assert server.client.get("/health").status_code == 200
+
+
 def test_requests_pipelined_behind_an_answer_wait_in_the_socket_not_in_memory(openai_gateway):
     # Parts read behind an answer in progress wait in a queue; reading went on regardless, so a
     # client pipelining behind a long stream (a chunked body that never ends, or requests by the

@@ -23,6 +23,9 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
     let maxBodyBytes: Int
     /// Where requests the HTTP parser rejects are counted.
     let metrics: GatehouseMetrics?
+    /// How long a client may take nothing of its answer before its connection is closed
+    /// (`ClientSendTimeout`).
+    let sendTimeout: TimeAmount
 
     /// The longest request head, and header field, accepted (Hummingbird's limits); longer gets 431.
     static let maxHeaderBytes = 80 * 1024
@@ -35,6 +38,7 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
             limits.maxHeaderListSize = Self.maxHeaderBytes
             limits.maxHeaderFieldCount = 1000
             let pipeline = channel.pipeline.syncOperations
+            try pipeline.addHandler(ClientSendTimeout(timeout: sendTimeout, logger: logger))
             if let passThrough {
                 // The pass-through writes its own responses below the encoder (RawResponseWriter),
                 // so the decoder is not paired with the encoder (the pairing would queue a method

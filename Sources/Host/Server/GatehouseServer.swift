@@ -199,8 +199,13 @@ public struct GatehouseServer: Sendable {
     private func makeServerBuilder(passThrough: ChatPassThrough?, certificates: TLSCertificates?, metrics: GatehouseMetrics) -> HTTPServerBuilder {
         let idleTimeout = config.idleTimeout > 0 ? Duration.nanoseconds(Int64(config.idleTimeout * 1e9)) : nil
         let maxBodyBytes = config.maxBodyBytes
+        // `upstream.timeout`, as the pass-through's 408 for a stalled stream, and a second more,
+        // so that answer comes first where it applies.
+        let sendTimeout = TimeAmount.nanoseconds(Int64((config.upstream.timeout + 1) * 1e9))
         let http1 = { @Sendable (responder: @escaping HTTPChannelHandler.Responder) in
-            GatehouseHTTP1Channel(responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes, metrics: metrics)
+            GatehouseHTTP1Channel(
+                responder: responder, passThrough: passThrough, idleTimeout: idleTimeout, maxBodyBytes: maxBodyBytes, metrics: metrics,
+                sendTimeout: sendTimeout)
         }
         guard let certificates else { return HTTPServerBuilder { http1($0) } }
         let logger = self.logger
