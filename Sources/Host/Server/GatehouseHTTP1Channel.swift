@@ -38,7 +38,6 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
             limits.maxHeaderListSize = Self.maxHeaderBytes
             limits.maxHeaderFieldCount = 1000
             let pipeline = channel.pipeline.syncOperations
-            try pipeline.addHandler(ClientSendTimeout(timeout: sendTimeout, logger: logger))
             if let passThrough {
                 // The pass-through writes its own responses below the encoder (RawResponseWriter),
                 // so the decoder is not paired with the encoder (the pairing would queue a method
@@ -54,9 +53,11 @@ struct GatehouseHTTP1Channel: ServerChildChannel, HTTPChannelHandler {
                     withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
             }
             // For the router's requests (all of them without the pass-through, which keeps
-            // versions and keep-alive and answers `Expect` for its own).
+            // versions and keep-alive and answers `Expect` for its own); and every connection's
+            // send timeout (the pass-through passes writability changes on).
             try pipeline.addHandler(
-                HTTP1SemanticsHandler(maxBodyBytes: maxBodyBytes, logger: logger, metrics: metrics, headsChecked: passThrough != nil))
+                HTTP1SemanticsHandler(
+                    maxBodyBytes: maxBodyBytes, logger: logger, metrics: metrics, headsChecked: passThrough != nil, sendTimeout: sendTimeout))
             try pipeline.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             // With the pass-through, this handler sees only the router's requests, so the
             // pass-through handler, which sees them all, keeps the idle timeout instead.

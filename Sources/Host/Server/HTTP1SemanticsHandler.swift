@@ -147,8 +147,12 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// `MalformedRequest(head:)` refuses: they are not checked twice.
     private let headsChecked: Bool
 
-    init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?, headsChecked: Bool = false) {
+    /// Closes the connection when its client takes nothing of an answer for the send timeout.
+    private var sendTimeout: ClientSendTimeout?
+
+    init(maxBodyBytes: Int, logger: Logger, metrics: GatehouseMetrics?, headsChecked: Bool = false, sendTimeout: TimeAmount? = nil) {
         self.headsChecked = headsChecked
+        self.sendTimeout = sendTimeout.map(ClientSendTimeout.init)
         self.maxBodyBytes = maxBodyBytes
         self.logger = logger
         self.metrics = metrics
@@ -233,7 +237,13 @@ final class HTTP1SemanticsHandler: ChannelDuplexHandler, RemovableChannelHandler
         context.fireUserInboundEventTriggered(event)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        sendTimeout?.writabilityChanged(context, logger: logger)
+        context.fireChannelWritabilityChanged()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
+        sendTimeout?.cancel()
         lingering.cancel()
         if !unanswered.isEmpty { departure.depart() }
         context.fireChannelInactive()
