@@ -93,7 +93,7 @@ public struct GatehouseServer: Sendable {
         router.add(middleware: PluginMiddlewareChain(services: services, maxBodyBytes: config.maxBodyBytes))
         HealthRoutes().register(on: router)
         MetricsRoutes(metrics: metrics).register(on: router)
-        GatewayRoutes(chat: chat, maxBodyBytes: config.maxBodyBytes, hidesUpstreamURL: config.apiKey != nil).register(on: router)
+        GatewayRoutes(chat: chat, maxBodyBytes: config.maxBodyBytes, hidesUpstreamDetails: config.apiKey != nil).register(on: router)
         PluginRoutes(registry: registry, maxBodyBytes: config.maxBodyBytes).register(on: router)
         router.add(middleware: MethodNotAllowedMiddleware(routes: router.routes))
 

@@ -9,8 +9,9 @@ internal import NIOCore
 struct GatewayRoutes {
     let chat: ChatService
     let maxBodyBytes: Int
-    /// An API key guards the API: `/health/ready`, which needs none, keeps the upstream's URL to itself.
-    var hidesUpstreamURL = false
+    /// An API key guards the API: `/health/ready`, which needs none, tells only the kind of an
+    /// upstream failure, not the upstream's address or words.
+    var hidesUpstreamDetails = false
 
     static let cacheHeader = HTTPField.Name("X-Cache")!
 
@@ -88,7 +89,7 @@ struct GatewayRoutes {
                 // URL, a failed lookup's host and port) nor the upstream's own words (an error
                 // quoting part of a key). The log has the whole reason, as do the API's own
                 // errors, behind the key.
-                let reason = hidesUpstreamURL ? Self.publicReason(for: error) : Self.reason(for: error)
+                let reason = hidesUpstreamDetails ? Self.publicReason(for: error) : Self.reason(for: error)
                 return try Response.json(object: ["status": "unavailable", "backend": chat.backend.name, "reason": reason], status: .serviceUnavailable)
             }
         }

@@ -110,9 +110,7 @@ final class StartupSignalWatch: Sendable {
     }
 
     /// Stops watching: the service group is shutting down (or the process is ending).
-    /// Returns whether a signal came to the watch.
-    @discardableResult
-    func finish() -> Bool {
+    func finish() {
         state.withLock {
             $0.finished = true
             $0.reachedStoppingPoint = true
@@ -120,7 +118,6 @@ final class StartupSignalWatch: Sendable {
             $0.watcher?.cancel()
             $0.waiter?.resume()
             $0.waiter = nil
-            return $0.signalledAt != nil
         }
     }
 }

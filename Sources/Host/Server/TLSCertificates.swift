@@ -36,17 +36,18 @@ final class TLSCertificates: Sendable {
     /// - Throws: why the files could not be used (an expired certificate among the reasons:
     ///   copied over the served one by mistake, it would be refused by every client that checks);
     ///   the served certificate stays.
-    func reload(now: Date = Date()) throws(StartupError) -> Date {
+    func reload() throws(StartupError) -> Date {
         let loaded = try Self.context(certFile: certFile, keyFile: keyFile)
-        if let problem = Self.validityProblem(notBefore: loaded.notBefore, notAfter: loaded.notAfter, now: now) {
+        if let problem = Self.validityProblem(notBefore: loaded.notBefore, notAfter: loaded.notAfter) {
             throw StartupError("TLS certificate \(certFile) \(problem)")
         }
         current.withLock { $0 = loaded.context }
         return loaded.notAfter
     }
 
-    /// What is wrong with a certificate's validity period at `now`, or nil when it is valid.
-    static func validityProblem(notBefore: Date, notAfter: Date, now: Date = Date()) -> String? {
+    /// What is wrong with a certificate's validity period now, or nil when it is valid.
+    static func validityProblem(notBefore: Date, notAfter: Date) -> String? {
+        let now = Date()
         if now > notAfter { return "expired at \(notAfter.formatted(.iso8601))" }
         if now < notBefore { return "is not valid until \(notBefore.formatted(.iso8601))" }
         return nil
